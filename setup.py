@@ -1,0 +1,14 @@
+from setuptools import setup
+
+setup(
+    name="tf_bnfuse",
+    version="0.1.0",
+    description="Fold inference batch normalization into convolutions and matmuls of a TensorFlow SavedModel.",
+    packages=["tf_bnfuse", "tf_bnfuse.passes", "tf_bnfuse.configs"],
+    package_dir={"tf_bnfuse.configs": "configs"},
+    package_data={"tf_bnfuse.configs": ["*.json"]},
+    python_requires=">=3.9",
+    install_requires=["tensorflow>=2.16", "numpy", "absl-py"],
+    extras_require={"test": ["pytest", "tf-keras"]},
+    entry_points={"console_scripts": ["tf_bnfuse = tf_bnfuse.cli:run"]},
+)

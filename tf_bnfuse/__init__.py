@@ -1,0 +1,16 @@
+"""tf_bnfuse: fold inference batch norm into the convolutions and matmuls that feed it.
+
+    from tf_bnfuse import fold_saved_model, fold_graph_def
+
+The API is imported lazily so that `python -m tf_bnfuse` can quiet TensorFlow's
+start-up logging before TensorFlow loads.
+"""
+
+__all__ = ["fold_saved_model", "fold_graph_def"]
+
+
+def __getattr__(name):
+    if name in __all__:
+        from tf_bnfuse import api
+        return getattr(api, name)
+    raise AttributeError("module 'tf_bnfuse' has no attribute %r" % name)

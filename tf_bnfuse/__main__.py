@@ -1,0 +1,3 @@
+from tf_bnfuse import cli
+
+cli.run()

@@ -1,0 +1,117 @@
+"""The Python API: fold a GraphDef in memory, or a SavedModel from disk to disk."""
+
+import os
+import shutil
+import tempfile
+
+from absl import logging
+
+from tf_bnfuse import config as config_lib
+from tf_bnfuse import errors
+from tf_bnfuse import pipeline as pipeline_lib
+from tf_bnfuse import report as report_lib
+from tf_bnfuse import savedmodel
+from tf_bnfuse import verify as verify_lib
+from tf_bnfuse.timing import phase
+
+DEFAULT_TAGS = ("serve",)
+
+
+def _resolve_config(config):
+    if config is None or isinstance(config, (str, os.PathLike)):
+        return config_lib.load_config(config)
+    return config_lib.validate_config(config)
+
+
+def fold_graph_def(graph_def, outputs=None, config=None):
+    """Folds batch norms in a GraphDef; returns (new GraphDef, GraphReport).
+
+    outputs: tensor names the graph must keep computing (e.g. a signature's
+    outputs). They protect those tensors from rewrites and anchor the dead-node
+    cleanup; by default, the tensors no node reads. graph_def is not modified.
+    config: None (configs/default.json), a path, or a dict like that file.
+    """
+    config = _resolve_config(config)
+    if outputs is None:
+        outputs = pipeline_lib.default_outputs(graph_def)
+    new_graph_def, pass_reports = pipeline_lib.run_pipeline(graph_def, list(outputs), config["pipeline"])
+    return new_graph_def, report_lib.GraphReport(len(graph_def.node), len(new_graph_def.node), pass_reports)
+
+
+def _check_output_dir(saved_model_dir, output_dir, overwrite):
+    source = os.path.realpath(saved_model_dir)
+    target = os.path.realpath(output_dir)
+    if target == source or target.startswith(source + os.sep):
+        raise errors.BadInputError("output folder %s is the input folder or inside it" % output_dir)
+    if source.startswith(target + os.sep):
+        raise errors.BadInputError("output folder %s contains the input folder" % output_dir)
+    if os.path.exists(output_dir):
+        if not os.path.isdir(output_dir):
+            raise errors.BadInputError("output path %s exists and is not a folder" % output_dir)
+        if os.listdir(output_dir) and not overwrite:
+            raise errors.BadInputError("output folder %s exists and is not empty; pass --overwrite "
+                                       "to replace it" % output_dir)
+    parent = os.path.dirname(target)
+    if not os.path.isdir(parent):
+        raise errors.BadInputError("parent folder of %s does not exist" % output_dir)
+
+
+def _move_into_place(built, output_dir, scratch):
+    """Renames `built` to output_dir; an existing output_dir is swapped out first."""
+    if os.path.exists(output_dir):
+        os.rename(output_dir, os.path.join(scratch, "replaced"))
+    os.rename(built, output_dir)
+
+
+def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFAULT_TAGS,
+                     config=None, overwrite=False, verify=True):
+    """Folds every (or each named) signature of a SavedModel into a new SavedModel.
+
+    The output is built in a temporary folder beside output_dir, verified
+    there, and renamed into place only when it passed: on any error nothing is
+    left at output_dir (an existing one stays as it was). Returns a RunReport.
+    Raises BadInputError (exit code 2) or VerificationError (exit code 1).
+    """
+    config = _resolve_config(config)
+    savedmodel.check_saved_model_dir(saved_model_dir)
+    _check_output_dir(saved_model_dir, output_dir, overwrite)
+    tags = tuple(tags) if tags else DEFAULT_TAGS
+
+    with phase("load"):
+        loaded = savedmodel.load(saved_model_dir, tags)
+        functions = savedmodel.select_signatures(loaded, signature_keys, saved_model_dir)
+    frozen, folded, reports = {}, {}, {}
+    for key, function in functions.items():
+        with phase("freeze %s" % key):
+            frozen[key] = savedmodel.freeze(key, function)
+        with phase("passes %s" % key):
+            graph_def, reports[key] = fold_graph_def(frozen[key].graph_def, frozen[key].output_tensors,
+                                                     config)
+        folded[key] = savedmodel.FrozenSignature(key, graph_def, frozen[key].inputs, frozen[key].outputs)
+
+    parent = os.path.dirname(os.path.realpath(output_dir))
+    scratch = tempfile.mkdtemp(prefix=".tf_bnfuse-", dir=parent)
+    try:
+        built = os.path.join(scratch, "saved_model")
+        with phase("write"):
+            savedmodel.write(folded, built, tags)
+        verification = None
+        if verify:
+            with phase("verify"):
+                reloaded = savedmodel.load(built, tags)
+                verification = verify_lib.verify(
+                    functions, {k: reloaded.signatures[k] for k in functions},
+                    {k: f.inputs for k, f in frozen.items()}, config.get("verify", {}))
+            if not verification.ok:
+                bad = verification.failures()[0]
+                raise errors.VerificationError(
+                    "verification failed: signature %s output %s on %s: max abs error %.3g, "
+                    "max rel error %.3g (rtol %g, atol %g); nothing written" % (
+                        bad.signature, bad.output, bad.device, bad.max_abs_error,
+                        bad.max_rel_error, bad.rtol, bad.atol))
+        else:
+            logging.warning("verification skipped: the output of %s was NOT checked", output_dir)
+        _move_into_place(built, output_dir, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return report_lib.RunReport(saved_model_dir, output_dir, reports, verification)

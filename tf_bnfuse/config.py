@@ -1,0 +1,57 @@
+"""The pass pipeline and verification settings, read from a JSON file."""
+
+import copy
+import importlib.resources
+import json
+import os
+
+from tf_bnfuse import errors
+from tf_bnfuse import pipeline as pipeline_lib
+
+_SOURCE_TREE_DEFAULT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                    "configs", "default.json")
+KNOWN_KEYS = {"pipeline", "verify"}
+KNOWN_VERIFY_KEYS = {"seed", "batch_size", "unknown_dim_size", "tolerance"}
+
+
+def default_config_path():
+    """configs/default.json of a source checkout, else the copy installed with the package."""
+    if os.path.isfile(_SOURCE_TREE_DEFAULT):
+        return _SOURCE_TREE_DEFAULT
+    return str(importlib.resources.files("tf_bnfuse.configs").joinpath("default.json"))
+
+
+def load_config(path=None):
+    """Reads and checks a config file; raises BadInputError naming the file."""
+    path = path or default_config_path()
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except OSError as e:
+        raise errors.BadInputError("cannot read config %s: %s" % (path, e.strerror or e))
+    except json.JSONDecodeError as e:
+        raise errors.BadInputError("config %s is not valid JSON: %s" % (path, e))
+    return validate_config(config, path)
+
+
+def validate_config(config, source="config"):
+    if not isinstance(config, dict):
+        raise errors.BadInputError("%s: the top level must be a JSON object" % source)
+    unknown = set(config) - KNOWN_KEYS
+    if unknown:
+        raise errors.BadInputError("%s: unknown keys %s" % (source, sorted(unknown)))
+    if not isinstance(config.get("pipeline"), list):
+        raise errors.BadInputError("%s: \"pipeline\" must be a list of pass names" % source)
+    try:
+        pipeline_lib.pass_entries(config["pipeline"])
+    except errors.BadInputError as e:
+        raise errors.BadInputError("%s: %s" % (source, e))
+    verify = config.get("verify", {})
+    if not isinstance(verify, dict) or set(verify) - KNOWN_VERIFY_KEYS:
+        raise errors.BadInputError("%s: \"verify\" takes only %s" % (source, sorted(KNOWN_VERIFY_KEYS)))
+    for dtype, tol in verify.get("tolerance", {}).items():
+        if not (isinstance(tol, dict) and set(tol) == {"rtol", "atol"}
+                and all(isinstance(v, (int, float)) and v >= 0 for v in tol.values())):
+            raise errors.BadInputError("%s: tolerance for %s must be {\"rtol\": x, \"atol\": y}"
+                                       % (source, dtype))
+    return copy.deepcopy(config)

@@ -1,0 +1,176 @@
+"""The linear ops a per-channel affine map folds into, and the matcher that
+finds one by walking input edges up from the tensor an affine op consumes."""
+
+import dataclasses
+from typing import List, Optional
+
+import numpy as np
+
+from tf_bnfuse import fold_math
+from tf_bnfuse import graph as graph_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearOpSpec:
+    kernel_input: int
+    rank: int  # rank of the op's output
+    # Kernel axes whose row-major flattening numbers the output channels.
+    out_channel_axes: tuple
+    out_channel_axes_transposed: Optional[tuple] = None  # MatMul with transpose_b
+
+
+LINEAR_OPS = {
+    "Conv2D": LinearOpSpec(kernel_input=1, rank=4, out_channel_axes=(3,)),
+    # Output channel c * multiplier + m comes from kernel[:, :, c, m].
+    "DepthwiseConv2dNative": LinearOpSpec(kernel_input=1, rank=4, out_channel_axes=(2, 3)),
+    "Conv3D": LinearOpSpec(kernel_input=1, rank=5, out_channel_axes=(4,)),
+    # Transposed convolutions: the kernel is [.., out_channels, in_channels].
+    "Conv2DBackpropInput": LinearOpSpec(kernel_input=1, rank=4, out_channel_axes=(2,)),
+    "Conv3DBackpropInputV2": LinearOpSpec(kernel_input=1, rank=5, out_channel_axes=(3,)),
+    "MatMul": LinearOpSpec(kernel_input=1, rank=2, out_channel_axes=(1,),
+                           out_channel_axes_transposed=(0,)),
+}
+
+BIAS_OPS = frozenset({"BiasAdd", "Add", "AddV2"})
+
+
+def channel_axis(node, rank):
+    """Output channel axis of a linear op from its data_format: -1 or 1."""
+    data_format = graph_lib.attr_string(node, "data_format", "NHWC")
+    return 1 if data_format.startswith("NC") and rank > 2 else -1
+
+
+@dataclasses.dataclass
+class LinearMatch:
+    """A linear op, its constant kernel, and the bias between it and the affine op."""
+    linear: object  # NodeDef
+    spec: LinearOpSpec
+    kernel: np.ndarray
+    kernel_const: str
+    out_channel_axes: tuple
+    channel_axis: int
+    out_channels: int
+    bias: Optional[np.ndarray]  # per-channel float64 vector, or None
+    bias_const: Optional[str]
+    absorbed: List[str]  # bias and Identity nodes the fold makes dead
+
+    @property
+    def channel_first(self):
+        return self.channel_axis == 1
+
+    @property
+    def dtype(self):
+        return graph_lib.node_dtype(self.linear)
+
+
+class NoMatch(Exception):
+    """The chain above an affine op cannot be folded; the message says why."""
+
+
+def _single_use(index, node, port):
+    uses = index.use_count(node.name, port)
+    if uses != 1:
+        extra = " (one is a graph output)" if index.is_output(node.name, port) else ""
+        raise NoMatch("%s has %d consumers%s; folding would change the others" % (
+            graph_lib.tensor_name(node.name, port), uses, extra))
+
+
+def _bias_operand(index, node):
+    """(data input, constant input, constant value) of a bias-like node."""
+    data_inputs = [i for i in node.input if not i.startswith("^")]
+    if node.op == "BiasAdd":
+        value = index.const_value(data_inputs[1])
+        if value is None:
+            raise NoMatch("bias %s of %s is not constant" % (data_inputs[1], node.name))
+        return data_inputs[0], data_inputs[1], value
+    for const_i, data_i in ((1, 0), (0, 1)):
+        value = index.const_value(data_inputs[const_i])
+        if value is not None and index.const_value(data_inputs[data_i]) is None:
+            return data_inputs[data_i], data_inputs[const_i], value
+    raise NoMatch("%s %s does not add a constant" % (node.op, node.name))
+
+
+def match_linear_chain(index, input_str, allow_bias=True):
+    """Walks up from `input_str` to the linear op that produces it.
+
+    Accepts Identity nodes and at most one bias (BiasAdd, or Add/AddV2 with a
+    per-channel constant) on the way. Every tensor on the way, including the
+    linear op's output, must have exactly one consumer. Raises NoMatch with a
+    reason when the chain does not qualify.
+    """
+    absorbed = []
+    bias_found = None  # (node, const input, value)
+    node, port = index.producer(input_str)
+    while True:
+        if node is None:
+            raise NoMatch("input %s has no producer in the graph" % input_str)
+        _single_use(index, node, port)
+        data_inputs = [i for i in node.input if not i.startswith("^")]
+        if node.op in ("Identity", "Snapshot") or (node.op == "IdentityN" and len(data_inputs) == 1):
+            absorbed.append(node.name)
+            node, port = index.producer(data_inputs[0])
+            continue
+        if node.op in BIAS_OPS and allow_bias and bias_found is None:
+            data_input, const_input, value = _bias_operand(index, node)
+            bias_found = (node, const_input, value)
+            absorbed.append(node.name)
+            node, port = index.producer(data_input)
+            continue
+        if node.op in LINEAR_OPS:
+            break
+        raise NoMatch("input comes from %s (%s), not from a supported linear op" % (node.name, node.op))
+
+    spec = LINEAR_OPS[node.op]
+    linear_inputs = [i for i in node.input if not i.startswith("^")]
+    if node.op == "MatMul" and node.attr["transpose_b"].b:
+        out_axes = spec.out_channel_axes_transposed
+    else:
+        out_axes = spec.out_channel_axes
+    kernel_const = index.const_node(linear_inputs[spec.kernel_input])
+    if kernel_const is None:
+        raise NoMatch("kernel %s of %s is not constant" % (linear_inputs[spec.kernel_input], node.name))
+    kernel = index.const_value(linear_inputs[spec.kernel_input])
+    out_channels = fold_math.out_channel_count(kernel.shape, out_axes)
+    axis = channel_axis(node, spec.rank)
+
+    bias = bias_const = None
+    if bias_found is not None:
+        bias_node, const_input, value = bias_found
+        if bias_node.op == "BiasAdd":
+            bias_axis = channel_axis(bias_node, spec.rank)
+            if bias_axis != axis:
+                raise NoMatch("BiasAdd %s data_format does not match %s" % (bias_node.name, node.name))
+        bias = fold_math.as_channel_vector(value, spec.rank, axis, out_channels)
+        if bias is None:
+            raise NoMatch("constant %s of %s is not a per-channel vector of %d" % (
+                const_input, bias_node.name, out_channels))
+        bias_const = index.const_node(const_input).name
+
+    return LinearMatch(linear=node, spec=spec, kernel=kernel, kernel_const=kernel_const.name,
+                       out_channel_axes=out_axes, channel_axis=axis, out_channels=out_channels,
+                       bias=bias, bias_const=bias_const, absorbed=absorbed)
+
+
+def emit_fold(editor, match, scale, shift, replaced_node, suffix="_bn_folded"):
+    """Writes the fold of `x * scale + shift` after `match` into `editor`.
+
+    New Const nodes hold the folded kernel and bias (the old ones are left for
+    any other user and for cleanup). The linear op reads the new kernel, and
+    `replaced_node` becomes a BiasAdd of the linear op's output: it keeps its
+    name, so its consumers and any signature output that names it are unchanged.
+    """
+    new_kernel, new_bias = fold_math.fold_affine_into_linear(
+        match.kernel, match.bias, scale, shift, match.out_channel_axes)
+    dtype = match.dtype
+    kernel_name = editor.add_const(match.kernel_const + suffix, new_kernel, dtype)
+    bias_base = (match.bias_const or match.linear.name + "/bias") + suffix
+    bias_name = editor.add_const(bias_base, new_bias, dtype)
+
+    linear = editor.node(match.linear.name)
+    data_positions = [i for i, s in enumerate(linear.input) if not s.startswith("^")]
+    linear.input[data_positions[match.spec.kernel_input]] = kernel_name
+
+    editor.replace_node(replaced_node, "BiasAdd", [match.linear.name, bias_name], {
+        "T": graph_lib.type_attr(dtype),
+        "data_format": graph_lib.string_attr("NCHW" if match.channel_first else "NHWC"),
+    })

@@ -1,0 +1,53 @@
+"""Runs a list of passes over a GraphDef; the argument is never modified."""
+
+import time
+
+from absl import logging
+
+from tf_bnfuse import errors
+from tf_bnfuse import graph as graph_lib
+from tf_bnfuse import passes as passes_lib
+
+
+def pass_entries(pipeline):
+    """Normalizes config entries ("name" or {"pass": name, **options}) to (name, options)."""
+    entries = []
+    for entry in pipeline:
+        if isinstance(entry, str):
+            name, options = entry, {}
+        elif isinstance(entry, dict) and isinstance(entry.get("pass"), str):
+            options = dict(entry)
+            name = options.pop("pass")
+        else:
+            raise errors.BadInputError("pipeline entry %r is neither a pass name nor "
+                                       "{\"pass\": name, ...}" % (entry,))
+        if name not in passes_lib.REGISTRY:
+            raise errors.BadInputError("unknown pass %r; known passes: %s" % (
+                name, ", ".join(sorted(passes_lib.REGISTRY))))
+        entries.append((name, options))
+    return entries
+
+
+def default_outputs(graph_def):
+    """Tensors of the nodes nothing reads: the graph's outputs when none are given."""
+    index = graph_lib.GraphIndex(graph_def)
+    return [node.name for node in graph_def.node
+            if node.op not in ("NoOp", "Const", "Placeholder")
+            and not index.ports_in_use(node.name)
+            and not index.control_consumers(node.name)]
+
+
+def run_pipeline(graph_def, outputs, pipeline):
+    """Returns (new graph_def, [PassReport]) after every pass in `pipeline`."""
+    reports = []
+    current = graph_def
+    for name, options in pass_entries(pipeline):
+        started = time.perf_counter()
+        current, report = passes_lib.REGISTRY[name](current, outputs, **options)
+        logging.info("pass %s: %d -> %d nodes, %d folded, %d skipped (%.3f s)", name,
+                     report.nodes_before, report.nodes_after, len(report.folds),
+                     len(report.skips), time.perf_counter() - started)
+        reports.append(report)
+    if current is graph_def:  # an empty pipeline still returns a new GraphDef
+        current = graph_lib.copy_graph_def(graph_def)
+    return current, reports

@@ -1,0 +1,28 @@
+"""The human-readable summary the CLI prints."""
+
+
+def format_run(report):
+    lines = ["tf_bnfuse: %s -> %s" % (report.saved_model_dir, report.output_dir)]
+    for key, graph in report.signatures.items():
+        lines.append("signature %s: %d -> %d nodes, %d folded, %d left alone" % (
+            key, graph.nodes_before, graph.nodes_after, len(graph.folds), len(graph.skips)))
+        for pass_report in graph.passes:
+            extra = "; " + pass_report.note if pass_report.note else ""
+            lines.append("  pass %s: %d folded, %d left alone%s" % (
+                pass_report.pass_name, len(pass_report.folds), len(pass_report.skips), extra))
+            for fold in pass_report.folds:
+                lines.append("    folded  %s (%s) into %s (%s)" % (
+                    fold.node, fold.op, fold.linear_node, fold.linear_op))
+            for skip in pass_report.skips:
+                lines.append("    left    %s (%s): %s" % (skip.node, skip.op, skip.reason))
+    verification = report.verification
+    if verification is None:
+        lines.append("verification: SKIPPED -- the output was NOT checked against the input")
+    else:
+        lines.append("verification on %s: %s" % (", ".join(verification.devices),
+                                                  "passed" if verification.ok else "FAILED"))
+        for c in verification.checks:
+            lines.append("  %s/%s on %s: max abs error %.3g, max rel error %.3g (rtol %g, atol %g) %s" % (
+                c.signature, c.output, c.device, c.max_abs_error, c.max_rel_error, c.rtol, c.atol,
+                "ok" if c.ok else "FAILED"))
+    return "\n".join(lines)
