@@ -30,7 +30,23 @@ flags.DEFINE_string("report_json", None, "Also write the full report as JSON to 
 
 def _fail(message, code):
     sys.stderr.write("tf_bnfuse: error: %s\n" % " ".join(str(message).split()))
+    sys.stderr.flush()
     return code
+
+
+def _silence_native_stderr():
+    """Sends TensorFlow's C++ log lines to /dev/null; Python's own output stays.
+
+    TensorFlow 2.21's native logging ignores TF_CPP_MIN_LOG_LEVEL and writes
+    start-up INFO lines to file descriptor 2, which would bury the one-line
+    error. sys.stderr is re-pointed at a duplicate of the real stderr first.
+    """
+    sys.stderr.flush()
+    real_stderr = os.dup(2)
+    sys.stderr = os.fdopen(real_stderr, "w", buffering=1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
 
 
 def parse_flags(argv):
@@ -47,8 +63,12 @@ def main(argv):
     for required in ("saved_model_dir", "output_dir"):
         if not FLAGS[required].value:
             return _fail("--%s is required" % required, errors.EXIT_BAD_INPUT)
-    if not FLAGS["verbosity"].present:
+    if FLAGS["verbosity"].present:
+        if FLAGS.verbosity < 1:
+            _silence_native_stderr()
+    else:
         logging.set_verbosity(logging.WARNING)
+        _silence_native_stderr()
     try:
         import tensorflow as tf
         tf.get_logger().setLevel("ERROR")

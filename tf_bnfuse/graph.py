@@ -191,16 +191,59 @@ def node_dtype(node, key="T"):
     return None
 
 
+def constant_only_nodes(graph_def):
+    """Names of nodes that only yield constants and cannot fail or have effects:
+    Const, Identity-like nodes of those, and NoOps that only wait for those."""
+    nodes = {node.name: node for node in graph_def.node}
+    result = {}
+
+    def qualifies(name):
+        # Iterative post-order walk: frozen graphs can hold long Identity chains.
+        stack, on_stack = [name], {name}
+        while stack:
+            current = stack[-1]
+            node = nodes.get(current)
+            if node is None or not (node.op == "Const" or node.op in IDENTITY_OPS or node.op == "NoOp"):
+                result[current] = False
+            else:
+                # A cycle back onto the stack counts as not constant-only.
+                pending = {parse_input(i)[0] for i in node.input} - result.keys() - on_stack
+                if pending:
+                    stack.extend(pending)
+                    on_stack |= pending
+                    continue
+                result[current] = all(result.get(parse_input(i)[0], False) for i in node.input)
+            stack.pop()
+            on_stack.discard(current)
+        return result[name]
+
+    return {node.name for node in graph_def.node if qualifies(node.name)}
+
+
 def cleanup(graph_def, outputs, keep_ops=("Placeholder",)):
     """Returns a copy of graph_def without the nodes that no output needs.
 
-    A node is needed when an output reads it, directly or through data or
-    control edges. Placeholders always stay: they are signature inputs even
-    when folding leaves one unused.
+    First, control edges from constant-only nodes are dropped: they order
+    nothing. (A frozen tf.function keeps its automatic control dependencies
+    on variable reads, which are Identity-of-Const after freezing and would
+    otherwise keep every replaced weight alive.) Then a node stays when an
+    output reads it through data or control edges. Placeholders always stay:
+    they are signature inputs even when folding leaves one unused.
     """
-    nodes = {node.name: node for node in graph_def.node}
+    constant_only = constant_only_nodes(graph_def)
+    result = graph_pb2.GraphDef()
+    result.versions.CopyFrom(graph_def.versions)
+    result.library.CopyFrom(graph_def.library)
+    result.node.extend(graph_def.node)
+    for node in result.node:
+        kept = [i for i in node.input if not (i.startswith("^") and i[1:] in constant_only)]
+        if len(kept) != len(node.input):
+            del node.input[:]
+            node.input.extend(kept)
+
+    nodes = {node.name: node for node in result.node}
     stack = [canonical_tensor(t)[0] for t in outputs]
-    stack += [node.name for node in graph_def.node if node.op in keep_ops]
+    stack += [node.name for node in result.node if node.op in keep_ops]
     needed = set()
     while stack:
         name = stack.pop()
@@ -208,8 +251,7 @@ def cleanup(graph_def, outputs, keep_ops=("Placeholder",)):
             continue
         needed.add(name)
         stack.extend(parse_input(i)[0] for i in nodes[name].input)
-    result = graph_pb2.GraphDef()
-    result.versions.CopyFrom(graph_def.versions)
-    result.library.CopyFrom(graph_def.library)
-    result.node.extend(node for node in graph_def.node if node.name in needed)
+    kept_nodes = [node for node in result.node if node.name in needed]
+    del result.node[:]
+    result.node.extend(kept_nodes)
     return result

@@ -82,20 +82,23 @@ def freeze(key, function):
         frozen = convert_to_constants.convert_variables_to_constants_v2(function)
     except Exception as e:
         raise errors.BadInputError("cannot freeze signature %s: %s" % (key, _first_line(e)))
-    # Flattening a signature's structured inputs/outputs sorts them by key,
-    # which is the order of the function's own inputs/outputs.
-    input_specs = tf.nest.flatten(function.structured_input_signature)
+    # A signature's inputs and outputs are dicts; the function's own input and
+    # output lists follow their flattening, which sorts by key. (The restored
+    # structured_outputs are TensorSpecs, not graph tensors, so position is all
+    # there is to go by.)
     input_keys = sorted(function.structured_input_signature[1])
+    input_specs = [function.structured_input_signature[1][k] for k in input_keys]
     inputs = {}
     for input_key, spec, placeholder in zip(input_keys, input_specs, function.inputs):
         inputs[input_key] = TensorSpecInfo(placeholder.name, spec.dtype, _shape_list(spec.shape))
-    position = {id(t): i for i, t in enumerate(function.outputs)}
+    output_keys = sorted(function.structured_outputs)
+    if len(frozen.outputs) != len(output_keys):
+        raise errors.BadInputError("signature %s: %d outputs but %d output keys" % (
+            key, len(frozen.outputs), len(output_keys)))
     outputs = {}
-    for output_key in sorted(function.structured_outputs):
-        tensor = function.structured_outputs[output_key]
-        frozen_tensor = frozen.outputs[position[id(tensor)]]
-        outputs[output_key] = TensorSpecInfo(frozen_tensor.name, tensor.dtype,
-                                             _shape_list(tensor.shape))
+    for output_key, frozen_tensor in zip(output_keys, frozen.outputs):
+        outputs[output_key] = TensorSpecInfo(frozen_tensor.name, frozen_tensor.dtype,
+                                             _shape_list(frozen_tensor.shape))
     graph_def = frozen.graph.as_graph_def()
     # Device pins from the exporting machine would stop the model running elsewhere.
     for node in graph_def.node:
