@@ -1,0 +1,164 @@
+"""fold_saved_model end to end on SavedModels built from raw ops.
+
+The reference is the original SavedModel, loaded and run independently here.
+"""
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import conftest
+import graphs
+from tf_bnfuse import errors
+from tf_bnfuse import fold_saved_model
+from tf_bnfuse import passes
+
+
+def saved_model_ops(path, key):
+    graph_def = tf.saved_model.load(path).signatures[key].graph.as_graph_def()
+    ops = [n.op for n in graph_def.node]
+    for function in graph_def.library.function:
+        ops += [n.op for n in function.node_def]
+    return ops
+
+
+def run_signature(path, key, inputs):
+    loaded = tf.saved_model.load(path)
+    return {k: v.numpy() for k, v in loaded.signatures[key](**inputs).items()}
+
+
+def test_example_model_folds_keeps_signatures_and_matches(example_model, tmp_path):
+    before = conftest.tree_digest(example_model)
+    out = str(tmp_path / "out")
+    report = fold_saved_model(example_model, out)
+
+    assert conftest.tree_digest(example_model) == before, "input SavedModel was modified"
+    original, folded = tf.saved_model.load(example_model), tf.saved_model.load(out)
+    assert sorted(folded.signatures) == sorted(original.signatures) == ["embedding", "serving_default"]
+    for key in original.signatures:
+        o, f = original.signatures[key], folded.signatures[key]
+        assert f.structured_input_signature == o.structured_input_signature
+        assert {k: (v.dtype, v.shape.as_list()) for k, v in f.structured_outputs.items()} == \
+               {k: (v.dtype, v.shape.as_list()) for k, v in o.structured_outputs.items()}
+        image = graphs.random((3, 16, 16, 3))
+        expected = {k: v.numpy() for k, v in o(image=image).items()}
+        actual = {k: v.numpy() for k, v in f(image=image).items()}
+        for name in expected:
+            np.testing.assert_allclose(actual[name], expected[name], rtol=1e-4, atol=1e-5)
+
+    # serving_default: three folds, and the two-consumer batch norm stays.
+    serving = report.signatures["serving_default"]
+    assert sorted(f.linear_op for f in serving.folds) == ["Conv2D", "Conv2DBackpropInput", "DepthwiseConv2dNative"]
+    assert [s.op for s in serving.skips] == ["FusedBatchNorm"]
+    assert [op for op in saved_model_ops(out, "serving_default") if op.startswith("FusedBatchNorm")] == ["FusedBatchNorm"]
+    assert not [op for op in saved_model_ops(out, "embedding") if op.startswith("FusedBatchNorm")]
+    assert serving.nodes_after < serving.nodes_before
+
+    # Verification ran every signature on both logical CPUs set up in conftest.
+    assert report.verification.devices == ["/device:CPU:0", "/device:CPU:1"]
+    checked = {(c.signature, c.output, c.device) for c in report.verification.checks}
+    assert len(checked) == 3 * conftest.NUM_LOGICAL_CPUS
+    assert report.verification.ok
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tf_bnfuse-")], "temporary folder left"
+
+
+class MultiInput(tf.Module):
+    """Input and output keys whose sorted order differs from their creation order."""
+
+    def __init__(self):
+        rng = np.random.default_rng(5)
+        self.w = tf.Variable(rng.standard_normal((3, 3, 2, 4)).astype(np.float32))
+        self.stats = [tf.Variable(v) for v in graphs.bn_params(4, rng)]
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 2], tf.float32, name="zeta_image"),
+                                  tf.TensorSpec([None, 4], tf.float32, name="alpha_bias")])
+    def serve(self, zeta_image, alpha_bias):
+        y = tf.nn.conv2d(zeta_image, self.w, 1, "SAME")
+        y = tf.raw_ops.FusedBatchNormV3(x=y, scale=self.stats[0], offset=self.stats[1], mean=self.stats[2],
+                                        variance=self.stats[3], is_training=False)[0]
+        pooled = tf.reduce_mean(y, [1, 2]) + alpha_bias
+        return {"z_pooled": pooled, "a_map": y, "m_count": tf.shape(y)[0]}
+
+
+def test_inputs_and_outputs_keep_their_keys_with_unknown_dims(tmp_path):
+    src, out = str(tmp_path / "src"), str(tmp_path / "out")
+    module = MultiInput()
+    tf.saved_model.save(module, src, signatures=module.serve)
+    report = fold_saved_model(src, out)
+    assert len(report.signatures["serving_default"].folds) == 1
+    folded = tf.saved_model.load(out).signatures["serving_default"]
+    specs = folded.structured_input_signature[1]
+    assert {k: (v.dtype, v.shape.as_list()) for k, v in specs.items()} == {
+        "zeta_image": (tf.float32, [None, None, None, 2]), "alpha_bias": (tf.float32, [None, 4])}
+    inputs = {"zeta_image": graphs.random((3, 5, 7, 2)), "alpha_bias": graphs.random((3, 4))}
+    expected, actual = run_signature(src, "serving_default", inputs), run_signature(out, "serving_default", inputs)
+    assert sorted(actual) == ["a_map", "m_count", "z_pooled"]
+    for key in expected:
+        assert actual[key].dtype == expected[key].dtype and actual[key].shape == expected[key].shape
+        np.testing.assert_allclose(actual[key], expected[key], rtol=1e-4, atol=1e-5)
+
+
+def test_only_requested_signatures_are_folded_and_kept(example_model, tmp_path):
+    out = str(tmp_path / "out")
+    report = fold_saved_model(example_model, out, signature_keys=["embedding"])
+    assert list(report.signatures) == ["embedding"]
+    assert list(tf.saved_model.load(out).signatures) == ["embedding"]
+
+
+def test_unknown_signature_lists_the_available_ones(example_model, tmp_path):
+    with pytest.raises(errors.BadInputError, match="no signature nope; available: embedding, serving_default"):
+        fold_saved_model(example_model, str(tmp_path / "out"), signature_keys=["nope"])
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_existing_output_is_refused_untouched_and_replaced_with_overwrite(example_model, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    with pytest.raises(errors.BadInputError, match="not empty; pass --overwrite"):
+        fold_saved_model(example_model, str(out))
+    assert (out / "keep.txt").read_text() == "user data"
+    fold_saved_model(example_model, str(out), overwrite=True)
+    assert sorted(os.listdir(out)) == ["saved_model.pb", "variables"]
+
+
+def test_output_inside_the_input_is_refused(example_model):
+    with pytest.raises(errors.BadInputError, match="input folder or inside it"):
+        fold_saved_model(example_model, os.path.join(example_model, "folded"))
+
+
+def test_a_wrong_fold_fails_verification_and_writes_nothing(example_model, tmp_path, monkeypatch):
+    """A test-only pass perturbs one kernel: the check must catch it."""
+    def perturb_kernel(graph_def, outputs):
+        from tf_bnfuse import graph as graph_lib
+        from tf_bnfuse import report as report_lib
+        result = graph_lib.copy_graph_def(graph_def)
+        index = graph_lib.GraphIndex(result)
+        conv = next(n for n in result.node if n.op == "Conv2D")
+        kernel = index.const_node(conv.input[1])
+        value = tf.make_ndarray(kernel.attr["value"].tensor) * 1.01
+        kernel.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(value))
+        return result, report_lib.PassReport("perturb_kernel")
+
+    monkeypatch.setitem(passes.REGISTRY, "perturb_kernel", perturb_kernel)
+    out = str(tmp_path / "out")
+    config = {"pipeline": ["fold_batch_norm", "perturb_kernel", "cleanup"]}
+    with pytest.raises(errors.VerificationError, match=r"signature \w+ output \w+ on /device:CPU:0"):
+        fold_saved_model(example_model, out, config=config)
+    assert os.listdir(tmp_path) == [], "a failed run left files behind"
+
+
+def test_skip_verify_writes_without_checking(example_model, tmp_path):
+    report = fold_saved_model(example_model, str(tmp_path / "out"), verify=False)
+    assert report.verification is None and os.path.isfile(tmp_path / "out" / "saved_model.pb")
+
+
+@pytest.mark.skipif(not tf.config.list_physical_devices("GPU"), reason="no GPU visible to TensorFlow")
+def test_verification_covers_every_gpu(example_model, tmp_path):
+    report = fold_saved_model(example_model, str(tmp_path / "out"))
+    gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
+    assert set(gpus) <= set(report.verification.devices)
+    assert {c.device for c in report.verification.checks} >= set(gpus)
+    assert report.verification.ok
