@@ -128,6 +128,22 @@ def test_add_of_a_per_channel_constant_is_folded_as_bias(bias_shape, data_format
     assert len(report.folds) == 1 and "AddV2" not in graphs.op_counts(folded)
 
 
+@pytest.mark.parametrize("data_format", ["NHWC", "NCHW"])
+def test_bias_add_in_either_data_format_is_folded(data_format):
+    shape = [None, 3, 8, 8] if data_format == "NCHW" else [None, 8, 8, 3]
+
+    def build():
+        y = tf.raw_ops.Conv2D(input=placeholder(shape), filter=graphs.const(graphs.random((3, 3, 3, 4)), "w"),
+                              strides=[1, 1, 1, 1], padding="SAME", data_format=data_format, name="conv")
+        y = tf.raw_ops.BiasAdd(value=y, bias=graphs.const(graphs.random(4), "b"), data_format=data_format,
+                               name="bias")
+        tf.identity(graphs.fused_batch_norm(y, 4, "bn", data_format=data_format)[0], name="out")
+
+    graph_def, _ = graphs.build(build)
+    folded, report = fold_and_compare(graph_def, feed_for(shape), ["out"])
+    assert report.folds[0].absorbed == ["bias"] and graphs.op_counts(folded)["BiasAdd"] == 1
+
+
 def test_interleaved_branches_fold_both_pairs():
     """relu -> conv_1, conv_2 -> bn_1, bn_2 -> concat, with the node list shuffled."""
     def build():

@@ -140,7 +140,11 @@ def match_linear_chain(index, input_str, allow_bias=True):
             bias_axis = channel_axis(bias_node, spec.rank)
             if bias_axis != axis:
                 raise NoMatch("BiasAdd %s data_format does not match %s" % (bias_node.name, node.name))
-        bias = fold_math.as_channel_vector(value, spec.rank, axis, out_channels)
+        if bias_node.op == "BiasAdd":
+            # BiasAdd's bias is one value per channel whatever the data_format.
+            bias = np.asarray(value, np.float64) if np.shape(value) == (out_channels,) else None
+        else:
+            bias = fold_math.as_channel_vector(value, spec.rank, axis, out_channels)
         if bias is None:
             raise NoMatch("constant %s of %s is not a per-channel vector of %d" % (
                 const_input, bias_node.name, out_channels))
