@@ -4,9 +4,13 @@ A pass is a module with NAME and run(); registering it is one line here.
 """
 
 from tf_bnfuse.passes import cleanup
+from tf_bnfuse.passes import constant_folding
+from tf_bnfuse.passes import fold_affine
 from tf_bnfuse.passes import fold_batch_norm
 
 REGISTRY = {
+    constant_folding.NAME: constant_folding.run,
+    fold_affine.NAME: fold_affine.run,
     fold_batch_norm.NAME: fold_batch_norm.run,
     cleanup.NAME: cleanup.run,
 }

@@ -120,6 +120,27 @@ def match_linear_chain(index, input_str, allow_bias=True):
             break
         raise NoMatch("input comes from %s (%s), not from a supported linear op" % (node.name, node.op))
 
+    match = linear_kernel(index, node)
+    if bias_found is not None:
+        bias_node, const_input, value = bias_found
+        if bias_node.op == "BiasAdd":
+            if channel_axis(bias_node, match.spec.rank) != match.channel_axis:
+                raise NoMatch("BiasAdd %s data_format does not match %s" % (bias_node.name, node.name))
+            # BiasAdd's bias is one value per channel whatever the data_format.
+            bias = np.asarray(value, np.float64) if np.shape(value) == (match.out_channels,) else None
+        else:
+            bias = fold_math.as_channel_vector(value, match.spec.rank, match.channel_axis, match.out_channels)
+        if bias is None:
+            raise NoMatch("constant %s of %s is not a per-channel vector of %d" % (
+                const_input, bias_node.name, match.out_channels))
+        match.bias = bias
+        match.bias_const = index.const_node(const_input).name
+    match.absorbed = absorbed
+    return match
+
+
+def linear_kernel(index, node):
+    """The LinearMatch of a linear op alone (no bias yet); NoMatch if its kernel is not constant."""
     spec = LINEAR_OPS[node.op]
     linear_inputs = [i for i in node.input if not i.startswith("^")]
     if node.op == "MatMul" and node.attr["transpose_b"].b:
@@ -130,38 +151,21 @@ def match_linear_chain(index, input_str, allow_bias=True):
     if kernel_const is None:
         raise NoMatch("kernel %s of %s is not constant" % (linear_inputs[spec.kernel_input], node.name))
     kernel = index.const_value(linear_inputs[spec.kernel_input])
-    out_channels = fold_math.out_channel_count(kernel.shape, out_axes)
-    axis = channel_axis(node, spec.rank)
-
-    bias = bias_const = None
-    if bias_found is not None:
-        bias_node, const_input, value = bias_found
-        if bias_node.op == "BiasAdd":
-            bias_axis = channel_axis(bias_node, spec.rank)
-            if bias_axis != axis:
-                raise NoMatch("BiasAdd %s data_format does not match %s" % (bias_node.name, node.name))
-        if bias_node.op == "BiasAdd":
-            # BiasAdd's bias is one value per channel whatever the data_format.
-            bias = np.asarray(value, np.float64) if np.shape(value) == (out_channels,) else None
-        else:
-            bias = fold_math.as_channel_vector(value, spec.rank, axis, out_channels)
-        if bias is None:
-            raise NoMatch("constant %s of %s is not a per-channel vector of %d" % (
-                const_input, bias_node.name, out_channels))
-        bias_const = index.const_node(const_input).name
-
     return LinearMatch(linear=node, spec=spec, kernel=kernel, kernel_const=kernel_const.name,
-                       out_channel_axes=out_axes, channel_axis=axis, out_channels=out_channels,
-                       bias=bias, bias_const=bias_const, absorbed=absorbed)
+                       out_channel_axes=out_axes, channel_axis=channel_axis(node, spec.rank),
+                       out_channels=fold_math.out_channel_count(kernel.shape, out_axes),
+                       bias=None, bias_const=None, absorbed=[])
 
 
-def emit_fold(editor, match, scale, shift, replaced_node, suffix="_bn_folded"):
+def emit_fold(editor, match, scale, shift, replaced_node, anchor=None, channel_first=None,
+              suffix="_bn_folded"):
     """Writes the fold of `x * scale + shift` after `match` into `editor`.
 
     New Const nodes hold the folded kernel and bias (the old ones are left for
     any other user and for cleanup). The linear op reads the new kernel, and
-    `replaced_node` becomes a BiasAdd of the linear op's output: it keeps its
-    name, so its consumers and any signature output that names it are unchanged.
+    `replaced_node` becomes BiasAdd(anchor, new bias): it keeps its name, so
+    its consumers and any signature output that names it are unchanged.
+    anchor is the linear op's output unless shape-only ops stay in between.
     """
     new_kernel, new_bias = fold_math.fold_affine_into_linear(
         match.kernel, match.bias, scale, shift, match.out_channel_axes)
@@ -174,7 +178,9 @@ def emit_fold(editor, match, scale, shift, replaced_node, suffix="_bn_folded"):
     data_positions = [i for i, s in enumerate(linear.input) if not s.startswith("^")]
     linear.input[data_positions[match.spec.kernel_input]] = kernel_name
 
-    editor.replace_node(replaced_node, "BiasAdd", [match.linear.name, bias_name], {
+    if channel_first is None:
+        channel_first = match.channel_first
+    editor.replace_node(replaced_node, "BiasAdd", [anchor or match.linear.name, bias_name], {
         "T": graph_lib.type_attr(dtype),
-        "data_format": graph_lib.string_attr("NCHW" if match.channel_first else "NHWC"),
+        "data_format": graph_lib.string_attr("NCHW" if channel_first else "NHWC"),
     })

@@ -1,0 +1,196 @@
+"""fold_affine: per-channel Mul/Div/Add/Sub by constants -> the linear op before them.
+
+This is the batch norm as Keras 3 exports it (and tf-keras for rank-2
+inputs): after constant_folding, `AddV2(Mul(BiasAdd(conv, b), scale), offset)`.
+
+Pattern (followed along input edges, downward from each linear op):
+
+    linear op -> (Identity | Squeeze | affine op)* -> ...
+
+where an affine op is Mul, RealDiv, Add, AddV2, Sub or BiasAdd with one
+constant operand that is a scalar or varies only along the channel axis, and
+a Squeeze keeps the channel axis (Keras lowers Conv1D to ExpandDims -> Conv2D
+-> Squeeze). Every tensor on the way must have exactly one consumer. The
+chain is composed into one `x * scale + shift`, folded into the kernel, and
+the last affine op becomes BiasAdd(linear op or Squeeze, new bias) under its
+own name.
+
+Left alone, with the reason in the report: a constant that varies along a
+non-channel axis, `c - x` and `c / x`, a tensor with another consumer, and
+anything after an activation or other op.
+"""
+
+import numpy as np
+
+from tf_bnfuse import fold_math
+from tf_bnfuse import graph as graph_lib
+from tf_bnfuse import report as report_lib
+from tf_bnfuse.passes import linear_ops
+
+NAME = "fold_affine"
+AFFINE_OPS = frozenset({"Mul", "RealDiv", "Add", "AddV2", "Sub", "BiasAdd"})
+SCALING_OPS = frozenset({"Mul", "RealDiv"})
+
+
+class _Chain:
+    """The walk down from one linear op."""
+
+    def __init__(self, match):
+        self.match = match
+        self.rank = match.spec.rank
+        self.channel = match.channel_axis % self.rank  # non-negative channel index
+        self.affine = (np.ones(match.out_channels), np.zeros(match.out_channels))
+        self.steps = []  # nodes passed, in order
+        self.last_affine = -1  # index in steps of the last affine node
+        self.end_channel_first = False  # layout where the last affine node sits
+        self.kept = []  # Squeeze nodes that stay in the data path
+        self.has_scaling_or_second_add = False
+        self.stop_reason = None
+        self.stop_node = None
+
+
+def _affine_step(index, node, chain, channels):
+    """(scale, shift) of one affine node with a constant operand; raises NoMatch."""
+    data_inputs = [i for i in node.input if not i.startswith("^")]
+    if len(data_inputs) != 2:
+        raise linear_ops.NoMatch("%s has %d inputs" % (node.name, len(data_inputs)))
+    values = [index.const_value(i) for i in data_inputs]
+    if (values[0] is None) == (values[1] is None):
+        raise linear_ops.NoMatch("%s %s does not combine the data with one constant" % (node.op, node.name))
+    const_position = 0 if values[0] is not None else 1
+    value = values[const_position]
+    if node.op == "BiasAdd":
+        bias_axis = 1 if graph_lib.attr_string(node, "data_format", "NHWC").startswith("NC") else chain.rank - 1
+        if const_position != 1 or bias_axis != chain.channel or np.shape(value) != (channels,):
+            raise linear_ops.NoMatch("BiasAdd %s does not add along the channel axis" % node.name)
+        vector = np.asarray(value, np.float64)
+    else:
+        vector = fold_math.as_channel_vector(value, chain.rank, chain.channel, channels)
+        if vector is None:
+            raise linear_ops.NoMatch("%s %s: constant %s of shape %s varies along a non-channel axis" % (
+                node.op, node.name, data_inputs[const_position], list(np.shape(value))))
+    if node.op in ("Sub", "RealDiv") and const_position == 0:
+        form = "c - x" if node.op == "Sub" else "c / x"
+        raise linear_ops.NoMatch("%s %s computes %s, which is not affine in x" % (node.op, node.name, form))
+    if node.op == "Mul":
+        return vector, np.zeros(channels)
+    if node.op == "RealDiv":
+        if np.any(vector == 0):
+            raise linear_ops.NoMatch("RealDiv %s divides by zero in some channel" % node.name)
+        return 1.0 / vector, np.zeros(channels)
+    if node.op == "Sub":
+        return np.ones(channels), -vector
+    return np.ones(channels), vector
+
+
+def _squeeze_keeps_channel(node, chain):
+    dims = [d % chain.rank for d in node.attr["squeeze_dims"].list.i]
+    if not dims or chain.channel in dims:
+        return False
+    chain.channel -= sum(1 for d in dims if d < chain.channel)
+    chain.rank -= len(dims)
+    return True
+
+
+def _walk(index, match, dtype):
+    chain = _Chain(match)
+    name, channels = match.linear.name, match.out_channels
+    while True:
+        consumers = index.data_consumers(name)
+        if index.use_count(name) != 1:
+            chain.stop_reason = "%s has %d consumers; folding would change the others" % (
+                name, index.use_count(name))
+            chain.stop_node = [c for c, _ in consumers]
+            return chain
+        if not consumers:  # its one use is as a graph output
+            return chain
+        (consumer_name, _), = consumers
+        node = index.node(consumer_name)
+        if node.op in ("Identity", "Snapshot"):
+            chain.steps.append(node)
+        elif node.op == "Squeeze" and graph_lib.node_dtype(node) == dtype and _squeeze_keeps_channel(node, chain):
+            chain.steps.append(node)
+            chain.kept.append(node)
+        elif node.op in AFFINE_OPS and graph_lib.node_dtype(node) == dtype:
+            try:
+                step = _affine_step(index, node, chain, channels)
+            except linear_ops.NoMatch as reason:
+                chain.stop_reason, chain.stop_node = str(reason), [node.name]
+                return chain
+            if node.op in SCALING_OPS or chain.last_affine >= 0:
+                chain.has_scaling_or_second_add = True
+            chain.affine = fold_math.compose_affine(chain.affine, step)
+            chain.steps.append(node)
+            chain.last_affine = len(chain.steps) - 1
+            chain.end_channel_first = chain.channel == 1 and chain.rank > 2
+        else:
+            return chain
+        name = node.name
+
+
+def _emit(editor, match, chain):
+    """Folds the chain: kept Squeezes read the linear op, the last affine op becomes a BiasAdd."""
+    end = chain.steps[chain.last_affine]
+    kept = [n for n in chain.steps[:chain.last_affine] if n in chain.kept]
+    anchor = match.linear.name
+    for node in kept:
+        target = editor.node(node.name)
+        position = next(i for i, s in enumerate(target.input) if not s.startswith("^"))
+        target.input[position] = anchor
+        anchor = node.name
+    linear_ops.emit_fold(editor, match, chain.affine[0], chain.affine[1], end.name, anchor=anchor,
+                         channel_first=chain.end_channel_first)
+    return [n.name for n in chain.steps[:chain.last_affine] if n not in chain.kept]
+
+
+def _why_not_after_linear(index, node):
+    """Reason a Mul/RealDiv by a constant does not follow a linear op."""
+    data_inputs = [i for i in node.input if not i.startswith("^")]
+    data = [i for i in data_inputs if index.const_value(i) is None]
+    producer, _ = index.skip_identities(data[0])
+    while producer is not None and producer.op in AFFINE_OPS | {"Squeeze"}:
+        inputs = [i for i in producer.input if not i.startswith("^") and index.const_value(i) is None]
+        if len(inputs) != 1:
+            break
+        producer, _ = index.skip_identities(inputs[0])
+    if producer is None:
+        return "its input has no producer in the graph"
+    return "input comes from %s (%s), not from a supported linear op" % (producer.name, producer.op)
+
+
+def run(graph_def, outputs):
+    index = graph_lib.GraphIndex(graph_def, outputs)
+    editor = graph_lib.GraphEditor(graph_def)
+    report = report_lib.PassReport(NAME, nodes_before=len(graph_def.node))
+    explained = {}  # affine node name -> reason it was not folded
+    folded_nodes = set()
+    for node in graph_def.node:
+        if node.op not in linear_ops.LINEAR_OPS:
+            continue
+        try:
+            match = linear_ops.linear_kernel(index, node)
+        except linear_ops.NoMatch as reason:
+            for consumer, _ in index.data_consumers(node.name):
+                explained[consumer] = str(reason)
+            continue
+        # the chain's ops must share the linear op's dtype (a Cast ends it)
+        chain = _walk(index, match, graph_lib.node_dtype(node))
+        if chain.last_affine >= 0 and chain.has_scaling_or_second_add:
+            absorbed = _emit(editor, match, chain)
+            end = chain.steps[chain.last_affine]
+            folded_nodes.update(n.name for n in chain.steps[:chain.last_affine + 1])
+            report.folds.append(report_lib.Fold(end.name, end.op, node.name, node.op, absorbed))
+        if chain.stop_reason:
+            for stop in chain.stop_node:
+                explained.setdefault(stop, chain.stop_reason)
+
+    for node in graph_def.node:
+        if node.op not in SCALING_OPS or node.name in folded_nodes:
+            continue
+        data_inputs = [i for i in node.input if not i.startswith("^")]
+        if len(data_inputs) != 2 or sum(index.const_value(i) is not None for i in data_inputs) != 1:
+            continue
+        reason = explained.get(node.name) or _why_not_after_linear(index, node)
+        report.skips.append(report_lib.Skip(node.name, node.op, reason))
+    report.nodes_after = len(editor.graph_def.node)
+    return editor.graph_def, report
