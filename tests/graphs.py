@@ -69,3 +69,50 @@ def op_counts(graph_def):
 
 def batch_norm_nodes(graph_def):
     return [n.name for n in graph_def.node if n.op.startswith("FusedBatchNorm")]
+
+
+LINEAR_OPS = {"Conv2D", "DepthwiseConv2dNative", "Conv3D", "Conv2DBackpropInput", "Conv3DBackpropInputV2",
+              "MatMul"}
+AFFINE_OPS = {"Mul", "RealDiv", "Add", "AddV2", "Sub"}
+
+
+def affine_after_linear(graph_def, outputs=()):
+    """Mul/Add/Sub/RealDiv nodes by a constant that directly follow a linear op.
+
+    Written independently of the passes: from each linear op, follow a lone
+    consumer through Identity, BiasAdd and Squeeze; report the first affine op
+    with a Const (or Identity-of-Const) operand. Tensors with several
+    consumers, or that are outputs, end the walk (folding there is forbidden).
+    """
+    nodes = {n.name: n for n in graph_def.node}
+    consumers = {}
+    for n in graph_def.node:
+        for i in n.input:
+            if not i.startswith("^"):
+                consumers.setdefault(i.split(":")[0] if not i.split(":")[-1].isdigit() else i.rsplit(":", 1)[0],
+                                     []).append(n)
+
+    def is_const(input_name):
+        node = nodes.get(input_name.lstrip("^").split(":")[0])
+        while node is not None and node.op == "Identity":
+            node = nodes.get(node.input[0].split(":")[0])
+        return node is not None and node.op == "Const"
+
+    found = []
+    for node in graph_def.node:
+        if node.op not in LINEAR_OPS:
+            continue
+        current = node
+        while len(consumers.get(current.name, [])) == 1 and current.name not in outputs:
+            nxt = consumers[current.name][0]
+            if nxt.op in AFFINE_OPS and any(is_const(i) for i in nxt.input):
+                found.append(nxt.name)
+                break
+            if nxt.op not in ("Identity", "BiasAdd", "Squeeze"):
+                break
+            current = nxt
+    return found
+
+
+def data_path_op_count(graph_def):
+    return sum(1 for n in graph_def.node if n.op not in ("Const", "Identity", "NoOp", "Placeholder"))

@@ -143,19 +143,34 @@ def _emit(editor, match, chain):
     return [n.name for n in chain.steps[:chain.last_affine] if n not in chain.kept]
 
 
-def _why_not_after_linear(index, node):
-    """Reason a Mul/RealDiv by a constant does not follow a linear op."""
-    data_inputs = [i for i in node.input if not i.startswith("^")]
-    data = [i for i in data_inputs if index.const_value(i) is None]
-    producer, _ = index.skip_identities(data[0])
-    while producer is not None and producer.op in AFFINE_OPS | {"Squeeze"}:
-        inputs = [i for i in producer.input if not i.startswith("^") and index.const_value(i) is None]
+def _why_not_folded(index, node, explained):
+    """Why an affine node by a constant was not folded.
+
+    Walks up through affine ops and Squeezes to the op that feeds the chain.
+    The nearest node on the way where a chain from a linear op stopped gives
+    the reason; otherwise the feeding op is not a (foldable) linear op.
+    """
+    current = node
+    while True:
+        if current.name in explained:
+            return explained[current.name]
+        inputs = [i for i in current.input if not i.startswith("^") and index.const_value(i) is None]
         if len(inputs) != 1:
-            break
+            return "%s %s combines two non-constant tensors" % (current.op, current.name)
         producer, _ = index.skip_identities(inputs[0])
-    if producer is None:
-        return "its input has no producer in the graph"
-    return "input comes from %s (%s), not from a supported linear op" % (producer.name, producer.op)
+        if producer is None:
+            return "its input has no producer in the graph"
+        if producer.name in explained:
+            return explained[producer.name]
+        if producer.op in AFFINE_OPS or producer.op == "Squeeze":
+            current = producer
+            continue
+        return "input comes from %s (%s), not from a supported linear op" % (producer.name, producer.op)
+
+
+def _has_one_constant_operand(index, node):
+    data_inputs = [i for i in node.input if not i.startswith("^")]
+    return len(data_inputs) == 2 and sum(index.const_value(i) is not None for i in data_inputs) == 1
 
 
 def run(graph_def, outputs):
@@ -184,13 +199,12 @@ def run(graph_def, outputs):
             for stop in chain.stop_node:
                 explained.setdefault(stop, chain.stop_reason)
 
+    # Report every Mul/RealDiv by a constant left in place (a batch norm's
+    # scale), and any other affine op where a chain from a linear op stopped.
     for node in graph_def.node:
-        if node.op not in SCALING_OPS or node.name in folded_nodes:
+        if node.name in folded_nodes or not _has_one_constant_operand(index, node):
             continue
-        data_inputs = [i for i in node.input if not i.startswith("^")]
-        if len(data_inputs) != 2 or sum(index.const_value(i) is not None for i in data_inputs) != 1:
-            continue
-        reason = explained.get(node.name) or _why_not_after_linear(index, node)
-        report.skips.append(report_lib.Skip(node.name, node.op, reason))
+        if node.op in SCALING_OPS or (node.op in AFFINE_OPS and node.name in explained):
+            report.skips.append(report_lib.Skip(node.name, node.op, _why_not_folded(index, node, explained)))
     report.nodes_after = len(editor.graph_def.node)
     return editor.graph_def, report
