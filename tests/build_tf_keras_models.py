@@ -57,6 +57,15 @@ def channels_first_bn():
                        L.BatchNormalization(axis=1))
 
 
+def conv1d_bn():
+    return _sequential((12, 3), L.Conv1D(6, 3), L.BatchNormalization())
+
+
+def dense_bn():
+    """tf-keras exports this batch norm (on a rank-2 input) as Mul/Add, not FusedBatchNormV3."""
+    return _sequential((7,), L.Dense(5), L.BatchNormalization(), L.ReLU())
+
+
 def branch_bn():
     """The conv's output feeds a BatchNormalization and a ReLU: folding must not touch the ReLU."""
     inputs = keras.Input((10, 10, 3), name="image")
@@ -80,7 +89,7 @@ def mobilenet_v2():
 
 
 MODELS = {f.__name__: f for f in (conv_bn, conv_no_bias_bn, depthwise_bn, separable_bn, conv_transpose_bn,
-                                  conv3d_bn, channels_first_bn, branch_bn, mobilenet_v2_small, resnet50,
+                                  conv3d_bn, channels_first_bn, conv1d_bn, dense_bn, branch_bn, mobilenet_v2_small, resnet50,
                                   mobilenet_v2)}
 
 

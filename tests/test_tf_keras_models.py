@@ -8,16 +8,16 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import tensorflow as tf
 
 import conftest
+from savedmodel_checks import batch_norm_like_left, compare_outputs, data_path_ops
 from tf_bnfuse import fold_saved_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SMALL = ["conv_bn", "conv_no_bias_bn", "depthwise_bn", "separable_bn", "conv_transpose_bn", "conv3d_bn",
-         "channels_first_bn", "branch_bn", "mobilenet_v2_small"]
+         "channels_first_bn", "conv1d_bn", "dense_bn", "branch_bn", "mobilenet_v2_small"]
 LARGE = ["resnet50", "mobilenet_v2"]
 WITHOUT_BIAS = {"conv_no_bias_bn", "mobilenet_v2_small"}  # their convs have use_bias=False
 
@@ -31,34 +31,6 @@ def tf_keras_models(tmp_path_factory):
     return {name: str(out / name) for name in SMALL + LARGE}
 
 
-def data_path_ops(path):
-    """Ops of the serving signature's graph, its functions included, minus plumbing."""
-    graph_def = tf.saved_model.load(path).signatures["serving_default"].graph.as_graph_def()
-    nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
-    plumbing = {"Const", "Identity", "NoOp", "Placeholder", "StatefulPartitionedCall", "PartitionedCall",
-                "ReadVariableOp", "VarHandleOp"}
-    return [n.op for n in nodes if n.op not in plumbing]
-
-
-def frozen_ops(report_path_model):
-    graph_def = tf.saved_model.load(report_path_model).signatures["serving_default"].graph.as_graph_def()
-    return [n.op for n in graph_def.node]
-
-
-def compare_outputs(original, folded, rtol=1e-4):
-    o = tf.saved_model.load(original).signatures["serving_default"]
-    f = tf.saved_model.load(folded).signatures["serving_default"]
-    (key, spec), = o.structured_input_signature[1].items()
-    shape = [2 if d is None else d for d in spec.shape.as_list()]
-    x = np.random.default_rng(11).standard_normal(shape).astype(np.float32)
-    expected, actual = o(**{key: x}), f(**{key: x})
-    assert sorted(expected) == sorted(actual)
-    for name in expected:
-        e, a = expected[name].numpy(), actual[name].numpy()
-        scale = np.abs(e).max()
-        assert np.abs(a - e).max() <= rtol * scale + 1e-6, (name, np.abs(a - e).max(), scale)
-
-
 @pytest.mark.parametrize("name", SMALL)
 def test_small_tf_keras_model(tf_keras_models, name, tmp_path):
     src, out = tf_keras_models[name], str(tmp_path / "out")
@@ -67,19 +39,19 @@ def test_small_tf_keras_model(tf_keras_models, name, tmp_path):
     assert conftest.tree_digest(src) == before
     compare_outputs(src, out)
     graph = report.signatures["serving_default"]
-    remaining = [op for op in frozen_ops(out) if op.startswith("FusedBatchNorm")]
     if name == "branch_bn":
         assert graph.folds == [] and len(graph.skips) == 1 and "2 consumers" in graph.skips[0].reason
-        assert len(remaining) == 1
+        assert "FusedBatchNormV3" in data_path_ops(out)
+        return
+    assert batch_norm_like_left(out) == [] and graph.skips == []
+    assert len(graph.folds) >= 1
+    # A batch norm becomes a BiasAdd; with a bias before it, two ops become one.
+    ops_before, ops_after = len(data_path_ops(src)), len(data_path_ops(out))
+    if name in WITHOUT_BIAS:
+        assert ops_after <= ops_before
     else:
-        assert remaining == [] and graph.skips == []
-        assert len(graph.folds) >= 1
-        # A batch norm becomes a BiasAdd; with a bias before it, two ops become one.
-        ops_before, ops_after = len(data_path_ops(src)), len(data_path_ops(out))
-        if name in WITHOUT_BIAS:
-            assert ops_after <= ops_before
-        else:
-            assert ops_after <= ops_before - len(graph.folds)
+        assert ops_after <= ops_before - len(graph.folds)
+
 
 @pytest.mark.parametrize("name,batch_norms", [("resnet50", 53), ("mobilenet_v2", 52)])
 def test_real_sized_tf_keras_applications_fold_completely(tf_keras_models, name, batch_norms, tmp_path):
@@ -89,6 +61,6 @@ def test_real_sized_tf_keras_applications_fold_completely(tf_keras_models, name,
     assert conftest.tree_digest(src) == before
     graph = report.signatures["serving_default"]
     assert len(graph.folds) == batch_norms and graph.skips == []
-    assert not [op for op in frozen_ops(out) if op.startswith("FusedBatchNorm")]
+    assert batch_norm_like_left(out) == []
     assert report.verification.ok
     compare_outputs(src, out)

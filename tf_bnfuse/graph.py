@@ -47,6 +47,8 @@ class GraphIndex:
 
     outputs are tensor names that leave the graph (signature outputs). They
     count as consumers: a tensor that is also an output must not be rewritten.
+    When outputs are given, only live consumers (nodes some output needs) are
+    indexed: a node an earlier pass left dead cannot see a rewrite.
     """
 
     def __init__(self, graph_def, outputs=()):
@@ -55,6 +57,7 @@ class GraphIndex:
         for node in graph_def.node:
             self.nodes[node.name] = node
         self.output_tensors = frozenset(canonical_tensor(t) for t in outputs)
+        self.live = live_nodes(graph_def, outputs) if outputs else frozenset(self.nodes)
         # (node name, port) -> list of (consumer node name, input index)
         self._data_consumers = collections.defaultdict(list)
         self._control_consumers = collections.defaultdict(list)
@@ -62,6 +65,8 @@ class GraphIndex:
         for name, port in self.output_tensors:
             self._ports_in_use[name].add(port)
         for node in graph_def.node:
+            if node.name not in self.live:
+                continue
             for index, input_str in enumerate(node.input):
                 name, port, is_control = parse_input(input_str)
                 if is_control:
@@ -220,6 +225,21 @@ def constant_only_nodes(graph_def):
     return {node.name for node in graph_def.node if qualifies(node.name)}
 
 
+def live_nodes(graph_def, outputs, keep_ops=("Placeholder",)):
+    """Names of the nodes an output reads through data or control edges (and keep_ops nodes)."""
+    nodes = {node.name: node for node in graph_def.node}
+    stack = [canonical_tensor(t)[0] for t in outputs]
+    stack += [node.name for node in graph_def.node if node.op in keep_ops]
+    needed = set()
+    while stack:
+        name = stack.pop()
+        if name in needed or name not in nodes:
+            continue
+        needed.add(name)
+        stack.extend(parse_input(i)[0] for i in nodes[name].input)
+    return needed
+
+
 def cleanup(graph_def, outputs, keep_ops=("Placeholder",)):
     """Returns a copy of graph_def without the nodes that no output needs.
 
@@ -241,16 +261,7 @@ def cleanup(graph_def, outputs, keep_ops=("Placeholder",)):
             del node.input[:]
             node.input.extend(kept)
 
-    nodes = {node.name: node for node in result.node}
-    stack = [canonical_tensor(t)[0] for t in outputs]
-    stack += [node.name for node in result.node if node.op in keep_ops]
-    needed = set()
-    while stack:
-        name = stack.pop()
-        if name in needed or name not in nodes:
-            continue
-        needed.add(name)
-        stack.extend(parse_input(i)[0] for i in nodes[name].input)
+    needed = live_nodes(result, outputs, keep_ops)
     kept_nodes = [node for node in result.node if node.name in needed]
     del result.node[:]
     result.node.extend(kept_nodes)

@@ -46,7 +46,8 @@ class _Chain:
         self.kept = []  # Squeeze nodes that stay in the data path
         self.has_scaling_or_second_add = False
         self.stop_reason = None
-        self.stop_node = None
+        self.stop_nodes = []  # nodes the walk could not pass
+        self.stopped_by_node = False  # the stop is about the node itself, not about fan-out
 
 
 def _affine_step(index, node, chain, channels):
@@ -100,7 +101,7 @@ def _walk(index, match, dtype):
         if index.use_count(name) != 1:
             chain.stop_reason = "%s has %d consumers; folding would change the others" % (
                 name, index.use_count(name))
-            chain.stop_node = [c for c, _ in consumers]
+            chain.stop_nodes = [c for c, _ in consumers]
             return chain
         if not consumers:  # its one use is as a graph output
             return chain
@@ -115,7 +116,8 @@ def _walk(index, match, dtype):
             try:
                 step = _affine_step(index, node, chain, channels)
             except linear_ops.NoMatch as reason:
-                chain.stop_reason, chain.stop_node = str(reason), [node.name]
+                chain.stop_reason, chain.stop_nodes = str(reason), [node.name]
+                chain.stopped_by_node = True
                 return chain
             if node.op in SCALING_OPS or chain.last_affine >= 0:
                 chain.has_scaling_or_second_add = True
@@ -177,7 +179,8 @@ def run(graph_def, outputs):
     index = graph_lib.GraphIndex(graph_def, outputs)
     editor = graph_lib.GraphEditor(graph_def)
     report = report_lib.PassReport(NAME, nodes_before=len(graph_def.node))
-    explained = {}  # affine node name -> reason it was not folded
+    explained = {}  # node name -> why a chain from a linear op did not pass it
+    stopped_at = set()  # affine nodes that stopped a chain by their own form
     folded_nodes = set()
     for node in graph_def.node:
         if node.op not in linear_ops.LINEAR_OPS:
@@ -195,16 +198,20 @@ def run(graph_def, outputs):
             end = chain.steps[chain.last_affine]
             folded_nodes.update(n.name for n in chain.steps[:chain.last_affine + 1])
             report.folds.append(report_lib.Fold(end.name, end.op, node.name, node.op, absorbed))
-        if chain.stop_reason:
-            for stop in chain.stop_node:
-                explained.setdefault(stop, chain.stop_reason)
+        for stop in chain.stop_nodes:
+            explained.setdefault(stop, chain.stop_reason)
+            if chain.stopped_by_node:
+                stopped_at.add(stop)
 
     # Report every Mul/RealDiv by a constant left in place (a batch norm's
     # scale), and any other affine op where a chain from a linear op stopped.
+    # Dead nodes (e.g. inside a constant subgraph already folded) are not.
+    live = graph_lib.live_nodes(graph_def, outputs)
     for node in graph_def.node:
-        if node.name in folded_nodes or not _has_one_constant_operand(index, node):
+        if (node.name in folded_nodes or node.name not in live
+                or not _has_one_constant_operand(index, node)):
             continue
-        if node.op in SCALING_OPS or (node.op in AFFINE_OPS and node.name in explained):
+        if node.op in SCALING_OPS or node.name in stopped_at:
             report.skips.append(report_lib.Skip(node.name, node.op, _why_not_folded(index, node, explained)))
     report.nodes_after = len(editor.graph_def.node)
     return editor.graph_def, report

@@ -1,0 +1,85 @@
+"""Keras 3 models for the tests, built in the test process and exported with model.export.
+
+Every BatchNormalization gets random gamma, beta, moving mean and variance.
+"""
+
+import os
+
+import keras
+import numpy as np
+
+L = keras.layers
+
+
+def _sequential(input_shape, *layers):
+    return keras.Sequential([keras.Input(input_shape)] + list(layers))
+
+
+def conv_bn():
+    return _sequential((12, 12, 3), L.Conv2D(8, 3, padding="same"), L.BatchNormalization(), L.ReLU())
+
+
+def depthwise_bn():
+    return _sequential((12, 12, 4), L.DepthwiseConv2D(3, depth_multiplier=2, padding="same"),
+                       L.BatchNormalization(), L.ReLU(6.0))
+
+
+def separable_bn():
+    return _sequential((12, 12, 4), L.SeparableConv2D(6, 3, padding="same"), L.BatchNormalization())
+
+
+def conv_transpose_bn():
+    return _sequential((6, 6, 4), L.Conv2DTranspose(5, 3, strides=2, padding="same"), L.BatchNormalization())
+
+
+def conv1d_bn():
+    return _sequential((12, 3), L.Conv1D(6, 3), L.BatchNormalization())
+
+
+def dense_bn():
+    return _sequential((7,), L.Dense(5), L.BatchNormalization(), L.ReLU())
+
+
+def conv3d_bn():
+    return _sequential((4, 6, 6, 2), L.Conv3D(4, 3, padding="same", use_bias=False), L.BatchNormalization())
+
+
+def branch_bn():
+    """The conv's output feeds a BatchNormalization and a ReLU: folding must not touch the ReLU."""
+    inputs = keras.Input((10, 10, 3))
+    conv = L.Conv2D(6, 3, padding="same")(inputs)
+    return keras.Model(inputs, L.Concatenate()([L.BatchNormalization()(conv), L.ReLU()(conv)]))
+
+
+def mobilenet_v2_small():
+    return keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10,
+                                          classifier_activation=None)
+
+
+def resnet50_small():
+    return keras.applications.ResNet50(input_shape=(32, 32, 3), weights=None, classes=10,
+                                       classifier_activation=None)
+
+
+MODELS = {f.__name__: f for f in (conv_bn, depthwise_bn, separable_bn, conv_transpose_bn, conv1d_bn, dense_bn,
+                                  conv3d_bn, branch_bn, mobilenet_v2_small, resnet50_small)}
+
+
+def randomize_batch_norms(model, rng):
+    count = 0
+    for layer in model._flatten_layers():
+        if isinstance(layer, L.BatchNormalization):
+            channels = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(0.5, 1.5, channels), rng.normal(0, 0.5, channels),
+                               rng.normal(0, 0.5, channels), rng.uniform(0.2, 2.0, channels)])
+            count += 1
+    return count
+
+
+def build(name, out_dir, seed=0):
+    """Builds, randomizes and exports one model; returns (path, number of batch norms)."""
+    model = MODELS[name]()
+    count = randomize_batch_norms(model, np.random.default_rng(seed))
+    path = os.path.join(out_dir, name)
+    model.export(path, verbose=False)
+    return path, count
