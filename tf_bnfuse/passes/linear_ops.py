@@ -90,7 +90,7 @@ def _bias_operand(index, node):
     raise NoMatch("%s %s does not add a constant" % (node.op, node.name))
 
 
-def match_linear_chain(index, input_str, allow_bias=True):
+def match_linear_chain(index, input_str):
     """Walks up from `input_str` to the linear op that produces it.
 
     Accepts Identity nodes and at most one bias (BiasAdd, or Add/AddV2 with a
@@ -104,21 +104,22 @@ def match_linear_chain(index, input_str, allow_bias=True):
     while True:
         if node is None:
             raise NoMatch("input %s has no producer in the graph" % input_str)
-        _single_use(index, node, port)
         data_inputs = [i for i in node.input if not i.startswith("^")]
-        if node.op in ("Identity", "Snapshot") or (node.op == "IdentityN" and len(data_inputs) == 1):
+        is_identity = node.op in ("Identity", "Snapshot") or (node.op == "IdentityN" and len(data_inputs) == 1)
+        is_bias = node.op in BIAS_OPS and bias_found is None
+        if not (is_identity or is_bias or node.op in LINEAR_OPS):
+            raise NoMatch("input comes from %s (%s), not from a supported linear op" % (node.name, node.op))
+        _single_use(index, node, port)
+        if node.op in LINEAR_OPS:
+            break
+        if is_identity:
             absorbed.append(node.name)
             node, port = index.producer(data_inputs[0])
-            continue
-        if node.op in BIAS_OPS and allow_bias and bias_found is None:
+        else:
             data_input, const_input, value = _bias_operand(index, node)
             bias_found = (node, const_input, value)
             absorbed.append(node.name)
             node, port = index.producer(data_input)
-            continue
-        if node.op in LINEAR_OPS:
-            break
-        raise NoMatch("input comes from %s (%s), not from a supported linear op" % (node.name, node.op))
 
     match = linear_kernel(index, node)
     if bias_found is not None:
