@@ -2,12 +2,12 @@
 
 import os
 import shutil
-import tempfile
 
 from absl import logging
 
 from tf_bnfuse import config as config_lib
 from tf_bnfuse import errors
+from tf_bnfuse import output_dir as output_dir_lib
 from tf_bnfuse import pipeline as pipeline_lib
 from tf_bnfuse import report as report_lib
 from tf_bnfuse import savedmodel
@@ -56,13 +56,6 @@ def _check_output_dir(saved_model_dir, output_dir, overwrite):
         raise errors.BadInputError("parent folder of %s does not exist" % output_dir)
 
 
-def _move_into_place(built, output_dir, scratch):
-    """Renames `built` to output_dir; an existing output_dir is swapped out first."""
-    if os.path.exists(output_dir):
-        os.rename(output_dir, os.path.join(scratch, "replaced"))
-    os.rename(built, output_dir)
-
-
 def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFAULT_TAGS,
                      config=None, overwrite=False, verify=True):
     """Folds every (or each named) signature of a SavedModel into a new SavedModel.
@@ -90,7 +83,8 @@ def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFA
         folded[key] = savedmodel.FrozenSignature(key, graph_def, frozen[key].inputs, frozen[key].outputs)
 
     parent = os.path.dirname(os.path.realpath(output_dir))
-    scratch = tempfile.mkdtemp(prefix=".tf_bnfuse-", dir=parent)
+    output_dir_lib.remove_stale_scratch(parent)
+    scratch = output_dir_lib.make_scratch(parent)
     try:
         built = os.path.join(scratch, "saved_model")
         with phase("write"):
@@ -111,7 +105,8 @@ def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFA
                         bad.max_rel_error, bad.rtol, bad.atol))
         else:
             logging.warning("verification skipped: the output of %s was NOT checked", output_dir)
-        _move_into_place(built, output_dir, scratch)
+        with phase("move into place"):
+            output_dir_lib.move_into_place(built, output_dir, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return report_lib.RunReport(saved_model_dir, output_dir, reports, verification)

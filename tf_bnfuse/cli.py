@@ -47,6 +47,8 @@ def _silence_native_stderr():
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     os.close(devnull)
+    # absl's handler captured the old sys.stderr object, whose fd is now /dev/null.
+    logging.get_absl_handler().python_handler.stream = sys.stderr
 
 
 def parse_flags(argv):

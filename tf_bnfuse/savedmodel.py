@@ -7,7 +7,10 @@ from typing import Dict, List, Optional
 
 import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
+from google.protobuf import message
+from google.protobuf import text_format
 from tensorflow.core.protobuf import meta_graph_pb2
+from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow.python.framework import convert_to_constants
 
 from tf_bnfuse import errors
@@ -39,16 +42,41 @@ def _first_line(exc):
 
 
 def check_saved_model_dir(path):
+    """Cheap checks before TensorFlow is asked to load anything."""
     if not os.path.exists(path):
         raise errors.BadInputError("SavedModel folder %s does not exist" % path)
     if not os.path.isdir(path):
         raise errors.BadInputError("%s is not a folder" % path)
     if not any(os.path.isfile(os.path.join(path, f)) for f in ("saved_model.pb", "saved_model.pbtxt")):
         raise errors.BadInputError("%s has no saved_model.pb: it is not a SavedModel" % path)
+    if not os.path.isdir(os.path.join(path, "variables")):
+        raise errors.BadInputError("SavedModel %s has no variables/ folder (an incomplete copy?)" % path)
+
+
+def read_tag_sets(path):
+    """The tag sets of the MetaGraphs in saved_model.pb; BadInputError if it does not parse."""
+    pb_path = os.path.join(path, "saved_model.pb")
+    proto = saved_model_pb2.SavedModel()
+    try:
+        if os.path.isfile(pb_path):
+            with open(pb_path, "rb") as f:
+                proto.ParseFromString(f.read())
+        else:
+            with open(os.path.join(path, "saved_model.pbtxt")) as f:
+                text_format.Parse(f.read(), proto)
+    except (message.DecodeError, text_format.ParseError, UnicodeDecodeError) as e:
+        raise errors.BadInputError("%s: saved_model.pb is corrupt or truncated (%s)" % (path, _first_line(e)))
+    if not proto.meta_graphs:
+        raise errors.BadInputError("%s: saved_model.pb holds no MetaGraph" % path)
+    return [sorted(m.meta_info_def.tags) for m in proto.meta_graphs]
 
 
 def load(path, tags):
     check_saved_model_dir(path)
+    tag_sets = read_tag_sets(path)
+    if tags and sorted(tags) not in tag_sets:
+        raise errors.BadInputError("SavedModel %s has no MetaGraph with tags %s; available tag sets: %s" % (
+            path, ",".join(tags), "; ".join(",".join(t) or "(none)" for t in tag_sets)))
     try:
         return tf.saved_model.load(path, tags=list(tags) if tags else None)
     except Exception as e:  # TF raises many types here; all mean the same to the user.
