@@ -41,3 +41,12 @@ def tree_digest(path):
 def example_model(tmp_path_factory):
     import build_example_model
     return build_example_model.build(str(tmp_path_factory.mktemp("example") / "model"))
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Modest in CI; `pytest --hypothesis-profile=thorough` for a long run.
+settings.register_profile("ci", max_examples=30, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.register_profile("thorough", max_examples=500, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+settings.load_profile("ci")

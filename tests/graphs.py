@@ -116,3 +116,30 @@ def affine_after_linear(graph_def, outputs=()):
 
 def data_path_op_count(graph_def):
     return sum(1 for n in graph_def.node if n.op not in ("Const", "Identity", "NoOp", "Placeholder"))
+
+
+def batch_norm_after_linear(graph_def):
+    """Inference FusedBatchNorm nodes that a linear op feeds through a lone-consumer
+    chain of Identity and bias ops (written independently of the passes)."""
+    nodes = {n.name: n for n in graph_def.node}
+    consumers = {}
+    for n in graph_def.node:
+        for i in n.input:
+            if not i.startswith("^"):
+                consumers.setdefault(i.rsplit(":", 1)[0] if i.rsplit(":", 1)[-1].isdigit() else i, []).append(n)
+    found = []
+    for node in graph_def.node:
+        if node.op not in LINEAR_OPS:
+            continue
+        current = node
+        while len(consumers.get(current.name, [])) == 1:
+            nxt = consumers[current.name][0]
+            if nxt.op.startswith("FusedBatchNorm"):
+                if "is_training" in nxt.attr and not nxt.attr["is_training"].b:
+                    found.append(nxt.name)
+                break
+            if nxt.op not in ("Identity", "BiasAdd", "Add", "AddV2"):
+                break
+            current = nxt
+    del nodes
+    return found

@@ -3,7 +3,9 @@
 The reference is the original SavedModel, loaded and run independently here.
 """
 
+import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -129,19 +131,21 @@ def test_output_inside_the_input_is_refused(example_model):
         fold_saved_model(example_model, os.path.join(example_model, "folded"))
 
 
+def perturb_kernel(graph_def, outputs):
+    """A test-only pass that makes a wrong fold: it scales one conv kernel by 1.01."""
+    from tf_bnfuse import graph as graph_lib
+    from tf_bnfuse import report as report_lib
+    result = graph_lib.copy_graph_def(graph_def)
+    index = graph_lib.GraphIndex(result)
+    conv = next(n for n in result.node if n.op == "Conv2D")
+    kernel = index.const_node(conv.input[1])
+    value = tf.make_ndarray(kernel.attr["value"].tensor) * 1.01
+    kernel.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(value))
+    return result, report_lib.PassReport("perturb_kernel")
+
+
 def test_a_wrong_fold_fails_verification_and_writes_nothing(example_model, tmp_path, monkeypatch):
     """A test-only pass perturbs one kernel: the check must catch it."""
-    def perturb_kernel(graph_def, outputs):
-        from tf_bnfuse import graph as graph_lib
-        from tf_bnfuse import report as report_lib
-        result = graph_lib.copy_graph_def(graph_def)
-        index = graph_lib.GraphIndex(result)
-        conv = next(n for n in result.node if n.op == "Conv2D")
-        kernel = index.const_node(conv.input[1])
-        value = tf.make_ndarray(kernel.attr["value"].tensor) * 1.01
-        kernel.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(value))
-        return result, report_lib.PassReport("perturb_kernel")
-
     monkeypatch.setitem(passes.REGISTRY, "perturb_kernel", perturb_kernel)
     out = str(tmp_path / "out")
     config = {"pipeline": ["fold_batch_norm", "perturb_kernel", "cleanup"]}
@@ -162,3 +166,24 @@ def test_verification_covers_every_gpu(example_model, tmp_path):
     assert set(gpus) <= set(report.verification.devices)
     assert {c.device for c in report.verification.checks} >= set(gpus)
     assert report.verification.ok
+
+
+def test_cli_exits_1_naming_signature_output_and_device_when_verification_fails(
+        example_model, tmp_path, monkeypatch, capsys):
+    from tf_bnfuse import cli
+    monkeypatch.setitem(passes.REGISTRY, "perturb_kernel", perturb_kernel)
+    config = tmp_path / "faulty.json"
+    config.write_text(json.dumps({"pipeline": ["fold_batch_norm", "perturb_kernel", "cleanup"]}))
+    out = tmp_path / "out"
+    cli.FLAGS.unparse_flags()
+    # --verbosity=1 keeps this process's stderr as it is (the CLI otherwise re-points it).
+    cli.FLAGS(["tf_bnfuse", "--saved_model_dir", example_model, "--output_dir", str(out),
+               "--config", str(config), "--verbosity=1"])
+    try:
+        code = cli.main(["tf_bnfuse"])
+    finally:
+        cli.FLAGS.unparse_flags()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert len(err) == 1 and re.search(r"signature \w+ output \w+ on /device:CPU:0: max abs error", err[0])
+    assert not out.exists()

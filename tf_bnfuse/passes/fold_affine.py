@@ -13,7 +13,8 @@ a Squeeze keeps the channel axis (Keras lowers Conv1D to ExpandDims -> Conv2D
 -> Squeeze). Every tensor on the way must have exactly one consumer. The
 chain is composed into one `x * scale + shift`, folded into the kernel, and
 the last affine op becomes BiasAdd(linear op or Squeeze, new bias) under its
-own name.
+own name. (A bias written as Add/AddV2/Sub of a constant alone is rewritten to
+that canonical BiasAdd too.)
 
 Left alone, with the reason in the report: a constant that varies along a
 non-channel axis, `c - x` and `c / x`, a tensor with another consumer, and
@@ -44,7 +45,7 @@ class _Chain:
         self.last_affine = -1  # index in steps of the last affine node
         self.end_channel_first = False  # layout where the last affine node sits
         self.kept = []  # Squeeze nodes that stay in the data path
-        self.has_scaling_or_second_add = False
+        self.affine_ops = []  # op types of the affine nodes passed
         self.stop_reason = None
         self.stop_nodes = []  # nodes the walk could not pass
         self.stopped_by_node = False  # the stop is about the node itself, not about fan-out
@@ -119,8 +120,7 @@ def _walk(index, match, dtype):
                 chain.stop_reason, chain.stop_nodes = str(reason), [node.name]
                 chain.stopped_by_node = True
                 return chain
-            if node.op in SCALING_OPS or chain.last_affine >= 0:
-                chain.has_scaling_or_second_add = True
+            chain.affine_ops.append(node.op)
             chain.affine = fold_math.compose_affine(chain.affine, step)
             chain.steps.append(node)
             chain.last_affine = len(chain.steps) - 1
@@ -193,7 +193,8 @@ def run(graph_def, outputs):
             continue
         # the chain's ops must share the linear op's dtype (a Cast ends it)
         chain = _walk(index, match, graph_lib.node_dtype(node))
-        if chain.last_affine >= 0 and chain.has_scaling_or_second_add:
+        # A lone BiasAdd is already the canonical form; anything else becomes one.
+        if chain.affine_ops and chain.affine_ops != ["BiasAdd"]:
             absorbed = _emit(editor, match, chain)
             end = chain.steps[chain.last_affine]
             folded_nodes.update(n.name for n in chain.steps[:chain.last_affine + 1])

@@ -171,13 +171,13 @@ def emit_fold(editor, match, scale, shift, replaced_node, anchor=None, channel_f
     new_kernel, new_bias = fold_math.fold_affine_into_linear(
         match.kernel, match.bias, scale, shift, match.out_channel_axes)
     dtype = match.dtype
-    kernel_name = editor.add_const(match.kernel_const + suffix, new_kernel, dtype)
     bias_base = (match.bias_const or match.linear.name + "/bias") + suffix
     bias_name = editor.add_const(bias_base, new_bias, dtype)
-
-    linear = editor.node(match.linear.name)
-    data_positions = [i for i, s in enumerate(linear.input) if not s.startswith("^")]
-    linear.input[data_positions[match.spec.kernel_input]] = kernel_name
+    if not np.all(np.asarray(scale) == 1.0):  # a shift alone leaves the kernel as it is
+        kernel_name = editor.add_const(match.kernel_const + suffix, new_kernel, dtype)
+        linear = editor.node(match.linear.name)
+        data_positions = [i for i, s in enumerate(linear.input) if not s.startswith("^")]
+        linear.input[data_positions[match.spec.kernel_input]] = kernel_name
 
     if channel_first is None:
         channel_first = match.channel_first
