@@ -9,6 +9,6 @@ setup(
     package_data={"tf_bnfuse.configs": ["*.json"]},
     python_requires=">=3.9",
     install_requires=["tensorflow>=2.16", "numpy", "absl-py"],
-    extras_require={"test": ["pytest", "tf-keras", "hypothesis"]},
+    extras_require={"test": ["pytest", "tf-keras", "hypothesis"], "bench": ["matplotlib"]},
     entry_points={"console_scripts": ["tf_bnfuse = tf_bnfuse.cli:run"]},
 )

@@ -2,6 +2,7 @@
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.framework import convert_to_constants
 
 import graphs
 
@@ -20,11 +21,16 @@ def data_path_ops(path):
     return [n.op for n in nodes if n.op not in PLUMBING]
 
 
-def output_graph_def(path):
-    """The folded SavedModel's graph (tf_bnfuse writes it flat, without functions)."""
-    graph_def = serving_graph_def(path)
-    assert not graph_def.library.function or all(
-        n.op not in ("Conv2D", "MatMul") for f in graph_def.library.function for n in f.node_def)
+def output_graph_def(path, key="serving_default"):
+    """A folded SavedModel's serving graph, frozen by TensorFlow into one flat GraphDef.
+
+    tf_bnfuse writes weights as variables, so the graph's constants are read
+    back through TensorFlow's own freezing, not through tf_bnfuse's.
+    """
+    loaded = tf.saved_model.load(path)  # kept alive while freezing reads its variables
+    graph_def = convert_to_constants.convert_variables_to_constants_v2(
+        loaded.signatures[key]).graph.as_graph_def()
+    assert all(n.op not in ("Conv2D", "MatMul") for f in graph_def.library.function for n in f.node_def)
     return graph_def
 
 

@@ -5,7 +5,11 @@ computed from the statistics, which constant_folding and fold_affine fold.
 The reference is the original SavedModel, run here.
 """
 
+import os
+
+import numpy as np
 import pytest
+import tensorflow as tf
 
 import conftest
 import keras3_models
@@ -51,3 +55,28 @@ def test_keras3_conv_feeding_batch_norm_and_relu(exported, tmp_path):
     assert affine.folds == []
     [skip] = affine.skips
     assert skip.op == "Mul" and "2 consumers" in skip.reason
+
+
+def _folder_bytes(folder):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
+
+
+def test_keras3_export_signatures_are_folded_once_and_weights_stored_once(exported, tmp_path):
+    """model.export writes "serve" and "serving_default" as one function: freeze and fold it once,
+    and store the folded weights once, in variables/, not as constants in saved_model.pb."""
+    src, _ = exported("resnet50_small")
+    out = str(tmp_path / "out")
+    report = fold_saved_model(src, out)
+    assert sorted(report.signatures) == ["serve", "serving_default"]
+    assert report.signatures["serving_default"].same_as == "serve"
+    assert [p["name"] for p in report.phases if p["name"].startswith("freeze")] == ["freeze serve"]
+    weights = _folder_bytes(os.path.join(src, "variables"))
+    assert _folder_bytes(os.path.join(out, "variables")) < 1.05 * weights
+    assert os.path.getsize(os.path.join(out, "saved_model.pb")) < 0.05 * weights
+    folded = tf.saved_model.load(out)
+    image = np.random.default_rng(3).standard_normal((2, 32, 32, 3)).astype(np.float32)
+    [key] = folded.signatures["serve"].structured_input_signature[1]
+    serve = folded.signatures["serve"](**{key: image})
+    serving_default = folded.signatures["serving_default"](**{key: image})
+    for name in serve:
+        np.testing.assert_array_equal(serve[name].numpy(), serving_default[name].numpy())

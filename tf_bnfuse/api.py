@@ -1,5 +1,6 @@
 """The Python API: fold a GraphDef in memory, or a SavedModel from disk to disk."""
 
+import dataclasses
 import os
 import shutil
 
@@ -12,7 +13,7 @@ from tf_bnfuse import pipeline as pipeline_lib
 from tf_bnfuse import report as report_lib
 from tf_bnfuse import savedmodel
 from tf_bnfuse import verify as verify_lib
-from tf_bnfuse.timing import phase
+from tf_bnfuse import timing
 
 DEFAULT_TAGS = ("serve",)
 
@@ -69,18 +70,34 @@ def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFA
     savedmodel.check_saved_model_dir(saved_model_dir)
     _check_output_dir(saved_model_dir, output_dir, overwrite)
     tags = tuple(tags) if tags else DEFAULT_TAGS
+    timeline = timing.Timeline()
+    phase = timeline.phase
 
     with phase("load"):
         loaded = savedmodel.load(saved_model_dir, tags)
         functions = savedmodel.select_signatures(loaded, signature_keys, saved_model_dir)
-    frozen, folded, reports = {}, {}, {}
+    input_specs, folded, reports = {}, {}, {}
+    first_with = {}  # signature fingerprint -> the first signature key that has it
     for key, function in functions.items():
+        fingerprint = savedmodel.signature_fingerprint(function)
+        if fingerprint in first_with:
+            first = first_with[fingerprint]
+            folded[key] = dataclasses.replace(folded[first], key=key)
+            input_specs[key] = input_specs[first]
+            reports[key] = dataclasses.replace(reports[first], same_as=first)
+            logging.info("signature %s is the same function as %s: folded once", key, first)
+            continue
+        first_with[fingerprint] = key
         with phase("freeze %s" % key):
-            frozen[key] = savedmodel.freeze(key, function)
+            frozen = savedmodel.freeze(key, function)
         with phase("passes %s" % key):
-            graph_def, reports[key] = fold_graph_def(frozen[key].graph_def, frozen[key].output_tensors,
-                                                     config)
-        folded[key] = savedmodel.FrozenSignature(key, graph_def, frozen[key].inputs, frozen[key].outputs)
+            nodes_before = len(frozen.graph_def.node)
+            graph_def, pass_reports = pipeline_lib.run_pipeline(
+                frozen.release_graph_def(), frozen.output_tensors, config["pipeline"], owns_input=True)
+        reports[key] = report_lib.GraphReport(nodes_before, len(graph_def.node), pass_reports)
+        folded[key] = savedmodel.FrozenSignature(key, graph_def, frozen.inputs, frozen.outputs)
+        input_specs[key] = frozen.inputs
+        del frozen, graph_def  # the frozen weights: only the folded ones are needed from here on
 
     parent = os.path.dirname(os.path.realpath(output_dir))
     output_dir_lib.remove_stale_scratch(parent)
@@ -89,13 +106,14 @@ def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFA
         built = os.path.join(scratch, "saved_model")
         with phase("write"):
             savedmodel.write(folded, built, tags)
+        folded = None  # the written model holds the weights now
         verification = None
         if verify:
             with phase("verify"):
                 reloaded = savedmodel.load(built, tags)
                 verification = verify_lib.verify(
                     functions, {k: reloaded.signatures[k] for k in functions},
-                    {k: f.inputs for k, f in frozen.items()}, config.get("verify", {}))
+                    input_specs, config.get("verify", {}))
             if not verification.ok:
                 bad = verification.failures()[0]
                 raise errors.VerificationError(
@@ -109,4 +127,4 @@ def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFA
             output_dir_lib.move_into_place(built, output_dir, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return report_lib.RunReport(saved_model_dir, output_dir, reports, verification)
+    return report_lib.RunReport(saved_model_dir, output_dir, reports, verification, timeline.to_list())

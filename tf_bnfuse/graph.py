@@ -42,6 +42,9 @@ def copy_graph_def(graph_def):
     return new
 
 
+CONST_CACHE_MAX_BYTES = 1 << 16
+
+
 class GraphIndex:
     """Read-only view of a GraphDef: nodes by name and consumers by tensor.
 
@@ -127,20 +130,45 @@ class GraphIndex:
         node = self.const_node(input_str)
         if node is None:
             return None
-        if node.name not in self._const_cache:
-            self._const_cache[node.name] = tf.make_ndarray(node.attr["value"].tensor)
-        return self._const_cache[node.name]
+        cached = self._const_cache.get(node.name)
+        if cached is not None:
+            return cached
+        value = tf.make_ndarray(node.attr["value"].tensor)
+        # Small values (batch norm parameters, biases) are read many times;
+        # a kernel is read once per fold and caching it would hold a second
+        # copy of every weight until the pass ends.
+        if value.nbytes <= CONST_CACHE_MAX_BYTES:
+            self._const_cache[node.name] = value
+        return value
 
 
 class GraphEditor:
-    """Collects edits to a copy of a GraphDef: new nodes with unique names."""
+    """Collects edits to a copy of a GraphDef: new nodes with unique names.
+
+    The copy is made at the first edit, so a pass that changes nothing costs
+    no copy of the weights; the GraphDef given is never modified.
+    """
 
     def __init__(self, graph_def):
-        self.graph_def = copy_graph_def(graph_def)
-        self._names = {node.name for node in self.graph_def.node}
-        self._by_name = {node.name: node for node in self.graph_def.node}
+        self._source = graph_def
+        self._copy = None
+        self._by_name = None
+        self._names = {node.name for node in graph_def.node}
+
+    @property
+    def graph_def(self):
+        """The edited copy, or the original GraphDef itself when nothing was edited."""
+        return self._source if self._copy is None else self._copy
+
+    def _edited(self):
+        if self._copy is None:
+            self._copy = copy_graph_def(self._source)
+            self._by_name = {node.name: node for node in self._copy.node}
+        return self._copy
 
     def node(self, name):
+        """The node `name` of the copy, for editing."""
+        self._edited()
         return self._by_name[name]
 
     def unique_name(self, base):
@@ -154,7 +182,7 @@ class GraphEditor:
     def add_const(self, base_name, value, dtype):
         """Adds a Const of `value` cast to the TF dtype `dtype`; returns its name."""
         dtype = tf.as_dtype(dtype)
-        node = self.graph_def.node.add()
+        node = self._edited().node.add()
         node.name = self.unique_name(base_name)
         node.op = "Const"
         node.attr["dtype"].type = dtype.as_datatype_enum
@@ -165,7 +193,7 @@ class GraphEditor:
 
     def replace_node(self, name, op, inputs, attrs):
         """Turns node `name` into a new op in place, keeping its name (and so its consumers)."""
-        node = self._by_name[name]
+        node = self.node(name)
         control_inputs = [i for i in node.input if i.startswith("^")]
         new = node_def_pb2.NodeDef(name=name, op=op, device=node.device)
         new.input.extend(list(inputs) + control_inputs)
@@ -207,12 +235,18 @@ def constant_only_nodes(graph_def):
         stack, on_stack = [name], {name}
         while stack:
             current = stack[-1]
+            if current in result:  # reached twice before its first visit finished
+                stack.pop()
+                on_stack.discard(current)
+                continue
             node = nodes.get(current)
             if node is None or not (node.op == "Const" or node.op in IDENTITY_OPS or node.op == "NoOp"):
                 result[current] = False
             else:
                 # A cycle back onto the stack counts as not constant-only.
-                pending = {parse_input(i)[0] for i in node.input} - result.keys() - on_stack
+                # (Not `set - result.keys()`: that walks all of result each time.)
+                pending = {s for s in (parse_input(i)[0] for i in node.input)
+                           if s not in result and s not in on_stack}
                 if pending:
                     stack.extend(pending)
                     on_stack |= pending
@@ -225,8 +259,11 @@ def constant_only_nodes(graph_def):
     return {node.name for node in graph_def.node if qualifies(node.name)}
 
 
-def live_nodes(graph_def, outputs, keep_ops=("Placeholder",)):
-    """Names of the nodes an output reads through data or control edges (and keep_ops nodes)."""
+def live_nodes(graph_def, outputs, keep_ops=("Placeholder",), ignored_control_inputs=frozenset()):
+    """Names of the nodes an output reads through data or control edges (and keep_ops nodes).
+
+    Control edges from nodes in ignored_control_inputs are not followed.
+    """
     nodes = {node.name: node for node in graph_def.node}
     stack = [canonical_tensor(t)[0] for t in outputs]
     stack += [node.name for node in graph_def.node if node.op in keep_ops]
@@ -236,7 +273,10 @@ def live_nodes(graph_def, outputs, keep_ops=("Placeholder",)):
         if name in needed or name not in nodes:
             continue
         needed.add(name)
-        stack.extend(parse_input(i)[0] for i in nodes[name].input)
+        for input_str in nodes[name].input:
+            source, _, is_control = parse_input(input_str)
+            if not (is_control and source in ignored_control_inputs):
+                stack.append(source)
     return needed
 
 
@@ -248,21 +288,18 @@ def cleanup(graph_def, outputs, keep_ops=("Placeholder",)):
     on variable reads, which are Identity-of-Const after freezing and would
     otherwise keep every replaced weight alive.) Then a node stays when an
     output reads it through data or control edges. Placeholders always stay:
-    they are signature inputs even when folding leaves one unused.
+    they are signature inputs even when folding leaves one unused. Only the
+    nodes that stay are copied, so the dead weights are never copied.
     """
     constant_only = constant_only_nodes(graph_def)
+    needed = live_nodes(graph_def, outputs, keep_ops, ignored_control_inputs=constant_only)
     result = graph_pb2.GraphDef()
     result.versions.CopyFrom(graph_def.versions)
     result.library.CopyFrom(graph_def.library)
-    result.node.extend(graph_def.node)
+    result.node.extend(node for node in graph_def.node if node.name in needed)
     for node in result.node:
         kept = [i for i in node.input if not (i.startswith("^") and i[1:] in constant_only)]
         if len(kept) != len(node.input):
             del node.input[:]
             node.input.extend(kept)
-
-    needed = live_nodes(result, outputs, keep_ops)
-    kept_nodes = [node for node in result.node if node.name in needed]
-    del result.node[:]
-    result.node.extend(kept_nodes)
     return result

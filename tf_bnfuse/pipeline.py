@@ -37,10 +37,17 @@ def default_outputs(graph_def):
             and not index.control_consumers(node.name)]
 
 
-def run_pipeline(graph_def, outputs, pipeline):
-    """Returns (new graph_def, [PassReport]) after every pass in `pipeline`."""
+def run_pipeline(graph_def, outputs, pipeline, owns_input=False):
+    """Returns (new graph_def, [PassReport]) after every pass in `pipeline`.
+
+    A pass never modifies the GraphDef it is given, and returns that same
+    object when it changes nothing. owns_input=True says the caller gives
+    graph_def away, so it may come back as the result uncopied.
+    """
     reports = []
     current = graph_def
+    if owns_input:
+        graph_def = None  # so the input is freed as soon as a pass has replaced it
     for name, options in pass_entries(pipeline):
         started = time.perf_counter()
         current, report = passes_lib.REGISTRY[name](current, outputs, **options)
@@ -48,6 +55,6 @@ def run_pipeline(graph_def, outputs, pipeline):
                      report.nodes_before, report.nodes_after, len(report.folds),
                      len(report.skips), time.perf_counter() - started)
         reports.append(report)
-    if current is graph_def:  # an empty pipeline still returns a new GraphDef
+    if current is graph_def:  # the result is never the caller's argument itself
         current = graph_lib.copy_graph_def(graph_def)
     return current, reports

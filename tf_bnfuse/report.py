@@ -41,6 +41,8 @@ class GraphReport:
     nodes_before: int
     nodes_after: int
     passes: List[PassReport] = dataclasses.field(default_factory=list)
+    # Another signature with the very same function: this one was folded with it, once.
+    same_as: Optional[str] = None
 
     @property
     def folds(self):
@@ -61,6 +63,7 @@ class RunReport:
     output_dir: str
     signatures: dict  # key -> GraphReport
     verification: object = None  # verify.VerificationReport, or None when skipped
+    phases: list = dataclasses.field(default_factory=list)  # timing.PhaseRecord dicts, in order
 
     def to_dict(self):
         return {
@@ -68,4 +71,5 @@ class RunReport:
             "output_dir": self.output_dir,
             "signatures": {k: v.to_dict() for k, v in self.signatures.items()},
             "verification": self.verification.to_dict() if self.verification else None,
+            "phases": self.phases,
         }

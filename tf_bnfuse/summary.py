@@ -4,6 +4,10 @@
 def format_run(report):
     lines = ["tf_bnfuse: %s -> %s" % (report.saved_model_dir, report.output_dir)]
     for key, graph in report.signatures.items():
+        if graph.same_as:
+            lines.append("signature %s: the same function as %s, folded with it: %d -> %d nodes" % (
+                key, graph.same_as, graph.nodes_before, graph.nodes_after))
+            continue
         lines.append("signature %s: %d -> %d nodes, %d folded, %d left alone" % (
             key, graph.nodes_before, graph.nodes_after, len(graph.folds), len(graph.skips)))
         for pass_report in graph.passes:

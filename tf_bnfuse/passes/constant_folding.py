@@ -54,7 +54,8 @@ def _evaluable(graph_def):
                 result[name] = False
             else:
                 sources = {graph_lib.parse_input(i)[0] for i in node.input}
-                pending = sources - result.keys() - on_stack
+                # (Not `sources - result.keys()`: that walks all of result each time.)
+                pending = {s for s in sources if s not in result and s not in on_stack}
                 if pending:
                     stack.extend(pending)
                     on_stack |= pending
@@ -81,13 +82,31 @@ def _cone_const_bytes(index, name):
     return total
 
 
-def _evaluate(graph_def, evaluable, tensors):
-    """Runs the constant subgraph; returns {tensor name: (value, tf.DType)}, failures left out."""
+def _cone(index, tensors):
+    """Names of the nodes the given tensors are computed from (control inputs included)."""
+    seen = set()
+    stack = [graph_lib.parse_input(t)[0] for t in tensors]
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        stack.extend(graph_lib.parse_input(i)[0] for i in index.node(name).input)
+    return seen
+
+
+def _evaluate(graph_def, index, tensors):
+    """Runs the constant subgraph; returns {tensor name: (value, tf.DType)}, failures left out.
+
+    Only the cone of `tensors` is copied into the session's graph: the other
+    constants (the weights, mostly) would cost time and memory for nothing.
+    """
+    cone = _cone(index, tensors)
     sub = tf.compat.v1.GraphDef()
     sub.versions.CopyFrom(graph_def.versions)
     sub.library.CopyFrom(graph_def.library)
     for node in graph_def.node:
-        if node.name in evaluable:
+        if node.name in cone:
             copy = sub.node.add()
             copy.CopyFrom(node)
             copy.device = ""
@@ -133,7 +152,7 @@ def run(graph_def, outputs, always_fold_bytes=4096):
     materialized = 0
     if frontier:
         tensors = ["%s:%d" % (name, p) for name, ports in frontier for p in ports]
-        values = _evaluate(graph_def, evaluable, tensors)
+        values = _evaluate(graph_def, index, tensors)
         for name, ports in frontier:
             node = index.node(name)
             port_values = {p: values.get("%s:%d" % (name, p)) for p in ports}

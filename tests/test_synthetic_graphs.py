@@ -1,0 +1,29 @@
+"""The benchmark's synthetic graphs: every block folds and the folded graph computes the same.
+
+The benchmark times the passes on these graphs up to 100k nodes; its figures
+only mean something if every batch norm in them really folds.
+"""
+
+import os
+import sys
+
+import numpy as np
+
+import graphs
+from tf_bnfuse import fold_graph_def
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+import synthetic_graphs  # noqa: E402
+
+
+def test_every_block_of_a_synthetic_chain_folds_and_outputs_match():
+    graph_def, outputs, blocks = synthetic_graphs.chain_graph(300)
+    assert blocks >= 20 and len(graph_def.node) >= 300
+    folded, report = fold_graph_def(graph_def, outputs)
+    assert len(report.folds) == blocks
+    assert not [n for n in folded.node if n.op.startswith("FusedBatchNorm") or n.op in ("Mul", "Rsqrt")]
+    feeds = {"input": graphs.random((1, 8, 8, synthetic_graphs.CHANNELS))}
+    expected, = graphs.run(graph_def, feeds, outputs)
+    actual, = graphs.run(folded, feeds, outputs)
+    scale = np.abs(expected).max()
+    assert np.abs(actual - expected).max() <= 1e-4 * scale
