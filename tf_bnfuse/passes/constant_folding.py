@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework import op_def_registry
 
+from tf_bnfuse import const_eval
 from tf_bnfuse import graph as graph_lib
 from tf_bnfuse import report as report_lib
 
@@ -152,7 +153,14 @@ def run(graph_def, outputs, always_fold_bytes=4096):
     materialized = 0
     if frontier:
         tensors = ["%s:%d" % (name, p) for name, ports in frontier for p in ports]
-        values = _evaluate(graph_def, index, tensors)
+        values = {}
+        for tensor in tensors:
+            value = const_eval.evaluate(index, tensor)
+            if value is not None:
+                values[tensor] = (value, tf.as_dtype(value.dtype))
+        rest = [t for t in tensors if t not in values]
+        if rest:
+            values.update(_evaluate(graph_def, index, rest))
         for name, ports in frontier:
             node = index.node(name)
             port_values = {p: values.get("%s:%d" % (name, p)) for p in ports}
