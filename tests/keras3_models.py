@@ -19,6 +19,12 @@ def conv_bn():
     return _sequential((12, 12, 3), L.Conv2D(8, 3, padding="same"), L.BatchNormalization(), L.ReLU())
 
 
+def conv_bn_swish():
+    """Keras 3's swish is a tf.custom_gradient: its frozen ops carry a gradient type to save."""
+    return _sequential((12, 12, 3), L.Conv2D(8, 3, padding="same"), L.BatchNormalization(),
+                       L.Activation("swish"))
+
+
 def depthwise_bn():
     return _sequential((12, 12, 4), L.DepthwiseConv2D(3, depth_multiplier=2, padding="same"),
                        L.BatchNormalization(), L.ReLU(6.0))
@@ -61,7 +67,7 @@ def resnet50_small():
                                        classifier_activation=None)
 
 
-MODELS = {f.__name__: f for f in (conv_bn, depthwise_bn, separable_bn, conv_transpose_bn, conv1d_bn, dense_bn,
+MODELS = {f.__name__: f for f in (conv_bn, conv_bn_swish, depthwise_bn, separable_bn, conv_transpose_bn, conv1d_bn, dense_bn,
                                   conv3d_bn, branch_bn, mobilenet_v2_small, resnet50_small)}
 
 

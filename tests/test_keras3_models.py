@@ -46,6 +46,19 @@ def test_keras3_model_folds_every_batch_norm(exported, name, tmp_path):
     assert len(data_path_ops(out)) < len(data_path_ops(src))
 
 
+def test_keras3_swish_after_batch_norm_is_written_and_folded(exported, tmp_path):
+    """swish is a tf.custom_gradient in Keras 3; the written model must still save and load."""
+    src, batch_norms = exported("conv_bn_swish")
+    out = str(tmp_path / "out")
+    report = fold_saved_model(src, out)
+    compare_outputs(src, out)
+    graph = report.signatures["serving_default"]
+    assert len(graph.folds) == batch_norms == 1
+    # Left alone: swish's own beta * x, which reads the folded output among its 3 consumers.
+    assert [(s.op, "consumers" in s.reason) for s in graph.skips] == [("Mul", True)]
+    assert "Rsqrt" not in data_path_ops(out) and "Rsqrt" in data_path_ops(src)
+
+
 def test_keras3_conv_feeding_batch_norm_and_relu(exported, tmp_path):
     src, _ = exported("branch_bn")
     out = str(tmp_path / "out")

@@ -275,9 +275,13 @@ def write(signatures, path, tags):
             split[id(sig.graph_def)] = _split_weights(sig.graph_def, variables)
         functions[key] = _signature_function(sig, *split[id(sig.graph_def)])
     module.weights = list(variables.values())  # tracked, so they are saved
+    # The folded model is for inference: the gradient functions of ops made
+    # with tf.custom_gradient (Keras 3's swish) are not saved, and could not
+    # be, since the import cut them from the captures they were traced with.
+    options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
     try:
-        tf.saved_model.save(module, path, signatures=functions)
+        tf.saved_model.save(module, path, signatures=functions, options=options)
     except (ValueError, TypeError) as e:
-        raise errors.BadInputError("cannot write SavedModel: %s" % _first_line(e))
+        raise errors.BnFuseError("cannot write the folded SavedModel: %s" % _first_line(e))
     if sorted(tags) != ["serve"]:
         _set_tags(path, tags)
