@@ -9,6 +9,8 @@ TensorFlow and its peak RSS (from wait4) is the whole process's, for
 tf_bnfuse (the CLI, verification on CPU included) and the TFLite converter
 alike. Phases come from the CLI's --report_json. Figures go to
 build/bench/results.json and, when matplotlib is installed, a PNG plot.
+Models are built once into build/bench/models (weights=None, random batch
+norm statistics) and reused.
 """
 
 import argparse
@@ -170,7 +172,12 @@ def plot(results, path):
         return
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     scaling = results["pass_scaling"]
-    left.plot([s["nodes"] for s in scaling], [s["seconds"] for s in scaling], "o-")
+    nodes = [s["nodes"] for s in scaling]
+    left.plot(nodes, [s["seconds"] for s in scaling], "o-", label="measured")
+    # A line through the largest graph with slope 1: what linear time would look like.
+    per_node = scaling[-1]["seconds"] / nodes[-1]
+    left.plot(nodes, [n * per_node for n in nodes], "--", color="grey", label="linear through the largest")
+    left.legend(fontsize=8)
     left.set_xscale("log")
     left.set_yscale("log")
     left.set_xlabel("graph nodes")
@@ -178,7 +185,7 @@ def plot(results, path):
     left.set_title("Default pipeline on synthetic conv+BN chains")
     left.grid(True, which="both", alpha=0.3)
     models = results["models"]
-    names = [m["model"].replace("_", "\n", 1) for m in models]
+    names = [m["model"].replace("tf_keras_", "tf-keras\n").replace("keras3_", "Keras 3\n") for m in models]
     width = 0.2
     for i, (batch, kind) in enumerate([("1", "original_ms"), ("1", "folded_ms"), ("8", "original_ms"),
                                        ("8", "folded_ms")]):
@@ -190,7 +197,8 @@ def plot(results, path):
     right.set_xticklabels(names, fontsize=8)
     right.set_ylabel("latency / original latency (median)")
     right.set_title("Inference latency, original vs folded (CPU)")
-    right.legend(fontsize=7)
+    right.set_ylim(0, 1.25)
+    right.legend(fontsize=7, ncol=2, loc="upper center")
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -204,9 +212,17 @@ def main():
     parser.add_argument("--flavours", nargs="+", default=FLAVOURS, choices=FLAVOURS)
     parser.add_argument("--work_dir", default=os.path.join(ROOT, "build", "bench"))
     parser.add_argument("--rounds", type=int, default=30, help="interleaved latency runs per batch size")
-    parser.add_argument("--plot", default=os.path.join(ROOT, "build", "bench", "benchmark.png"))
+    parser.add_argument("--replot", action="store_true", help="only redraw the plot from results.json")
+    parser.add_argument("--plot", default=None,
+                        help="where the PNG goes (default docs/benchmark.png, which the README shows; "
+                             "build/bench/benchmark_quick.png with --quick)")
     args = parser.parse_args()
 
+    default_plot = ("build/bench/benchmark_quick.png" if args.quick else "docs/benchmark.png")
+    if args.replot:
+        with open(os.path.join(args.work_dir, "results.json")) as f:
+            plot(json.load(f), args.plot or os.path.join(ROOT, default_plot))
+        return
     models = args.models or (["MobileNetV2"] if args.quick else MODELS)
     flavours = args.flavours if not args.quick else ["keras3"]
     input_size = 96 if args.quick else 224
@@ -240,7 +256,7 @@ def main():
     print(markdown(results))
     print()
     print("figures written to", os.path.join(args.work_dir, "results.json"))
-    plot(results, args.plot)
+    plot(results, args.plot or os.path.join(ROOT, default_plot))
 
 
 if __name__ == "__main__":
