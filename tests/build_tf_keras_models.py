@@ -48,6 +48,15 @@ def conv_transpose_bn():
     return _sequential((6, 6, 4), L.Conv2DTranspose(5, 3, strides=2, padding="same"), L.BatchNormalization())
 
 
+def dilated_conv_bn():
+    """A dilated conv is lowered to SpaceToBatchND -> Conv2D -> BatchToSpaceND."""
+    return _sequential((16, 16, 3), L.Conv2D(8, 3, dilation_rate=2, padding="same"), L.BatchNormalization())
+
+
+def dilated_depthwise_bn():
+    return _sequential((16, 16, 4), L.DepthwiseConv2D(3, dilation_rate=2), L.BatchNormalization())
+
+
 def conv3d_bn():
     return _sequential((4, 6, 6, 2), L.Conv3D(4, 3, padding="same"), L.BatchNormalization())
 
@@ -88,7 +97,7 @@ def mobilenet_v2():
                                           classifier_activation=None)
 
 
-MODELS = {f.__name__: f for f in (conv_bn, conv_no_bias_bn, depthwise_bn, separable_bn, conv_transpose_bn,
+MODELS = {f.__name__: f for f in (conv_bn, conv_no_bias_bn, dilated_conv_bn, dilated_depthwise_bn, depthwise_bn, separable_bn, conv_transpose_bn,
                                   conv3d_bn, channels_first_bn, conv1d_bn, dense_bn, branch_bn, mobilenet_v2_small, resnet50,
                                   mobilenet_v2)}
 

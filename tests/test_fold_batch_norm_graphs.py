@@ -348,3 +348,29 @@ def test_pass_module_interface_runs_alone():
     new_graph_def, pass_report = fold_batch_norm.run(graph_def, ["out"])
     assert pass_report.pass_name == "fold_batch_norm" and len(pass_report.folds) == 1
     assert graphs.batch_norm_nodes(graph_def) == ["bn"]
+
+
+@pytest.mark.parametrize("second_consumer", [False, True])
+def test_dilated_conv_folds_through_batch_to_space(second_consumer):
+    """SpaceToBatchND -> Conv2D -> BatchToSpaceND -> BiasAdd -> FusedBatchNormV3 (tf.nn.atrous_conv2d)."""
+    def build():
+        x = placeholder([None, 12, 12, 3])
+        y = tf.nn.atrous_conv2d(x, graphs.const(graphs.random((3, 3, 3, 5)), "w"), rate=2, padding="SAME")
+        y = tf.nn.bias_add(y, graphs.const(graphs.random((5,)), "b"))
+        bn = graphs.fused_batch_norm(y, 5, "bn")[0]
+        outputs = [tf.identity(bn, name="out").op.name]
+        if second_consumer:
+            outputs.append(tf.identity(tf.nn.relu(y), name="side").op.name)
+        return outputs
+
+    graph_def, outputs = graphs.build(build)
+    assert {"SpaceToBatchND", "BatchToSpaceND"} <= {n.op for n in graph_def.node}
+    folded, report = fold_and_compare(graph_def, {"x": graphs.random((2, 12, 12, 3))}, outputs)
+    if second_consumer:
+        assert report.folds == [] and "2 consumers" in report.skips[0].reason
+        return
+    [fold] = report.folds
+    assert fold.linear_op == "Conv2D" and not graphs.batch_norm_nodes(folded)
+    nodes = {n.name: n for n in folded.node}
+    # The new bias reads the BatchToSpaceND, which reads the conv with its new kernel.
+    assert nodes[nodes["bn"].input[0]].op == "BatchToSpaceND"

@@ -29,7 +29,7 @@ def exported(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("name", ["conv_bn", "depthwise_bn", "separable_bn", "conv_transpose_bn", "conv1d_bn",
+@pytest.mark.parametrize("name", ["conv_bn", "dilated_conv_bn", "dilated_depthwise_bn", "depthwise_bn", "separable_bn", "conv_transpose_bn", "conv1d_bn",
                                   "dense_bn", "conv3d_bn", "mobilenet_v2_small", "resnet50_small"])
 def test_keras3_model_folds_every_batch_norm(exported, name, tmp_path):
     src, batch_norms = exported(name)
@@ -44,6 +44,9 @@ def test_keras3_model_folds_every_batch_norm(exported, name, tmp_path):
     assert affine.skips == []
     assert batch_norm_like_left(out) == []
     assert len(data_path_ops(out)) < len(data_path_ops(src))
+    if name.startswith("dilated"):  # the fold went through the BatchToSpaceND, which stays
+        assert "BatchToSpaceND" in data_path_ops(out)
+        assert not {"Mul", "AddV2", "Rsqrt"} & set(data_path_ops(out))
 
 
 def test_keras3_swish_after_batch_norm_is_written_and_folded(exported, tmp_path):

@@ -16,7 +16,7 @@ from savedmodel_checks import batch_norm_like_left, compare_outputs, data_path_o
 from tf_bnfuse import fold_saved_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SMALL = ["conv_bn", "conv_no_bias_bn", "depthwise_bn", "separable_bn", "conv_transpose_bn", "conv3d_bn",
+SMALL = ["conv_bn", "conv_no_bias_bn", "dilated_conv_bn", "dilated_depthwise_bn", "depthwise_bn", "separable_bn", "conv_transpose_bn", "conv3d_bn",
          "channels_first_bn", "conv1d_bn", "dense_bn", "branch_bn", "mobilenet_v2_small"]
 LARGE = ["resnet50", "mobilenet_v2"]
 WITHOUT_BIAS = {"conv_no_bias_bn", "mobilenet_v2_small"}  # their convs have use_bias=False
@@ -45,6 +45,9 @@ def test_small_tf_keras_model(tf_keras_models, name, tmp_path):
         return
     assert batch_norm_like_left(out) == [] and graph.skips == []
     assert len(graph.folds) >= 1
+    if name.startswith("dilated"):  # the fold went through the BatchToSpaceND, which stays
+        assert "BatchToSpaceND" in data_path_ops(out)
+        assert not {"FusedBatchNormV3", "Mul", "AddV2", "Rsqrt"} & set(data_path_ops(out))
     # A batch norm becomes a BiasAdd; with a bias before it, two ops become one.
     ops_before, ops_after = len(data_path_ops(src)), len(data_path_ops(out))
     if name in WITHOUT_BIAS:

@@ -5,12 +5,14 @@ inputs): after constant_folding, `AddV2(Mul(BiasAdd(conv, b), scale), offset)`.
 
 Pattern (followed along input edges, downward from each linear op):
 
-    linear op -> (Identity | Squeeze | affine op)* -> ...
+    linear op -> (Identity | Squeeze | BatchToSpaceND | affine op)* -> ...
 
 where an affine op is Mul, RealDiv, Add, AddV2, Sub or BiasAdd with one
 constant operand that is a scalar or varies only along the channel axis, and
 a Squeeze keeps the channel axis (Keras lowers Conv1D to ExpandDims -> Conv2D
--> Squeeze). Every tensor on the way must have exactly one consumer. The
+-> Squeeze), and a BatchToSpaceND on channel-last data is passed (a dilated
+convolution is SpaceToBatchND -> conv -> BatchToSpaceND). Every tensor on
+the way must have exactly one consumer. The
 chain is composed into one `x * scale + shift`, folded into the kernel, and
 the last affine op becomes BiasAdd(linear op or Squeeze, new bias) under its
 own name. (A bias written as Add/AddV2/Sub of a constant alone is rewritten to
@@ -44,7 +46,7 @@ class _Chain:
         self.steps = []  # nodes passed, in order
         self.last_affine = -1  # index in steps of the last affine node
         self.end_channel_first = False  # layout where the last affine node sits
-        self.kept = []  # Squeeze nodes that stay in the data path
+        self.kept = []  # Squeeze and BatchToSpaceND nodes that stay in the data path
         self.affine_ops = []  # op types of the affine nodes passed
         self.stop_reason = None
         self.stop_nodes = []  # nodes the walk could not pass
@@ -113,6 +115,10 @@ def _walk(index, match, dtype):
         elif node.op == "Squeeze" and graph_lib.node_dtype(node) == dtype and _squeeze_keeps_channel(node, chain):
             chain.steps.append(node)
             chain.kept.append(node)
+        elif (node.op in linear_ops.CHANNEL_PRESERVING_OPS and graph_lib.node_dtype(node) == dtype
+              and chain.channel == chain.rank - 1):
+            chain.steps.append(node)
+            chain.kept.append(node)
         elif node.op in AFFINE_OPS and graph_lib.node_dtype(node) == dtype:
             try:
                 step = _affine_step(index, node, chain, channels)
@@ -164,7 +170,7 @@ def _why_not_folded(index, node, explained):
             return "its input has no producer in the graph"
         if producer.name in explained:
             return explained[producer.name]
-        if producer.op in AFFINE_OPS or producer.op == "Squeeze":
+        if producer.op in AFFINE_OPS or producer.op == "Squeeze" or producer.op in linear_ops.CHANNEL_PRESERVING_OPS:
             current = producer
             continue
         return "input comes from %s (%s), not from a supported linear op" % (producer.name, producer.op)

@@ -32,6 +32,11 @@ LINEAR_OPS = {
 }
 
 BIAS_OPS = frozenset({"BiasAdd", "Add", "AddV2"})
+# A dilated convolution is lowered to SpaceToBatchND -> conv -> BatchToSpaceND.
+# BatchToSpaceND only moves and crops spatial positions of channel-last data,
+# so a per-channel affine map commutes with it: the fold scales the kernel and
+# the new bias goes after the BatchToSpaceND, which stays.
+CHANNEL_PRESERVING_OPS = frozenset({"BatchToSpaceND"})
 
 
 def channel_axis(node, rank):
@@ -53,6 +58,9 @@ class LinearMatch:
     bias: Optional[np.ndarray]  # per-channel float64 vector, or None
     bias_const: Optional[str]
     absorbed: List[str]  # bias and Identity nodes the fold makes dead
+    # A channel-preserving op (BatchToSpaceND) between the linear op and the
+    # bias: it stays, and the new bias reads it instead of the linear op.
+    anchor: Optional[str] = None
 
     @property
     def channel_first(self):
@@ -93,13 +101,15 @@ def _bias_operand(index, node):
 def match_linear_chain(index, input_str):
     """Walks up from `input_str` to the linear op that produces it.
 
-    Accepts Identity nodes and at most one bias (BiasAdd, or Add/AddV2 with a
-    per-channel constant) on the way. Every tensor on the way, including the
+    Accepts Identity nodes, at most one bias (BiasAdd, or Add/AddV2 with a
+    per-channel constant) and at most one BatchToSpaceND on channel-last data
+    (a dilated convolution) on the way. Every tensor on the way, including the
     linear op's output, must have exactly one consumer. Raises NoMatch with a
     reason when the chain does not qualify.
     """
     absorbed = []
     bias_found = None  # (node, const input, value)
+    anchor = None
     node, port = index.producer(input_str)
     while True:
         if node is None:
@@ -107,13 +117,17 @@ def match_linear_chain(index, input_str):
         data_inputs = [i for i in node.input if not i.startswith("^")]
         is_identity = node.op in ("Identity", "Snapshot") or (node.op == "IdentityN" and len(data_inputs) == 1)
         is_bias = node.op in BIAS_OPS and bias_found is None
-        if not (is_identity or is_bias or node.op in LINEAR_OPS):
+        is_kept = node.op in CHANNEL_PRESERVING_OPS and anchor is None
+        if not (is_identity or is_bias or is_kept or node.op in LINEAR_OPS):
             raise NoMatch("input comes from %s (%s), not from a supported linear op" % (node.name, node.op))
         _single_use(index, node, port)
         if node.op in LINEAR_OPS:
             break
         if is_identity:
             absorbed.append(node.name)
+            node, port = index.producer(data_inputs[0])
+        elif is_kept:
+            anchor = node.name
             node, port = index.producer(data_inputs[0])
         else:
             data_input, const_input, value = _bias_operand(index, node)
@@ -122,6 +136,8 @@ def match_linear_chain(index, input_str):
             node, port = index.producer(data_input)
 
     match = linear_kernel(index, node)
+    if anchor is not None and match.channel_axis != -1:
+        raise NoMatch("%s reads %s, whose channels are not last" % (anchor, node.name))
     if bias_found is not None:
         bias_node, const_input, value = bias_found
         if bias_node.op == "BiasAdd":
@@ -137,6 +153,7 @@ def match_linear_chain(index, input_str):
         match.bias = bias
         match.bias_const = index.const_node(const_input).name
     match.absorbed = absorbed
+    match.anchor = anchor
     return match
 
 
@@ -181,7 +198,8 @@ def emit_fold(editor, match, scale, shift, replaced_node, anchor=None, channel_f
 
     if channel_first is None:
         channel_first = match.channel_first
-    editor.replace_node(replaced_node, "BiasAdd", [anchor or match.linear.name, bias_name], {
+    anchor = anchor or match.anchor or match.linear.name
+    editor.replace_node(replaced_node, "BiasAdd", [anchor, bias_name], {
         "T": graph_lib.type_attr(dtype),
         "data_format": graph_lib.string_attr("NCHW" if channel_first else "NHWC"),
     })
