@@ -14,6 +14,7 @@ from tf_bnfuse import report as report_lib
 from tf_bnfuse import savedmodel
 from tf_bnfuse import verify as verify_lib
 from tf_bnfuse import timing
+from tf_bnfuse import tflite as tflite_lib
 
 DEFAULT_TAGS = ("serve",)
 
@@ -57,18 +58,38 @@ def _check_output_dir(saved_model_dir, output_dir, overwrite):
         raise errors.BadInputError("parent folder of %s does not exist" % output_dir)
 
 
+def _check_tflite_output(path, saved_model_dir, output_dir, overwrite):
+    target = os.path.realpath(path)
+    for folder in (saved_model_dir, output_dir):
+        folder = os.path.realpath(folder)
+        if target == folder or target.startswith(folder + os.sep):
+            raise errors.BadInputError("--tflite_output %s is inside %s" % (path, folder))
+    if os.path.isdir(path):
+        raise errors.BadInputError("--tflite_output %s is a folder" % path)
+    if os.path.exists(path) and not overwrite:
+        raise errors.BadInputError("--tflite_output %s exists; pass --overwrite to replace it" % path)
+    if not os.path.isdir(os.path.dirname(target)):
+        raise errors.BadInputError("parent folder of %s does not exist" % path)
+
+
 def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFAULT_TAGS,
-                     config=None, overwrite=False, verify=True):
+                     config=None, overwrite=False, verify=True, tflite_output=None):
     """Folds every (or each named) signature of a SavedModel into a new SavedModel.
 
     The output is built in a temporary folder beside output_dir, verified
     there, and renamed into place only when it passed: on any error nothing is
     left at output_dir (an existing one stays as it was). Returns a RunReport.
     Raises BadInputError (exit code 2) or VerificationError (exit code 1).
+
+    tflite_output: also convert the folded model with the TFLite converter to
+    this file, after checking the .tflite model's outputs against the original
+    SavedModel (a failed check writes nothing, SavedModel included).
     """
     config = _resolve_config(config)
     savedmodel.check_saved_model_dir(saved_model_dir)
     _check_output_dir(saved_model_dir, output_dir, overwrite)
+    if tflite_output:
+        _check_tflite_output(tflite_output, saved_model_dir, output_dir, overwrite)
     tags = tuple(tags) if tags else DEFAULT_TAGS
     timeline = timing.Timeline()
     phase = timeline.phase
@@ -123,8 +144,29 @@ def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFA
                         bad.max_rel_error, bad.rtol, bad.atol))
         else:
             logging.warning("verification skipped: the output of %s was NOT checked", output_dir)
+        tflite_report = None
+        if tflite_output:
+            with phase("tflite"):
+                model_content, tflite_report = tflite_lib.build(
+                    saved_model_dir, built, tflite_output, list(functions), tags, functions, input_specs,
+                    config.get("verify", {}))
+            if not tflite_report.ok:
+                bad = next(c for c in tflite_report.checks if not c.ok)
+                raise errors.VerificationError(
+                    "TFLite check failed: signature %s output %s: max abs error %.3g, max rel error %.3g "
+                    "(rtol %g, atol %g); nothing written" % (bad.signature, bad.output, bad.max_abs_error,
+                                                            bad.max_rel_error, bad.rtol, bad.atol))
+            # Written beside its final name, so that the rename below cannot cross filesystems.
+            tflite_scratch = "%s.tf_bnfuse-%d.tmp" % (tflite_output, os.getpid())
+            with open(tflite_scratch, "wb") as f:
+                f.write(model_content)
         with phase("move into place"):
             output_dir_lib.move_into_place(built, output_dir, scratch)
+            if tflite_output:
+                os.replace(tflite_scratch, tflite_output)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return report_lib.RunReport(saved_model_dir, output_dir, reports, verification, timeline.to_list())
+        if tflite_output and os.path.exists("%s.tf_bnfuse-%d.tmp" % (tflite_output, os.getpid())):
+            os.remove("%s.tf_bnfuse-%d.tmp" % (tflite_output, os.getpid()))
+    return report_lib.RunReport(saved_model_dir, output_dir, reports, verification, timeline.to_list(),
+                                tflite_report)

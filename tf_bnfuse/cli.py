@@ -26,6 +26,8 @@ flags.DEFINE_string("config", None, "Pipeline/verification config JSON (default:
 flags.DEFINE_bool("overwrite", False, "Replace a non-empty --output_dir.")
 flags.DEFINE_bool("skip_verify", False, "Do not check the output against the input (not recommended).")
 flags.DEFINE_string("report_json", None, "Also write the full report as JSON to this file.")
+flags.DEFINE_string("tflite_output", None, "Also convert the folded model to this .tflite file, checked "
+                    "against the original's outputs.")
 
 
 def _fail(message, code):
@@ -79,7 +81,7 @@ def main(argv):
         report = api.fold_saved_model(
             FLAGS.saved_model_dir, FLAGS.output_dir, signature_keys=FLAGS.signature_keys or None,
             tags=FLAGS.tags, config=FLAGS.config, overwrite=FLAGS.overwrite,
-            verify=not FLAGS.skip_verify)
+            verify=not FLAGS.skip_verify, tflite_output=FLAGS.tflite_output)
     except errors.BnFuseError as e:
         return _fail(e, e.exit_code)
     except Exception as e:  # the promise is one line, never a traceback

@@ -11,7 +11,7 @@ from tf_bnfuse import pipeline as pipeline_lib
 _SOURCE_TREE_DEFAULT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                     "configs", "default.json")
 KNOWN_KEYS = {"pipeline", "verify"}
-KNOWN_VERIFY_KEYS = {"seed", "batch_size", "unknown_dim_size", "tolerance"}
+KNOWN_VERIFY_KEYS = {"seed", "batch_size", "unknown_dim_size", "tolerance", "tflite_tolerance"}
 
 
 def default_config_path():
@@ -49,7 +49,10 @@ def validate_config(config, source="config"):
     verify = config.get("verify", {})
     if not isinstance(verify, dict) or set(verify) - KNOWN_VERIFY_KEYS:
         raise errors.BadInputError("%s: \"verify\" takes only %s" % (source, sorted(KNOWN_VERIFY_KEYS)))
-    for dtype, tol in verify.get("tolerance", {}).items():
+    tolerances = dict(verify.get("tolerance", {}))
+    if "tflite_tolerance" in verify:
+        tolerances["tflite_tolerance"] = verify["tflite_tolerance"]
+    for dtype, tol in tolerances.items():
         if not (isinstance(tol, dict) and set(tol) == {"rtol", "atol"}
                 and all(isinstance(v, (int, float)) and v >= 0 for v in tol.values())):
             raise errors.BadInputError("%s: tolerance for %s must be {\"rtol\": x, \"atol\": y}"

@@ -64,6 +64,7 @@ class RunReport:
     signatures: dict  # key -> GraphReport
     verification: object = None  # verify.VerificationReport, or None when skipped
     phases: list = dataclasses.field(default_factory=list)  # timing.PhaseRecord dicts, in order
+    tflite: object = None  # tflite.TfliteReport with --tflite_output, else None
 
     def to_dict(self):
         return {
@@ -72,4 +73,5 @@ class RunReport:
             "signatures": {k: v.to_dict() for k, v in self.signatures.items()},
             "verification": self.verification.to_dict() if self.verification else None,
             "phases": self.phases,
+            "tflite": dataclasses.asdict(self.tflite) if self.tflite else None,
         }

@@ -29,4 +29,22 @@ def format_run(report):
             lines.append("  %s/%s on %s: max abs error %.3g, max rel error %.3g (rtol %g, atol %g) %s" % (
                 c.signature, c.output, c.device, c.max_abs_error, c.max_rel_error, c.rtol, c.atol,
                 "ok" if c.ok else "FAILED"))
+    tflite = report.tflite
+    if tflite is not None:
+        def ops(counts):
+            return ", ".join("%s %d" % kv for kv in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+        lines.append("tflite %s (%d bytes): %d ops: %s" % (tflite.path, tflite.size_bytes,
+                                                           sum(tflite.ops_after.values()), ops(tflite.ops_after)))
+        lines.append("  batch-norm MUL/ADD left after a conv or fully connected op: %d"
+                     % tflite.batch_norm_ops_after)
+        if tflite.ops_before is not None:
+            lines.append("  converting the input directly: %d ops: %s; batch-norm MUL/ADD left after a conv or "
+                         "fully connected op: %d" % (sum(tflite.ops_before.values()), ops(tflite.ops_before),
+                                                     tflite.batch_norm_ops_before))
+        else:
+            lines.append("  converting the input directly fails: %s" % tflite.before_error)
+        for c in tflite.checks:
+            lines.append("  %s/%s in the TFLite interpreter: max abs error %.3g, max rel error %.3g "
+                         "(rtol %g, atol %g) %s" % (c.signature, c.output, c.max_abs_error, c.max_rel_error,
+                                                    c.rtol, c.atol, "ok" if c.ok else "FAILED"))
     return "\n".join(lines)

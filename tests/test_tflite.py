@@ -1,0 +1,107 @@
+"""--tflite_output: the folded model converts to TFLite with its batch norms gone, and matches.
+
+The reference for every .tflite model is the original SavedModel, run here;
+the op checks read the .tflite model's ops with TFLite's own interpreter.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import graphs
+import keras3_models
+from tf_bnfuse import fold_saved_model
+from test_properties import save_graph_def
+
+LINEAR = {"CONV_2D", "CONV_3D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV"}
+
+
+def tflite_ops(path):
+    interpreter = tf.lite.Interpreter(model_path=path)
+    return [op["op_name"] for op in interpreter._get_ops_details()]
+
+
+def assert_tflite_matches_original(tflite_path, saved_model, rtol=1e-3, seed=7):
+    """Every signature of the .tflite model against the original SavedModel, on random inputs."""
+    interpreter = tf.lite.Interpreter(model_path=tflite_path)
+    original = tf.saved_model.load(saved_model)
+    rng = np.random.default_rng(seed)
+    for key in interpreter.get_signature_list():
+        function = original.signatures[key]
+        inputs = {k: rng.standard_normal([2 if d is None else d for d in s.shape.as_list()]).astype(np.float32)
+                  for k, s in function.structured_input_signature[1].items()}
+        expected = {k: v.numpy() for k, v in function(**inputs).items()}
+        actual = interpreter.get_signature_runner(key)(**inputs)
+        for name in expected:
+            scale = np.abs(expected[name]).max()
+            assert np.abs(actual[name] - expected[name]).max() <= rtol * scale + 1e-5, (key, name)
+
+
+@pytest.fixture(scope="module")
+def keras3_exported(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("keras3_tflite"))
+    return lambda name: keras3_models.build(name, root)[0]
+
+
+@pytest.mark.parametrize("name,linear_op", [("dilated_conv_bn", "CONV_2D"), ("conv3d_bn", "CONV_3D"),
+                                            ("dilated_depthwise_bn", "DEPTHWISE_CONV_2D")])
+def test_batch_norms_the_converter_keeps_are_gone_from_the_tflite_model(keras3_exported, name, linear_op,
+                                                                        tmp_path):
+    src = keras3_exported(name)
+    tflite_path = str(tmp_path / "model.tflite")
+    report = fold_saved_model(src, str(tmp_path / "out"), tflite_output=tflite_path)
+    ops = tflite_ops(tflite_path)
+    assert linear_op in ops and "MUL" not in ops, ops
+    assert_tflite_matches_original(tflite_path, src)
+    # The report says the same, and that converting the input directly kept the batch norm.
+    assert report.tflite.ok and report.tflite.batch_norm_ops_after == 0
+    assert report.tflite.ops_before is not None and report.tflite.ops_before.get("MUL", 0) >= 1
+    assert report.tflite.batch_norm_ops_before >= 1
+
+
+def test_fused_batch_norm_v2_graph_converts_only_after_folding(tmp_path):
+    """The TFLite converter cannot convert FusedBatchNormV2; after folding there is none left."""
+    def build():
+        x = tf.compat.v1.placeholder(tf.float32, [None, 8, 8, 3], name="x")
+        y = tf.nn.conv2d(x, graphs.const(graphs.random((3, 3, 3, 4)), "w"), 1, "SAME")
+        y = graphs.fused_batch_norm(y, 4, "bn", version="V2")[0]
+        return tf.identity(tf.nn.relu(y), name="out").op.name
+
+    graph_def, output = graphs.build(build)
+    src = str(tmp_path / "src")
+    save_graph_def(graph_def, ["x"], [output], src)
+    tflite_path = str(tmp_path / "model.tflite")
+    report = fold_saved_model(src, str(tmp_path / "out"), tflite_output=tflite_path)
+    assert report.tflite.ops_before is None and report.tflite.before_error
+    ops = tflite_ops(tflite_path)
+    assert "CONV_2D" in ops and "MUL" not in ops and "ADD" not in ops
+    assert_tflite_matches_original(tflite_path, src)
+
+
+def test_cli_tflite_output_summary_and_bad_paths(example_model, tmp_path):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "tf_bnfuse", "--saved_model_dir", example_model, *args],
+                              capture_output=True, text=True, timeout=600)
+
+    tflite_path = tmp_path / "m.tflite"
+    report_json = tmp_path / "r.json"
+    result = cli("--output_dir", str(tmp_path / "out"), "--tflite_output", str(tflite_path),
+                 "--report_json", str(report_json))
+    assert result.returncode == 0, result.stderr
+    assert "tflite %s" % tflite_path in result.stdout and "in the TFLite interpreter" in result.stdout
+    assert json.loads(report_json.read_text())["tflite"]["checks"]
+    assert_tflite_matches_original(str(tflite_path), example_model)
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
+
+    # An existing .tflite is kept without --overwrite; a missing parent folder is refused; nothing written.
+    before = tflite_path.read_bytes()
+    refused = cli("--output_dir", str(tmp_path / "out2"), "--tflite_output", str(tflite_path))
+    assert refused.returncode == 2 and "--overwrite" in refused.stderr
+    assert tflite_path.read_bytes() == before and not (tmp_path / "out2").exists()
+    missing = cli("--output_dir", str(tmp_path / "out3"), "--tflite_output", str(tmp_path / "no" / "m.tflite"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr and not (tmp_path / "out3").exists()
