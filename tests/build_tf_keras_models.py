@@ -35,6 +35,11 @@ def conv_no_bias_bn():
     return _sequential((12, 12, 3), L.Conv2D(8, 3, strides=2, use_bias=False), L.BatchNormalization())
 
 
+def dense_rank3_bn():
+    """Dense on a rank-3 input: a MatMul between Reshapes, then the batch norm on the last axis."""
+    return _sequential((5, 7), L.Dense(6), L.BatchNormalization())
+
+
 def depthwise_bn():
     return _sequential((12, 12, 4), L.DepthwiseConv2D(3, depth_multiplier=2, padding="same"),
                        L.BatchNormalization(), L.ReLU(6.0))
@@ -97,7 +102,7 @@ def mobilenet_v2():
                                           classifier_activation=None)
 
 
-MODELS = {f.__name__: f for f in (conv_bn, conv_no_bias_bn, dilated_conv_bn, dilated_depthwise_bn, depthwise_bn, separable_bn, conv_transpose_bn,
+MODELS = {f.__name__: f for f in (conv_bn, dense_rank3_bn, conv_no_bias_bn, dilated_conv_bn, dilated_depthwise_bn, depthwise_bn, separable_bn, conv_transpose_bn,
                                   conv3d_bn, channels_first_bn, conv1d_bn, dense_bn, branch_bn, mobilenet_v2_small, resnet50,
                                   mobilenet_v2)}
 

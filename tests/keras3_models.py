@@ -34,6 +34,11 @@ def dilated_depthwise_bn():
     return _sequential((16, 16, 4), L.DepthwiseConv2D(3, dilation_rate=2), L.BatchNormalization())
 
 
+def dense_rank3_bn():
+    """Dense on a rank-3 input: a MatMul between Reshapes, then the batch norm on the last axis."""
+    return _sequential((5, 7), L.Dense(6), L.BatchNormalization())
+
+
 def depthwise_bn():
     return _sequential((12, 12, 4), L.DepthwiseConv2D(3, depth_multiplier=2, padding="same"),
                        L.BatchNormalization(), L.ReLU(6.0))
@@ -76,7 +81,7 @@ def resnet50_small():
                                        classifier_activation=None)
 
 
-MODELS = {f.__name__: f for f in (conv_bn, conv_bn_swish, dilated_conv_bn, dilated_depthwise_bn, depthwise_bn, separable_bn, conv_transpose_bn, conv1d_bn, dense_bn,
+MODELS = {f.__name__: f for f in (conv_bn, dense_rank3_bn, conv_bn_swish, dilated_conv_bn, dilated_depthwise_bn, depthwise_bn, separable_bn, conv_transpose_bn, conv1d_bn, dense_bn,
                                   conv3d_bn, branch_bn, mobilenet_v2_small, resnet50_small)}
 
 

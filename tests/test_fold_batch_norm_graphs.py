@@ -374,3 +374,52 @@ def test_dilated_conv_folds_through_batch_to_space(second_consumer):
     nodes = {n.name: n for n in folded.node}
     # The new bias reads the BatchToSpaceND, which reads the conv with its new kernel.
     assert nodes[nodes["bn"].input[0]].op == "BatchToSpaceND"
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matmul_reshaped_to_rank_4_folds_through_the_reshape(with_bias):
+    """MatMul -> [BiasAdd] -> Reshape [-1, 1, 1, C] -> FusedBatchNormV3 -> Reshape back."""
+    def build():
+        x = placeholder([None, 7])
+        y = tf.matmul(x, graphs.const(graphs.random((7, 6)), "w"), name="linear")
+        if with_bias:
+            y = tf.nn.bias_add(y, graphs.const(graphs.random((6,)), "b"))
+        y = tf.reshape(y, [-1, 1, 1, 6], name="to_4d")
+        bn = graphs.fused_batch_norm(y, 6, "bn")[0]
+        return [tf.reshape(bn, [-1, 6], name="out").op.name]
+
+    graph_def, outputs = graphs.build(build)
+    folded, report = fold_and_compare(graph_def, {"x": graphs.random((3, 7))}, outputs)
+    [fold] = report.folds
+    assert fold.linear_op == "MatMul" and not graphs.batch_norm_nodes(folded)
+    nodes = {n.name: n for n in folded.node}
+    assert nodes[nodes["bn"].input[0]].op == "Reshape" and nodes["to_4d"].input[0] == "linear"
+    assert graphs.op_counts(folded).get("BiasAdd") == 1  # the old bias went into the new one
+
+
+def test_bias_before_batch_to_space_is_absorbed_not_added_twice():
+    """conv -> BiasAdd -> BatchToSpaceND -> FusedBatchNormV3: the new bias replaces the old one."""
+    def build():
+        x = placeholder([None, 12, 12, 3])
+        y = tf.space_to_batch_nd(x, [2, 2], [[2, 2], [2, 2]])
+        y = tf.nn.conv2d(y, graphs.const(graphs.random((3, 3, 3, 5)), "w"), 1, "SAME", name="linear")
+        y = tf.nn.bias_add(y, graphs.const(graphs.random((5,)), "b"))
+        y = tf.compat.v1.batch_to_space_nd(y, [2, 2], [[2, 2], [2, 2]])
+        return [tf.identity(graphs.fused_batch_norm(y, 5, "bn")[0], name="out").op.name]
+
+    graph_def, outputs = graphs.build(build)
+    folded, report = fold_and_compare(graph_def, {"x": graphs.random((2, 12, 12, 3))}, outputs)
+    assert len(report.folds) == 1 and graphs.op_counts(folded).get("BiasAdd") == 1
+
+
+def test_reshape_that_moves_channels_is_left_alone():
+    """Reshape [-1, 1, 2, 3] of 6 channels: each batch norm channel mixes two MatMul columns."""
+    def build():
+        x = placeholder([None, 7])
+        y = tf.matmul(x, graphs.const(graphs.random((7, 6)), "w"), name="linear")
+        y = tf.reshape(y, [-1, 1, 2, 3])
+        return [tf.identity(graphs.fused_batch_norm(y, 3, "bn")[0], name="out").op.name]
+
+    graph_def, outputs = graphs.build(build)
+    folded, report = fold_and_compare(graph_def, {"x": graphs.random((3, 7))}, outputs)
+    assert report.folds == [] and "does not keep the 6 channels" in report.skips[0].reason

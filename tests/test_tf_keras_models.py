@@ -16,7 +16,7 @@ from savedmodel_checks import batch_norm_like_left, compare_outputs, data_path_o
 from tf_bnfuse import fold_saved_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SMALL = ["conv_bn", "conv_no_bias_bn", "dilated_conv_bn", "dilated_depthwise_bn", "depthwise_bn", "separable_bn", "conv_transpose_bn", "conv3d_bn",
+SMALL = ["conv_bn", "dense_rank3_bn", "conv_no_bias_bn", "dilated_conv_bn", "dilated_depthwise_bn", "depthwise_bn", "separable_bn", "conv_transpose_bn", "conv3d_bn",
          "channels_first_bn", "conv1d_bn", "dense_bn", "branch_bn", "mobilenet_v2_small"]
 LARGE = ["resnet50", "mobilenet_v2"]
 WITHOUT_BIAS = {"conv_no_bias_bn", "mobilenet_v2_small"}  # their convs have use_bias=False

@@ -5,13 +5,14 @@ inputs): after constant_folding, `AddV2(Mul(BiasAdd(conv, b), scale), offset)`.
 
 Pattern (followed along input edges, downward from each linear op):
 
-    linear op -> (Identity | Squeeze | BatchToSpaceND | affine op)* -> ...
+    linear op -> (Identity | Squeeze | ExpandDims | Reshape | BatchToSpaceND | affine op)* -> ...
 
 where an affine op is Mul, RealDiv, Add, AddV2, Sub or BiasAdd with one
 constant operand that is a scalar or varies only along the channel axis, and
 a Squeeze keeps the channel axis (Keras lowers Conv1D to ExpandDims -> Conv2D
--> Squeeze), and a BatchToSpaceND on channel-last data is passed (a dilated
-convolution is SpaceToBatchND -> conv -> BatchToSpaceND). Every tensor on
+-> Squeeze). On channel-last data, a BatchToSpaceND (a dilated convolution is
+SpaceToBatchND -> conv -> BatchToSpaceND), an ExpandDims before the channel
+axis and a Reshape whose last dimension is the channel count are passed. Every tensor on
 the way must have exactly one consumer. The
 chain is composed into one `x * scale + shift`, folded into the kernel, and
 the last affine op becomes BiasAdd(linear op or Squeeze, new bias) under its
@@ -42,11 +43,12 @@ class _Chain:
         self.match = match
         self.rank = match.spec.rank
         self.channel = match.channel_axis % self.rank  # non-negative channel index
+        self.rank_known = True  # False after a Reshape to a rank only known at run time
         self.affine = (np.ones(match.out_channels), np.zeros(match.out_channels))
         self.steps = []  # nodes passed, in order
         self.last_affine = -1  # index in steps of the last affine node
         self.end_channel_first = False  # layout where the last affine node sits
-        self.kept = []  # Squeeze and BatchToSpaceND nodes that stay in the data path
+        self.kept = []  # shape-only nodes (Squeeze, Reshape, ...) that stay in the data path
         self.affine_ops = []  # op types of the affine nodes passed
         self.stop_reason = None
         self.stop_nodes = []  # nodes the walk could not pass
@@ -96,6 +98,32 @@ def _squeeze_keeps_channel(node, chain):
     return True
 
 
+def _reshape_rank(index, node):
+    """The rank a Reshape outputs, from a constant or Pack-built target shape; None if unknown."""
+    target = node.input[1]
+    value = index.const_value(target)
+    if value is not None:
+        return len(value)
+    producer, _ = index.skip_identities(target)
+    if producer is not None and producer.op == "Pack":
+        return len([i for i in producer.input if not i.startswith("^")])
+    return None
+
+
+def _expand_keeps_channel(index, node, chain):
+    """An ExpandDims that inserts its axis before a last channel axis."""
+    axis = index.const_value(node.input[1])
+    if axis is None or np.size(axis) != 1 or chain.channel != chain.rank - 1:
+        return False
+    axis = int(np.reshape(axis, ()))
+    axis = axis + chain.rank + 1 if axis < 0 else axis
+    if not 0 <= axis < chain.rank:  # appended after the channel axis
+        return False
+    chain.rank += 1
+    chain.channel += 1
+    return True
+
+
 def _walk(index, match, dtype):
     chain = _Chain(match)
     name, channels = match.linear.name, match.out_channels
@@ -112,11 +140,23 @@ def _walk(index, match, dtype):
         node = index.node(consumer_name)
         if node.op in ("Identity", "Snapshot"):
             chain.steps.append(node)
-        elif node.op == "Squeeze" and graph_lib.node_dtype(node) == dtype and _squeeze_keeps_channel(node, chain):
+        elif (node.op == "Squeeze" and chain.rank_known and graph_lib.node_dtype(node) == dtype
+              and _squeeze_keeps_channel(node, chain)):
             chain.steps.append(node)
             chain.kept.append(node)
         elif (node.op in linear_ops.CHANNEL_PRESERVING_OPS and graph_lib.node_dtype(node) == dtype
-              and chain.channel == chain.rank - 1):
+              and chain.channel == chain.rank - 1 and linear_ops.keeps_channels_last(index, node, channels)):
+            if node.op == "Reshape":
+                rank = _reshape_rank(index, node)
+                chain.rank_known = rank is not None
+                # Of unknown rank (Keras builds the target from Shape(x)), only
+                # scalars and channel vectors broadcast without changing the shape.
+                chain.rank = rank if rank is not None else 1
+                chain.channel = chain.rank - 1
+            chain.steps.append(node)
+            chain.kept.append(node)
+        elif (node.op == "ExpandDims" and chain.rank_known and graph_lib.node_dtype(node) == dtype
+              and _expand_keeps_channel(index, node, chain)):
             chain.steps.append(node)
             chain.kept.append(node)
         elif node.op in AFFINE_OPS and graph_lib.node_dtype(node) == dtype:
@@ -170,7 +210,8 @@ def _why_not_folded(index, node, explained):
             return "its input has no producer in the graph"
         if producer.name in explained:
             return explained[producer.name]
-        if producer.op in AFFINE_OPS or producer.op == "Squeeze" or producer.op in linear_ops.CHANNEL_PRESERVING_OPS:
+        if (producer.op in AFFINE_OPS or producer.op in ("Squeeze", "ExpandDims")
+                or producer.op in linear_ops.CHANNEL_PRESERVING_OPS):
             current = producer
             continue
         return "input comes from %s (%s), not from a supported linear op" % (producer.name, producer.op)

@@ -32,11 +32,47 @@ LINEAR_OPS = {
 }
 
 BIAS_OPS = frozenset({"BiasAdd", "Add", "AddV2"})
-# A dilated convolution is lowered to SpaceToBatchND -> conv -> BatchToSpaceND.
-# BatchToSpaceND only moves and crops spatial positions of channel-last data,
-# so a per-channel affine map commutes with it: the fold scales the kernel and
-# the new bias goes after the BatchToSpaceND, which stays.
-CHANNEL_PRESERVING_OPS = frozenset({"BatchToSpaceND"})
+# Ops that only move elements of channel-last data and keep each element's
+# channel: a per-channel affine map commutes with them, so the fold scales the
+# kernel and the new bias goes after them (they stay). A dilated convolution
+# is lowered to SpaceToBatchND -> conv -> BatchToSpaceND; Keras' Dense on
+# rank > 2 reshapes around a MatMul. A Reshape qualifies when its target's
+# last dimension is the channel count: row-major order then keeps element i in
+# channel i mod channels.
+CHANNEL_PRESERVING_OPS = frozenset({"BatchToSpaceND", "Reshape"})
+
+
+def keeps_channels_last(index, node, channels):
+    """Whether node (in CHANNEL_PRESERVING_OPS) maps channel-last data of `channels` to channel-last data."""
+    if node.op == "BatchToSpaceND":
+        return True
+    if node.op == "Reshape":
+        return static_last_element(index, [i for i in node.input if not i.startswith("^")][1]) == channels
+    return False
+
+
+def static_last_element(index, input_str):
+    """The last element of a 1-D int tensor when it is fixed, else None.
+
+    A constant, or a ConcatV2 / Pack whose last part is constant: Keras
+    computes a Reshape's target as Concat(Shape(x)[:-1], [units]).
+    """
+    value = index.const_value(input_str)
+    if value is not None:
+        return int(value[-1]) if np.ndim(value) == 1 and len(value) else None
+    node, _ = index.skip_identities(input_str)
+    if node is None:
+        return None
+    data_inputs = [i for i in node.input if not i.startswith("^")]
+    if node.op == "ConcatV2" and len(data_inputs) >= 2:
+        axis = index.const_value(data_inputs[-1])
+        if axis is None or int(np.reshape(axis, ())) not in (0, -1):
+            return None
+        return static_last_element(index, data_inputs[-2])
+    if node.op == "Pack" and data_inputs:
+        last = index.const_value(data_inputs[-1])
+        return int(np.reshape(last, ())) if last is not None and np.size(last) == 1 else None
+    return None
 
 
 def channel_axis(node, rank):
@@ -102,8 +138,9 @@ def match_linear_chain(index, input_str):
     """Walks up from `input_str` to the linear op that produces it.
 
     Accepts Identity nodes, at most one bias (BiasAdd, or Add/AddV2 with a
-    per-channel constant) and at most one BatchToSpaceND on channel-last data
-    (a dilated convolution) on the way. Every tensor on the way, including the
+    per-channel constant) and at most one channel-preserving op
+    (BatchToSpaceND of a dilated convolution, or a Reshape that keeps the
+    channels last) on the way. Every tensor on the way, including the
     linear op's output, must have exactly one consumer. Raises NoMatch with a
     reason when the chain does not qualify.
     """
@@ -138,6 +175,9 @@ def match_linear_chain(index, input_str):
     match = linear_kernel(index, node)
     if anchor is not None and match.channel_axis != -1:
         raise NoMatch("%s reads %s, whose channels are not last" % (anchor, node.name))
+    if anchor is not None and not keeps_channels_last(index, index.node(anchor), match.out_channels):
+        raise NoMatch("%s %s does not keep the %d channels of %s last" % (
+            index.node(anchor).op, anchor, match.out_channels, node.name))
     if bias_found is not None:
         bias_node, const_input, value = bias_found
         if bias_node.op == "BiasAdd":
@@ -198,7 +238,13 @@ def emit_fold(editor, match, scale, shift, replaced_node, anchor=None, channel_f
 
     if channel_first is None:
         channel_first = match.channel_first
-    anchor = anchor or match.anchor or match.linear.name
+    if anchor is None and match.anchor is not None:
+        # The kept op now reads the linear op directly: a bias or Identity that
+        # was between them is absorbed into the new bias after it.
+        kept = editor.node(match.anchor)
+        kept.input[next(i for i, s in enumerate(kept.input) if not s.startswith("^"))] = match.linear.name
+        anchor = match.anchor
+    anchor = anchor or match.linear.name
     editor.replace_node(replaced_node, "BiasAdd", [anchor, bias_name], {
         "T": graph_lib.type_attr(dtype),
         "data_format": graph_lib.string_attr("NCHW" if channel_first else "NHWC"),
