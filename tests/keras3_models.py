@@ -39,6 +39,11 @@ def dense_rank3_bn():
     return _sequential((5, 7), L.Dense(6), L.BatchNormalization())
 
 
+def pool_bn_conv():
+    """A batch norm after a pool, before a conv with VALID padding: only a forward fold reaches it."""
+    return _sequential((12, 12, 3), L.MaxPooling2D(), L.BatchNormalization(), L.Conv2D(5, 3))
+
+
 def depthwise_bn():
     return _sequential((12, 12, 4), L.DepthwiseConv2D(3, depth_multiplier=2, padding="same"),
                        L.BatchNormalization(), L.ReLU(6.0))
@@ -81,7 +86,7 @@ def resnet50_small():
                                        classifier_activation=None)
 
 
-MODELS = {f.__name__: f for f in (conv_bn, dense_rank3_bn, conv_bn_swish, dilated_conv_bn, dilated_depthwise_bn, depthwise_bn, separable_bn, conv_transpose_bn, conv1d_bn, dense_bn,
+MODELS = {f.__name__: f for f in (conv_bn, pool_bn_conv, dense_rank3_bn, conv_bn_swish, dilated_conv_bn, dilated_depthwise_bn, depthwise_bn, separable_bn, conv_transpose_bn, conv1d_bn, dense_bn,
                                   conv3d_bn, branch_bn, mobilenet_v2_small, resnet50_small)}
 
 

@@ -62,6 +62,17 @@ def test_keras3_swish_after_batch_norm_is_written_and_folded(exported, tmp_path)
     assert "Rsqrt" not in data_path_ops(out) and "Rsqrt" in data_path_ops(src)
 
 
+def test_keras3_batch_norm_before_a_valid_conv_folds_forward(exported, tmp_path):
+    src, batch_norms = exported("pool_bn_conv")
+    out = str(tmp_path / "out")
+    report = fold_saved_model(src, out)
+    compare_outputs(src, out)
+    graph = report.signatures["serving_default"]
+    forward = next(p for p in graph.passes if p.pass_name == "fold_forward")
+    assert len(forward.folds) == batch_norms == 1 and graph.skips == []
+    assert not {"Mul", "AddV2", "Rsqrt"} & set(data_path_ops(out))
+
+
 def test_keras3_conv_feeding_batch_norm_and_relu(exported, tmp_path):
     src, _ = exported("branch_bn")
     out = str(tmp_path / "out")

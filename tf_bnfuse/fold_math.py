@@ -82,3 +82,25 @@ def as_channel_vector(value, rank, channel_axis, channels):
     if shape[channel_axis] not in (1, channels):
         return None
     return np.broadcast_to(value.reshape(-1), (channels,)).copy()
+
+
+def fold_affine_into_next_linear(kernel, scale, shift, in_channel_axis, out_channel_axes):
+    """Returns (new_kernel, added_bias) of `linear(x * scale + shift, kernel)`.
+
+    The affine map is on the linear op's input channels (kernel axis
+    in_channel_axis); by linearity
+
+        linear(x * scale + shift, W) = linear(x, W * scale) + linear(shift, W)
+
+    and linear(shift, W) for a constant input is, for every output channel,
+    the sum of the kernel entries that produce it times the shift of their
+    input channel. That holds only where the op reads no zero padding (a
+    padded zero would become shift, not zero), which the caller checks.
+    """
+    kernel = np.asarray(kernel, dtype=np.float64)
+    broadcast_shape = [1] * kernel.ndim
+    broadcast_shape[in_channel_axis] = kernel.shape[in_channel_axis]
+    new_kernel = kernel * np.asarray(scale, dtype=np.float64).reshape(broadcast_shape)
+    shifted = kernel * np.asarray(shift, dtype=np.float64).reshape(broadcast_shape)
+    summed_axes = tuple(a for a in range(kernel.ndim) if a not in out_channel_axes)
+    return new_kernel, shifted.sum(axis=summed_axes).reshape(-1)

@@ -191,6 +191,24 @@ class GraphEditor:
         self._by_name[node.name] = node
         return node.name
 
+    def rename_node(self, name, new_name):
+        """Gives node `name` the (unique, reserved) new_name; inputs naming `name` are not changed."""
+        node = self.node(name)
+        node.name = new_name
+        del self._by_name[name]
+        self._by_name[new_name] = node
+        self._names.add(new_name)
+
+    def add_node(self, name, op, inputs, attrs):
+        """Adds a node under `name`, which must be free (e.g. just renamed away)."""
+        node = self._edited().node.add(name=name, op=op)
+        node.input.extend(inputs)
+        for key, value in attrs.items():
+            node.attr[key].CopyFrom(value)
+        self._by_name[name] = node
+        self._names.add(name)
+        return node
+
     def replace_node(self, name, op, inputs, attrs):
         """Turns node `name` into a new op in place, keeping its name (and so its consumers)."""
         node = self.node(name)

@@ -55,6 +55,22 @@ def run_pipeline(graph_def, outputs, pipeline, owns_input=False):
                      report.nodes_before, report.nodes_after, len(report.folds),
                      len(report.skips), time.perf_counter() - started)
         reports.append(report)
+    _drop_skips_folded_later(reports)
     if current is graph_def:  # the result is never the caller's argument itself
         current = graph_lib.copy_graph_def(graph_def)
     return current, reports
+
+
+def _drop_skips_folded_later(reports):
+    """A node one pass left alone and a later pass folded (fold_forward reaches what
+    fold_affine cannot) is reported as folded only; the earlier pass's note says so."""
+    for k, later in enumerate(reports):
+        folded = {name for fold in later.folds for name in [fold.node] + list(fold.absorbed)}
+        if not folded:
+            continue
+        for earlier in reports[:k]:
+            kept = [skip for skip in earlier.skips if skip.node not in folded]
+            if len(kept) != len(earlier.skips):
+                note = "%d left alone here, folded by %s" % (len(earlier.skips) - len(kept), later.pass_name)
+                earlier.note = "%s; %s" % (earlier.note, note) if earlier.note else note
+                earlier.skips = kept
