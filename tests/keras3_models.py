@@ -44,6 +44,15 @@ def pool_bn_conv():
     return _sequential((12, 12, 3), L.MaxPooling2D(), L.BatchNormalization(), L.Conv2D(5, 3))
 
 
+def mixed_float16_conv_bn():
+    """Under mixed_float16 the conv runs in float16 and the batch norm in float32, with Casts between."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        return _sequential((12, 12, 3), L.Conv2D(8, 3, padding="same"), L.BatchNormalization(), L.ReLU())
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
 def depthwise_bn():
     return _sequential((12, 12, 4), L.DepthwiseConv2D(3, depth_multiplier=2, padding="same"),
                        L.BatchNormalization(), L.ReLU(6.0))
@@ -86,7 +95,7 @@ def resnet50_small():
                                        classifier_activation=None)
 
 
-MODELS = {f.__name__: f for f in (conv_bn, pool_bn_conv, dense_rank3_bn, conv_bn_swish, dilated_conv_bn, dilated_depthwise_bn, depthwise_bn, separable_bn, conv_transpose_bn, conv1d_bn, dense_bn,
+MODELS = {f.__name__: f for f in (conv_bn, mixed_float16_conv_bn, pool_bn_conv, dense_rank3_bn, conv_bn_swish, dilated_conv_bn, dilated_depthwise_bn, depthwise_bn, separable_bn, conv_transpose_bn, conv1d_bn, dense_bn,
                                   conv3d_bn, branch_bn, mobilenet_v2_small, resnet50_small)}
 
 

@@ -423,3 +423,18 @@ def test_reshape_that_moves_channels_is_left_alone():
     graph_def, outputs = graphs.build(build)
     folded, report = fold_and_compare(graph_def, {"x": graphs.random((3, 7))}, outputs)
     assert report.folds == [] and "does not keep the 6 channels" in report.skips[0].reason
+
+
+def test_a_fold_that_would_overflow_a_float16_kernel_is_left_alone():
+    """A float16 conv under a float32 batch norm of scale 1e5: W * scale does not fit float16."""
+    def build():
+        x = placeholder([None, 6, 6, 3], dtype=tf.float16)
+        y = tf.nn.conv2d(x, graphs.const(graphs.random((3, 3, 3, 4), np.float16), "w"), 1, "SAME", name="linear")
+        params = (np.full(4, 1e4, np.float32), np.zeros(4, np.float32), np.zeros(4, np.float32),
+                  np.full(4, 1e-2, np.float32))
+        return [tf.identity(graphs.fused_batch_norm(y, 4, "bn", params=params)[0], name="out").op.name]
+
+    graph_def, outputs = graphs.build(build)
+    folded, report = fold_graph_def(graph_def, outputs, FOLD_ONLY)
+    assert report.folds == [] and "overflow float16" in report.skips[0].reason
+    assert graphs.batch_norm_nodes(folded) == ["bn"]

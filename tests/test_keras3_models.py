@@ -73,6 +73,26 @@ def test_keras3_batch_norm_before_a_valid_conv_folds_forward(exported, tmp_path)
     assert not {"Mul", "AddV2", "Rsqrt"} & set(data_path_ops(out))
 
 
+def test_keras3_mixed_float16_folds_through_the_cast_and_keeps_dtypes(exported, tmp_path):
+    src, batch_norms = exported("mixed_float16_conv_bn")
+    assert "Cast" in data_path_ops(src)
+    out = str(tmp_path / "out")
+    report = fold_saved_model(src, out)
+    graph = report.signatures["serving_default"]
+    assert len(graph.folds) == batch_norms == 1 and graph.skips == []
+    assert not {"Mul", "AddV2", "Rsqrt"} & set(data_path_ops(out))
+    original, folded = tf.saved_model.load(src).signatures["serving_default"], \
+        tf.saved_model.load(out).signatures["serving_default"]
+    assert folded.structured_input_signature == original.structured_input_signature
+    image = np.random.default_rng(4).standard_normal((2, 12, 12, 3)).astype(np.float32)
+    [key] = original.structured_input_signature[1]
+    expected, actual = original(**{key: image}), folded(**{key: image})
+    for name in expected:  # float16 outputs: within float16 precision of the output's scale
+        assert actual[name].dtype == expected[name].dtype == tf.float16
+        e, a = expected[name].numpy().astype(np.float64), actual[name].numpy().astype(np.float64)
+        assert np.abs(a - e).max() <= 1e-2 * np.abs(e).max()
+
+
 def test_keras3_conv_feeding_batch_norm_and_relu(exported, tmp_path):
     src, _ = exported("branch_bn")
     out = str(tmp_path / "out")

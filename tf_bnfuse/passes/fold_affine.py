@@ -25,6 +25,7 @@ anything after an activation or other op.
 """
 
 import numpy as np
+import tensorflow as tf
 
 from tf_bnfuse import fold_math
 from tf_bnfuse import graph as graph_lib
@@ -34,6 +35,7 @@ from tf_bnfuse.passes import linear_ops
 NAME = "fold_affine"
 AFFINE_OPS = frozenset({"Mul", "RealDiv", "Add", "AddV2", "Sub", "BiasAdd"})
 SCALING_OPS = frozenset({"Mul", "RealDiv"})
+FLOAT_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
 
 
 class _Chain:
@@ -44,6 +46,7 @@ class _Chain:
         self.rank = match.spec.rank
         self.channel = match.channel_axis % self.rank  # non-negative channel index
         self.rank_known = True  # False after a Reshape to a rank only known at run time
+        self.end_dtype = None  # dtype of the last affine node (after a Cast, not the linear op's)
         self.affine = (np.ones(match.out_channels), np.zeros(match.out_channels))
         self.steps = []  # nodes passed, in order
         self.last_affine = -1  # index in steps of the last affine node
@@ -159,6 +162,13 @@ def _walk(index, match, dtype):
               and _expand_keeps_channel(index, node, chain)):
             chain.steps.append(node)
             chain.kept.append(node)
+        elif (node.op == "Cast" and graph_lib.node_dtype(node, "SrcT") == dtype
+              and graph_lib.node_dtype(node, "DstT") in FLOAT_DTYPES and not node.attr["Truncate"].b):
+            # Mixed precision: a float16 conv whose batch norm runs in float32.
+            # The Cast stays; the chain goes on in the new dtype.
+            dtype = graph_lib.node_dtype(node, "DstT")
+            chain.steps.append(node)
+            chain.kept.append(node)
         elif node.op in AFFINE_OPS and graph_lib.node_dtype(node) == dtype:
             try:
                 step = _affine_step(index, node, chain, channels)
@@ -171,6 +181,7 @@ def _walk(index, match, dtype):
             chain.steps.append(node)
             chain.last_affine = len(chain.steps) - 1
             chain.end_channel_first = chain.channel == 1 and chain.rank > 2
+            chain.end_dtype = dtype
         else:
             return chain
         name = node.name
@@ -187,7 +198,7 @@ def _emit(editor, match, chain):
         target.input[position] = anchor
         anchor = node.name
     linear_ops.emit_fold(editor, match, chain.affine[0], chain.affine[1], end.name, anchor=anchor,
-                         channel_first=chain.end_channel_first)
+                         channel_first=chain.end_channel_first, bias_dtype=chain.end_dtype)
     return [n.name for n in chain.steps[:chain.last_affine] if n not in chain.kept]
 
 
@@ -241,7 +252,14 @@ def run(graph_def, outputs):
         # the chain's ops must share the linear op's dtype (a Cast ends it)
         chain = _walk(index, match, graph_lib.node_dtype(node))
         # A lone BiasAdd is already the canonical form; anything else becomes one.
-        if chain.affine_ops and chain.affine_ops != ["BiasAdd"]:
+        if chain.affine_ops and chain.affine_ops != ["BiasAdd"] and match.dtype.is_floating:
+            try:
+                linear_ops.check_fold(match, chain.affine[0], chain.affine[1], chain.end_dtype)
+            except linear_ops.NoMatch as reason:
+                end = chain.steps[chain.last_affine]
+                report.skips.append(report_lib.Skip(end.name, end.op, str(reason)))
+                folded_nodes.update(n.name for n in chain.steps[:chain.last_affine + 1])  # explained here
+                continue
             absorbed = _emit(editor, match, chain)
             end = chain.steps[chain.last_affine]
             folded_nodes.update(n.name for n in chain.steps[:chain.last_affine + 1])

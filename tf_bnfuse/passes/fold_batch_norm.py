@@ -63,6 +63,7 @@ def run(graph_def, outputs):
             scale, shift = _affine_of(index, node)
             match = linear_ops.match_linear_chain(index, node.input[0])
             _check_compatible(node, match, scale)
+            linear_ops.check_fold(match, scale, shift)
         except linear_ops.NoMatch as reason:
             report.skips.append(report_lib.Skip(node.name, node.op, str(reason)))
             continue

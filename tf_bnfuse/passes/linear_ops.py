@@ -215,8 +215,23 @@ def linear_kernel(index, node):
                        bias=None, bias_const=None, absorbed=[])
 
 
+def _check_representable(values, dtype, what):
+    limit = np.finfo(np.dtype(dtype.as_numpy_dtype)).max if dtype.is_floating else None
+    if limit is not None and np.any(np.abs(values) > limit):
+        raise NoMatch("the folded %s would overflow %s" % (what, dtype.name))
+
+
+def check_fold(match, scale, shift, bias_dtype=None):
+    """NoMatch when the folded kernel or bias would overflow the dtype it is stored in
+    (a float16 conv whose float32 batch norm scales past 65504). Call before emitting."""
+    new_kernel, new_bias = fold_math.fold_affine_into_linear(
+        match.kernel, match.bias, scale, shift, match.out_channel_axes)
+    _check_representable(new_kernel, match.dtype, "kernel of " + match.linear.name)
+    _check_representable(new_bias, bias_dtype or match.dtype, "bias of " + match.linear.name)
+
+
 def emit_fold(editor, match, scale, shift, replaced_node, anchor=None, channel_first=None,
-              suffix="_bn_folded"):
+              suffix="_bn_folded", bias_dtype=None):
     """Writes the fold of `x * scale + shift` after `match` into `editor`.
 
     New Const nodes hold the folded kernel and bias (the old ones are left for
@@ -224,12 +239,15 @@ def emit_fold(editor, match, scale, shift, replaced_node, anchor=None, channel_f
     `replaced_node` becomes BiasAdd(anchor, new bias): it keeps its name, so
     its consumers and any signature output that names it are unchanged.
     anchor is the linear op's output unless shape-only ops stay in between.
+    bias_dtype: the new BiasAdd's dtype when a Cast stays in between (mixed
+    precision); the linear op's dtype otherwise.
     """
     new_kernel, new_bias = fold_math.fold_affine_into_linear(
         match.kernel, match.bias, scale, shift, match.out_channel_axes)
     dtype = match.dtype
+    bias_dtype = bias_dtype or dtype
     bias_base = (match.bias_const or match.linear.name + "/bias") + suffix
-    bias_name = editor.add_const(bias_base, new_bias, dtype)
+    bias_name = editor.add_const(bias_base, new_bias, bias_dtype)
     if not np.all(np.asarray(scale) == 1.0):  # a shift alone leaves the kernel as it is
         kernel_name = editor.add_const(match.kernel_const + suffix, new_kernel, dtype)
         linear = editor.node(match.linear.name)
@@ -246,6 +264,6 @@ def emit_fold(editor, match, scale, shift, replaced_node, anchor=None, channel_f
         anchor = match.anchor
     anchor = anchor or match.linear.name
     editor.replace_node(replaced_node, "BiasAdd", [anchor, bias_name], {
-        "T": graph_lib.type_attr(dtype),
+        "T": graph_lib.type_attr(bias_dtype),
         "data_format": graph_lib.string_attr("NCHW" if channel_first else "NHWC"),
     })
