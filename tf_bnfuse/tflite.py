@@ -8,6 +8,7 @@ TFLite kernels sum in another order than TensorFlow's).
 
 import collections
 import dataclasses
+import re
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -84,8 +85,17 @@ def batch_norm_ops_after_linear(model_content):
     return count
 
 
-def _first_line(exc):
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+def converter_error(exc):
+    """The part of a TFLite converter error a user can act on, on one line.
+
+    The converter prefixes the cause with "Could not translate MLIR to
+    FlatBuffer." and MLIR locations; the cause is the "'tf.Op' op ..." message.
+    """
+    text = str(exc)
+    cause = re.search(r"'(?:tf|tfl)\.[A-Za-z0-9_]+' op [^\n]*", text)
+    if cause:
+        return cause.group(0).strip()
+    lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
 
 
@@ -122,7 +132,7 @@ def build(input_dir, folded_dir, tflite_path, signature_keys, tags, original, in
     try:
         model_content = convert(folded_dir, signature_keys, tags)
     except Exception as e:  # the converter raises many types; the user needs the first line
-        raise errors.BadInputError("the TFLite converter cannot convert the folded model: %s" % _first_line(e))
+        raise errors.BadInputError("the TFLite converter cannot convert the folded model: %s" % converter_error(e))
     report = TfliteReport(tflite_path, len(model_content), op_counts(model_content),
                           batch_norm_ops_after_linear(model_content))
     try:
@@ -130,6 +140,6 @@ def build(input_dir, folded_dir, tflite_path, signature_keys, tags, original, in
         report.ops_before = op_counts(before)
         report.batch_norm_ops_before = batch_norm_ops_after_linear(before)
     except Exception as e:  # converting the input directly may fail: that is worth reporting, not fatal
-        report.before_error = _first_line(e)
+        report.before_error = converter_error(e)
     report.checks = check(model_content, original, input_specs, verify_config)
     return model_content, report

@@ -61,11 +61,10 @@ def _source_chain(index, linear, in_channels, rank, channel):
     cannot fold; returns None when the input is not an affine source at all.
     """
     data_input = [i for i in linear.input if not i.startswith("^")][0]
-    absorbed = []
+    absorbed = []  # (node, port) of Identities between the source and the linear op
     node, port = index.producer(data_input)
     while node is not None and node.op in ("Identity", "Snapshot"):
-        linear_ops._single_use(index, node, port)
-        absorbed.append(node.name)
+        absorbed.append((node, port))
         node, port = index.producer(node.input[0])
     if node is None:
         return None
@@ -79,8 +78,8 @@ def _source_chain(index, linear, in_channels, rank, channel):
         scale, shift = fold_batch_norm._affine_of(index, node)
         if scale.shape != (in_channels,):
             raise linear_ops.NoMatch("has %d channels but %s reads %d" % (scale.size, linear.name, in_channels))
-        linear_ops._single_use(index, node, 0)
-        return node.input[0], [node], scale, shift, absorbed
+        _check_single_uses(index, [(node, 0)] + absorbed)
+        return node.input[0], [node], scale, shift, [n.name for n, _ in absorbed]
     # A chain of affine ops by constants, walked upward; composed from x on.
     chain, steps = [], []
     layout = types.SimpleNamespace(rank=rank, channel=channel)  # what _affine_step reads of a chain
@@ -91,18 +90,24 @@ def _source_chain(index, linear, in_channels, rank, channel):
             step = fold_affine._affine_step(index, node, layout, in_channels)
         except linear_ops.NoMatch:
             break
-        linear_ops._single_use(index, node, 0)
         chain.append(node)
         steps.append(step)
         data = [i for i in node.input if not i.startswith("^") and index.const_value(i) is None][0]
         node, port = index.producer(data)
+    # Nothing, or only a bias: that belongs to the op before (a folded batch norm is a BiasAdd now).
     if not chain or not any(n.op in fold_affine.SCALING_OPS for n in chain):
-        return None  # nothing, or a bias of the op before: not this pass's to move
+        return None
+    _check_single_uses(index, [(n, 0) for n in chain] + absorbed)
     affine = (np.ones(in_channels), np.zeros(in_channels))
     for step in reversed(steps):
         affine = fold_math.compose_affine(affine, step)
     x = [i for i in chain[-1].input if not i.startswith("^") and index.const_value(i) is None][0]
-    return x, chain, affine[0], affine[1], absorbed
+    return x, chain, affine[0], affine[1], [n.name for n, _ in absorbed]
+
+
+def _check_single_uses(index, nodes_and_ports):
+    for node, port in nodes_and_ports:
+        linear_ops._single_use(index, node, port)
 
 
 def run(graph_def, outputs):

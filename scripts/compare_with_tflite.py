@@ -1,0 +1,196 @@
+"""Where tf_bnfuse goes beyond the TFLite converter: prints the README's Markdown table.
+
+    .venv/bin/python scripts/compare_with_tflite.py
+
+For each case, a small model is built the way a user builds it (Keras 3
+model.export, tf-keras model.save, or raw ops for graph-only cases;
+weights=None-style random weights and random batch-norm statistics), then:
+the TFLite converter on the original SavedModel; tf_bnfuse on it; the TFLite
+converter on the folded SavedModel. "BN ops left" counts the MUL/ADD a batch
+norm leaves next to a linear op in the .tflite model (tf_bnfuse.tflite's
+count, also given for the original); MUL total counts every MUL in the
+.tflite model. The error is the folded .tflite model's outputs against the
+original SavedModel's (not the original .tflite), relative to the output's
+largest value. Each Keras flavour runs in a process of its own.
+"""
+
+import collections
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FLAVOURS = ["keras3", "tf_keras", "raw"]
+
+
+def build_cases(flavour, root):
+    """{case name: SavedModel path} for one flavour, built in this process."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    paths = {}
+    if flavour == "raw":
+        import tensorflow as tf
+
+        def save(name, build):
+            graph = tf.Graph()
+            with graph.as_default():
+                x, y = build()
+                with tf.compat.v1.Session(graph=graph) as session:
+                    signature = tf.compat.v1.saved_model.signature_def_utils.predict_signature_def(
+                        {"x": x}, {"y": y})
+                    builder = tf.compat.v1.saved_model.Builder(os.path.join(root, name))
+                    builder.add_meta_graph_and_variables(session, ["serve"],
+                                                         signature_def_map={"serving_default": signature})
+                    builder.save()
+            paths[name] = os.path.join(root, name)
+
+        def bn_consts(c):
+            return [tf.constant(v.astype(np.float32)) for v in (
+                rng.uniform(0.5, 1.5, c), rng.normal(0, 0.5, c), rng.normal(0, 0.5, c), rng.uniform(0.2, 2, c))]
+
+        def fbn_v2():
+            x = tf.compat.v1.placeholder(tf.float32, [None, 12, 12, 3])
+            y = tf.nn.conv2d(x, tf.constant(rng.standard_normal((3, 3, 3, 8)).astype(np.float32)), 1, "SAME")
+            g, b, m, v = bn_consts(8)
+            y = tf.raw_ops.FusedBatchNormV2(x=y, scale=g, offset=b, mean=m, variance=v, is_training=False)[0]
+            return x, tf.nn.relu(y)
+
+        def matmul_reshape_bn():
+            x = tf.compat.v1.placeholder(tf.float32, [None, 16])
+            y = tf.matmul(x, tf.constant(rng.standard_normal((16, 8)).astype(np.float32)))
+            y = tf.reshape(y, [-1, 1, 1, 8])
+            g, b, m, v = bn_consts(8)
+            y = tf.raw_ops.FusedBatchNormV3(x=y, scale=g, offset=b, mean=m, variance=v, is_training=False)[0]
+            return x, tf.reshape(y, [-1, 8])
+
+        save("FusedBatchNormV2 after Conv2D (raw ops)", fbn_v2)
+        save("MatMul -> Reshape to rank 4 -> FusedBatchNormV3 -> Reshape back (raw ops)", matmul_reshape_bn)
+        return paths
+
+    if flavour == "tf_keras":
+        os.environ["TF_USE_LEGACY_KERAS"] = "1"
+        import tf_keras as keras
+    else:
+        import keras
+    L = keras.layers
+    models = {
+        "Conv3D -> BatchNormalization": lambda: [keras.Input((6, 8, 8, 3)), L.Conv3D(8, 3, padding="same"),
+                                                 L.BatchNormalization()],
+        "Conv2D(dilation_rate=2) -> BatchNormalization": lambda: [
+            keras.Input((16, 16, 3)), L.Conv2D(8, 3, dilation_rate=2, padding="same"), L.BatchNormalization()],
+        "MaxPooling2D -> BatchNormalization -> Conv2D(padding=\"valid\")": lambda: [
+            keras.Input((16, 16, 3)), L.MaxPooling2D(), L.BatchNormalization(), L.Conv2D(8, 3)],
+    }
+    if flavour == "keras3":
+        models["Conv2D -> BatchNormalization under mixed_float16"] = "mixed"
+    for name, layers in models.items():
+        if layers == "mixed":
+            keras.mixed_precision.set_global_policy("mixed_float16")
+            layers = models["Conv2D(dilation_rate=2) -> BatchNormalization"]
+            model = keras.Sequential([keras.Input((16, 16, 3)), L.Conv2D(8, 3, padding="same"),
+                                      L.BatchNormalization(), L.ReLU()])
+            keras.mixed_precision.set_global_policy("float32")
+        else:
+            model = keras.Sequential(layers())
+        for layer in model.layers:
+            if isinstance(layer, L.BatchNormalization):
+                c = layer.gamma.shape[0]
+                layer.set_weights([rng.uniform(0.5, 1.5, c), rng.normal(0, 0.5, c), rng.normal(0, 0.5, c),
+                                   rng.uniform(0.2, 2.0, c)])
+        path = os.path.join(root, "%d" % len(paths))
+        if flavour == "tf_keras":
+            model.save(path, save_format="tf")
+        else:
+            model.export(path, verbose=False)
+        paths[name] = path
+    return paths
+
+
+def tflite_summary(saved_model):
+    """(op counts or None, BN ops left, error message or None, model bytes) of converting a SavedModel."""
+    from tf_bnfuse import tflite as tflite_lib
+    try:
+        content = tflite_lib.convert(saved_model, ["serving_default"], ["serve"])
+    except Exception as e:  # the converter's errors are what this table reports
+        return None, None, tflite_lib.converter_error(e), None
+    return tflite_lib.op_counts(content), tflite_lib.batch_norm_ops_after_linear(content), None, content
+
+
+def max_rel_error(content, saved_model):
+    import numpy as np
+    import tensorflow as tf
+    function = tf.saved_model.load(saved_model).signatures["serving_default"]
+    runner = tf.lite.Interpreter(model_content=content).get_signature_runner("serving_default")
+    rng = np.random.default_rng(1)
+    inputs = {k: rng.standard_normal([2 if d is None else d for d in s.shape.as_list()]).astype(np.float32)
+              for k, s in function.structured_input_signature[1].items()}
+    expected = function(**inputs)
+    actual = runner(**inputs)
+    return max(float(np.abs(actual[k] - expected[k].numpy()).max() / np.abs(expected[k].numpy()).max())
+               for k in expected)
+
+
+def run_flavour(flavour):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from tf_bnfuse import fold_saved_model
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        for case, path in build_cases(flavour, root).items():
+            row = {"case": case, "flavour": flavour}
+            row["before_ops"], row["before_bn_left"], row["before_error"], _ = tflite_summary(path)
+            out = path + "_folded"
+            try:
+                report = fold_saved_model(path, out)
+                graph = report.signatures["serving_default"]
+                row["folded"], row["left"] = len(graph.folds), len(graph.skips)
+            except Exception as e:
+                row["fold_error"] = str(e).splitlines()[0]
+                rows.append(row)
+                continue
+            row["after_ops"], row["after_bn_left"], row["after_error"], content = tflite_summary(out)
+            if content is not None:
+                row["error"] = max_rel_error(content, path)
+            rows.append(row)
+    print("ROWS " + json.dumps(rows))
+
+
+def describe(ops, bn_left, error):
+    if ops is None:
+        return "conversion fails: %s" % error
+    listed = ", ".join("%s %d" % kv for kv in sorted(ops.items(), key=lambda kv: (-kv[1], kv[0])))
+    return "%s (BN ops left: %d)" % (listed, bn_left)
+
+
+def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--flavour":
+        return run_flavour(sys.argv[2])
+    rows = []
+    for flavour in FLAVOURS:
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+        if flavour == "tf_keras":
+            env["TF_USE_LEGACY_KERAS"] = "1"
+        result = subprocess.run([sys.executable, os.path.abspath(__file__), "--flavour", flavour],
+                                capture_output=True, text=True, env=env)
+        lines = [line for line in result.stdout.splitlines() if line.startswith("ROWS ")]
+        if result.returncode != 0 or not lines:
+            sys.exit("%s failed:\n%s" % (flavour, result.stderr[-3000:]))
+        rows += json.loads(lines[-1][5:])
+    names = {"keras3": "Keras 3", "tf_keras": "tf-keras", "raw": "raw ops"}
+    print("| case | model | TFLite converter on the original | tf_bnfuse | TFLite converter on the folded model "
+          "| .tflite vs original, max rel error |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        folded = ("fails: %s" % row["fold_error"]) if "fold_error" in row else "%d folded, %d left alone" % (
+            row["folded"], row["left"])
+        after = describe(row.get("after_ops"), row.get("after_bn_left"), row.get("after_error")) \
+            if "fold_error" not in row else "-"
+        print("| %s | %s | %s | %s | %s | %s |" % (
+            row["case"], names[row["flavour"]], describe(row["before_ops"], row["before_bn_left"],
+                                                         row["before_error"]),
+            folded, after, "%.1e" % row["error"] if "error" in row else "-"))
+
+
+if __name__ == "__main__":
+    main()
