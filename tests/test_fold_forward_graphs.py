@@ -122,3 +122,18 @@ def test_backward_folds_first_and_forward_does_not_move_a_bias():
     graph_def, outputs = graphs.build(build)
     folded, report = fold_and_compare(graph_def, {"x": graphs.random((2, 10, 10, 3))}, outputs)
     assert [f.linear_node for f in report.folds] == ["conv1"] and forward(report).folds == []
+
+
+@pytest.mark.parametrize("pad_width", [0, 1])
+def test_a_pad_of_zero_width_is_passed_but_a_real_pad_stops_the_fold(pad_width):
+    def build():
+        y = pooled_input([None, 12, 12, 3])
+        y = graphs.fused_batch_norm(y, 3, "bn")[0]
+        y = tf.pad(y, [[0, 0], [pad_width, pad_width], [pad_width, pad_width], [0, 0]], name="pad")
+        y = tf.nn.conv2d(y, graphs.const(graphs.random((3, 3, 3, 4)), "w"), 1, "VALID", name="conv")
+        return [tf.identity(y, name="out").op.name]
+
+    graph_def, outputs = graphs.build(build)
+    folded, report = fold_and_compare(graph_def, {"x": graphs.random((2, 12, 12, 3))}, outputs)
+    assert len(forward(report).folds) == (1 if pad_width == 0 else 0)
+    assert bool(graphs.batch_norm_nodes(folded)) == (pad_width != 0)

@@ -2,7 +2,7 @@
 
 Pattern (along input edges, upward from each linear op's data input):
 
-    x -> (FusedBatchNorm* | affine op+) -> Identity* -> Conv2D / DepthwiseConv2dNative / MatMul
+    x -> (FusedBatchNorm* | affine op+) -> (Identity | Pad of zero width)* -> Conv2D / DepthwiseConv2dNative / MatMul
 
 This is what the other passes cannot reach: a batch norm that follows a pool,
 a concat or the model input, feeding a convolution directly. By linearity,
@@ -63,7 +63,7 @@ def _source_chain(index, linear, in_channels, rank, channel):
     data_input = [i for i in linear.input if not i.startswith("^")][0]
     absorbed = []  # (node, port) of Identities between the source and the linear op
     node, port = index.producer(data_input)
-    while node is not None and node.op in ("Identity", "Snapshot"):
+    while node is not None and (node.op in ("Identity", "Snapshot") or _zero_width_pad(index, node)):
         absorbed.append((node, port))
         node, port = index.producer(node.input[0])
     if node is None:
@@ -103,6 +103,14 @@ def _source_chain(index, linear, in_channels, rank, channel):
         affine = fold_math.compose_affine(affine, step)
     x = [i for i in chain[-1].input if not i.startswith("^") and index.const_value(i) is None][0]
     return x, chain, affine[0], affine[1], [n.name for n, _ in absorbed]
+
+
+def _zero_width_pad(index, node):
+    """A Pad that adds nothing: as good as an Identity for the fold (a real pad would add zeros)."""
+    if node.op not in ("Pad", "PadV2"):
+        return False
+    paddings = index.const_value([i for i in node.input if not i.startswith("^")][1])
+    return paddings is not None and not np.any(paddings)
 
 
 def _check_single_uses(index, nodes_and_ports):

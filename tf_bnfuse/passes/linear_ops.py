@@ -216,7 +216,7 @@ def linear_kernel(index, node):
 
 
 def _check_representable(values, dtype, what):
-    limit = np.finfo(np.dtype(dtype.as_numpy_dtype)).max if dtype.is_floating else None
+    limit = float(dtype.max) if dtype.is_floating else None  # tf.DType knows bfloat16; np.finfo does not
     if limit is not None and np.any(np.abs(values) > limit):
         raise NoMatch("the folded %s would overflow %s" % (what, dtype.name))
 
