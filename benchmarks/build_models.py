@@ -19,31 +19,12 @@ parser.add_argument("--input_size", type=int, default=224)
 parser.add_argument("models", nargs="+")
 args = parser.parse_args()
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-if args.keras == "tf_keras":
-    os.environ["TF_USE_LEGACY_KERAS"] = "1"  # before TensorFlow loads
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from keras_flavour import import_keras, randomize_batch_norms  # noqa: E402
+
+keras = import_keras(args.keras)  # before TensorFlow loads
 
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402,F401
-
-if args.keras == "tf_keras":
-    import tf_keras as keras  # noqa: E402
-else:
-    import keras  # noqa: E402
-
-
-def randomize_batch_norms(model, rng):
-    layers = model._flatten_layers() if hasattr(model, "_flatten_layers") else model.submodules
-    for layer in layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            c = layer.gamma.shape[0] if layer.gamma is not None else layer.moving_mean.shape[0]
-            weights = []
-            if layer.gamma is not None:
-                weights.append(rng.uniform(0.5, 1.5, c))
-            if layer.beta is not None:
-                weights.append(rng.normal(0, 0.5, c))
-            weights += [rng.normal(0, 0.5, c), rng.uniform(0.2, 2.0, c)]
-            layer.set_weights(weights)
 
 
 def main():
@@ -55,7 +36,7 @@ def main():
             continue
         size = args.input_size
         model = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3))
-        randomize_batch_norms(model, rng)
+        randomize_batch_norms(keras, model, rng)
         scratch = path + ".partial"
         if args.keras == "tf_keras":
             model.save(scratch, save_format="tf")

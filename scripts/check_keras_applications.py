@@ -22,27 +22,18 @@ parser.add_argument("--input_size", type=int, default=96)
 parser.add_argument("models", nargs="+", help="keras.applications names, e.g. EfficientNetB0 DenseNet121")
 args = parser.parse_args()
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-if args.keras == "tf_keras":
-    os.environ["TF_USE_LEGACY_KERAS"] = "1"  # before TensorFlow loads
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from keras_flavour import batch_norm_layers, import_keras, randomize_batch_norms  # noqa: E402
+
+keras = import_keras(args.keras)  # before TensorFlow loads
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-
-if args.keras == "tf_keras":
-    import tf_keras as keras  # noqa: E402
-else:
-    import keras  # noqa: E402
 
 from tf_bnfuse import fold_saved_model  # noqa: E402
 
 LINEAR_LAYERS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D, keras.layers.Dense,
                  keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D, keras.layers.Conv2DTranspose)
-
-
-def batch_norm_layers(model):
-    layers = model._flatten_layers() if hasattr(model, "_flatten_layers") else model.submodules
-    return [l for l in layers if isinstance(l, keras.layers.BatchNormalization)]
 
 
 def follows_linear(bn):
@@ -77,11 +68,8 @@ def main():
         size = args.input_size
         model = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3), classes=10,
                                                   classifier_activation=None)
-        bns = batch_norm_layers(model)
-        for layer in bns:
-            c = layer.gamma.shape[0]
-            layer.set_weights([rng.uniform(0.5, 1.5, c), rng.normal(0, 0.5, c), rng.normal(0, 0.5, c),
-                               rng.uniform(0.2, 2.0, c)])
+        bns = batch_norm_layers(keras, model)
+        randomize_batch_norms(keras, model, rng)
         after_linear = sum(follows_linear(bn) for bn in bns)
         with tempfile.TemporaryDirectory() as tmp:
             src, out = os.path.join(tmp, "src"), os.path.join(tmp, "out")

@@ -14,7 +14,6 @@ original SavedModel's (not the original .tflite), relative to the output's
 largest value. Each Keras flavour runs in a process of its own.
 """
 
-import collections
 import json
 import os
 import subprocess
@@ -69,11 +68,9 @@ def build_cases(flavour, root):
         save("MatMul -> Reshape to rank 4 -> FusedBatchNormV3 -> Reshape back (raw ops)", matmul_reshape_bn)
         return paths
 
-    if flavour == "tf_keras":
-        os.environ["TF_USE_LEGACY_KERAS"] = "1"
-        import tf_keras as keras
-    else:
-        import keras
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "benchmarks"))
+    from keras_flavour import import_keras, randomize_batch_norms
+    keras = import_keras(flavour)
     L = keras.layers
     models = {
         "Conv3D -> BatchNormalization": lambda: [keras.Input((6, 8, 8, 3)), L.Conv3D(8, 3, padding="same"),
@@ -88,17 +85,12 @@ def build_cases(flavour, root):
     for name, layers in models.items():
         if layers == "mixed":
             keras.mixed_precision.set_global_policy("mixed_float16")
-            layers = models["Conv2D(dilation_rate=2) -> BatchNormalization"]
             model = keras.Sequential([keras.Input((16, 16, 3)), L.Conv2D(8, 3, padding="same"),
                                       L.BatchNormalization(), L.ReLU()])
             keras.mixed_precision.set_global_policy("float32")
         else:
             model = keras.Sequential(layers())
-        for layer in model.layers:
-            if isinstance(layer, L.BatchNormalization):
-                c = layer.gamma.shape[0]
-                layer.set_weights([rng.uniform(0.5, 1.5, c), rng.normal(0, 0.5, c), rng.normal(0, 0.5, c),
-                                   rng.uniform(0.2, 2.0, c)])
+        randomize_batch_norms(keras, model, rng)
         path = os.path.join(root, "%d" % len(paths))
         if flavour == "tf_keras":
             model.save(path, save_format="tf")

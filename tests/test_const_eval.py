@@ -21,9 +21,9 @@ def _statistics_graph(dtype):
         scale = tf.identity(gamma * tf.math.rsqrt(var + tf.constant(1e-3, dtype)), name="scale")
         offset = tf.subtract(beta, mean * scale, name="offset")
         shaped = tf.reshape(tf.expand_dims(offset, 0), [1, 1, 1, c], name="shaped")
-        squeezed = tf.squeeze(shaped, axis=[0, 1], name="squeezed")
+        tf.squeeze(shaped, axis=[0, 1], name="squeezed")
         other = tf.sqrt(tf.maximum(var, tf.constant(0.1, dtype)) / tf.constant(3.0, dtype), name="other")
-        neg = tf.negative(tf.math.reciprocal(other) - tf.square(mean), name="neg")
+        tf.negative(tf.math.reciprocal(other) - tf.square(mean), name="neg")
         return ["scale", "offset", "shaped", "squeezed", "other", "neg"]
 
     return graphs.build(build)

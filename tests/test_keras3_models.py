@@ -49,13 +49,19 @@ def test_keras3_model_folds_every_batch_norm(exported, name, tmp_path):
         assert not {"Mul", "AddV2", "Rsqrt"} & set(data_path_ops(out))
 
 
-def test_keras3_swish_after_batch_norm_is_written_and_folded(exported, tmp_path):
-    """swish is a tf.custom_gradient in Keras 3; the written model must still save and load."""
-    src, batch_norms = exported("conv_bn_swish")
+def fold_and_compare(exported, name, tmp_path):
+    """(source, output, serving GraphReport, number of batch norms) after folding a model and
+    checking its outputs against the original."""
+    src, batch_norms = exported(name)
     out = str(tmp_path / "out")
     report = fold_saved_model(src, out)
     compare_outputs(src, out)
-    graph = report.signatures["serving_default"]
+    return src, out, report.signatures["serving_default"], batch_norms
+
+
+def test_keras3_swish_after_batch_norm_is_written_and_folded(exported, tmp_path):
+    """swish is a tf.custom_gradient in Keras 3; the written model must still save and load."""
+    src, out, graph, batch_norms = fold_and_compare(exported, "conv_bn_swish", tmp_path)
     assert len(graph.folds) == batch_norms == 1
     # Left alone: swish's own beta * x, which reads the folded output among its 3 consumers.
     assert [(s.op, "consumers" in s.reason) for s in graph.skips] == [("Mul", True)]
@@ -63,11 +69,7 @@ def test_keras3_swish_after_batch_norm_is_written_and_folded(exported, tmp_path)
 
 
 def test_keras3_batch_norm_before_a_valid_conv_folds_forward(exported, tmp_path):
-    src, batch_norms = exported("pool_bn_conv")
-    out = str(tmp_path / "out")
-    report = fold_saved_model(src, out)
-    compare_outputs(src, out)
-    graph = report.signatures["serving_default"]
+    src, out, graph, batch_norms = fold_and_compare(exported, "pool_bn_conv", tmp_path)
     forward = next(p for p in graph.passes if p.pass_name == "fold_forward")
     assert len(forward.folds) == batch_norms == 1 and graph.skips == []
     assert not {"Mul", "AddV2", "Rsqrt"} & set(data_path_ops(out))

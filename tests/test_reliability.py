@@ -14,7 +14,6 @@ import conftest
 import graphs
 from savedmodel_checks import compare_outputs
 from test_cli import assert_one_line_error, run_cli
-from tf_bnfuse import errors
 from tf_bnfuse import fold_graph_def
 from tf_bnfuse import fold_saved_model
 from tf_bnfuse import output_dir

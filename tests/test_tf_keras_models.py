@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-import tensorflow as tf
 
 import conftest
 from savedmodel_checks import batch_norm_like_left, compare_outputs, data_path_ops

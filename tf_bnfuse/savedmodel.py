@@ -10,7 +10,6 @@ import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
 from google.protobuf import message
 from google.protobuf import text_format
-from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow.python.framework import convert_to_constants
 
