@@ -123,6 +123,8 @@ def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFA
     parent = os.path.dirname(os.path.realpath(output_dir))
     output_dir_lib.remove_stale_scratch(parent)
     scratch = output_dir_lib.make_scratch(parent)
+    # The .tflite is written beside its final name, so that its rename cannot cross filesystems.
+    tflite_scratch = "%s.tf_bnfuse-%d.tmp" % (tflite_output, os.getpid()) if tflite_output else None
     try:
         built = os.path.join(scratch, "saved_model")
         with phase("write"):
@@ -160,8 +162,6 @@ def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFA
                     "TFLite check failed: signature %s output %s: max abs error %.3g, max rel error %.3g "
                     "(rtol %g, atol %g); nothing written" % (bad.signature, bad.output, bad.max_abs_error,
                                                             bad.max_rel_error, bad.rtol, bad.atol))
-            # Written beside its final name, so that the rename below cannot cross filesystems.
-            tflite_scratch = "%s.tf_bnfuse-%d.tmp" % (tflite_output, os.getpid())
             with open(tflite_scratch, "wb") as f:
                 f.write(model_content)
         with phase("move into place"):
@@ -170,7 +170,7 @@ def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFA
                 os.replace(tflite_scratch, tflite_output)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-        if tflite_output and os.path.exists("%s.tf_bnfuse-%d.tmp" % (tflite_output, os.getpid())):
-            os.remove("%s.tf_bnfuse-%d.tmp" % (tflite_output, os.getpid()))
+        if tflite_scratch and os.path.exists(tflite_scratch):
+            os.remove(tflite_scratch)
     return report_lib.RunReport(saved_model_dir, output_dir, reports, verification, timeline.to_list(),
                                 tflite_report)

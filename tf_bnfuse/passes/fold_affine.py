@@ -58,7 +58,7 @@ class _Chain:
         self.stopped_by_node = False  # the stop is about the node itself, not about fan-out
 
 
-def _affine_step(index, node, chain, channels):
+def affine_step(index, node, chain, channels):
     """(scale, shift) of one affine node with a constant operand; raises NoMatch."""
     data_inputs = [i for i in node.input if not i.startswith("^")]
     if len(data_inputs) != 2:
@@ -171,7 +171,7 @@ def _walk(index, match, dtype):
             chain.kept.append(node)
         elif node.op in AFFINE_OPS and graph_lib.node_dtype(node) == dtype:
             try:
-                step = _affine_step(index, node, chain, channels)
+                step = affine_step(index, node, chain, channels)
             except linear_ops.NoMatch as reason:
                 chain.stop_reason, chain.stop_nodes = str(reason), [node.name]
                 chain.stopped_by_node = True

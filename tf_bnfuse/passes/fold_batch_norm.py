@@ -20,7 +20,7 @@ BATCH_NORM_OPS = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3")
 PARAM_NAMES = ("scale", "offset", "mean", "variance")
 
 
-def _affine_of(index, node):
+def affine_of(index, node):
     """(scale, shift) of an inference batch norm; raises NoMatch when it has none."""
     # is_training defaults to true when the attr is absent.
     if "is_training" not in node.attr or node.attr["is_training"].b:
@@ -60,7 +60,7 @@ def run(graph_def, outputs):
         if node.op not in BATCH_NORM_OPS:
             continue
         try:
-            scale, shift = _affine_of(index, node)
+            scale, shift = affine_of(index, node)
             match = linear_ops.match_linear_chain(index, node.input[0])
             _check_compatible(node, match, scale)
             linear_ops.check_fold(match, scale, shift)

@@ -75,19 +75,19 @@ def _source_chain(index, linear, in_channels, rank, channel):
         if bn_axis != channel:
             raise linear_ops.NoMatch("data_format %s does not match %s %s" % (
                 graph_lib.attr_string(node, "data_format", "NHWC"), linear.op, linear.name))
-        scale, shift = fold_batch_norm._affine_of(index, node)
+        scale, shift = fold_batch_norm.affine_of(index, node)
         if scale.shape != (in_channels,):
             raise linear_ops.NoMatch("has %d channels but %s reads %d" % (scale.size, linear.name, in_channels))
         _check_single_uses(index, [(node, 0)] + absorbed)
         return node.input[0], [node], scale, shift, [n.name for n, _ in absorbed]
     # A chain of affine ops by constants, walked upward; composed from x on.
     chain, steps = [], []
-    layout = types.SimpleNamespace(rank=rank, channel=channel)  # what _affine_step reads of a chain
+    layout = types.SimpleNamespace(rank=rank, channel=channel)  # what affine_step reads of a chain
     while node is not None and node.op in fold_affine.AFFINE_OPS and port == 0:
         if graph_lib.node_dtype(node) != graph_lib.node_dtype(linear):
             break
         try:
-            step = fold_affine._affine_step(index, node, layout, in_channels)
+            step = fold_affine.affine_step(index, node, layout, in_channels)
         except linear_ops.NoMatch:
             break
         chain.append(node)
@@ -115,7 +115,7 @@ def _zero_width_pad(index, node):
 
 def _check_single_uses(index, nodes_and_ports):
     for node, port in nodes_and_ports:
-        linear_ops._single_use(index, node, port)
+        linear_ops.single_use(index, node, port)
 
 
 def run(graph_def, outputs):

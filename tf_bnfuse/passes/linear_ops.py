@@ -111,7 +111,7 @@ class NoMatch(Exception):
     """The chain above an affine op cannot be folded; the message says why."""
 
 
-def _single_use(index, node, port):
+def single_use(index, node, port):
     uses = index.use_count(node.name, port)
     if uses != 1:
         extra = " (one is a graph output)" if index.is_output(node.name, port) else ""
@@ -157,7 +157,7 @@ def match_linear_chain(index, input_str):
         is_kept = node.op in CHANNEL_PRESERVING_OPS and anchor is None
         if not (is_identity or is_bias or is_kept or node.op in LINEAR_OPS):
             raise NoMatch("input comes from %s (%s), not from a supported linear op" % (node.name, node.op))
-        _single_use(index, node, port)
+        single_use(index, node, port)
         if node.op in LINEAR_OPS:
             break
         if is_identity:
