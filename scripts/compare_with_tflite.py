@@ -5,8 +5,9 @@
 For each case, a small model is built the way a user builds it (Keras 3
 model.export, tf-keras model.save, or raw ops for graph-only cases;
 weights=None-style random weights and random batch-norm statistics), then:
-the TFLite converter on the original SavedModel; tf_bnfuse on it; the TFLite
-converter on the folded SavedModel. "BN ops left" counts the MUL/ADD a batch
+the TFLite converter on the original SavedModel; tf_bnfuse on it with
+--tflite_output (fold_saved_model(..., tflite_output=...)), which converts the
+folded SavedModel (float16 compute promoted to float32 first, if any). "BN ops left" counts the MUL/ADD a batch
 norm leaves next to a linear op in the .tflite model (tf_bnfuse.tflite's
 count, also given for the original); MUL total counts every MUL in the
 .tflite model. The error is the folded .tflite model's outputs against the
@@ -100,16 +101,6 @@ def build_cases(flavour, root):
     return paths
 
 
-def tflite_summary(saved_model):
-    """(op counts or None, BN ops left, error message or None, model bytes) of converting a SavedModel."""
-    from tf_bnfuse import tflite as tflite_lib
-    try:
-        content = tflite_lib.convert(saved_model, ["serving_default"], ["serve"])
-    except Exception as e:  # the converter's errors are what this table reports
-        return None, None, tflite_lib.converter_error(e), None
-    return tflite_lib.op_counts(content), tflite_lib.batch_norm_ops_after_linear(content), None, content
-
-
 def max_rel_error(content, saved_model):
     import numpy as np
     import tensorflow as tf
@@ -126,24 +117,26 @@ def max_rel_error(content, saved_model):
 
 def run_flavour(flavour):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    from tf_bnfuse import errors
     from tf_bnfuse import fold_saved_model
     rows = []
     with tempfile.TemporaryDirectory() as root:
         for case, path in build_cases(flavour, root).items():
             row = {"case": case, "flavour": flavour}
-            row["before_ops"], row["before_bn_left"], row["before_error"], _ = tflite_summary(path)
-            out = path + "_folded"
-            try:
-                report = fold_saved_model(path, out)
-                graph = report.signatures["serving_default"]
-                row["folded"], row["left"] = len(graph.folds), len(graph.skips)
-            except Exception as e:
-                row["fold_error"] = str(e).splitlines()[0]
+            tflite_path = path + ".tflite"
+            try:  # what a user gets from --tflite_output
+                report = fold_saved_model(path, path + "_folded", tflite_output=tflite_path)
+            except errors.BnFuseError as e:
+                row["fold_error"] = str(e)
                 rows.append(row)
                 continue
-            row["after_ops"], row["after_bn_left"], row["after_error"], content = tflite_summary(out)
-            if content is not None:
-                row["error"] = max_rel_error(content, path)
+            graph, tflite = report.signatures["serving_default"], report.tflite
+            row.update(folded=len(graph.folds), left=len(graph.skips), before_ops=tflite.ops_before,
+                       before_bn_left=tflite.batch_norm_ops_before, before_error=tflite.before_error,
+                       after_ops=tflite.ops_after, after_bn_left=tflite.batch_norm_ops_after,
+                       promoted=tflite.promoted_float16)
+            with open(tflite_path, "rb") as f:
+                row["error"] = max_rel_error(f.read(), path)
             rows.append(row)
     print("ROWS " + json.dumps(rows))
 
@@ -176,8 +169,9 @@ def main():
     for row in rows:
         folded = ("fails: %s" % row["fold_error"]) if "fold_error" in row else "%d folded, %d left alone" % (
             row["folded"], row["left"])
-        after = describe(row.get("after_ops"), row.get("after_bn_left"), row.get("after_error")) \
-            if "fold_error" not in row else "-"
+        after = describe(row.get("after_ops"), row.get("after_bn_left"), None) if "fold_error" not in row else "-"
+        if row.get("promoted"):
+            after += ", float16 compute promoted to float32"
         print("| %s | %s | %s | %s | %s | %s |" % (
             row["case"], names[row["flavour"]], describe(row["before_ops"], row["before_bn_left"],
                                                          row["before_error"]),

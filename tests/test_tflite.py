@@ -85,6 +85,24 @@ def test_fused_batch_norm_v2_graph_converts_only_after_folding(tmp_path):
     assert_tflite_matches_original(tflite_path, src)
 
 
+def test_matmul_reshape_batch_norm_leaves_only_fully_connected_and_reshapes(tmp_path):
+    """MatMul -> Reshape to rank 4 -> FusedBatchNormV3 -> Reshape back, folded through the Reshape."""
+    def build():
+        x = tf.compat.v1.placeholder(tf.float32, [None, 16], name="x")
+        y = tf.reshape(tf.matmul(x, graphs.const(graphs.random((16, 8)), "w")), [-1, 1, 1, 8])
+        y = graphs.fused_batch_norm(y, 8, "bn")[0]
+        return tf.reshape(y, [-1, 8], name="out").op.name
+
+    graph_def, output = graphs.build(build)
+    src = str(tmp_path / "src")
+    save_graph_def(graph_def, ["x"], [output], src)
+    tflite_path = str(tmp_path / "model.tflite")
+    report = fold_saved_model(src, str(tmp_path / "out"), tflite_output=tflite_path)
+    assert len(report.signatures["serving_default"].folds) == 1
+    assert set(tflite_ops(tflite_path)) <= {"FULLY_CONNECTED", "RESHAPE"}
+    assert_tflite_matches_original(tflite_path, src)
+
+
 def test_cli_tflite_output_summary_and_bad_paths(example_model, tmp_path):
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "tf_bnfuse", "--saved_model_dir", example_model, *args],
@@ -107,3 +125,24 @@ def test_cli_tflite_output_summary_and_bad_paths(example_model, tmp_path):
     assert tflite_path.read_bytes() == before and not (tmp_path / "out2").exists()
     missing = cli("--output_dir", str(tmp_path / "out3"), "--tflite_output", str(tmp_path / "no" / "m.tflite"))
     assert missing.returncode == 2 and "does not exist" in missing.stderr and not (tmp_path / "out3").exists()
+
+
+def test_mixed_float16_model_converts_after_folding_with_float32_compute(keras3_exported, tmp_path):
+    """The converter has no float16 conv: the TFLite path promotes the folded graph to float32."""
+    src = keras3_exported("mixed_float16_conv_bn")
+    tflite_path = str(tmp_path / "model.tflite")
+    report = fold_saved_model(src, str(tmp_path / "out"), tflite_output=tflite_path)
+    assert report.tflite.before_error and report.tflite.promoted_float16
+    ops = tflite_ops(tflite_path)
+    assert "CONV_2D" in ops and "MUL" not in ops and "ADD" not in ops, ops
+    # The .tflite keeps the signature's float16 output; it matches the original within float16 precision.
+    interpreter = tf.lite.Interpreter(model_path=tflite_path)
+    function = tf.saved_model.load(src).signatures["serving_default"]
+    [key] = function.structured_input_signature[1]
+    image = np.random.default_rng(2).standard_normal((2, 12, 12, 3)).astype(np.float32)
+    expected = {k: v.numpy() for k, v in function(**{key: image}).items()}
+    actual = interpreter.get_signature_runner("serving_default")(**{key: image})
+    for name in expected:
+        assert actual[name].dtype == expected[name].dtype == np.float16
+        e, a = expected[name].astype(np.float64), actual[name].astype(np.float64)
+        assert np.abs(a - e).max() <= 1e-2 * np.abs(e).max()

@@ -15,6 +15,7 @@ from tf_bnfuse import savedmodel
 from tf_bnfuse import verify as verify_lib
 from tf_bnfuse import timing
 from tf_bnfuse import tflite as tflite_lib
+from tf_bnfuse.passes import promote_float16
 
 DEFAULT_TAGS = ("serve",)
 
@@ -70,6 +71,16 @@ def _check_tflite_output(path, saved_model_dir, output_dir, overwrite):
         raise errors.BadInputError("--tflite_output %s exists; pass --overwrite to replace it" % path)
     if not os.path.isdir(os.path.dirname(target)):
         raise errors.BadInputError("parent folder of %s does not exist" % path)
+
+
+def _promoted(folded):
+    """The folded signatures with float16 compute promoted to float32 (TFLite has no float16 convs)."""
+    promoted, by_graph = {}, {}
+    for key, sig in folded.items():
+        if id(sig.graph_def) not in by_graph:  # signatures sharing a graph keep sharing it
+            by_graph[id(sig.graph_def)] = promote_float16.run(sig.graph_def, sig.output_tensors)[0]
+        promoted[key] = dataclasses.replace(sig, graph_def=by_graph[id(sig.graph_def)])
+    return promoted
 
 
 def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFAULT_TAGS,
@@ -129,15 +140,16 @@ def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFA
         built = os.path.join(scratch, "saved_model")
         with phase("write"):
             savedmodel.write(folded, built, tags)
-        folded = None  # the written model holds the weights now
+        if not tflite_output:
+            folded = None  # the written model holds the weights now
         verification = None
+        # A signature found to be the same function as another (same graph, same
+        # variables) is checked against that one's original: its own copy would
+        # compute the same values and only cost a first call.
+        references = {k: functions[reports[k].same_as or k] for k in functions}
         if verify:
             with phase("verify"):
                 reloaded = savedmodel.load(built, tags)
-                # A signature found to be the same function as another (same graph, same
-                # variables) is checked against that one's original: its own copy would
-                # compute the same values and only cost a first call.
-                references = {k: functions[reports[k].same_as or k] for k in functions}
                 verification = verify_lib.verify(
                     references, {k: reloaded.signatures[k] for k in functions},
                     input_specs, config.get("verify", {}))
@@ -153,9 +165,14 @@ def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFA
         tflite_report = None
         if tflite_output:
             with phase("tflite"):
+                convert_dir = built
+                if any(promote_float16.has_half(sig.graph_def) for sig in folded.values()):
+                    convert_dir = os.path.join(scratch, "float32_for_tflite")
+                    savedmodel.write(_promoted(folded), convert_dir, tags)
                 model_content, tflite_report = tflite_lib.build(
-                    saved_model_dir, built, tflite_output, list(functions), tags, functions, input_specs,
-                    config.get("verify", {}))
+                    saved_model_dir, convert_dir, tflite_output, list(functions), tags, references,
+                    input_specs, config.get("verify", {}))
+                tflite_report.promoted_float16 = convert_dir != built
             if not tflite_report.ok:
                 bad = next(c for c in tflite_report.checks if not c.ok)
                 raise errors.VerificationError(

@@ -35,6 +35,9 @@ def format_run(report):
             return ", ".join("%s %d" % kv for kv in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
         lines.append("tflite %s (%d bytes): %d ops: %s" % (tflite.path, tflite.size_bytes,
                                                            sum(tflite.ops_after.values()), ops(tflite.ops_after)))
+        if tflite.promoted_float16:
+            lines.append("  float16 compute promoted to float32 for TFLite (it has no float16 conv kernels); "
+                         "signature dtypes kept")
         lines.append("  batch-norm MUL/ADD left after a conv or fully connected op: %d"
                      % tflite.batch_norm_ops_after)
         if tflite.ops_before is not None:

@@ -32,6 +32,7 @@ class TfliteReport:
     batch_norm_ops_before: Optional[int] = None
     before_error: Optional[str] = None  # why converting the input directly failed
     checks: List[verify_lib.OutputCheck] = dataclasses.field(default_factory=list)
+    promoted_float16: bool = False  # float16 compute was promoted to float32 before converting
 
     @property
     def ok(self):
@@ -103,7 +104,7 @@ def check(model_content, original, input_specs, verify_config):
     """Runs every signature of the .tflite model against the original's functions; [OutputCheck]."""
     interpreter = tf.lite.Interpreter(model_content=model_content)
     available = set(interpreter.get_signature_list())
-    tolerance = verify_config.get("tflite_tolerance", {"rtol": 1e-3, "atol": 1e-5})
+    tflite_tolerance = verify_config.get("tflite_tolerance", {"rtol": 1e-3, "atol": 1e-5})
     rng = np.random.default_rng(verify_config.get("seed", 0))
     checks = []
     for key in sorted(original):
@@ -118,6 +119,10 @@ def check(model_content, original, input_specs, verify_config):
         actual = interpreter.get_signature_runner(tflite_key)(**inputs)
         for output_key in sorted(expected):
             reference = expected[output_key].numpy()
+            # The looser of TFLite's tolerance and the output dtype's (a float16
+            # output is only as exact as float16, whoever computes it).
+            dtype_tolerance = verify_lib.tolerance_for(expected[output_key].dtype, verify_config)
+            tolerance = {k: max(tflite_tolerance[k], dtype_tolerance[k]) for k in ("rtol", "atol")}
             if output_key in actual:
                 max_abs, max_rel, ok = verify_lib.compare(reference, actual[output_key], tolerance)
             else:
