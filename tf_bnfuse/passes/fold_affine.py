@@ -187,7 +187,7 @@ def _walk(index, match, dtype):
         name = node.name
 
 
-def _emit(editor, match, chain):
+def _emit(editor, match, chain, folded):
     """Folds the chain: kept Squeezes read the linear op, the last affine op becomes a BiasAdd."""
     end = chain.steps[chain.last_affine]
     kept = [n for n in chain.steps[:chain.last_affine] if n in chain.kept]
@@ -197,8 +197,7 @@ def _emit(editor, match, chain):
         position = next(i for i, s in enumerate(target.input) if not s.startswith("^"))
         target.input[position] = anchor
         anchor = node.name
-    linear_ops.emit_fold(editor, match, chain.affine[0], chain.affine[1], end.name, anchor=anchor,
-                         channel_first=chain.end_channel_first, bias_dtype=chain.end_dtype)
+    linear_ops.emit_fold(editor, match, folded, end.name, anchor=anchor, channel_first=chain.end_channel_first)
     return [n.name for n in chain.steps[:chain.last_affine] if n not in chain.kept]
 
 
@@ -254,13 +253,13 @@ def run(graph_def, outputs):
         # A lone BiasAdd is already the canonical form; anything else becomes one.
         if chain.affine_ops and chain.affine_ops != ["BiasAdd"] and match.dtype.is_floating:
             try:
-                linear_ops.check_fold(match, chain.affine[0], chain.affine[1], chain.end_dtype)
+                folded = linear_ops.fold_weights(match, chain.affine[0], chain.affine[1], chain.end_dtype)
             except linear_ops.NoMatch as reason:
                 end = chain.steps[chain.last_affine]
                 report.skips.append(report_lib.Skip(end.name, end.op, str(reason)))
                 folded_nodes.update(n.name for n in chain.steps[:chain.last_affine + 1])  # explained here
                 continue
-            absorbed = _emit(editor, match, chain)
+            absorbed = _emit(editor, match, chain, folded)
             end = chain.steps[chain.last_affine]
             folded_nodes.update(n.name for n in chain.steps[:chain.last_affine + 1])
             report.folds.append(report_lib.Fold(end.name, end.op, node.name, node.op, absorbed))

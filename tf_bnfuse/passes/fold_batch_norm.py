@@ -63,11 +63,11 @@ def run(graph_def, outputs):
             scale, shift = affine_of(index, node)
             match = linear_ops.match_linear_chain(index, node.input[0])
             _check_compatible(node, match, scale)
-            linear_ops.check_fold(match, scale, shift)
+            folded = linear_ops.fold_weights(match, scale, shift)
         except linear_ops.NoMatch as reason:
             report.skips.append(report_lib.Skip(node.name, node.op, str(reason)))
             continue
-        linear_ops.emit_fold(editor, match, scale, shift, node.name)
+        linear_ops.emit_fold(editor, match, folded, node.name)
         report.folds.append(report_lib.Fold(node.name, node.op, match.linear.name,
                                             match.linear.op, match.absorbed))
     report.nodes_after = len(editor.graph_def.node)

@@ -105,6 +105,15 @@ def _source_chain(index, linear, in_channels, rank, channel):
     return x, chain, affine[0], affine[1], [n.name for n, _ in absorbed]
 
 
+def _fed_by_affine(index, linear):
+    """Whether the op's data input comes (through Identity and empty Pads) from a batch norm or
+    an affine op: a cheap test before its kernel is read."""
+    node, _ = index.producer([i for i in linear.input if not i.startswith("^")][0])
+    while node is not None and (node.op in ("Identity", "Snapshot") or _zero_width_pad(index, node)):
+        node, _ = index.producer(node.input[0])
+    return node is not None and (node.op in fold_batch_norm.BATCH_NORM_OPS or node.op in fold_affine.AFFINE_OPS)
+
+
 def _zero_width_pad(index, node):
     """A Pad that adds nothing: as good as an Identity for the fold (a real pad would add zeros)."""
     if node.op not in ("Pad", "PadV2"):
@@ -124,9 +133,9 @@ def run(graph_def, outputs):
     report = report_lib.PassReport(NAME, nodes_before=len(graph_def.node))
     used_sources = set()
     for linear in graph_def.node:
-        if linear.op not in TARGET_OPS or linear.name not in index.live:
+        if linear.op not in TARGET_OPS or linear.name not in index.live or not _fed_by_affine(index, linear):
             continue
-        try:
+        try:  # reads the kernel: only for the few ops a batch norm or Mul/Add feeds
             match = linear_ops.linear_kernel(index, linear)
         except linear_ops.NoMatch:
             continue

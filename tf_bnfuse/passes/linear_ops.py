@@ -221,35 +221,46 @@ def _check_representable(values, dtype, what):
         raise NoMatch("the folded %s would overflow %s" % (what, dtype.name))
 
 
-def check_fold(match, scale, shift, bias_dtype=None):
-    """NoMatch when the folded kernel or bias would overflow the dtype it is stored in
-    (a float16 conv whose float32 batch norm scales past 65504). Call before emitting."""
+@dataclasses.dataclass
+class FoldedWeights:
+    """The new kernel (None when the scale is all ones: a shift leaves it as it is) and bias."""
+    kernel: Optional[np.ndarray]
+    bias: np.ndarray
+    bias_dtype: object  # tf.DType of the new BiasAdd
+
+
+def fold_weights(match, scale, shift, bias_dtype=None):
+    """The FoldedWeights of `x * scale + shift` after `match`, computed once for check and emit.
+
+    Raises NoMatch when the kernel or bias would overflow the dtype it is
+    stored in (a float16 conv whose float32 batch norm scales past 65504).
+    bias_dtype: the new BiasAdd's dtype when a Cast stays in between (mixed
+    precision); the linear op's dtype otherwise.
+    """
     new_kernel, new_bias = fold_math.fold_affine_into_linear(
         match.kernel, match.bias, scale, shift, match.out_channel_axes)
-    _check_representable(new_kernel, match.dtype, "kernel of " + match.linear.name)
-    _check_representable(new_bias, bias_dtype or match.dtype, "bias of " + match.linear.name)
+    if np.all(np.asarray(scale) == 1.0):
+        new_kernel = None
+    else:
+        _check_representable(new_kernel, match.dtype, "kernel of " + match.linear.name)
+    bias_dtype = bias_dtype or match.dtype
+    _check_representable(new_bias, bias_dtype, "bias of " + match.linear.name)
+    return FoldedWeights(new_kernel, new_bias, bias_dtype)
 
 
-def emit_fold(editor, match, scale, shift, replaced_node, anchor=None, channel_first=None,
-              suffix="_bn_folded", bias_dtype=None):
-    """Writes the fold of `x * scale + shift` after `match` into `editor`.
+def emit_fold(editor, match, folded, replaced_node, anchor=None, channel_first=None, suffix="_bn_folded"):
+    """Writes a fold (FoldedWeights from fold_weights) after `match` into `editor`.
 
     New Const nodes hold the folded kernel and bias (the old ones are left for
     any other user and for cleanup). The linear op reads the new kernel, and
     `replaced_node` becomes BiasAdd(anchor, new bias): it keeps its name, so
     its consumers and any signature output that names it are unchanged.
     anchor is the linear op's output unless shape-only ops stay in between.
-    bias_dtype: the new BiasAdd's dtype when a Cast stays in between (mixed
-    precision); the linear op's dtype otherwise.
     """
-    new_kernel, new_bias = fold_math.fold_affine_into_linear(
-        match.kernel, match.bias, scale, shift, match.out_channel_axes)
-    dtype = match.dtype
-    bias_dtype = bias_dtype or dtype
     bias_base = (match.bias_const or match.linear.name + "/bias") + suffix
-    bias_name = editor.add_const(bias_base, new_bias, bias_dtype)
-    if not np.all(np.asarray(scale) == 1.0):  # a shift alone leaves the kernel as it is
-        kernel_name = editor.add_const(match.kernel_const + suffix, new_kernel, dtype)
+    bias_name = editor.add_const(bias_base, folded.bias, folded.bias_dtype)
+    if folded.kernel is not None:
+        kernel_name = editor.add_const(match.kernel_const + suffix, folded.kernel, match.dtype)
         linear = editor.node(match.linear.name)
         data_positions = [i for i, s in enumerate(linear.input) if not s.startswith("^")]
         linear.input[data_positions[match.spec.kernel_input]] = kernel_name
@@ -264,6 +275,6 @@ def emit_fold(editor, match, scale, shift, replaced_node, anchor=None, channel_f
         anchor = match.anchor
     anchor = anchor or match.linear.name
     editor.replace_node(replaced_node, "BiasAdd", [anchor, bias_name], {
-        "T": graph_lib.type_attr(bias_dtype),
+        "T": graph_lib.type_attr(folded.bias_dtype),
         "data_format": graph_lib.string_attr("NCHW" if channel_first else "NHWC"),
     })
