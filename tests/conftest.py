@@ -7,6 +7,10 @@ verification's per-device loop runs twice on a machine without a GPU.
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow turns oneDNN on by default only on some x86 CPUs (not on the AMD EPYC
+# machines CI runs on), and without it the CPU has no NCHW Conv2D kernel: the
+# channels-first cases could not run at all. Subprocesses inherit this.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 import tensorflow as tf  # noqa: E402
 

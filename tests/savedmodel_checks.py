@@ -1,5 +1,12 @@
 """Checks on SavedModels that the model tests share, independent of tf_bnfuse."""
 
+import os
+import pickle
+import re
+import subprocess
+import sys
+import tempfile
+
 import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework import convert_to_constants
@@ -51,9 +58,70 @@ def compare_outputs(original, folded, rtol=1e-4, batch=2, seed=11):
         shape = [batch if d is None else d for d in spec.shape.as_list()]
         inputs[key] = rng.standard_normal(shape).astype(spec.dtype.as_numpy_dtype)
     expected, actual = o(**inputs), f(**inputs)
+    assert_same_outputs({k: v.numpy() for k, v in expected.items()}, {k: v.numpy() for k, v in actual.items()},
+                        rtol)
+
+
+def assert_same_outputs(expected, actual, rtol=1e-4):
+    """The one rule folded outputs are held to: the same keys, shapes and dtypes; floats within
+    rtol of the output's scale (plus 1e-6); everything else equal."""
     assert sorted(expected) == sorted(actual)
     for name in expected:
-        e, a = expected[name].numpy(), actual[name].numpy()
-        assert e.shape == a.shape and e.dtype == a.dtype
-        scale = np.abs(e).max()
-        assert np.abs(a - e).max() <= rtol * scale + 1e-6, (name, np.abs(a - e).max(), scale)
+        e, a = np.asarray(expected[name]), np.asarray(actual[name])
+        assert e.shape == a.shape and e.dtype == a.dtype, (name, e.shape, a.shape, e.dtype, a.dtype)
+        if not (np.issubdtype(e.dtype, np.floating) or e.dtype.name == "bfloat16"):  # ml_dtypes' bfloat16
+            np.testing.assert_array_equal(a, e, err_msg=name)
+            continue
+        scale = np.abs(e).max() if e.size else 0.0
+        assert np.abs(a - e).max(initial=0.0) <= rtol * scale + 1e-6, (name, np.abs(a - e).max(), scale)
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_in_fresh_process(calls):
+    """[(path, tags, signature key, inputs)] -> [outputs], each call run in order in a new Python process."""
+    with tempfile.TemporaryDirectory() as scratch:
+        calls_path, results_path = os.path.join(scratch, "calls.pkl"), os.path.join(scratch, "results.pkl")
+        with open(calls_path, "wb") as f:
+            pickle.dump(calls, f)
+        result = subprocess.run([sys.executable, os.path.join(HERE, "run_signatures.py"), calls_path,
+                                 results_path], capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        with open(results_path, "rb") as f:
+            return pickle.load(f)
+
+
+def compare_in_fresh_process(original, folded, inputs_by_signature, tags=None, rtol=1e-4):
+    """Loads both SavedModels in a fresh process, makes each signature's calls on both, in order.
+
+    inputs_by_signature: {key: [inputs, ...]}; a stateful signature's later
+    calls see its earlier ones. Every signature of `original` must be listed.
+    Returns the folded model's outputs {key: [outputs, ...]}.
+    """
+    assert sorted(inputs_by_signature) == sorted(tf.saved_model.load(original, tags=tags).signatures)
+    calls = [(path, tags, key, inputs) for path in (original, folded)
+             for key in sorted(inputs_by_signature) for inputs in inputs_by_signature[key]]
+    results = run_in_fresh_process(calls)
+    half = len(results) // 2
+    for expected, actual in zip(results[:half], results[half:]):
+        assert_same_outputs(expected, actual, rtol)
+    keyed = [(key, i) for key in sorted(inputs_by_signature) for i in range(len(inputs_by_signature[key]))]
+    out = {}
+    for (key, _), outputs in zip(keyed, results[half:]):
+        out.setdefault(key, []).append(outputs)
+    return out
+
+
+def signature_defs(path, tag_set="serve"):
+    """What `saved_model_cli show --all` says of each SignatureDef, minus graph tensor names.
+
+    The tensor names are the graph's own; keys, dtypes, shapes and method
+    names are the SignatureDef a server sees.
+    """
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    text = subprocess.run([cli, "show", "--dir", path, "--tag_set", tag_set, "--all"], capture_output=True,
+                          text=True, timeout=300, check=True).stdout
+    blocks = re.findall(r"signature_def\['([^']+)'\]:\n(.*?Method name is: \S*)", text, re.DOTALL)
+    # __saved_model_init_op is how a TF2 SavedModel runs its initializers, not a signature to serve.
+    return {key: re.sub(r"\n\s*name: \S+", "", body) for key, body in blocks if not key.startswith("__")}

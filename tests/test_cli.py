@@ -59,7 +59,7 @@ def test_console_script_is_installed(example_model, tmp_path):
 def test_skip_verify_warns_loudly(example_model, tmp_path):
     result = run_cli("--saved_model_dir", example_model, "--output_dir", str(tmp_path / "o"), "--skip_verify")
     assert result.returncode == 0
-    assert "NOT checked" in result.stdout and "NOT checked" in result.stderr
+    assert "NOT compared" in result.stdout and "NOT compared" in result.stderr
 
 
 @pytest.mark.parametrize("case", ["missing", "empty", "not_a_saved_model", "corrupt"])

@@ -11,6 +11,7 @@ from tf_bnfuse import errors
 from tf_bnfuse import output_dir as output_dir_lib
 from tf_bnfuse import pipeline as pipeline_lib
 from tf_bnfuse import report as report_lib
+from tf_bnfuse import resources
 from tf_bnfuse import savedmodel
 from tf_bnfuse import verify as verify_lib
 from tf_bnfuse import timing
@@ -83,8 +84,21 @@ def _promoted(folded):
     return promoted
 
 
+def _check_metagraphs(saved_model_dir, tags, drop_other_metagraphs):
+    """Refuses up front to drop MetaGraphs silently: the output holds one, for `tags`."""
+    others = [t for t in savedmodel.read_tag_sets(saved_model_dir) if t != sorted(tags)]
+    if others and not drop_other_metagraphs:
+        raise errors.BadInputError(
+            "SavedModel %s has %d other MetaGraph(s) (tags %s) besides %s; the output holds one MetaGraph, "
+            "so they would be dropped: fold each with --tags into its own output, or pass "
+            "--drop_other_metagraphs" % (saved_model_dir, len(others), "; ".join(",".join(t) or "(none)"
+                                                                            for t in others), ",".join(tags)))
+    return others
+
+
 def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFAULT_TAGS,
-                     config=None, overwrite=False, verify=True, tflite_output=None):
+                     config=None, overwrite=False, verify=True, tflite_output=None,
+                     drop_other_metagraphs=False):
     """Folds every (or each named) signature of a SavedModel into a new SavedModel.
 
     The output is built in a temporary folder beside output_dir, verified
@@ -95,6 +109,10 @@ def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFA
     tflite_output: also convert the folded model with the TFLite converter to
     this file, after checking the .tflite model's outputs against the original
     SavedModel (a failed check writes nothing, SavedModel included).
+    verify=False skips the comparison, not the check that the output loads
+    and runs every signature on test inputs.
+    drop_other_metagraphs: allow an input with MetaGraphs for other tag sets
+    (they are not in the output); without it such an input is refused.
     """
     config = _resolve_config(config)
     savedmodel.check_saved_model_dir(saved_model_dir)
@@ -102,12 +120,15 @@ def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFA
     if tflite_output:
         _check_tflite_output(tflite_output, saved_model_dir, output_dir, overwrite)
     tags = tuple(tags) if tags else DEFAULT_TAGS
+    savedmodel.check_tags(saved_model_dir, tags)
+    dropped_metagraphs = _check_metagraphs(saved_model_dir, tags, drop_other_metagraphs)
     timeline = timing.Timeline()
     phase = timeline.phase
 
     with phase("load"):
         loaded = savedmodel.load(saved_model_dir, tags)
         functions = savedmodel.select_signatures(loaded, signature_keys, saved_model_dir)
+        owners = resources.resource_owners(loaded)
     input_specs, folded, reports = {}, {}, {}
     first_with = {}  # signature fingerprint -> the first signature key that has it
     for key, function in functions.items():
@@ -121,13 +142,13 @@ def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFA
             continue
         first_with[fingerprint] = key
         with phase("freeze %s" % key):
-            frozen = savedmodel.freeze(key, function)
+            frozen = savedmodel.freeze(key, function, owners)
         with phase("passes %s" % key):
             nodes_before = len(frozen.graph_def.node)
             graph_def, pass_reports = pipeline_lib.run_pipeline(
                 frozen.release_graph_def(), frozen.output_tensors, config["pipeline"], owns_input=True)
         reports[key] = report_lib.GraphReport(nodes_before, len(graph_def.node), pass_reports)
-        folded[key] = savedmodel.FrozenSignature(key, graph_def, frozen.inputs, frozen.outputs)
+        folded[key] = dataclasses.replace(frozen, graph_def=graph_def)
         input_specs[key] = frozen.inputs
         del frozen, graph_def  # the frozen weights: only the folded ones are needed from here on
 
@@ -139,7 +160,7 @@ def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFA
     try:
         built = os.path.join(scratch, "saved_model")
         with phase("write"):
-            savedmodel.write(folded, built, tags)
+            savedmodel.write(folded, built, tags, savedmodel.initializers_to_keep(loaded))
         if not tflite_output:
             folded = None  # the written model holds the weights now
         verification = None
@@ -147,28 +168,33 @@ def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFA
         # variables) is checked against that one's original: its own copy would
         # compute the same values and only cost a first call.
         references = {k: functions[reports[k].same_as or k] for k in functions}
-        if verify:
-            with phase("verify"):
-                reloaded = savedmodel.load(built, tags)
-                verification = verify_lib.verify(
-                    references, {k: reloaded.signatures[k] for k in functions},
-                    input_specs, config.get("verify", {}))
-            if not verification.ok:
-                bad = verification.failures()[0]
-                raise errors.VerificationError(
-                    "verification failed: signature %s output %s on %s: max abs error %.3g, "
-                    "max rel error %.3g (rtol %g, atol %g); nothing written" % (
-                        bad.signature, bad.output, bad.device, bad.max_abs_error,
-                        bad.max_rel_error, bad.rtol, bad.atol))
-        else:
-            logging.warning("verification skipped: the output of %s was NOT checked", output_dir)
+        vocabulary = verify_lib.model_vocabulary(saved_model_dir)
+        with phase("verify"):
+            # Even unverified, the output is loaded and run: a model that cannot run is never written.
+            reloaded = savedmodel.load(built, tags)
+            reloaded_functions = {k: reloaded.signatures[k] for k in functions}
+            if verify:
+                verification = verify_lib.verify(references, reloaded_functions, input_specs,
+                                                 config.get("verify", {}), vocabulary=vocabulary)
+            else:
+                verify_lib.smoke_test(reloaded_functions, input_specs, config.get("verify", {}), vocabulary)
+        if verification is not None and not verification.ok:
+            bad = verification.failures()[0]
+            raise errors.VerificationError(
+                "verification failed: signature %s output %s on %s: max abs error %.3g, "
+                "max rel error %.3g (rtol %g, atol %g); nothing written" % (
+                    bad.signature, bad.output, bad.device, bad.max_abs_error,
+                    bad.max_rel_error, bad.rtol, bad.atol))
+        if not verify:
+            logging.warning("verification skipped: the output of %s ran on test inputs but was NOT "
+                            "compared with the input", output_dir)
         tflite_report = None
         if tflite_output:
             with phase("tflite"):
                 convert_dir = built
                 if any(promote_float16.has_half(sig.graph_def) for sig in folded.values()):
                     convert_dir = os.path.join(scratch, "float32_for_tflite")
-                    savedmodel.write(_promoted(folded), convert_dir, tags)
+                    savedmodel.write(_promoted(folded), convert_dir, tags, savedmodel.initializers_to_keep(loaded))
                 model_content, tflite_report = tflite_lib.build(
                     saved_model_dir, convert_dir, tflite_output, list(functions), tags, references,
                     input_specs, config.get("verify", {}))
@@ -190,4 +216,4 @@ def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFA
         if tflite_scratch and os.path.exists(tflite_scratch):
             os.remove(tflite_scratch)
     return report_lib.RunReport(saved_model_dir, output_dir, reports, verification, timeline.to_list(),
-                                tflite_report)
+                                tflite_report, dropped_metagraphs=[",".join(t) for t in dropped_metagraphs])

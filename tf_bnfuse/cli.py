@@ -26,6 +26,8 @@ flags.DEFINE_string("config", None, "Pipeline/verification config JSON (default:
 flags.DEFINE_bool("overwrite", False, "Replace a non-empty --output_dir.")
 flags.DEFINE_bool("skip_verify", False, "Do not check the output against the input (not recommended).")
 flags.DEFINE_string("report_json", None, "Also write the full report as JSON to this file.")
+flags.DEFINE_bool("drop_other_metagraphs", False, "Allow an input whose other MetaGraphs (other tag sets) "
+                  "the output will not have.")
 flags.DEFINE_string("tflite_output", None, "Also convert the folded model to this .tflite file, checked "
                     "against the original's outputs.")
 
@@ -81,7 +83,8 @@ def main(argv):
         report = api.fold_saved_model(
             FLAGS.saved_model_dir, FLAGS.output_dir, signature_keys=FLAGS.signature_keys or None,
             tags=FLAGS.tags, config=FLAGS.config, overwrite=FLAGS.overwrite,
-            verify=not FLAGS.skip_verify, tflite_output=FLAGS.tflite_output)
+            verify=not FLAGS.skip_verify, tflite_output=FLAGS.tflite_output,
+            drop_other_metagraphs=FLAGS.drop_other_metagraphs)
     except errors.BnFuseError as e:
         return _fail(e, e.exit_code)
     except Exception as e:  # the promise is one line, never a traceback
@@ -91,7 +94,8 @@ def main(argv):
             errors.EXIT_INTERNAL)
     print(summary.format_run(report))
     if FLAGS.skip_verify:
-        sys.stderr.write("tf_bnfuse: WARNING: --skip_verify: the folded model was NOT checked\n")
+        sys.stderr.write("tf_bnfuse: WARNING: --skip_verify: the folded model ran on test inputs but was NOT "
+                         "compared with the input\n")
     if FLAGS.report_json:
         with open(FLAGS.report_json, "w") as f:
             json.dump(report.to_dict(), f, indent=2, default=str)

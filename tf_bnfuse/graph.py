@@ -320,4 +320,24 @@ def cleanup(graph_def, outputs, keep_ops=("Placeholder",)):
         if len(kept) != len(node.input):
             del node.input[:]
             node.input.extend(kept)
+        drop_dangling_colocation(node, needed)
     return result
+
+
+def drop_dangling_colocation(node, names):
+    """Removes `_class: loc:@X` entries of a node whose X is not in `names`.
+
+    Import refuses a node colocated with a node the graph no longer has, and
+    a removed node constrains nothing.
+    """
+    if "_class" not in node.attr:
+        return
+    entries = list(node.attr["_class"].list.s)
+    kept = [e for e in entries if not e.startswith(b"loc:@") or e[len(b"loc:@"):].decode() in names]
+    if len(kept) == len(entries):
+        return
+    if kept:
+        del node.attr["_class"].list.s[:]
+        node.attr["_class"].list.s.extend(kept)
+    else:
+        del node.attr["_class"]

@@ -65,6 +65,8 @@ class RunReport:
     verification: object = None  # verify.VerificationReport, or None when skipped
     phases: list = dataclasses.field(default_factory=list)  # timing.PhaseRecord dicts, in order
     tflite: object = None  # tflite.TfliteReport with --tflite_output, else None
+    # Tag sets of the input's other MetaGraphs, not in the output (--drop_other_metagraphs)
+    dropped_metagraphs: list = dataclasses.field(default_factory=list)
 
     def to_dict(self):
         return {
@@ -74,4 +76,5 @@ class RunReport:
             "verification": self.verification.to_dict() if self.verification else None,
             "phases": self.phases,
             "tflite": dataclasses.asdict(self.tflite) if self.tflite else None,
+            "dropped_metagraphs": self.dropped_metagraphs,
         }

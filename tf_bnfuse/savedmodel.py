@@ -14,6 +14,8 @@ from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow.python.framework import convert_to_constants
 
 from tf_bnfuse import errors
+from tf_bnfuse import graph as graph_lib
+from tf_bnfuse import resources
 
 
 @dataclasses.dataclass
@@ -25,11 +27,21 @@ class TensorSpecInfo:
 
 
 @dataclasses.dataclass
+class KeptResource:
+    """A capture freezing leaves alone: a written variable or a table, fed its original's handle."""
+    handle: object  # the captured eager resource tensor
+    owner: object  # the trackable that holds it (saved with the output, with its assets)
+    written: bool
+
+
+@dataclasses.dataclass
 class FrozenSignature:
     key: str
     graph_def: graph_pb2.GraphDef
     inputs: Dict[str, TensorSpecInfo]
     outputs: Dict[str, TensorSpecInfo]
+    # placeholder name in graph_def -> the resource it stands for
+    resources: Dict[str, KeptResource] = dataclasses.field(default_factory=dict)
 
     def release_graph_def(self):
         """Hands the GraphDef over, so that the caller's pipeline holds the only reference."""
@@ -76,12 +88,16 @@ def read_tag_sets(path):
     return [sorted(m.meta_info_def.tags) for m in proto.meta_graphs]
 
 
-def load(path, tags):
-    check_saved_model_dir(path)
+def check_tags(path, tags):
     tag_sets = read_tag_sets(path)
     if tags and sorted(tags) not in tag_sets:
         raise errors.BadInputError("SavedModel %s has no MetaGraph with tags %s; available tag sets: %s" % (
             path, ",".join(tags), "; ".join(",".join(t) or "(none)" for t in tag_sets)))
+
+
+def load(path, tags):
+    check_saved_model_dir(path)
+    check_tags(path, tags)
     try:
         return tf.saved_model.load(path, tags=list(tags) if tags else None)
     except Exception as e:  # TF raises many types here; all mean the same to the user.
@@ -122,8 +138,12 @@ def _shape_list(shape):
     return None if shape.rank is None else shape.as_list()
 
 
-def _frozen_graph_def(function):
-    """(GraphDef with variables as constants, output tensors) of a ConcreteFunction.
+def _frozen_graph_def(function, keep):
+    """(GraphDef with read-only variables as constants, output tensors) of a ConcreteFunction.
+
+    Control flow stays functional (While/If with body functions), so frames
+    never split a loop from the weights fed into it. keep: names of capture
+    placeholders to leave as placeholders (variables the function writes).
 
     convert_variables_to_constants_v2 spends most of its time (and a second
     copy of every weight) wrapping the frozen GraphDef into a new
@@ -134,21 +154,56 @@ def _frozen_graph_def(function):
     converter_data = getattr(convert_to_constants, "_FunctionConverterDataInEager", None)
     replace = getattr(convert_to_constants, "_replace_variables_by_constants", None)
     if converter_data is not None and replace is not None:
-        data = converter_data(func=function, lower_control_flow=True, aggressive_inlining=False)
+        data = converter_data(func=function, lower_control_flow=False, aggressive_inlining=False,
+                              variable_names_denylist=set(keep) or None)
         graph_def, _ = replace(converter_data=data)
         return graph_def, list(function.outputs)
-    frozen = convert_to_constants.convert_variables_to_constants_v2(function)
+    if keep:
+        raise errors.BadInputError("this TensorFlow's converter cannot keep written variables as variables")
+    frozen = convert_to_constants.convert_variables_to_constants_v2(function, lower_control_flow=False)
     return frozen.graph.as_graph_def(), list(frozen.outputs)
 
 
-def freeze(key, function):
+def _kept_resources(key, function, graph_def, input_names, written, owners):
+    """{placeholder name: KeptResource} for the captures freezing left as placeholders.
+
+    Raises BadInputError naming a capture that is no resource of the
+    SavedModel's object graph: the written model could not hold it.
+    """
+    outer_of = {inner.name.split(":")[0]: outer for outer, inner in function.graph.captures}
+    kept = {}
+    for node in graph_def.node:
+        if node.op != "Placeholder" or node.name in input_names:
+            continue
+        outer = outer_of.get(node.name)
+        owner = owners.get(id(outer)) if outer is not None else None
+        if owner is None:
+            raise errors.BadInputError(
+                "signature %s reads %s, a %s that is not a variable or resource of the SavedModel's "
+                "objects, so the output could not keep it" % (
+                    key, node.name, tf.as_dtype(node.attr["dtype"].type).name))
+        kept[node.name] = KeptResource(outer, owner, node.name in written)
+    return kept
+
+
+def freeze(key, function, owners):
     """Freezes a signature's ConcreteFunction into a FrozenSignature.
 
-    The caller keeps the loaded SavedModel alive meanwhile: freezing reads its
-    variables.
+    Variables the signature only reads become constants; variables it writes
+    and other resources (lookup tables) stay placeholders, recorded with the
+    trackable in `owners` ({id(handle): trackable}, resources.resource_owners)
+    that holds them. The caller keeps the loaded SavedModel alive meanwhile:
+    freezing reads its variables.
     """
+    written = resources.written_placeholders(function.graph.as_graph_def())
+    # A TF1 signature is pruned from the whole MetaGraph and keeps its table-initializer
+    # collection, naming ops the pruning removed; Grappler refuses such a graph. The
+    # tables are initialized by the objects that own them, not by this graph.
+    function.graph.clear_collection(tf.compat.v1.GraphKeys.TABLE_INITIALIZERS)
     try:
-        graph_def, output_tensors = _frozen_graph_def(function)
+        graph_def, output_tensors = _frozen_graph_def(function, written)
+    except errors.BnFuseError:
+        raise
     except Exception as e:
         raise errors.BadInputError("cannot freeze signature %s: %s" % (key, _first_line(e)))
     # A signature's inputs and outputs are dicts; the function's own input and
@@ -167,10 +222,15 @@ def freeze(key, function):
     outputs = {}
     for output_key, tensor in zip(output_keys, output_tensors):
         outputs[output_key] = TensorSpecInfo(tensor.name, tensor.dtype, _shape_list(tensor.shape))
+    kept = _kept_resources(key, function, graph_def, {t.tensor.split(":")[0] for t in inputs.values()},
+                           written, owners)
     # Device pins from the exporting machine would stop the model running elsewhere.
     for node in graph_def.node:
         node.device = ""
-    return FrozenSignature(key, graph_def, inputs, outputs)
+    for function_def in graph_def.library.function:
+        for node in function_def.node_def:
+            node.device = ""
+    return FrozenSignature(key, graph_def, inputs, outputs, kept)
 
 
 # Float constants at least this big become variables of the written model:
@@ -228,7 +288,8 @@ def _split_weights(graph_def, variables):
 
 
 def _signature_function(sig, graph_def, weights):
-    """A tf.function that imports the folded graph, feeding weights from variables."""
+    """A tf.function that imports the folded graph, feeding weights from variables
+    and kept resources (written variables, tables) from the original objects."""
     input_keys = sorted(sig.inputs)
     output_keys = sorted(sig.outputs)
 
@@ -236,11 +297,21 @@ def _signature_function(sig, graph_def, weights):
         input_map = {sig.inputs[k].tensor: arg for k, arg in zip(input_keys, args)}
         for name, variable in weights.items():
             input_map[name + ":0"] = variable.read_value()
+        for name, resource in sig.resources.items():
+            # An op on the captured handle, so that the function captures it (import
+            # cannot map a placeholder to an eager tensor directly).
+            input_map[name + ":0"] = tf.identity(resource.handle)
         outputs = tf.graph_util.import_graph_def(
             graph_def, input_map=input_map, return_elements=[sig.outputs[k].tensor for k in output_keys],
             name="")
         # An output that is an input passed through would alias it; TF wants its own tensor.
-        return {k: tf.identity(t) for k, t in zip(output_keys, outputs)}
+        result = {k: tf.identity(t) for k, t in zip(output_keys, outputs)}
+        for k, tensor in result.items():
+            # The SignatureDef shows the original's static shapes; shape inference through a
+            # fed resource handle (a table lookup) can lose them.
+            if sig.outputs[k].shape is not None:
+                tensor.set_shape(sig.outputs[k].shape)
+        return result
 
     specs = [tf.TensorSpec(sig.inputs[k].shape, sig.inputs[k].dtype, name=k) for k in input_keys]
     return tf.function(call, input_signature=specs, autograph=False).get_concrete_function()
@@ -258,12 +329,70 @@ def _set_tags(path, tags):
         f.write(proto.SerializeToString())
 
 
-def write(signatures, path, tags):
+class _TF1Initializer(tf.saved_model.experimental.TrackableResource):
+    """A TF1 model's main_op / table initializers, run when the output loads (like TF's own
+    load_v1_in_v2._Initializer, which TF saves when re-exporting a TF1 model)."""
+
+    def __init__(self, init_fn, asset_paths):
+        super().__init__()
+        self._init_fn = init_fn
+        self._asset_paths = list(asset_paths)
+        for i, asset in enumerate(self._asset_paths):
+            # Tracked, so that the files are copied into the output's assets/ and the
+            # loaded output reads its own copies (a resource does not track attributes).
+            self._track_trackable(asset, name="asset_%d" % i)
+
+    def _create_resource(self):
+        return tf.constant(1.0)  # a value for the traced create function; the work is in _initialize
+
+    def _initialize(self):
+        return self._init_fn(*[path.asset_path for path in self._asset_paths])
+
+
+def _without_unused_captures(function):
+    """function rebuilt from its GraphDef capturing only what its ops read.
+
+    load_v1_in_v2 prunes the init function from the whole MetaGraph, and the
+    pruned function captures every variable of it, read or not: saved as it
+    is, it would carry the original (unfolded) weights into the output.
+    """
+    from tensorflow.python.eager import wrap_function
+    graph_def = function.graph.as_graph_def()
+    read = {graph_lib.parse_input(i)[0] for node in graph_def.node for i in node.input}
+    captured = {inner.op.name for _, inner in function.graph.captures}
+    inputs = [t.name for t in function.inputs if t.op.name not in captured]
+    captures = {inner.op.name: outer for outer, inner in function.graph.captures if inner.op.name in read}
+    outputs = [t.name for t in function.outputs] + [op.name for op in function.graph.control_outputs]
+    return wrap_function.function_from_graph_def(graph_def, inputs, outputs, captures)
+
+
+def initializers_to_keep(loaded):
+    """Trackables a TF1 SavedModel needs at load time besides its signatures' captures.
+
+    tf.saved_model.load of a TF1 model returns an object whose `initializer`
+    runs the MetaGraph's main_op / table initializers with its assets; the
+    tables themselves are ops inside the signature graphs, found by shared
+    name. Saved with the output, the initializer runs when the output loads.
+    """
+    is_tf1 = hasattr(loaded, "prune") and hasattr(loaded, "graph")  # what load_v1_in_v2 returns
+    initializer = getattr(loaded, "initializer", None) if is_tf1 else None
+    if initializer is None:
+        return []
+    init_fn = getattr(initializer, "_init_fn", None)
+    asset_paths = getattr(initializer, "_asset_paths", None)
+    if init_fn is None or asset_paths is None:  # another TF's loader: keep it whole
+        return [initializer] + list(getattr(loaded, "asset_paths", []))
+    return [_TF1Initializer(_without_unused_captures(init_fn), asset_paths)]
+
+
+def write(signatures, path, tags, initializers=()):
     """Writes frozen signatures as one TF2 SavedModel at `path` (which must not exist).
 
     Each signature is a function that imports its folded GraphDef; big float
     constants are variables, saved once in variables/ and shared between
-    signatures whose weights are equal.
+    signatures whose weights are equal. Written variables and tables the
+    signatures capture are saved with their owners (and assets);
+    initializers (initializers_to_keep) run when the output loads.
     """
     module = tf.Module()
     variables = {}
@@ -274,6 +403,10 @@ def write(signatures, path, tags):
             split[id(sig.graph_def)] = _split_weights(sig.graph_def, variables)
         functions[key] = _signature_function(sig, *split[id(sig.graph_def)])
     module.weights = list(variables.values())  # tracked, so they are saved
+    # Written variables and tables, with their initializers and assets.
+    owners = {id(r.owner): r.owner for sig in signatures.values() for r in sig.resources.values()}
+    module.kept_resources = list(owners.values())
+    module.initializers = list(initializers)
     # The folded model is for inference: the gradient functions of ops made
     # with tf.custom_gradient (Keras 3's swish) are not saved, and could not
     # be, since the import cut them from the captures they were traced with.

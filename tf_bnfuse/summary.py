@@ -3,6 +3,8 @@
 
 def format_run(report):
     lines = ["tf_bnfuse: %s -> %s" % (report.saved_model_dir, report.output_dir)]
+    for tags in report.dropped_metagraphs:
+        lines.append("MetaGraph %s: DROPPED (--drop_other_metagraphs); the output does not have it" % tags)
     for key, graph in report.signatures.items():
         if graph.same_as:
             lines.append("signature %s: the same function as %s, folded with it: %d -> %d nodes" % (
@@ -21,10 +23,13 @@ def format_run(report):
                 lines.append("    left    %s (%s): %s" % (skip.node, skip.op, skip.reason))
     verification = report.verification
     if verification is None:
-        lines.append("verification: SKIPPED -- the output was NOT checked against the input")
+        lines.append("verification: SKIPPED -- the output ran every signature on test inputs, but was NOT "
+                     "compared with the input")
     else:
         lines.append("verification on %s: %s" % (", ".join(verification.devices),
                                                   "passed" if verification.ok else "FAILED"))
+        for where, reason in verification.not_run.items():
+            lines.append("  %s: not compared, the original does not run there: %s" % (where, reason))
         for c in verification.checks:
             lines.append("  %s/%s on %s: max abs error %.3g, max rel error %.3g (rtol %g, atol %g) %s" % (
                 c.signature, c.output, c.device, c.max_abs_error, c.max_rel_error, c.rtol, c.atol,

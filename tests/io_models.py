@@ -1,0 +1,194 @@
+"""SavedModels that carry more than weights: tables, assets, state, control flow, MetaGraphs.
+
+Each builder writes a SavedModel the way users write one and returns
+{signature key: [input dicts]} of valid inputs (real vocabulary words,
+in-range ids). Batch norms get random statistics so every fold is non-trivial.
+"""
+
+import os
+
+import numpy as np
+import tensorflow as tf
+
+VOCABULARY = ["apple", "banana", "cherry", "damson", "elder"]
+RNG = np.random.default_rng(99)
+
+
+def _random_bn(channels):
+    return (RNG.uniform(0.5, 1.5, channels).astype(np.float32), RNG.normal(0, 0.5, channels).astype(np.float32),
+            RNG.normal(0, 0.5, channels).astype(np.float32), RNG.uniform(0.2, 2.0, channels).astype(np.float32))
+
+
+def _write_vocabulary(folder):
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "vocabulary.txt")
+    with open(path, "w") as f:
+        f.write("\n".join(VOCABULARY) + "\n")
+    return path
+
+
+def _words(shape):
+    return np.array(VOCABULARY + ["unknown-word"], dtype=object)[RNG.integers(0, len(VOCABULARY) + 1, shape)]
+
+
+def _randomize_keras_batch_norms(model):
+    import keras
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.set_weights(list(_random_bn(layer.gamma.shape[0])))
+
+
+def static_hash_table(path):
+    """tf.saved_model.save of a module whose StaticHashTable reads a vocabulary asset."""
+    vocabulary = _write_vocabulary(path + "_src")
+
+    class TableModel(tf.Module):
+        def __init__(self):
+            initializer = tf.lookup.TextFileInitializer(
+                vocabulary, tf.string, tf.lookup.TextFileIndex.WHOLE_LINE,
+                tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER)
+            self.table = tf.lookup.StaticHashTable(initializer, -1)
+            self.embedding = tf.Variable(RNG.standard_normal((len(VOCABULARY) + 1, 6)).astype(np.float32))
+            self.kernel = tf.Variable(RNG.standard_normal((6, 4)).astype(np.float32))
+            gamma, beta, mean, variance = _random_bn(4)
+            self.scale = tf.Variable(gamma / np.sqrt(variance + 1e-3))
+            self.shift = tf.Variable(beta - mean * gamma / np.sqrt(variance + 1e-3))
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+        def serve(self, words):
+            ids = self.table.lookup(words) + 1
+            x = tf.gather(self.embedding, ids)
+            return {"scores": tf.matmul(x, self.kernel) * self.scale + self.shift, "ids": ids}
+
+    module = TableModel()
+    tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
+    return {"serving_default": [{"words": _words((7,))}]}
+
+
+def counter(path):
+    """A signature that increments a variable on every call (and folds a conv + scale)."""
+
+    class Counter(tf.Module):
+        def __init__(self):
+            self.calls = tf.Variable(0.0)
+            self.kernel = tf.Variable(RNG.standard_normal((3, 3, 2, 4)).astype(np.float32))
+            self.scale = tf.Variable(RNG.uniform(0.5, 2.0, 4).astype(np.float32))
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 2], tf.float32)])
+        def serve(self, x):
+            self.calls.assign_add(1.0)
+            y = tf.nn.conv2d(x, self.kernel, 1, "SAME") * self.scale
+            return {"y": y, "calls": self.calls.read_value()}
+
+    module = Counter()
+    tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
+    return {"serving_default": [{"x": RNG.standard_normal((2, 8, 8, 2)).astype(np.float32)}] * 2}
+
+
+def while_and_cond(path):
+    """tf.while_loop and tf.cond around conv + batch norm, and a foldable conv + batch norm after them."""
+
+    class Loop(tf.Module):
+        def __init__(self):
+            self.kernel = tf.Variable(RNG.standard_normal((3, 3, 3, 3)).astype(np.float32) * 0.3)
+            self.bn = [tf.Variable(v) for v in _random_bn(3)]
+
+        def _conv_bn(self, x):
+            gamma, beta, mean, variance = self.bn
+            y = tf.nn.conv2d(x, self.kernel, 1, "SAME")
+            return tf.nn.batch_normalization(y, mean, variance, beta, gamma, 1e-3)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 3], tf.float32), tf.TensorSpec([], tf.int32)])
+        def serve(self, x, steps):
+            def body(i, y):
+                z = self._conv_bn(y)
+                return i + 1, tf.cond(tf.reduce_mean(z) > 0, lambda: tf.nn.relu(z), lambda: z * 0.5)
+
+            _, y = tf.while_loop(lambda i, y: i < steps, body, [tf.constant(0), x])
+            return {"y": self._conv_bn(y)}
+
+    module = Loop()
+    tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
+    x = RNG.standard_normal((2, 8, 8, 3)).astype(np.float32)
+    return {"serving_default": [{"x": x, "steps": np.int32(0)}, {"x": x, "steps": np.int32(3)}]}
+
+
+def tf1_builder(path):
+    """TF1 Builder: a vocabulary asset, a table, a main_op, and two MetaGraphs (serve; gpu,serve)."""
+    vocabulary = _write_vocabulary(path + "_src")
+    graph = tf.Graph()
+    with graph.as_default():
+        v1 = tf.compat.v1
+        words = v1.placeholder(tf.string, [None], name="words")
+        images = v1.placeholder(tf.float32, [None, 6, 6, 2], name="images")
+        asset = tf.constant(vocabulary, name="vocabulary_path")
+        v1.add_to_collection(v1.GraphKeys.ASSET_FILEPATHS, asset)
+        table = tf.lookup.StaticHashTable(
+            tf.lookup.TextFileInitializer(asset, tf.string, tf.lookup.TextFileIndex.WHOLE_LINE,
+                                          tf.int64, tf.lookup.TextFileIndex.LINE_NUMBER), -1)
+        ids = table.lookup(words)
+        kernel = v1.get_variable("kernel", initializer=RNG.standard_normal((3, 3, 2, 4)).astype(np.float32))
+        gamma, beta, mean, variance = [tf.constant(v) for v in _random_bn(4)]
+        y, _, _ = v1.nn.fused_batch_norm(tf.nn.conv2d(images, kernel, 1, "SAME"), gamma, beta, mean, variance,
+                                         epsilon=1e-3, is_training=False)
+        main_op = tf.group(v1.tables_initializer(), name="main_op")
+        with v1.Session(graph=graph) as session:
+            session.run(v1.global_variables_initializer())
+            session.run(main_op)
+            builder = v1.saved_model.Builder(path)
+            signature = v1.saved_model.predict_signature_def({"words": words, "images": images},
+                                                             {"ids": ids, "features": y})
+            builder.add_meta_graph_and_variables(session, ["serve"], {"serving_default": signature},
+                                                 main_op=main_op, assets_collection=v1.get_collection(
+                                                     v1.GraphKeys.ASSET_FILEPATHS))
+            # The main op is in the graph's collection now: the second MetaGraph has it too.
+            builder.add_meta_graph(["serve", "gpu"], {"serving_default": signature},
+                                   assets_collection=v1.get_collection(v1.GraphKeys.ASSET_FILEPATHS))
+            builder.save()
+    return {"serving_default": [{"words": _words((5,)),
+                                 "images": RNG.standard_normal((2, 6, 6, 2)).astype(np.float32)}]}
+
+
+def keras3_string_lookup(path):
+    """Keras 3: StringLookup + Embedding + Conv1D + BatchNormalization, exported with model.export."""
+    import keras
+    L = keras.layers
+    words = keras.Input((6,), dtype="string", name="inputs")
+    x = L.StringLookup(vocabulary=VOCABULARY)(words)
+    x = L.Embedding(len(VOCABULARY) + 1, 5)(x)
+    x = L.Conv1D(4, 3, padding="same")(x)
+    x = L.BatchNormalization()(x)
+    model = keras.Model(words, x)
+    _randomize_keras_batch_norms(model)
+    model.export(path, verbose=False)
+    return {"serve": [{"inputs": _words((2, 6))}], "serving_default": [{"inputs": _words((2, 6))}]}
+
+
+def keras3_recurrent(path, layer="LSTM"):
+    """Keras 3: LSTM or GRU (return_sequences) -> Dense -> BatchNormalization."""
+    import keras
+    L = keras.layers
+    model = keras.Sequential([keras.Input((5, 3), name="inputs"), getattr(L, layer)(4, return_sequences=True), L.Dense(6),
+                              L.BatchNormalization()])
+    _randomize_keras_batch_norms(model)
+    model.export(path, verbose=False)
+    x = RNG.standard_normal((2, 5, 3)).astype(np.float32)
+    return {"serve": [{"inputs": x}], "serving_default": [{"inputs": x}]}
+
+
+def keras3_training_batch_norm(path):
+    """Keras 3: a functional model whose second batch norm is called with training=True.
+
+    Every call then normalizes by the batch and updates that layer's moving
+    averages: those variables are written, and the batch norm cannot fold.
+    """
+    import keras
+    L = keras.layers
+    inputs = keras.Input((8, 8, 3), name="inputs")
+    x = L.BatchNormalization(name="inference_bn")(L.Conv2D(4, 3, padding="same")(inputs))
+    x = L.BatchNormalization(name="training_bn")(L.Conv2D(4, 3, padding="same")(x), training=True)
+    model = keras.Model(inputs, x)
+    _randomize_keras_batch_norms(model)
+    model.export(path, verbose=False)
+    x = RNG.standard_normal((2, 8, 8, 3)).astype(np.float32)
+    return {"serve": [{"inputs": x}], "serving_default": [{"inputs": x}]}

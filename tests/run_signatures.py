@@ -1,0 +1,34 @@
+"""Loads SavedModels in this (fresh) process and calls their signatures in order.
+
+    python run_signatures.py CALLS.pkl RESULTS.pkl
+
+CALLS.pkl: a list of (SavedModel path, tags or None, signature key, {input: array}).
+Calls run in list order, so a stateful signature sees the calls before it.
+RESULTS.pkl: one {output: array} per call. Used by the tests to judge a
+written model from outside the process that wrote it.
+"""
+
+import os
+import pickle
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # noqa: E402
+
+
+def main(calls_path, results_path):
+    with open(calls_path, "rb") as f:
+        calls = pickle.load(f)
+    loaded, results = {}, []
+    for path, tags, key, inputs in calls:
+        if path not in loaded:
+            loaded[path] = tf.saved_model.load(path, tags=tags)
+        outputs = loaded[path].signatures[key](**{k: tf.constant(v) for k, v in inputs.items()})
+        results.append({k: v.numpy() for k, v in outputs.items()})
+    with open(results_path, "wb") as f:
+        pickle.dump(results, f)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,145 @@
+"""SavedModels that carry more than weights come out working (tables, assets, state, control flow).
+
+Each output is judged from outside: saved_model_cli lists the same
+SignatureDefs, and a fresh process loads both models and gets the same
+outputs from every signature on valid inputs (real vocabulary words).
+"""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import io_models
+from savedmodel_checks import compare_in_fresh_process, signature_defs
+from tf_bnfuse import errors
+from tf_bnfuse import fold_saved_model
+
+import conftest
+
+
+def _moved(src):
+    """Moves the input away, so that an output still reading the input's assets fails."""
+    moved = src + "_moved"
+    shutil.move(src, moved)
+    return moved
+
+
+def _fold(builder, tmp_path, **kwargs):
+    """Builds and folds a model; returns (the input, moved away after folding, output, inputs, report)."""
+    src, out = str(tmp_path / "src"), str(tmp_path / "out")
+    inputs = builder(src)
+    before = conftest.tree_digest(src)
+    report = fold_saved_model(src, out, **kwargs)
+    assert conftest.tree_digest(src) == before, "input SavedModel was modified"
+    return _moved(src), out, inputs, report
+
+
+def _ops(path, key):
+    """Ops of a written signature, its functions included."""
+    graph_def = tf.saved_model.load(path).signatures[key].graph.as_graph_def()
+    return [n.op for n in graph_def.node] + [n.op for f in graph_def.library.function for n in f.node_def]
+
+
+def test_static_hash_table_from_asset(tmp_path):
+    src, out, inputs, report = _fold(io_models.static_hash_table, tmp_path)
+    assert os.listdir(os.path.join(out, "assets")) == ["vocabulary.txt"]
+    assert signature_defs(out) == signature_defs(src)
+    outputs = compare_in_fresh_process(src, out, inputs)
+    ids = outputs["serving_default"][0]["ids"]
+    assert set(ids.tolist()) - {0} and 0 in ids, "test words must hit the table and miss it"
+    assert [f.op for f in report.signatures["serving_default"].folds] == ["AddV2"]
+    assert "Mul" not in _ops(out, "serving_default")
+
+
+def test_written_variable_stays_a_variable(tmp_path):
+    src, out, inputs, report = _fold(io_models.counter, tmp_path)
+    outputs = compare_in_fresh_process(src, out, inputs)
+    assert [o["calls"] for o in outputs["serving_default"]] == [1.0, 2.0]
+    assert report.signatures["serving_default"].folds
+    assert "AssignAddVariableOp" in _ops(out, "serving_default")
+
+
+def test_while_and_cond_stay_functional(tmp_path):
+    src, out, inputs, report = _fold(io_models.while_and_cond, tmp_path)
+    assert signature_defs(out) == signature_defs(src)
+    compare_in_fresh_process(src, out, inputs)
+    ops = _ops(out, "serving_default")
+    assert "While" in ops or "StatelessWhile" in ops
+    assert not {"Enter", "Exit", "Switch", "Merge", "NextIteration"} & set(ops), "control flow was lowered"
+    # The conv + batch norm after the loop folds.
+    assert [f.linear_op for f in report.signatures["serving_default"].folds] == ["Conv2D"]
+
+
+def test_tf1_builder_with_asset_table_and_main_op(tmp_path):
+    src = str(tmp_path / "src")
+    inputs = io_models.tf1_builder(src)
+    with pytest.raises(errors.BadInputError, match="gpu,serve"):
+        fold_saved_model(src, str(tmp_path / "refused"))
+    assert not os.path.exists(tmp_path / "refused")
+    out = str(tmp_path / "out")
+    report = fold_saved_model(src, out, drop_other_metagraphs=True)
+    assert report.dropped_metagraphs == ["gpu,serve"]
+    src = _moved(src)
+    assert signature_defs(out) == signature_defs(src)
+    outputs = compare_in_fresh_process(src, out, inputs, tags=["serve"])
+    assert set(outputs["serving_default"][0]["ids"].tolist()) - {-1}
+    # The second logical CPU has no initialized copy of a TF1 table: said, not hidden.
+    assert list(report.verification.not_run) == ["serving_default on /device:CPU:1"]
+    assert [f.op for f in report.signatures["serving_default"].folds] == ["FusedBatchNormV3"]
+
+
+def test_keras3_string_lookup_embedding_conv1d_bn(tmp_path):
+    src, out, inputs, report = _fold(io_models.keras3_string_lookup, tmp_path)
+    assert signature_defs(out) == signature_defs(src)
+    compare_in_fresh_process(src, out, inputs)
+    assert len(report.signatures["serve"].folds) == 1
+
+
+@pytest.mark.parametrize("layer", ["LSTM", "GRU"])
+def test_keras3_recurrent_then_dense_bn(tmp_path, layer):
+    src, out, inputs, report = _fold(lambda p: io_models.keras3_recurrent(p, layer), tmp_path)
+    assert signature_defs(out) == signature_defs(src)
+    compare_in_fresh_process(src, out, inputs)
+    assert [f.linear_op for f in report.signatures["serve"].folds] == ["MatMul"]
+
+
+def test_keras3_training_mode_batch_norm_stays_and_updates(tmp_path):
+    src, out, inputs, report = _fold(io_models.keras3_training_batch_norm, tmp_path)
+    compare_in_fresh_process(src, out, inputs)
+    graph = report.signatures["serve"]
+    assert len(graph.folds) == 1, "the inference-mode batch norm folds"
+    # Keras 3 writes the training-mode batch norm as Mul/Add by batch moments: reported, left in place.
+    assert "/inference_bn" in graph.folds[0].node, graph.folds
+    assert any(s.op == "Mul" and "/training_bn" in s.node for s in graph.skips), graph.skips
+    assert "Rsqrt" in _ops(out, "serve"), "the batch statistics are still computed"
+    assert any(op.startswith("AssignVariableOp") or op == "AssignSubVariableOp" for op in _ops(out, "serve"))
+
+
+def test_skip_verify_still_refuses_a_model_that_cannot_run(tmp_path, monkeypatch):
+    """A pass that breaks the graph: unverified, the output is still run, and nothing is written."""
+    from tf_bnfuse import passes
+
+    def break_graph(graph_def, outputs):
+        """Makes the first output wait for an Assert that always fails: it imports, and cannot run."""
+        broken = tf.compat.v1.GraphDef()
+        broken.CopyFrom(graph_def)
+        never = broken.node.add(name="never", op="Const")
+        never.attr["dtype"].type = tf.bool.as_datatype_enum
+        never.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(False))
+        check = broken.node.add(name="always_fails", op="Assert", input=["never", "never"])
+        check.attr["T"].list.type.append(tf.bool.as_datatype_enum)
+        output_node = outputs[0].split(":")[0]
+        next(n for n in broken.node if n.name == output_node).input.append("^always_fails")
+        return broken, passes.REGISTRY["cleanup"](broken, outputs)[1]
+
+    monkeypatch.setitem(passes.REGISTRY, "break_graph", break_graph)
+    src = str(tmp_path / "src")
+    io_models.counter(src)
+    config = {"pipeline": ["break_graph"]}
+    with pytest.raises(errors.VerificationError, match="cannot run"):
+        fold_saved_model(src, str(tmp_path / "out"), config=config, verify=False)
+    assert not os.path.exists(tmp_path / "out")
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tf_bnfuse")]

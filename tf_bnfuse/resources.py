@@ -1,0 +1,131 @@
+"""The resources a signature captures besides read-only weights, and who owns them.
+
+Freezing turns every captured variable into a constant. That is right for
+weights and wrong for state: a variable a signature assigns (a counter, a
+training-mode batch norm's moving averages) must stay a variable, and a
+lookup table is a resource that has no constant form at all. Those captures
+stay placeholders in the frozen graph; the written model feeds them the
+original objects' handles, and saves those objects (with their assets and
+initializers) beside the folded weights.
+"""
+
+from tf_bnfuse import graph as graph_lib
+
+# Ops that change a resource variable in place; input 0 is the variable.
+_WRITE_OP_PREFIXES = ("ResourceApply", "ResourceSparseApply", "ResourceScatter")
+_WRITE_OPS = frozenset({"AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp",
+                        "ResourceStridedSliceAssign", "DestroyResourceOp"})
+# Call-like ops: node input i is argument (i - offset) of each function attr named here.
+_CALL_OPS = {
+    "PartitionedCall": (("f",), 0),
+    "StatefulPartitionedCall": (("f",), 0),
+    "While": (("body", "cond"), 0),
+    "StatelessWhile": (("body", "cond"), 0),
+    "If": (("then_branch", "else_branch"), 1),
+    "StatelessIf": (("then_branch", "else_branch"), 1),
+    "Case": (("branches",), 1),
+    "StatelessCase": (("branches",), 1),
+}
+
+
+def is_write_op(op):
+    return op in _WRITE_OPS or op.startswith(_WRITE_OP_PREFIXES)
+
+
+def _called_functions(node, library):
+    """(function names, argument offset) a node calls, or ((), 0)."""
+    if node.op in library:  # a function called by its own name
+        return (node.op,), 0
+    if node.op not in _CALL_OPS:
+        return (), 0
+    attrs, offset = _CALL_OPS[node.op]
+    names = []
+    for attr in attrs:
+        value = node.attr[attr]
+        if value.HasField("func"):
+            names.append(value.func.name)
+        names.extend(f.name for f in value.list.func)
+    return tuple(names), offset
+
+
+class _WriteAnalysis:
+    """Which placeholders (or function arguments) reach a write op's variable input."""
+
+    def __init__(self, library):
+        self.library = {f.signature.name: f for f in library.function}
+        self._written_args = {}  # function name -> set of written argument indices
+
+    def written_sources(self, nodes, inputs_of, source_of):
+        """Names of source nodes (placeholders, or function arguments) whose resource is written.
+
+        nodes: node defs; inputs_of(node) its input strings; source_of(input
+        string) the source name behind it after Identities, or None.
+        """
+        written = set()
+        for node in nodes:
+            data_inputs = [i for i in inputs_of(node) if not i.startswith("^")]
+            if is_write_op(node.op) and data_inputs:
+                source = source_of(data_inputs[0])
+                if source is not None:
+                    written.add(source)
+            functions, offset = _called_functions(node, self.library)
+            for function in functions:
+                for arg in self.written_args(function):
+                    if 0 <= arg + offset < len(data_inputs):
+                        source = source_of(data_inputs[arg + offset])
+                        if source is not None:
+                            written.add(source)
+        return written
+
+    def written_args(self, name):
+        if name in self._written_args:
+            return self._written_args[name]
+        self._written_args[name] = set()  # a recursive call writes nothing more than its first visit
+        function = self.library.get(name)
+        if function is None:
+            return set()
+        arg_index = {arg.name: i for i, arg in enumerate(function.signature.input_arg)}
+        by_name = {node.name: node for node in function.node_def}
+
+        def source_of(input_str):
+            # Function bodies name tensors "node:output:index" or an argument's bare name.
+            name = input_str.split(":")[0]
+            seen = set()
+            while name in by_name and by_name[name].op == "Identity" and name not in seen:
+                seen.add(name)
+                name = by_name[name].input[0].split(":")[0]
+            return name if name in arg_index else None
+
+        written = self.written_sources(function.node_def, lambda n: n.input, source_of)
+        self._written_args[name] = {arg_index[a] for a in written}
+        return self._written_args[name]
+
+
+def written_placeholders(graph_def):
+    """Names of the placeholders of graph_def whose resource some op (in a called function too) writes."""
+    index = graph_lib.GraphIndex(graph_def)
+
+    def source_of(input_str):
+        node, _ = index.skip_identities(input_str)
+        return node.name if node is not None and node.op == "Placeholder" else None
+
+    return _WriteAnalysis(graph_def.library).written_sources(graph_def.node, lambda n: n.input, source_of)
+
+
+def resource_owners(loaded):
+    """{id(handle tensor): trackable} for every variable and resource under a loaded SavedModel."""
+    import tensorflow as tf  # only the I/O layer needs TF objects here
+
+    owners = {}
+    for obj in tf.train.TrackableView(loaded).descendants():
+        if isinstance(obj, tf.Variable):
+            handle = obj.handle
+        elif hasattr(type(obj), "resource_handle"):
+            try:
+                handle = obj.resource_handle
+            except Exception:  # a resource that cannot be created here: nothing can capture it either
+                continue
+        else:
+            continue
+        owners.setdefault(id(handle), obj)
+    return owners
