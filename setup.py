@@ -1,8 +1,13 @@
+import re
+
 from setuptools import setup
+
+with open("tf_bnfuse/__init__.py") as f:
+    VERSION = re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
 
 setup(
     name="tf_bnfuse",
-    version="0.1.0",
+    version=VERSION,
     description="Fold inference batch normalization into convolutions and matmuls of a TensorFlow SavedModel.",
     packages=["tf_bnfuse", "tf_bnfuse.passes", "tf_bnfuse.configs"],
     package_dir={"tf_bnfuse.configs": "configs"},

@@ -92,6 +92,28 @@ def branch_bn():
     return keras.Model(inputs, L.Concatenate()([L.BatchNormalization()(conv), L.ReLU()(conv)]))
 
 
+def residual_leaky_relu():
+    """conv -> batch norm -> residual add -> LeakyReLU(0.1): folded naively, TF's oneDNN
+    remapper fuses it with the default alpha 0.2 (see linear_ops.misfused_by_remapper)."""
+    inputs = keras.Input((8, 8, 4), name="image")
+    x = L.BatchNormalization()(L.Conv2D(4, 3, padding="same")(inputs))
+    return keras.Model(inputs, L.LeakyReLU(alpha=0.1)(L.Add()([x, inputs])))
+
+
+def lstm_dense_bn():
+    """LSTM (return_sequences) -> Dense -> BatchNormalization: a While loop, then a foldable MatMul."""
+    return _sequential((5, 3), L.LSTM(4, return_sequences=True), L.Dense(6), L.BatchNormalization())
+
+
+def gru_dense_bn():
+    return _sequential((5, 3), L.GRU(4, return_sequences=True), L.Dense(6), L.BatchNormalization())
+
+
+def grouped_conv_bn():
+    """Conv2D(groups=4): tf-keras runs it in a jit_compile function."""
+    return _sequential((8, 8, 8), L.Conv2D(8, 3, groups=4, padding="same"), L.BatchNormalization())
+
+
 def mobilenet_v2_small():
     return keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10,
                                           classifier_activation=None)
@@ -107,7 +129,7 @@ def mobilenet_v2():
                                           classifier_activation=None)
 
 
-MODELS = {f.__name__: f for f in (conv_bn, pool_bn_conv, dense_rank3_bn, conv_no_bias_bn, dilated_conv_bn, dilated_depthwise_bn, depthwise_bn, separable_bn, conv_transpose_bn,
+MODELS = {f.__name__: f for f in (conv_bn, residual_leaky_relu, lstm_dense_bn, gru_dense_bn, grouped_conv_bn, pool_bn_conv, dense_rank3_bn, conv_no_bias_bn, dilated_conv_bn, dilated_depthwise_bn, depthwise_bn, separable_bn, conv_transpose_bn,
                                   conv3d_bn, channels_first_bn, conv1d_bn, dense_bn, branch_bn, mobilenet_v2_small, resnet50,
                                   mobilenet_v2)}
 

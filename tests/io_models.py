@@ -192,3 +192,43 @@ def keras3_training_batch_norm(path):
     model.export(path, verbose=False)
     x = RNG.standard_normal((2, 8, 8, 3)).astype(np.float32)
     return {"serve": [{"inputs": x}], "serving_default": [{"inputs": x}]}
+
+
+def keras3_one_conv_bn(path):
+    """Keras 3: the smallest model with a fold, Conv2D -> BatchNormalization."""
+    import keras
+    model = keras.Sequential([keras.Input((8, 8, 3), name="inputs"), keras.layers.Conv2D(4, 3),
+                              keras.layers.BatchNormalization()])
+    _randomize_keras_batch_norms(model)
+    model.export(path, verbose=False)
+    x = RNG.standard_normal((2, 8, 8, 3)).astype(np.float32)
+    return {"serve": [{"inputs": x}], "serving_default": [{"inputs": x}]}
+
+
+def stateful_random(path):
+    """tf.nn.dropout in a tf.Module: a stateful random op, other values on every call."""
+
+    class Noisy(tf.Module):
+        def __init__(self):
+            self.kernel = tf.Variable(RNG.standard_normal((3, 3, 2, 4)).astype(np.float32))
+            self.scale = tf.Variable(RNG.uniform(0.5, 2.0, 4).astype(np.float32))
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 2], tf.float32)])
+        def serve(self, x):
+            y = tf.nn.conv2d(x, self.kernel, 1, "SAME") * self.scale
+            return {"dropped": tf.nn.dropout(y, 0.5), "clean": y}
+
+    module = Noisy()
+    tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
+    return {"serving_default": [{"x": RNG.standard_normal((2, 8, 8, 2)).astype(np.float32)}]}
+
+
+def keras3_grouped_conv_bn(path):
+    """Keras 3 Conv2D(groups=4): the conv runs in a jit_compile function called from the graph."""
+    import keras
+    model = keras.Sequential([keras.Input((8, 8, 8), name="inputs"), keras.layers.Conv2D(8, 3, groups=4, padding="same"),
+                              keras.layers.BatchNormalization()])
+    _randomize_keras_batch_norms(model)
+    model.export(path, verbose=False)
+    x = RNG.standard_normal((2, 8, 8, 8)).astype(np.float32)
+    return {"serve": [{"inputs": x}], "serving_default": [{"inputs": x}]}

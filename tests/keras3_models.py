@@ -95,7 +95,54 @@ def resnet50_small():
                                        classifier_activation=None)
 
 
-MODELS = {f.__name__: f for f in (conv_bn, mixed_float16_conv_bn, pool_bn_conv, dense_rank3_bn, conv_bn_swish, dilated_conv_bn, dilated_depthwise_bn, depthwise_bn, separable_bn, conv_transpose_bn, conv1d_bn, dense_bn,
+def residual_leaky_relu():
+    """conv -> batch norm -> residual add -> LeakyReLU(0.1) (see linear_ops.misfused_by_remapper)."""
+    inputs = keras.Input((8, 8, 4))
+    x = L.BatchNormalization()(L.Conv2D(4, 3, padding="same")(inputs))
+    return keras.Model(inputs, L.LeakyReLU(negative_slope=0.1)(L.Add()([x, inputs])))
+
+
+def mixed_float16_float32_output():
+    """The Keras mixed-precision guide's model: mixed_float16 layers, a float32 output layer.
+
+    The output is float32, but it is computed in float16: only float16's
+    tolerance fits the comparison.
+    """
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        inputs = keras.Input((12, 12, 3))
+        x = L.ReLU()(L.BatchNormalization()(L.Conv2D(16, 3, padding="same")(inputs)))
+        x = L.BatchNormalization()(L.Conv2D(16, 3, padding="same")(x))
+        x = L.Dense(10)(L.GlobalAveragePooling2D()(x))
+        outputs = L.Activation("linear", dtype="float32")(x)
+        return keras.Model(inputs, outputs)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def dropout_training():
+    """Dropout called with training=True: every call drops other units."""
+    inputs = keras.Input((12, 12, 3))
+    x = L.BatchNormalization()(L.Conv2D(4, 3, padding="same")(inputs))
+    return keras.Model(inputs, L.Dropout(0.5)(x, training=True))
+
+
+def _embedding_conv_bn(rows):
+    inputs = keras.Input((6,), dtype="int32")
+    x = L.Embedding(rows, 5)(inputs)
+    return keras.Model(inputs, L.BatchNormalization()(L.Conv1D(4, 3, padding="same")(x)))
+
+
+def embedding4_conv_bn():
+    """Embedding(4): ids 0..3 only; the default test ids [0, 8) would be out of range."""
+    return _embedding_conv_bn(4)
+
+
+def embedding1000_conv_bn():
+    return _embedding_conv_bn(1000)
+
+
+MODELS = {f.__name__: f for f in (conv_bn, residual_leaky_relu, mixed_float16_float32_output, dropout_training, embedding4_conv_bn, embedding1000_conv_bn, mixed_float16_conv_bn, pool_bn_conv, dense_rank3_bn, conv_bn_swish, dilated_conv_bn, dilated_depthwise_bn, depthwise_bn, separable_bn, conv_transpose_bn, conv1d_bn, dense_bn,
                                   conv3d_bn, branch_bn, mobilenet_v2_small, resnet50_small)}
 
 

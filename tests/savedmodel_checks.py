@@ -125,3 +125,38 @@ def signature_defs(path, tag_set="serve"):
     blocks = re.findall(r"signature_def\['([^']+)'\]:\n(.*?Method name is: \S*)", text, re.DOTALL)
     # __saved_model_init_op is how a TF2 SavedModel runs its initializers, not a signature to serve.
     return {key: re.sub(r"\n\s*name: \S+", "", body) for key, body in blocks if not key.startswith("__")}
+
+
+def data_path_op_counts(path, key="serving_default", tags=None):
+    """{op: count} of the nodes on a path from a signature input to an output, after TF's own
+    freezing (which inlines every call). The plumbing a user's runtime will execute."""
+    import collections
+    loaded = tf.saved_model.load(path, tags=tags)
+    frozen = convert_to_constants.convert_variables_to_constants_v2(loaded.signatures[key])
+    graph_def = frozen.graph.as_graph_def()
+    nodes = {n.name: n for n in graph_def.node}
+    consumers = collections.defaultdict(list)
+    for node in graph_def.node:
+        for i in node.input:
+            consumers[i.lstrip("^").split(":")[0]].append(node.name)
+
+    def reach(start, step):
+        seen, stack = set(), list(start)
+        while stack:
+            name = stack.pop()
+            if name not in seen and name in nodes:
+                seen.add(name)
+                stack.extend(step(name))
+        return seen
+
+    forward = reach([n.name for n in graph_def.node if n.op == "Placeholder"], lambda n: consumers[n])
+    backward = reach([t.op.name for t in frozen.outputs],
+                     lambda n: [i.lstrip("^").split(":")[0] for i in nodes[n].input])
+    return collections.Counter(nodes[n].op for n in forward & backward)
+
+
+def xla_functions_with(path, op, key="serving_default"):
+    """Names of the functions of a signature marked _XlaMustCompile that hold an `op` node."""
+    graph_def = tf.saved_model.load(path).signatures[key].graph.as_graph_def()
+    return [f.signature.name for f in graph_def.library.function
+            if f.attr["_XlaMustCompile"].b and any(n.op == op for n in f.node_def)]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -18,9 +19,14 @@ def run_cli(*args):
                           timeout=600)
 
 
+def error_lines(stderr):
+    """stderr without the progress lines ("tf_bnfuse [  1.2 s] ...")."""
+    return [line for line in stderr.strip().splitlines() if not line.startswith("tf_bnfuse [")]
+
+
 def assert_one_line_error(result, code, *fragments):
     assert result.returncode == code, result.stderr
-    lines = result.stderr.strip().splitlines()
+    lines = error_lines(result.stderr)
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("tf_bnfuse: error: ") and "Traceback" not in result.stderr
     for fragment in fragments:
@@ -32,7 +38,10 @@ def test_cli_folds_the_example_and_prints_a_summary(example_model, tmp_path):
     before = conftest.tree_digest(example_model)
     result = run_cli("--saved_model_dir", example_model, "--output_dir", out, "--report_json", report_path)
     assert result.returncode == 0, result.stderr
-    assert result.stderr == ""
+    assert error_lines(result.stderr) == []
+    assert "load done in" in result.stderr and "verify done in" in result.stderr  # progress, by default
+    assert result.stdout.strip().splitlines()[-1].startswith(
+        "wrote %s: 5 folded, 1 left alone, verified on 1 device, " % out)
     assert "signature serving_default: " in result.stdout
     assert "folded  StatefulPartitionedCall/FusedBatchNormV2 (FusedBatchNormV2) into" in result.stdout
     assert "has 2 consumers" in result.stdout
@@ -108,3 +117,132 @@ def test_non_empty_output_is_refused_without_overwrite(example_model, tmp_path):
     result = run_cli("--saved_model_dir", example_model, "--output_dir", str(out))
     assert_one_line_error(result, 2, "--overwrite")
     assert (out / "precious").read_text() == "keep me"
+
+
+def test_help_lists_the_tools_own_flags_and_exits_0():
+    for flag in ("--help", "-h"):
+        result = run_cli(flag)
+        assert result.returncode == 0, result.stderr
+        for own in ("--saved_model_dir", "--output_dir", "--skip_verify", "--verify_inputs", "--report_json",
+                    "--quiet", "exit codes:", "130", "example:"):
+            assert own in result.stdout, own
+        assert "--only_check_args" not in result.stdout, "absl's own flags belong to --helpfull"
+
+
+def test_version_names_tf_bnfuse_tensorflow_and_keras():
+    result = run_cli("--version")
+    assert result.returncode == 0
+    import keras
+    import tf_bnfuse
+    assert "tf_bnfuse %s\n" % tf_bnfuse.__version__ in result.stdout
+    assert "tensorflow %s\n" % tf.__version__ in result.stdout
+    assert "keras %s\n" % keras.__version__ in result.stdout
+
+
+def run_cli_reporting_tf_import(*args):
+    """Runs the CLI in a process that says on exit whether TensorFlow was imported."""
+    code = ("import atexit, sys; atexit.register(lambda: sys.stderr.write("
+            "'TF IMPORTED\\n' if 'tensorflow' in sys.modules else '')); "
+            "sys.argv = ['tf_bnfuse'] + %r; from tf_bnfuse import cli; cli.run()" % (list(args),))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+
+
+def test_paths_and_config_are_checked_before_tensorflow_is_imported(example_model, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    wrong_type = tmp_path / "wrong_type.json"
+    config = json.load(open(os.path.join(conftest.REPO, "configs", "default.json")))
+    config["verify"]["batch_size"] = "two"
+    wrong_type.write_text(json.dumps(config))
+    cases = [
+        (["--saved_model_dir", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "o")], "does not exist"),
+        (["--saved_model_dir", str(a_file), "--output_dir", str(tmp_path / "o")], "is a file, not a folder"),
+        (["--saved_model_dir", example_model, "--output_dir", str(a_file / "o")], "is a file, not a folder"),
+        (["--saved_model_dir", example_model, "--output_dir", str(tmp_path / "o"), "--config", str(wrong_type)],
+         'verify.batch_size must be a whole number >= 1, not "two"'),
+        (["--saved_model_dir", example_model, "--output_dir", str(tmp_path / "o"),
+          "--report_json", str(tmp_path / "missing" / "r.json")], "does not exist"),
+        (["--saved_model_dir", example_model, "--output_dir", str(tmp_path / "o"),
+          "--verify_inputs", str(a_file)], "is not a .npz file"),
+    ]
+    for args, fragment in cases:
+        result = run_cli_reporting_tf_import(*args)
+        assert "TF IMPORTED" not in result.stderr, (args, result.stderr)
+        assert_one_line_error(result, 2, fragment)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "missing").exists()
+
+
+def test_report_json_is_written_on_failure_with_status_and_versions(example_model, tmp_path):
+    report_path = tmp_path / "report.json"
+    result = run_cli("--saved_model_dir", example_model, "--output_dir", str(tmp_path / "o"),
+                     "--signature_keys", "serve_v9", "--report_json", str(report_path))
+    assert_one_line_error(result, 2, "serve_v9")
+    report = json.load(open(report_path))
+    assert report["status"] == "failed" and report["exit_code"] == 2 and "serve_v9" in report["message"]
+    assert report["versions"]["tensorflow"] == tf.__version__
+    assert report["flags"]["signature_keys"] == ["serve_v9"] and report["config"]["pipeline"]
+    assert [p["name"] for p in report["phases"]] == []  # the load failed: no phase finished
+
+
+def test_report_json_on_success_has_status_config_and_folds(example_model, tmp_path):
+    report_path = tmp_path / "report.json"
+    result = run_cli("--saved_model_dir", example_model, "--output_dir", str(tmp_path / "o"), "--quiet",
+                     "--report_json", str(report_path))
+    assert result.returncode == 0 and result.stderr == "", result.stderr  # --quiet: no progress
+    report = json.load(open(report_path))
+    assert report["status"] == "ok" and report["exit_code"] == 0 and report["message"] == ""
+    assert len(report["signatures"]["serving_default"]["passes"][1]["folds"]) == 3
+    assert report["verification"]["checks"] and report["verification"]["random_outputs"] == []
+
+
+def _scratch_folders(folder):
+    return [p for p in os.listdir(folder) if p.startswith(".tf_bnfuse-")]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_and_terminate_leave_nothing_behind(example_model, tmp_path, sig):
+    out = tmp_path / "o"
+    process = subprocess.Popen([sys.executable, "-m", "tf_bnfuse", "--saved_model_dir", example_model,
+                                "--output_dir", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    seen = []
+    for line in process.stderr:  # wait until the scratch folder exists: the write has begun
+        seen.append(line)
+        if "write ..." in line:
+            break
+    process.send_signal(sig)
+    _, rest = process.communicate(timeout=300)
+    stderr = "".join(seen) + rest
+    if sig == signal.SIGINT:
+        assert process.returncode == 130, stderr
+        assert error_lines(stderr) == ["tf_bnfuse: error: interrupted; nothing written"], stderr
+        assert "Traceback" not in stderr
+    else:
+        assert process.returncode == -signal.SIGTERM, stderr
+    assert not out.exists()
+    assert _scratch_folders(tmp_path) == []
+
+
+def test_verify_inputs_are_used_and_wrong_shapes_refused(example_model, tmp_path):
+    images = graphs.random((3, 16, 16, 3))
+    given = tmp_path / "inputs.npz"
+    np.savez(given, image=images)
+    report_path = tmp_path / "report.json"
+    result = run_cli("--saved_model_dir", example_model, "--output_dir", str(tmp_path / "o"),
+                     "--verify_inputs", str(given), "--report_json", str(report_path))
+    assert result.returncode == 0, result.stderr
+    report = json.load(open(report_path))
+    assert report["verification"]["inputs"] == {"embedding/image": "given (--verify_inputs)",
+                                                "serving_default/image": "given (--verify_inputs)"}
+
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, **{"serving_default/image": graphs.random((3, 15, 16, 3))})
+    result = run_cli("--saved_model_dir", example_model, "--output_dir", str(tmp_path / "o2"),
+                     "--verify_inputs", str(wrong))
+    assert_one_line_error(result, 2, "serving_default/image has shape (3, 15, 16, 3)", "(-1, 16, 16, 3)")
+    unknown = tmp_path / "unknown.npz"
+    np.savez(unknown, pixels=images)
+    result = run_cli("--saved_model_dir", example_model, "--output_dir", str(tmp_path / "o2"),
+                     "--verify_inputs", str(unknown))
+    assert_one_line_error(result, 2, "pixels names no signature input")
+    assert not (tmp_path / "o2").exists()

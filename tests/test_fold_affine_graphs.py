@@ -224,3 +224,42 @@ def test_shared_kernel_with_two_keras3_batch_norms():
     assert len(affine_report(report).folds) == 2
     by_name = {n.name: n for n in folded.node}
     assert by_name["conv_1"].input[1] != by_name["conv_2"].input[1]
+
+
+def _called_conv_graph(activation=None, jit_compile=True):
+    """x -> call f(kernel, x) -> scale -> shift, where f is a (jit_compile) tf.function running a conv
+    (and an activation): the shape of a Keras grouped convolution."""
+    kernel_value = graphs.random((3, 3, 2, 4))
+    scale, shift = graphs.RNG.uniform(0.5, 2.0, 4).astype(np.float32), graphs.random((4,))
+
+    @tf.function(jit_compile=jit_compile, autograph=False)
+    def conv_fn(kernel, x):
+        y = tf.nn.conv2d(x, kernel, 1, "SAME")
+        return activation(y) if activation else y
+
+    def build():
+        x = placeholder([None, 6, 6, 2])
+        y = conv_fn(graphs.const(kernel_value, "kernel"), x)
+        z = tf.add(tf.multiply(y, graphs.const(scale, "scale"), name="scaled"), graphs.const(shift, "shift"),
+                   name="out")
+        return ["out"]
+    return graphs.build(build)
+
+
+def test_a_call_computing_one_conv_folds_across_the_call():
+    graph_def, outputs = _called_conv_graph()
+    assert any(n.op in ("PartitionedCall", "StatefulPartitionedCall") for n in graph_def.node)
+    folded, report = fold_and_compare(graph_def, {"x": graphs.random((2, 6, 6, 2))}, outputs)
+    [fold] = affine_report(report).folds
+    assert fold.node == "out" and fold.linear_op.startswith("Conv2D in ")
+    assert not {"Mul", "AddV2"} & {n.op for n in folded.node}
+    # The function is the same: the call reads a new kernel constant instead.
+    assert [f.signature.name for f in folded.library.function] == [f.signature.name for f in graph_def.library.function]
+
+
+def test_a_call_that_also_applies_an_activation_is_left_alone_and_reported():
+    graph_def, outputs = _called_conv_graph(activation=tf.nn.relu)
+    folded, report = fold_and_compare(graph_def, {"x": graphs.random((2, 6, 6, 2))}, outputs)
+    assert affine_report(report).folds == []
+    assert [(s.node, "not from a supported linear op" in s.reason) for s in affine_report(report).skips] == [
+        ("scaled", True)]

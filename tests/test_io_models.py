@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 import io_models
-from savedmodel_checks import compare_in_fresh_process, signature_defs
+from savedmodel_checks import compare_in_fresh_process, data_path_op_counts, signature_defs, xla_functions_with
 from tf_bnfuse import errors
 from tf_bnfuse import fold_saved_model
 
@@ -143,3 +143,28 @@ def test_skip_verify_still_refuses_a_model_that_cannot_run(tmp_path, monkeypatch
         fold_saved_model(src, str(tmp_path / "out"), config=config, verify=False)
     assert not os.path.exists(tmp_path / "out")
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tf_bnfuse")]
+
+
+PLUMBING = ("Identity", "IdentityN", "NoOp")
+
+
+@pytest.mark.parametrize("builder", [io_models.keras3_one_conv_bn, io_models.keras3_string_lookup, io_models.static_hash_table,
+                                     io_models.while_and_cond])
+def test_no_more_plumbing_or_compute_on_the_data_path(tmp_path, builder):
+    src, out, _, _ = _fold(builder, tmp_path)
+    key = "serving_default"
+    before, after = data_path_op_counts(src, key), data_path_op_counts(out, key)
+    plumbing = lambda counts: sum(counts[op] for op in PLUMBING)  # noqa: E731
+    assert plumbing(after) <= plumbing(before), (before, after)
+    compute = lambda counts: sum(v for op, v in counts.items() if op not in PLUMBING + ("Placeholder",))  # noqa
+    assert compute(after) <= compute(before), (before, after)
+
+
+def test_keras3_grouped_conv_folds_across_its_xla_call_and_stays_compiled(tmp_path):
+    src, out, inputs, report = _fold(io_models.keras3_grouped_conv_bn, tmp_path)
+    [fold] = report.signatures["serve"].folds
+    assert fold.linear_op == "Conv2D in StatefulPartitionedCall"
+    compare_in_fresh_process(src, out, inputs)
+    assert xla_functions_with(out, "Conv2D") and xla_functions_with(src, "Conv2D")
+    top_level = [n.op for n in tf.saved_model.load(out).signatures["serving_default"].graph.as_graph_def().node]
+    assert "Rsqrt" not in _ops(out, "serving_default") and "Mul" not in _ops(out, "serving_default"), top_level

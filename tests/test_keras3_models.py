@@ -129,3 +129,11 @@ def test_keras3_export_signatures_are_folded_once_and_weights_stored_once(export
     serving_default = folded.signatures["serving_default"](**{key: image})
     for name in serve:
         np.testing.assert_array_equal(serve[name].numpy(), serving_default[name].numpy())
+
+
+def test_keras3_residual_leaky_relu_folds_and_tf_computes_it_right(exported, tmp_path):
+    """TF 2.21's oneDNN remapper would fuse the folded Conv2D -> BiasAdd -> AddV2 -> LeakyRelu with
+    alpha 0.2; the fold writes its bias as AddV2 there. oneDNN is on in the tests (conftest)."""
+    src, out, graph, batch_norms = fold_and_compare(exported, "residual_leaky_relu", tmp_path)
+    assert len(graph.folds) == batch_norms == 1 and graph.skips == []
+    assert "BiasAdd" not in data_path_ops(out) and "Rsqrt" not in data_path_ops(out)

@@ -6,6 +6,7 @@ The API is imported lazily so that `python -m tf_bnfuse` can quiet TensorFlow's
 start-up logging before TensorFlow loads.
 """
 
+__version__ = "0.2.0"
 __all__ = ["fold_saved_model", "fold_graph_def"]
 
 

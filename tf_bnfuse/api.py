@@ -10,10 +10,12 @@ from tf_bnfuse import config as config_lib
 from tf_bnfuse import errors
 from tf_bnfuse import output_dir as output_dir_lib
 from tf_bnfuse import pipeline as pipeline_lib
+from tf_bnfuse import preflight
 from tf_bnfuse import report as report_lib
 from tf_bnfuse import resources
 from tf_bnfuse import savedmodel
 from tf_bnfuse import verify as verify_lib
+from tf_bnfuse import verify_inputs as test_inputs_lib
 from tf_bnfuse import timing
 from tf_bnfuse import tflite as tflite_lib
 from tf_bnfuse.passes import promote_float16
@@ -23,8 +25,11 @@ DEFAULT_TAGS = ("serve",)
 
 def _resolve_config(config):
     if config is None or isinstance(config, (str, os.PathLike)):
-        return config_lib.load_config(config)
-    return config_lib.validate_config(config)
+        config = config_lib.load_config(config)
+    else:
+        config = config_lib.validate_config(config)
+    config_lib.check_pass_options(config)
+    return config
 
 
 def fold_graph_def(graph_def, outputs=None, config=None):
@@ -40,38 +45,6 @@ def fold_graph_def(graph_def, outputs=None, config=None):
         outputs = pipeline_lib.default_outputs(graph_def)
     new_graph_def, pass_reports = pipeline_lib.run_pipeline(graph_def, list(outputs), config["pipeline"])
     return new_graph_def, report_lib.GraphReport(len(graph_def.node), len(new_graph_def.node), pass_reports)
-
-
-def _check_output_dir(saved_model_dir, output_dir, overwrite):
-    source = os.path.realpath(saved_model_dir)
-    target = os.path.realpath(output_dir)
-    if target == source or target.startswith(source + os.sep):
-        raise errors.BadInputError("output folder %s is the input folder or inside it" % output_dir)
-    if source.startswith(target + os.sep):
-        raise errors.BadInputError("output folder %s contains the input folder" % output_dir)
-    if os.path.exists(output_dir):
-        if not os.path.isdir(output_dir):
-            raise errors.BadInputError("output path %s exists and is not a folder" % output_dir)
-        if os.listdir(output_dir) and not overwrite:
-            raise errors.BadInputError("output folder %s exists and is not empty; pass --overwrite "
-                                       "to replace it" % output_dir)
-    parent = os.path.dirname(target)
-    if not os.path.isdir(parent):
-        raise errors.BadInputError("parent folder of %s does not exist" % output_dir)
-
-
-def _check_tflite_output(path, saved_model_dir, output_dir, overwrite):
-    target = os.path.realpath(path)
-    for folder in (saved_model_dir, output_dir):
-        folder = os.path.realpath(folder)
-        if target == folder or target.startswith(folder + os.sep):
-            raise errors.BadInputError("--tflite_output %s is inside %s" % (path, folder))
-    if os.path.isdir(path):
-        raise errors.BadInputError("--tflite_output %s is a folder" % path)
-    if os.path.exists(path) and not overwrite:
-        raise errors.BadInputError("--tflite_output %s exists; pass --overwrite to replace it" % path)
-    if not os.path.isdir(os.path.dirname(target)):
-        raise errors.BadInputError("parent folder of %s does not exist" % path)
 
 
 def _promoted(folded):
@@ -98,13 +71,14 @@ def _check_metagraphs(saved_model_dir, tags, drop_other_metagraphs):
 
 def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFAULT_TAGS,
                      config=None, overwrite=False, verify=True, tflite_output=None,
-                     drop_other_metagraphs=False):
+                     drop_other_metagraphs=False, verify_inputs=None):
     """Folds every (or each named) signature of a SavedModel into a new SavedModel.
 
     The output is built in a temporary folder beside output_dir, verified
     there, and renamed into place only when it passed: on any error nothing is
     left at output_dir (an existing one stays as it was). Returns a RunReport.
-    Raises BadInputError (exit code 2) or VerificationError (exit code 1).
+    Raises BadInputError (exit code 2) or VerificationError (exit code 1); the
+    exception's `run_report` attribute holds what was done until then.
 
     tflite_output: also convert the folded model with the TFLite converter to
     this file, after checking the .tflite model's outputs against the original
@@ -113,44 +87,65 @@ def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFA
     and runs every signature on test inputs.
     drop_other_metagraphs: allow an input with MetaGraphs for other tag sets
     (they are not in the output); without it such an input is refused.
+    verify_inputs: a .npz of arrays named INPUT or SIGNATURE/INPUT to verify
+    on, instead of generated values (see verify_inputs.given_inputs).
     """
     config = _resolve_config(config)
-    savedmodel.check_saved_model_dir(saved_model_dir)
-    _check_output_dir(saved_model_dir, output_dir, overwrite)
-    if tflite_output:
-        _check_tflite_output(tflite_output, saved_model_dir, output_dir, overwrite)
+    preflight.check_all(saved_model_dir, output_dir, overwrite, tflite_output, verify_inputs=verify_inputs)
     tags = tuple(tags) if tags else DEFAULT_TAGS
     savedmodel.check_tags(saved_model_dir, tags)
-    dropped_metagraphs = _check_metagraphs(saved_model_dir, tags, drop_other_metagraphs)
+    run = report_lib.RunReport(saved_model_dir, output_dir, {})
+    run.dropped_metagraphs = [",".join(t) for t in _check_metagraphs(saved_model_dir, tags, drop_other_metagraphs)]
     timeline = timing.Timeline()
-    phase = timeline.phase
+    try:
+        _fold_saved_model(run, timeline, saved_model_dir, output_dir, signature_keys, tags, config, verify,
+                          tflite_output, verify_inputs)
+    except BaseException as e:  # KeyboardInterrupt too: the CLI reports what was done
+        run.phases = timeline.to_list()
+        e.run_report = run
+        raise
+    run.phases = timeline.to_list()
+    return run
 
+
+def _fold_saved_model(run, timeline, saved_model_dir, output_dir, signature_keys, tags, config, verify,
+                      tflite_output, verify_inputs):
+    """fold_saved_model's work; fills `run` (a RunReport) as it goes."""
+    phase = timeline.phase
+    verify_config = config.get("verify", {})
     with phase("load"):
         loaded = savedmodel.load(saved_model_dir, tags)
         functions = savedmodel.select_signatures(loaded, signature_keys, saved_model_dir)
         owners = resources.resource_owners(loaded)
-    input_specs, folded, reports = {}, {}, {}
+    input_specs = {k: savedmodel.signature_inputs(f) for k, f in functions.items()}
+    given = test_inputs_lib.given_inputs(verify_inputs, input_specs) if verify_inputs else {}
+    folded, reports = {}, run.signatures
+    bounds, precisions = {}, {}  # signature -> {input: IndexBound}, {output: half precision}
     first_with = {}  # signature fingerprint -> the first signature key that has it
     for key, function in functions.items():
         fingerprint = savedmodel.signature_fingerprint(function)
         if fingerprint in first_with:
             first = first_with[fingerprint]
             folded[key] = dataclasses.replace(folded[first], key=key)
-            input_specs[key] = input_specs[first]
             reports[key] = dataclasses.replace(reports[first], same_as=first)
+            bounds[key], precisions[key] = bounds[first], precisions[first]
             logging.info("signature %s is the same function as %s: folded once", key, first)
             continue
         first_with[fingerprint] = key
         with phase("freeze %s" % key):
             frozen = savedmodel.freeze(key, function, owners)
+            bounds[key] = test_inputs_lib.index_bounds(frozen.graph_def, frozen.inputs)
         with phase("passes %s" % key):
             nodes_before = len(frozen.graph_def.node)
             graph_def, pass_reports = pipeline_lib.run_pipeline(
                 frozen.release_graph_def(), frozen.output_tensors, config["pipeline"], owns_input=True)
+            precisions[key] = verify_lib.output_precisions(graph_def, frozen.outputs)
         reports[key] = report_lib.GraphReport(nodes_before, len(graph_def.node), pass_reports)
         folded[key] = dataclasses.replace(frozen, graph_def=graph_def)
-        input_specs[key] = frozen.inputs
         del frozen, graph_def  # the frozen weights: only the folded ones are needed from here on
+    output_specs = {k: sig.outputs for k, sig in folded.items()}
+    inputs = test_inputs_lib.make_inputs(input_specs, verify_config, test_inputs_lib.model_vocabulary(saved_model_dir),
+                                         bounds, given)
 
     parent = os.path.dirname(os.path.realpath(output_dir))
     output_dir_lib.remove_stale_scratch(parent)
@@ -163,44 +158,40 @@ def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFA
             savedmodel.write(folded, built, tags, savedmodel.initializers_to_keep(loaded))
         if not tflite_output:
             folded = None  # the written model holds the weights now
-        verification = None
         # A signature found to be the same function as another (same graph, same
         # variables) is checked against that one's original: its own copy would
         # compute the same values and only cost a first call.
         references = {k: functions[reports[k].same_as or k] for k in functions}
-        vocabulary = verify_lib.model_vocabulary(saved_model_dir)
         with phase("verify"):
             # Even unverified, the output is loaded and run: a model that cannot run is never written.
             reloaded = savedmodel.load(built, tags)
             reloaded_functions = {k: reloaded.signatures[k] for k in functions}
             if verify:
-                verification = verify_lib.verify(references, reloaded_functions, input_specs,
-                                                 config.get("verify", {}), vocabulary=vocabulary)
+                run.verification = verify_lib.verify(references, reloaded_functions, inputs, output_specs,
+                                                     verify_config, precisions)
+                run.verification.inputs = test_inputs_lib.describe_integer_inputs(input_specs, bounds, given)
             else:
-                verify_lib.smoke_test(reloaded_functions, input_specs, config.get("verify", {}), vocabulary)
-        if verification is not None and not verification.ok:
-            bad = verification.failures()[0]
-            raise errors.VerificationError(
-                "verification failed: signature %s output %s on %s: max abs error %.3g, "
-                "max rel error %.3g (rtol %g, atol %g); nothing written" % (
-                    bad.signature, bad.output, bad.device, bad.max_abs_error,
-                    bad.max_rel_error, bad.rtol, bad.atol))
+                verify_lib.smoke_test(reloaded_functions, inputs)
+        _raise_if_failed(run.verification)
         if not verify:
             logging.warning("verification skipped: the output of %s ran on test inputs but was NOT "
                             "compared with the input", output_dir)
-        tflite_report = None
+        elif not run.verification.compared:
+            logging.warning("verification compared NOTHING: every output is random (it differs between two "
+                            "calls of the original on the same input): %s", ", ".join(
+                                run.verification.random_outputs()))
         if tflite_output:
             with phase("tflite"):
                 convert_dir = built
                 if any(promote_float16.has_half(sig.graph_def) for sig in folded.values()):
                     convert_dir = os.path.join(scratch, "float32_for_tflite")
                     savedmodel.write(_promoted(folded), convert_dir, tags, savedmodel.initializers_to_keep(loaded))
-                model_content, tflite_report = tflite_lib.build(
+                model_content, run.tflite = tflite_lib.build(
                     saved_model_dir, convert_dir, tflite_output, list(functions), tags, references,
-                    input_specs, config.get("verify", {}))
-                tflite_report.promoted_float16 = convert_dir != built
-            if not tflite_report.ok:
-                bad = next(c for c in tflite_report.checks if not c.ok)
+                    inputs, verify_config)
+                run.tflite.promoted_float16 = convert_dir != built
+            if not run.tflite.ok:
+                bad = next(c for c in run.tflite.checks if not c.ok)
                 raise errors.VerificationError(
                     "TFLite check failed: signature %s output %s: max abs error %.3g, max rel error %.3g "
                     "(rtol %g, atol %g); nothing written" % (bad.signature, bad.output, bad.max_abs_error,
@@ -215,5 +206,14 @@ def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFA
         shutil.rmtree(scratch, ignore_errors=True)
         if tflite_scratch and os.path.exists(tflite_scratch):
             os.remove(tflite_scratch)
-    return report_lib.RunReport(saved_model_dir, output_dir, reports, verification, timeline.to_list(),
-                                tflite_report, dropped_metagraphs=[",".join(t) for t in dropped_metagraphs])
+
+
+def _raise_if_failed(verification):
+    if verification is None or verification.ok:
+        return
+    bad = verification.failures()[0]
+    raise errors.VerificationError(
+        "verification failed: signature %s output %s on %s: max abs error %.3g, max rel error %.3g "
+        "(rtol %g, atol %g, set by %s); nothing written" % (
+            bad.signature, bad.output, bad.device, bad.max_abs_error, bad.max_rel_error, bad.rtol, bad.atol,
+            bad.precision))

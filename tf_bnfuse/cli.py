@@ -1,12 +1,18 @@
 """Command line: python -m tf_bnfuse --saved_model_dir IN --output_dir OUT.
 
-Exit codes: 0 done; 1 verification failed; 2 bad input or usage; 3 internal error.
-Errors are one line on stderr; --verbosity=1 adds the traceback of an internal error.
+Exit codes: 0 done; 1 verification failed; 2 bad input or usage; 3 internal
+error; 130 interrupted (Ctrl-C). Errors are one line on stderr; progress goes
+to stderr too (--quiet silences it); --verbosity=1 adds TensorFlow's own log
+lines and the traceback of an internal error.
 """
 
 import json
+import logging as std_logging
 import os
+import platform
+import signal
 import sys
+import time
 
 # Before TensorFlow loads: keep its C++ start-up chatter off the user's stderr.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -15,27 +21,93 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
+import tf_bnfuse  # noqa: E402
+from tf_bnfuse import config as config_lib  # noqa: E402
 from tf_bnfuse import errors  # noqa: E402
+from tf_bnfuse import preflight  # noqa: E402
 
+EXIT_INTERRUPTED = 130
 FLAGS = flags.FLAGS
 flags.DEFINE_string("saved_model_dir", None, "SavedModel folder to read (never modified).")
 flags.DEFINE_string("output_dir", None, "Folder for the folded SavedModel.")
 flags.DEFINE_list("signature_keys", [], "Signatures to fold and keep (default: all).")
 flags.DEFINE_list("tags", ["serve"], "MetaGraph tags to load and write.")
 flags.DEFINE_string("config", None, "Pipeline/verification config JSON (default: configs/default.json).")
-flags.DEFINE_bool("overwrite", False, "Replace a non-empty --output_dir.")
-flags.DEFINE_bool("skip_verify", False, "Do not check the output against the input (not recommended).")
-flags.DEFINE_string("report_json", None, "Also write the full report as JSON to this file.")
-flags.DEFINE_bool("drop_other_metagraphs", False, "Allow an input whose other MetaGraphs (other tag sets) "
-                  "the output will not have.")
+flags.DEFINE_bool("overwrite", False, "Replace a non-empty --output_dir (and an existing --tflite_output).")
+flags.DEFINE_bool("skip_verify", False, "Do not compare the output with the input; it is still loaded and "
+                  "run once (not recommended).")
+flags.DEFINE_string("verify_inputs", None, "Verify on these inputs: a .npz with one array per signature input, "
+                    "named INPUT (every signature) or SIGNATURE/INPUT.")
+flags.DEFINE_string("report_json", None, "Also write a JSON report to this file, on every exit.")
 flags.DEFINE_string("tflite_output", None, "Also convert the folded model to this .tflite file, checked "
                     "against the original's outputs.")
+flags.DEFINE_bool("drop_other_metagraphs", False, "Allow an input whose other MetaGraphs (other tag sets) "
+                  "the output will not have.")
+flags.DEFINE_bool("quiet", False, "No progress lines on stderr; errors and warnings still show.")
+OWN_FLAGS = ["saved_model_dir", "output_dir", "signature_keys", "tags", "config", "overwrite", "skip_verify",
+             "verify_inputs", "report_json", "tflite_output", "drop_other_metagraphs", "quiet"]
+
+HELP_EPILOG = """\
+  --verbosity=1: also TensorFlow's own log lines, and tracebacks of internal errors
+  --version: tf_bnfuse, TensorFlow and Keras versions
+  --helpfull: every flag, absl's included
+
+exit codes:
+  0    folded and verified (or --skip_verify), output written
+  1    verification failed: nothing written
+  2    bad input: a path, flag, config or SavedModel that cannot be used; nothing written
+  3    internal error: nothing written
+  130  interrupted (Ctrl-C): nothing written
+
+example:
+  python -m tf_bnfuse --saved_model_dir my_model --output_dir my_model_folded --report_json report.json
+"""
 
 
 def _fail(message, code):
     sys.stderr.write("tf_bnfuse: error: %s\n" % " ".join(str(message).split()))
     sys.stderr.flush()
     return code
+
+
+def help_text():
+    lines = ["usage: python -m tf_bnfuse --saved_model_dir IN --output_dir OUT [flags]",
+             "", "Folds inference batch normalization into the convolutions and matmuls of a SavedModel,",
+             "writes a new SavedModel with the same signatures, and verifies it against the input.", "",
+             "flags:"]
+    for name in OWN_FLAGS:
+        flag = FLAGS[name]
+        default = flag.default_as_str if flag.default not in (None, [], False) else ""
+        lines.append("  --%s%s" % (name, "" if isinstance(flag.default, bool) else "=..."))
+        lines.append("      %s%s" % (flag.help, " (default: %s)" % default if default else ""))
+    return "\n".join(lines) + "\n" + HELP_EPILOG
+
+
+def versions():
+    """{package: version} without importing TensorFlow (which takes seconds)."""
+    from importlib import metadata
+    result = {"tf_bnfuse": tf_bnfuse.__version__, "python": platform.python_version()}
+    for package, name in (("tensorflow", "tensorflow"), ("keras", "keras"), ("tf-keras", "tf_keras")):
+        try:
+            result[name] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            result[name] = None
+    return result
+
+
+def parse_flags(argv):
+    """absl's parser, but --help/-h list this tool's own flags (exit 0), and a usage error is
+    one line and exit code 2."""
+    if any(a in ("-h", "--help", "-help", "--helpshort") for a in argv[1:]):
+        sys.stdout.write(help_text())
+        sys.exit(errors.EXIT_OK)
+    if "--version" in argv[1:]:
+        sys.stdout.write("".join("%s %s\n" % (k, v) for k, v in versions().items() if v))
+        sys.exit(errors.EXIT_OK)
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(_fail(e, errors.EXIT_BAD_INPUT))
 
 
 def _silence_native_stderr():
@@ -55,50 +127,134 @@ def _silence_native_stderr():
     logging.get_absl_handler().python_handler.stream = sys.stderr
 
 
-def parse_flags(argv):
-    """absl's parser, but a usage error is one line and exit code 2."""
+class _ProgressFormatter(std_logging.Formatter):
+    """'tf_bnfuse [  3.1 s] message': progress lines with the time since the run started."""
+
+    def __init__(self, started):
+        super().__init__()
+        self.started = started
+
+    def format(self, record):
+        level = "" if record.levelno == std_logging.INFO else record.levelname + ": "
+        return "tf_bnfuse [%5.1f s] %s%s" % (time.monotonic() - self.started, level, record.getMessage())
+
+
+def _set_up_logging(started):
+    verbose = FLAGS["verbosity"].present and FLAGS.verbosity >= 1
+    if not verbose:
+        _silence_native_stderr()
+        logging.get_absl_handler().setFormatter(_ProgressFormatter(started))
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING if FLAGS.quiet else logging.INFO)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that `finally` blocks remove the scratch folder."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def _flags_dict():
+    return {name: FLAGS[name].value for name in OWN_FLAGS}
+
+
+def _write_report(path, status, code, message, config, run_report):
+    report = {"status": status, "exit_code": code, "message": message, "versions": versions(),
+              "flags": _flags_dict(), "config": config}
+    if run_report is not None:
+        report.update(run_report.to_dict())
     try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        sys.exit(_fail(e, errors.EXIT_BAD_INPUT))
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2, default=str)
+    except OSError as e:
+        sys.stderr.write("tf_bnfuse: error: cannot write --report_json %s: %s\n" % (path, e.strerror or e))
+
+
+def _closing_line(report, seconds):
+    folds = sum(len(g.folds) for g in report.signatures.values() if not g.same_as)
+    skips = sum(len(g.skips) for g in report.signatures.values() if not g.same_as)
+    verification = report.verification
+    if verification is None:
+        checked = "NOT compared with the input (--skip_verify)"
+    else:
+        checked = "verified on %d device%s" % (len(verification.devices), "" if len(verification.devices) == 1
+                                               else "s")
+    return "wrote %s: %d folded, %d left alone, %s, %.1f s" % (report.output_dir, folds, skips, checked, seconds)
 
 
 def main(argv):
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # outside the run (before TF, or printing): still one line
+        return _fail("interrupted; nothing written", EXIT_INTERRUPTED)
+
+
+def _main(argv):
+    started = time.monotonic()
     if len(argv) > 1:
         return _fail("unexpected arguments: %s" % " ".join(argv[1:]), errors.EXIT_BAD_INPUT)
     for required in ("saved_model_dir", "output_dir"):
         if not FLAGS[required].value:
             return _fail("--%s is required" % required, errors.EXIT_BAD_INPUT)
-    if FLAGS["verbosity"].present:
-        if FLAGS.verbosity < 1:
-            _silence_native_stderr()
-    else:
-        logging.set_verbosity(logging.WARNING)
-        _silence_native_stderr()
+    try:  # the report's own path first: every later failure is reported there
+        if FLAGS.report_json:
+            preflight.check_report_json(FLAGS.report_json, FLAGS.saved_model_dir, FLAGS.output_dir)
+    except errors.BnFuseError as e:
+        return _fail(e, e.exit_code)
+    config = None
+    try:  # every path and the config, before TensorFlow is imported
+        config = config_lib.load_config(FLAGS.config)
+        preflight.check_all(FLAGS.saved_model_dir, FLAGS.output_dir, FLAGS.overwrite, FLAGS.tflite_output,
+                            verify_inputs=FLAGS.verify_inputs)
+    except errors.BnFuseError as e:
+        if FLAGS.report_json:
+            _write_report(FLAGS.report_json, "failed", e.exit_code, str(e), config, None)
+        return _fail(e, e.exit_code)
+    _set_up_logging(started)
+    previous_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
+    run_report, code, message = None, errors.EXIT_OK, ""
     try:
+        logging.info("importing TensorFlow ...")
         import tensorflow as tf
         tf.get_logger().setLevel("ERROR")
         from tf_bnfuse import api
         from tf_bnfuse import summary
-        report = api.fold_saved_model(
+        run_report = api.fold_saved_model(
             FLAGS.saved_model_dir, FLAGS.output_dir, signature_keys=FLAGS.signature_keys or None,
-            tags=FLAGS.tags, config=FLAGS.config, overwrite=FLAGS.overwrite,
-            verify=not FLAGS.skip_verify, tflite_output=FLAGS.tflite_output,
-            drop_other_metagraphs=FLAGS.drop_other_metagraphs)
+            tags=FLAGS.tags, config=config, overwrite=FLAGS.overwrite, verify=not FLAGS.skip_verify,
+            tflite_output=FLAGS.tflite_output, drop_other_metagraphs=FLAGS.drop_other_metagraphs,
+            verify_inputs=FLAGS.verify_inputs)
     except errors.BnFuseError as e:
-        return _fail(e, e.exit_code)
+        run_report, code, message = getattr(e, "run_report", None), e.exit_code, str(e)
+    except KeyboardInterrupt as e:
+        run_report, code, message = getattr(e, "run_report", None), EXIT_INTERRUPTED, "interrupted; nothing written"
+    except _Terminated as e:
+        if FLAGS.report_json:
+            _write_report(FLAGS.report_json, "terminated", 128 + signal.SIGTERM, "terminated (SIGTERM)", config,
+                          getattr(e, "run_report", None))
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # scratch is gone: now die as SIGTERM means
+        os.kill(os.getpid(), signal.SIGTERM)
     except Exception as e:  # the promise is one line, never a traceback
         logging.debug("internal error", exc_info=True)
-        return _fail("internal error: %s: %s (run with --verbosity=1 for details)" % (
-            type(e).__name__, str(e).strip().splitlines()[0] if str(e).strip() else ""),
-            errors.EXIT_INTERNAL)
-    print(summary.format_run(report))
+        run_report, code = getattr(e, "run_report", None), errors.EXIT_INTERNAL
+        message = "internal error: %s: %s (run with --verbosity=1 for details)" % (
+            type(e).__name__, errors.most_specific_line(e))
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+    if "error log" in message:  # TF refers to its own log, which is silenced by default
+        message += " (TensorFlow's log lines show with --verbosity=1)"
+    if FLAGS.report_json:
+        _write_report(FLAGS.report_json, "ok" if code == errors.EXIT_OK else "failed", code, message, config,
+                      run_report)
+    if code != errors.EXIT_OK:
+        return _fail(message, code)
+    print(summary.format_run(run_report))
+    print(_closing_line(run_report, time.monotonic() - started))
     if FLAGS.skip_verify:
         sys.stderr.write("tf_bnfuse: WARNING: --skip_verify: the folded model ran on test inputs but was NOT "
                          "compared with the input\n")
-    if FLAGS.report_json:
-        with open(FLAGS.report_json, "w") as f:
-            json.dump(report.to_dict(), f, indent=2, default=str)
     return errors.EXIT_OK
 
 

@@ -1,4 +1,8 @@
-"""The pass pipeline and verification settings, read from a JSON file."""
+"""The pass pipeline and verification settings, read from a JSON file.
+
+Everything here but check_pass_options runs without TensorFlow, so that a bad
+config is refused before TensorFlow is imported.
+"""
 
 import copy
 import importlib.resources
@@ -6,12 +10,43 @@ import json
 import os
 
 from tf_bnfuse import errors
-from tf_bnfuse import pipeline as pipeline_lib
+from tf_bnfuse import passes as passes_lib
 
 _SOURCE_TREE_DEFAULT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                     "configs", "default.json")
 KNOWN_KEYS = {"pipeline", "verify"}
-KNOWN_VERIFY_KEYS = {"seed", "batch_size", "unknown_dim_size", "tolerance", "tflite_tolerance"}
+# verify key -> (type, minimum) of its value
+_VERIFY_INTEGERS = {"seed": 0, "batch_size": 1, "unknown_dim_size": 1}
+KNOWN_VERIFY_KEYS = set(_VERIFY_INTEGERS) | {"tolerance", "tflite_tolerance"}
+
+
+def pass_entries(pipeline):
+    """Normalizes config entries ("name" or {"pass": name, **options}) to (name, options)."""
+    entries = []
+    for entry in pipeline:
+        if isinstance(entry, str):
+            name, options = entry, {}
+        elif isinstance(entry, dict) and isinstance(entry.get("pass"), str):
+            options = dict(entry)
+            name = options.pop("pass")
+        else:
+            raise errors.BadInputError("pipeline entry %r is neither a pass name nor "
+                                       "{\"pass\": name, ...}" % (entry,))
+        if name not in passes_lib.REGISTRY:
+            raise errors.BadInputError("unknown pass %r; known passes: %s" % (
+                name, ", ".join(passes_lib.REGISTRY)))
+        entries.append((name, options))
+    return entries
+
+
+def check_pass_options(config, source="config"):
+    """Each pipeline entry's options against its pass's run() (imports the passes, and so TF)."""
+    for name, options in pass_entries(config["pipeline"]):
+        accepted = passes_lib.option_names(name)
+        unknown = sorted(set(options) - set(accepted)) if accepted is not None else []
+        if unknown:
+            raise errors.BadInputError("%s: pass %s takes no option %s; it takes %s" % (
+                source, name, ", ".join(unknown), ", ".join(accepted) or "none"))
 
 
 def default_config_path():
@@ -43,12 +78,17 @@ def validate_config(config, source="config"):
     if not isinstance(config.get("pipeline"), list):
         raise errors.BadInputError("%s: \"pipeline\" must be a list of pass names" % source)
     try:
-        pipeline_lib.pass_entries(config["pipeline"])
+        pass_entries(config["pipeline"])
     except errors.BadInputError as e:
         raise errors.BadInputError("%s: %s" % (source, e))
     verify = config.get("verify", {})
     if not isinstance(verify, dict) or set(verify) - KNOWN_VERIFY_KEYS:
         raise errors.BadInputError("%s: \"verify\" takes only %s" % (source, sorted(KNOWN_VERIFY_KEYS)))
+    for key, minimum in _VERIFY_INTEGERS.items():
+        value = verify.get(key, minimum)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise errors.BadInputError("%s: verify.%s must be a whole number >= %d, not %s" % (
+                source, key, minimum, json.dumps(value)))
     tolerances = dict(verify.get("tolerance", {}))
     if "tflite_tolerance" in verify:
         tolerances["tflite_tolerance"] = verify["tflite_tolerance"]

@@ -78,6 +78,13 @@ class GraphIndex:
                     self._data_consumers[(name, port)].append((node.name, index))
                     self._ports_in_use[name].add(port)
         self._const_cache = {}
+        self._functions = None
+
+    def function(self, name):
+        """The FunctionDef `name` of the graph's library, or None."""
+        if self._functions is None:
+            self._functions = {f.signature.name: f for f in self.graph_def.library.function}
+        return self._functions.get(name)
 
     def node(self, name):
         return self.nodes.get(name)

@@ -4,28 +4,9 @@ import time
 
 from absl import logging
 
-from tf_bnfuse import errors
+from tf_bnfuse.config import pass_entries
 from tf_bnfuse import graph as graph_lib
 from tf_bnfuse import passes as passes_lib
-
-
-def pass_entries(pipeline):
-    """Normalizes config entries ("name" or {"pass": name, **options}) to (name, options)."""
-    entries = []
-    for entry in pipeline:
-        if isinstance(entry, str):
-            name, options = entry, {}
-        elif isinstance(entry, dict) and isinstance(entry.get("pass"), str):
-            options = dict(entry)
-            name = options.pop("pass")
-        else:
-            raise errors.BadInputError("pipeline entry %r is neither a pass name nor "
-                                       "{\"pass\": name, ...}" % (entry,))
-        if name not in passes_lib.REGISTRY:
-            raise errors.BadInputError("unknown pass %r; known passes: %s" % (
-                name, ", ".join(sorted(passes_lib.REGISTRY))))
-        entries.append((name, options))
-    return entries
 
 
 def default_outputs(graph_def):
@@ -51,7 +32,7 @@ def run_pipeline(graph_def, outputs, pipeline, owns_input=False):
     for name, options in pass_entries(pipeline):
         started = time.perf_counter()
         current, report = passes_lib.REGISTRY[name](current, outputs, **options)
-        logging.info("pass %s: %d -> %d nodes, %d folded, %d skipped (%.3f s)", name,
+        logging.debug("pass %s: %d -> %d nodes, %d folded, %d skipped (%.3f s)", name,
                      report.nodes_before, report.nodes_after, len(report.folds),
                      len(report.skips), time.perf_counter() - started)
         reports.append(report)

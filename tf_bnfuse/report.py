@@ -61,7 +61,7 @@ class RunReport:
     """What fold_saved_model did: per signature graph reports and the verification."""
     saved_model_dir: str
     output_dir: str
-    signatures: dict  # key -> GraphReport
+    signatures: dict = dataclasses.field(default_factory=dict)  # key -> GraphReport
     verification: object = None  # verify.VerificationReport, or None when skipped
     phases: list = dataclasses.field(default_factory=list)  # timing.PhaseRecord dicts, in order
     tflite: object = None  # tflite.TfliteReport with --tflite_output, else None

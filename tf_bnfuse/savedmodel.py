@@ -14,6 +14,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow.python.framework import convert_to_constants
 
 from tf_bnfuse import errors
+from tf_bnfuse.preflight import check_saved_model_dir
 from tf_bnfuse import graph as graph_lib
 from tf_bnfuse import resources
 
@@ -56,18 +57,6 @@ class FrozenSignature:
 def _first_line(exc):
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
-
-
-def check_saved_model_dir(path):
-    """Cheap checks before TensorFlow is asked to load anything."""
-    if not os.path.exists(path):
-        raise errors.BadInputError("SavedModel folder %s does not exist" % path)
-    if not os.path.isdir(path):
-        raise errors.BadInputError("%s is not a folder" % path)
-    if not any(os.path.isfile(os.path.join(path, f)) for f in ("saved_model.pb", "saved_model.pbtxt")):
-        raise errors.BadInputError("%s has no saved_model.pb: it is not a SavedModel" % path)
-    if not os.path.isdir(os.path.join(path, "variables")):
-        raise errors.BadInputError("SavedModel %s has no variables/ folder (an incomplete copy?)" % path)
 
 
 def read_tag_sets(path):
@@ -132,6 +121,18 @@ def signature_fingerprint(function):
     digest = hashlib.sha256(graph_def.SerializeToString(deterministic=True)).hexdigest()
     captures = tuple(id(t) for t in function.captured_inputs)  # the same variable objects
     return (digest, captures, repr(function.structured_input_signature), repr(function.structured_outputs))
+
+
+def signature_inputs(function):
+    """{input key: TensorSpecInfo} of a signature's ConcreteFunction.
+
+    A signature's inputs and outputs are dicts; the function's own input list
+    follows their flattening, which sorts by key.
+    """
+    input_keys = sorted(function.structured_input_signature[1])
+    return {k: TensorSpecInfo(placeholder.name, function.structured_input_signature[1][k].dtype,
+                              _shape_list(function.structured_input_signature[1][k].shape))
+            for k, placeholder in zip(input_keys, function.inputs)}
 
 
 def _shape_list(shape):
@@ -210,11 +211,7 @@ def freeze(key, function, owners):
     # output lists follow their flattening, which sorts by key. (The restored
     # structured_outputs are TensorSpecs, not graph tensors, so position is all
     # there is to go by.)
-    input_keys = sorted(function.structured_input_signature[1])
-    input_specs = [function.structured_input_signature[1][k] for k in input_keys]
-    inputs = {}
-    for input_key, spec, placeholder in zip(input_keys, input_specs, function.inputs):
-        inputs[input_key] = TensorSpecInfo(placeholder.name, spec.dtype, _shape_list(spec.shape))
+    inputs = signature_inputs(function)
     output_keys = sorted(function.structured_outputs)
     if len(output_tensors) != len(output_keys):
         raise errors.BadInputError("signature %s: %d outputs but %d output keys" % (
@@ -287,25 +284,47 @@ def _split_weights(graph_def, variables):
     return stripped, weights
 
 
+def _forwarded_tensor(index, tensor):
+    """The tensor an output's Identity chain forwards ("name:port").
+
+    The passes keep a signature output's own node, since the output is named
+    by it; the written function names its outputs itself, so the Identity
+    that freezing left there need not run. The walk stops before a
+    placeholder: import would return it unfed instead of its input_map value.
+    """
+    node, port = index.producer(tensor)
+    while node is not None and node.op == "Identity" and len(node.input) == 1 and not node.input[0].startswith("^"):
+        source, source_port = index.producer(node.input[0])
+        if source is None or source.op == "Placeholder":
+            break
+        node, port = source, source_port
+    return "%s:%d" % (node.name, port) if node is not None else tensor
+
+
 def _signature_function(sig, graph_def, weights):
     """A tf.function that imports the folded graph, feeding weights from variables
     and kept resources (written variables, tables) from the original objects."""
     input_keys = sorted(sig.inputs)
     output_keys = sorted(sig.outputs)
+    returned = [_forwarded_tensor(graph_lib.GraphIndex(graph_def), sig.outputs[k].tensor) for k in output_keys]
 
     def call(*args):
         input_map = {sig.inputs[k].tensor: arg for k, arg in zip(input_keys, args)}
         for name, variable in weights.items():
-            input_map[name + ":0"] = variable.read_value()
+            input_map[name + ":0"] = variable.value()  # a bare ReadVariableOp (read_value adds an Identity)
         for name, resource in sig.resources.items():
-            # An op on the captured handle, so that the function captures it (import
-            # cannot map a placeholder to an eager tensor directly).
-            input_map[name + ":0"] = tf.identity(resource.handle)
+            # Import cannot map a placeholder to an eager tensor: the function captures the
+            # handle, and the capture's placeholder is what the graph reads.
+            input_map[name + ":0"] = tf.compat.v1.get_default_graph().capture(resource.handle)
         outputs = tf.graph_util.import_graph_def(
-            graph_def, input_map=input_map, return_elements=[sig.outputs[k].tensor for k in output_keys],
-            name="")
-        # An output that is an input passed through would alias it; TF wants its own tensor.
-        result = {k: tf.identity(t) for k, t in zip(output_keys, outputs)}
+            graph_def, input_map=input_map, return_elements=returned, name="")
+        # An output that is an input passed through, or is another output too, would alias
+        # it; TF wants its own tensor there. Elsewhere an Identity would only add a node.
+        inputs = {id(t) for t in input_map.values()}
+        seen, result = set(), {}
+        for k, t in zip(output_keys, outputs):
+            result[k] = tf.identity(t) if id(t) in inputs or id(t) in seen or t.op.type == "Placeholder" else t
+            seen.add(id(t))
         for k, tensor in result.items():
             # The SignatureDef shows the original's static shapes; shape inference through a
             # fed resource handle (a table lookup) can lose them.
@@ -314,7 +333,14 @@ def _signature_function(sig, graph_def, weights):
         return result
 
     specs = [tf.TensorSpec(sig.inputs[k].shape, sig.inputs[k].dtype, name=k) for k in input_keys]
-    return tf.function(call, input_signature=specs, autograph=False).get_concrete_function()
+    # wrap_function, not tf.function: the frozen graph carries the original's ordering of
+    # stateful ops as control edges already, and tf.function's automatic control
+    # dependencies would add an Identity per output on top (TF-TRT saves such functions too).
+    function = tf.compat.v1.wrap_function(call, signature=specs)
+    # What a signature is called with; a wrapped function does not record it (TF-TRT sets the same).
+    function._arg_keywords = list(input_keys)  # pylint: disable=protected-access
+    function._num_positional_args = len(input_keys)  # pylint: disable=protected-access
+    return function
 
 
 def _set_tags(path, tags):

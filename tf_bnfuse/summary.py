@@ -28,12 +28,20 @@ def format_run(report):
     else:
         lines.append("verification on %s: %s" % (", ".join(verification.devices),
                                                   "passed" if verification.ok else "FAILED"))
+        for where, how in verification.inputs.items():
+            lines.append("  test values of %s: %s" % (where, how))
         for where, reason in verification.not_run.items():
             lines.append("  %s: not compared, the original does not run there: %s" % (where, reason))
         for c in verification.checks:
-            lines.append("  %s/%s on %s: max abs error %.3g, max rel error %.3g (rtol %g, atol %g) %s" % (
-                c.signature, c.output, c.device, c.max_abs_error, c.max_rel_error, c.rtol, c.atol,
+            if c.random:
+                lines.append("  %s/%s on %s: RANDOM (the original differs between two calls on the same input): "
+                             "not compared" % (c.signature, c.output, c.device))
+                continue
+            lines.append("  %s/%s on %s: max abs error %.3g, max rel error %.3g (rtol %g, atol %g: %s) %s" % (
+                c.signature, c.output, c.device, c.max_abs_error, c.max_rel_error, c.rtol, c.atol, c.precision,
                 "ok" if c.ok else "FAILED"))
+        if verification.checks and not verification.compared:
+            lines.append("  WARNING: every output is random: nothing could be compared")
     tflite = report.tflite
     if tflite is not None:
         def ops(counts):

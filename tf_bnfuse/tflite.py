@@ -100,16 +100,17 @@ def converter_error(exc):
     return lines[0] if lines else type(exc).__name__
 
 
-def check(model_content, original, input_specs, verify_config):
-    """Runs every signature of the .tflite model against the original's functions; [OutputCheck]."""
+def check(model_content, original, test_inputs, verify_config):
+    """Runs every signature of the .tflite model against the original's functions; [OutputCheck].
+
+    test_inputs: {signature: {input: array}}, the ones the SavedModel verification uses.
+    """
     interpreter = tf.lite.Interpreter(model_content=model_content)
     available = set(interpreter.get_signature_list())
     tflite_tolerance = verify_config.get("tflite_tolerance", {"rtol": 1e-3, "atol": 1e-5})
-    rng = np.random.default_rng(verify_config.get("seed", 0))
     checks = []
     for key in sorted(original):
-        inputs = verify_lib.random_inputs(input_specs[key], rng, verify_config.get("batch_size", 2),
-                                          verify_config.get("unknown_dim_size", 16))
+        inputs = test_inputs[key]
         with tf.device("/device:CPU:0"):
             expected = original[key](**{k: tf.constant(v) for k, v in inputs.items()})
         # A single-signature SavedModel may come out of the converter under another key.
@@ -121,7 +122,7 @@ def check(model_content, original, input_specs, verify_config):
             reference = expected[output_key].numpy()
             # The looser of TFLite's tolerance and the output dtype's (a float16
             # output is only as exact as float16, whoever computes it).
-            dtype_tolerance = verify_lib.tolerance_for(expected[output_key].dtype, verify_config)
+            dtype_tolerance, _ = verify_lib.tolerance_for(expected[output_key].dtype, verify_config)
             tolerance = {k: max(tflite_tolerance[k], dtype_tolerance[k]) for k in ("rtol", "atol")}
             if output_key in actual:
                 max_abs, max_rel, ok = verify_lib.compare(reference, actual[output_key], tolerance)
@@ -132,7 +133,7 @@ def check(model_content, original, input_specs, verify_config):
     return checks
 
 
-def build(input_dir, folded_dir, tflite_path, signature_keys, tags, original, input_specs, verify_config):
+def build(input_dir, folded_dir, tflite_path, signature_keys, tags, original, test_inputs, verify_config):
     """Converts folded_dir to tflite_path's content (not written here); compares; returns (bytes, report)."""
     try:
         model_content = convert(folded_dir, signature_keys, tags)
@@ -146,5 +147,5 @@ def build(input_dir, folded_dir, tflite_path, signature_keys, tags, original, in
         report.batch_norm_ops_before = batch_norm_ops_after_linear(before)
     except Exception as e:  # converting the input directly may fail: that is worth reporting, not fatal
         report.before_error = converter_error(e)
-    report.checks = check(model_content, original, input_specs, verify_config)
+    report.checks = check(model_content, original, test_inputs, verify_config)
     return model_content, report

@@ -1,22 +1,31 @@
 """Proves a folded SavedModel computes what the original does, on every visible device.
 
-Both models get the same seeded random inputs. An output passes when
+Both models get the same inputs (verify_inputs.py). An output passes when
 
     max |folded - original| <= atol + rtol * max |original|
 
-with rtol/atol chosen by the output's dtype from the config. The bound is on
-the whole tensor's scale, not element by element, so outputs that cross zero
-do not need an absolute tolerance tuned per model.
+with rtol/atol from the config for the lowest float precision that computes
+the output: its dtype, or a float16/bfloat16 op or Cast on its path (mixed
+precision computes in float16 and returns float32). The bound is on the
+whole tensor's scale, not element by element, so outputs that cross zero do
+not need an absolute tolerance tuned per model.
+
+The original runs twice on the same inputs. An output that differs between
+those runs is random (a random op, Dropout in training mode), unless the
+folded model reproduces both runs (a counter's state): a random output is
+reported as such and not compared.
 """
 
 import dataclasses
-import os
 from typing import Dict, List
 
 import numpy as np
 import tensorflow as tf
 
 from tf_bnfuse import errors
+from tf_bnfuse import graph as graph_lib
+
+HALF_PRECISIONS = ("float16", "bfloat16")  # loosest first
 
 
 @dataclasses.dataclass
@@ -30,6 +39,8 @@ class OutputCheck:
     rtol: float
     atol: float
     ok: bool
+    precision: str = ""  # what set the tolerance: "float32 output", "float16 compute", ...
+    random: bool = False  # the original gives other values on a second call: not compared
 
 
 @dataclasses.dataclass
@@ -38,105 +49,32 @@ class VerificationReport:
     checks: List[OutputCheck] = dataclasses.field(default_factory=list)
     # "signature on device" -> why the ORIGINAL cannot run there (nothing to compare with)
     not_run: Dict[str, str] = dataclasses.field(default_factory=dict)
+    # "signature/input" -> how integer test values were chosen
+    inputs: Dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def ok(self):
         return all(c.ok for c in self.checks)
 
+    @property
+    def compared(self):
+        return [c for c in self.checks if not c.random]
+
+    def random_outputs(self):
+        return sorted({"%s/%s" % (c.signature, c.output) for c in self.checks if c.random})
+
     def failures(self):
         return [c for c in self.checks if not c.ok]
 
     def to_dict(self):
-        return dataclasses.asdict(self)
+        result = dataclasses.asdict(self)
+        result["random_outputs"] = self.random_outputs()
+        return result
 
 
 def visible_devices():
     """Every logical CPU and GPU device TensorFlow can see, CPU first."""
     return [d.name for d in tf.config.list_logical_devices("CPU") + tf.config.list_logical_devices("GPU")]
-
-
-# A word no vocabulary has, so that the out-of-vocabulary path runs too.
-OUT_OF_VOCABULARY = "tf_bnfuse-out-of-vocabulary"
-_MAX_VOCABULARY = 10000
-
-
-def model_vocabulary(saved_model_dir):
-    """Words the model knows: lines of its text assets (first tab-separated field), then the
-    string constants of its graph and functions (a vocabulary given as a list, as Keras'
-    StringLookup keeps it).
-
-    Lookup tables are built from these; test strings drawn from them reach the
-    table's real entries, not only its default value.
-    """
-    words = []
-    assets = os.path.join(saved_model_dir, "assets")
-    for root, _, files in os.walk(assets):
-        for name in sorted(files):
-            try:
-                with open(os.path.join(root, name), encoding="utf-8") as f:
-                    words.extend(w for w in (line.rstrip("\r\n").split("\t")[0] for line in f) if w)
-            except (UnicodeDecodeError, OSError):
-                continue  # a binary asset holds no words
-    if not words:
-        words = _string_constants(os.path.join(saved_model_dir, "saved_model.pb"))
-    return words[:_MAX_VOCABULARY]
-
-
-def _string_constants(pb_path):
-    from tensorflow.core.protobuf import saved_model_pb2
-    proto = saved_model_pb2.SavedModel()
-    try:
-        with open(pb_path, "rb") as f:
-            proto.ParseFromString(f.read())
-    except (OSError, ValueError):
-        return []
-    words = []
-    for meta_graph in proto.meta_graphs:
-        graph_def = meta_graph.graph_def
-        nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
-        for node in nodes:
-            if node.op == "Const" and node.attr["dtype"].type == tf.string.as_datatype_enum:
-                for value in node.attr["value"].tensor.string_val:
-                    word = value.decode("utf-8", "replace")
-                    # Paths and op names are strings too; a vocabulary entry is short and one line.
-                    if word and len(word) < 64 and "/" not in word and "\n" not in word:
-                        words.append(word)
-    return list(dict.fromkeys(words))
-
-
-def random_inputs(input_specs, rng, batch_size, unknown_dim_size, vocabulary=()):
-    """Seeded random values for each signature input; unknown dims get small sizes.
-
-    String inputs are words of `vocabulary` (and one unknown word), when there is one.
-    """
-    values = {}
-    for key in sorted(input_specs):
-        spec = input_specs[key]
-        if spec.shape is None:
-            raise errors.BadInputError(
-                "input %s has unknown rank, so no test input can be made; use --skip_verify" % key)
-        shape = [(batch_size if i == 0 else unknown_dim_size) if d is None else d
-                 for i, d in enumerate(spec.shape)]
-        dtype = spec.dtype
-        if dtype.is_floating:
-            value = rng.standard_normal(shape).astype(dtype.as_numpy_dtype)
-        elif dtype.is_integer:
-            value = rng.integers(0, 8, size=shape).astype(dtype.as_numpy_dtype)
-        elif dtype == tf.bool:
-            value = rng.integers(0, 2, size=shape).astype(bool)
-        elif dtype == tf.string and vocabulary:
-            words = np.array(list(vocabulary) + [OUT_OF_VOCABULARY], dtype=object)
-            value = words[rng.integers(0, len(words), size=shape)].astype(bytes)
-        elif dtype == tf.string:
-            raise errors.BadInputError(
-                "input %s is a string, and the SavedModel has no vocabulary (text asset or string "
-                "constant) to draw test words from; use --skip_verify" % key)
-        else:
-            raise errors.BadInputError(
-                "input %s has dtype %s, for which no test input can be made; use --skip_verify"
-                % (key, dtype.name))
-        values[key] = value
-    return values
 
 
 def compare(reference, candidate, tolerance):
@@ -162,70 +100,137 @@ def compare(reference, candidate, tolerance):
     return max_abs, max_rel, ok
 
 
-def tolerance_for(dtype, verify_config):
+def _looser(a, b):
+    return {"rtol": max(a["rtol"], b["rtol"]), "atol": max(a["atol"], b["atol"])}
+
+
+def tolerance_for(dtype, verify_config, precision=None):
+    """(tolerance, what set it) for an output of `dtype` computed at `precision` (or None)."""
     table = verify_config.get("tolerance", {})
-    return table.get(tf.as_dtype(dtype).name, table.get("float32", {"rtol": 1e-4, "atol": 1e-6}))
+    default = table.get("float32", {"rtol": 1e-4, "atol": 1e-6})
+    name = tf.as_dtype(dtype).name
+    tolerance, source = table.get(name, default), "%s output" % name
+    if precision and precision in table:
+        looser = _looser(tolerance, table[precision])
+        if looser != tolerance:
+            tolerance, source = looser, "%s compute" % precision
+    return tolerance, source
 
 
-def _test_inputs(input_specs, verify_config, vocabulary):
-    """signature key -> seeded test inputs, the same for every run with the same config."""
-    rng = np.random.default_rng(verify_config.get("seed", 0))
-    return {key: random_inputs(input_specs[key], rng, verify_config.get("batch_size", 2),
-                               verify_config.get("unknown_dim_size", 16), vocabulary)
-            for key in sorted(input_specs)}
+def output_precisions(graph_def, outputs):
+    """{output key: "float16" | "bfloat16"} for outputs some half-precision op or Cast computes.
 
-
-def smoke_test(folded, input_specs, verify_config, vocabulary=()):
-    """Calls each signature once on test inputs (--skip_verify: the output must at least run).
-
-    Raises VerificationError naming the signature that fails.
+    outputs: {key: TensorSpecInfo}. Looks at every node an output depends on,
+    and into the functions those call (loop bodies, XLA clusters).
     """
-    for key, inputs in _test_inputs({k: input_specs[k] for k in folded}, verify_config, vocabulary).items():
+    index = graph_lib.GraphIndex(graph_def)
+    functions = {f.signature.name: f for f in graph_def.library.function}
+    half = {tf.as_dtype(p).as_datatype_enum: p for p in HALF_PRECISIONS}
+
+    def precisions_of(node_defs, seen_functions):
+        found = set()
+        for node in node_defs:
+            for attr in node.attr.values():
+                if attr.type in half:
+                    found.add(half[attr.type])
+                found.update(half[t] for t in attr.list.type if t in half)
+                called = ([attr.func.name] if attr.HasField("func") else []) + [f.name for f in attr.list.func]
+                for name in called:
+                    if name in functions and name not in seen_functions:
+                        seen_functions.add(name)
+                        found |= precisions_of(functions[name].node_def, seen_functions)
+        return found
+
+    result = {}
+    for key, spec in outputs.items():
+        ancestors = graph_lib.live_nodes(graph_def, [spec.tensor], keep_ops=())
+        found = precisions_of([index.node(n) for n in ancestors if index.node(n) is not None], set())
+        if found:
+            result[key] = next(p for p in HALF_PRECISIONS if p in found)
+    return result
+
+
+def smoke_test(folded, inputs):
+    """Calls each signature once on its test inputs (--skip_verify: the output must at least run).
+
+    inputs: {signature: {input: array}}. Raises VerificationError naming the signature that fails.
+    """
+    for key in sorted(folded):
         try:
-            folded[key](**{k: tf.constant(v) for k, v in inputs.items()})
+            folded[key](**{k: tf.constant(v) for k, v in inputs[key].items()})
         except (tf.errors.OpError, ValueError, TypeError) as e:
             raise errors.VerificationError("the folded model cannot run: signature %s fails on test inputs: "
                                            "%s; nothing written" % (key, errors.most_specific_line(e)))
 
 
-def verify(original, folded, input_specs, verify_config, devices=None, vocabulary=()):
-    """Runs every signature of both models on every device and compares outputs.
+def _call(function, tensors):
+    return {k: v.numpy() for k, v in function(**tensors).items()}
+
+
+def verify(original, folded, inputs, output_specs, verify_config, precisions=None, devices=None):
+    """Runs every signature of both models on every device, twice, and compares outputs.
 
     original, folded: dicts signature key -> callable(**inputs) -> dict of tensors.
-    input_specs: signature key -> {input key: TensorSpecInfo}.
+    inputs: {signature: {input: array}} (verify_inputs.make_inputs).
+    output_specs: {signature: {output: TensorSpecInfo}}, for the dtypes.
+    precisions: {signature: {output: half precision computing it}} (output_precisions).
     """
     devices = devices or visible_devices()
+    precisions = precisions or {}
     report = VerificationReport(devices=list(devices))
-    all_inputs = _test_inputs({k: input_specs[k] for k in original}, verify_config, vocabulary)
     for key in sorted(original):
-        inputs = all_inputs[key]
         for device in devices:
             with tf.device(device):
-                tensors = {k: tf.constant(v) for k, v in inputs.items()}
+                tensors = {k: tf.constant(v) for k, v in inputs[key].items()}
                 try:
-                    expected = original[key](**tensors)
+                    expected = [_call(original[key], tensors), _call(original[key], tensors)]
                 except tf.errors.OpError as e:
                     # A TF1 lookup table is initialized on the device the model was loaded
                     # on only; the original cannot run elsewhere, so there is nothing to prove.
                     report.not_run["%s on %s" % (key, device)] = errors.most_specific_line(e)
                     continue
+                dtypes = {k: _dtype(k, expected[0], output_specs[key]) for k in expected[0]}
+                tolerances = {k: tolerance_for(dtypes[k], verify_config, precisions.get(key, {}).get(k))
+                              for k in expected[0]}
+                repeatable = {k: compare(expected[0][k], expected[1].get(k), tolerances[k][0])[2]
+                              for k in expected[0]}
                 try:
-                    actual = folded[key](**tensors)
+                    actual = [_call(folded[key], tensors)]
+                    if not all(repeatable.values()):  # state or randomness: see whether it repeats
+                        actual.append(_call(folded[key], tensors))
                 except tf.errors.OpError as e:
                     raise errors.VerificationError(
                         "verification failed: the folded signature %s fails on %s where the original runs: "
                         "%s; nothing written" % (key, device, errors.most_specific_line(e)))
-            for output_key in sorted(expected):
-                reference = expected[output_key]
-                tol = tolerance_for(reference.dtype, verify_config)
-                if output_key not in actual:
-                    max_abs, max_rel, ok = float("inf"), float("inf"), False
-                else:
-                    max_abs, max_rel, ok = compare(reference.numpy(), actual[output_key].numpy(), tol)
-                report.checks.append(OutputCheck(key, output_key, device, reference.dtype.name,
-                                                 max_abs, max_rel, tol["rtol"], tol["atol"], ok))
+            for output_key in sorted(expected[0]):
+                report.checks.append(_check(key, output_key, device, dtypes[output_key].name, expected, actual,
+                                            tolerances[output_key], repeatable[output_key]))
         if not any(c.signature == key for c in report.checks):
             raise errors.BadInputError(
-                "the original signature %s fails on its test inputs on every device: %s; use --skip_verify"
-                % (key, report.not_run["%s on %s" % (key, devices[0])]))
+                "the original signature %s fails on its test inputs on every device: %s; pass "
+                "--verify_inputs or --skip_verify" % (key, report.not_run["%s on %s" % (key, devices[0])]))
     return report
+
+
+def _dtype(output_key, outputs, specs):
+    return specs[output_key].dtype if output_key in specs else tf.as_dtype(outputs[output_key].dtype)
+
+
+def _check(key, output_key, device, dtype, expected, actual, tolerance, repeatable):
+    """One OutputCheck: the folded model's first call against the original's, or, for an output the
+    original changes between calls, both calls, or neither when it is random."""
+    tol, source = tolerance
+    if any(output_key not in a for a in actual):
+        return OutputCheck(key, output_key, device, dtype, float("inf"), float("inf"), tol["rtol"],
+                           tol["atol"], False, source)
+    max_abs, max_rel, ok = compare(expected[0][output_key], actual[0][output_key], tol)
+    if not repeatable:
+        # The original changed between two calls on the same input: state the folded model
+        # reproduces call for call (a counter), or randomness nothing can be compared on.
+        again_abs, again_rel, again_ok = compare(expected[1][output_key], actual[1][output_key], tol)
+        if ok and again_ok:
+            return OutputCheck(key, output_key, device, dtype, max(max_abs, again_abs), max(max_rel, again_rel),
+                               tol["rtol"], tol["atol"], True, source)
+        return OutputCheck(key, output_key, device, dtype, float("nan"), float("nan"), tol["rtol"], tol["atol"],
+                           True, source, random=True)
+    return OutputCheck(key, output_key, device, dtype, max_abs, max_rel, tol["rtol"], tol["atol"], ok, source)

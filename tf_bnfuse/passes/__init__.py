@@ -1,20 +1,51 @@
 """The pass registry: name -> run(graph_def, outputs, **options) -> (graph_def, PassReport).
 
-A pass is a module with NAME and run(); registering it is one line here.
+A pass is a module with NAME and run(); registering it is one line here. The
+modules load on first use, so that a config can be checked against the pass
+names before TensorFlow is imported.
 """
 
-from tf_bnfuse.passes import cleanup
-from tf_bnfuse.passes import constant_folding
-from tf_bnfuse.passes import fold_affine
-from tf_bnfuse.passes import fold_batch_norm
-from tf_bnfuse.passes import fold_forward
-from tf_bnfuse.passes import promote_float16
+import importlib
+import inspect
 
-REGISTRY = {
-    constant_folding.NAME: constant_folding.run,
-    fold_affine.NAME: fold_affine.run,
-    fold_batch_norm.NAME: fold_batch_norm.run,
-    fold_forward.NAME: fold_forward.run,
-    promote_float16.NAME: promote_float16.run,  # not in the default pipeline: the TFLite path uses it
-    cleanup.NAME: cleanup.run,
+_MODULES = {
+    "constant_folding": "tf_bnfuse.passes.constant_folding",
+    "fold_batch_norm": "tf_bnfuse.passes.fold_batch_norm",
+    "fold_affine": "tf_bnfuse.passes.fold_affine",
+    "fold_forward": "tf_bnfuse.passes.fold_forward",
+    "promote_float16": "tf_bnfuse.passes.promote_float16",  # not in the default pipeline: the TFLite path uses it
+    "prune_identities": "tf_bnfuse.passes.prune_identities",
+    "cleanup": "tf_bnfuse.passes.cleanup",
 }
+
+
+class _Registry(dict):
+    """A dict of run functions that imports a registered pass's module when it is first looked up.
+
+    Tests may add entries (monkeypatch.setitem); `name in REGISTRY` and
+    iteration see registered names without importing anything.
+    """
+
+    def __missing__(self, name):
+        if name not in _MODULES:
+            raise KeyError(name)
+        run = importlib.import_module(_MODULES[name]).run
+        self[name] = run
+        return run
+
+    def __contains__(self, name):
+        return name in _MODULES or dict.__contains__(self, name)
+
+    def __iter__(self):
+        return iter(sorted(set(_MODULES) | set(dict.keys(self))))
+
+
+REGISTRY = _Registry()
+
+
+def option_names(name):
+    """The keyword options a pass's run() takes besides (graph_def, outputs); None for **kwargs."""
+    parameters = list(inspect.signature(REGISTRY[name]).parameters.values())[2:]
+    if any(p.kind == p.VAR_KEYWORD for p in parameters):
+        return None
+    return [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]

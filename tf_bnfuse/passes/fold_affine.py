@@ -187,7 +187,15 @@ def _walk(index, match, dtype):
         name = node.name
 
 
-def _emit(editor, match, chain, folded):
+def _is_canonical_bias(index, chain):
+    if chain.affine_ops == ["BiasAdd"]:
+        return True
+    end = chain.steps[chain.last_affine]
+    return chain.affine_ops in (["Add"], ["AddV2"]) and linear_ops.misfused_by_remapper(
+        index, end.name, chain.end_channel_first)
+
+
+def _emit(index, editor, match, chain, folded):
     """Folds the chain: kept Squeezes read the linear op, the last affine op becomes a BiasAdd."""
     end = chain.steps[chain.last_affine]
     kept = [n for n in chain.steps[:chain.last_affine] if n in chain.kept]
@@ -197,7 +205,8 @@ def _emit(editor, match, chain, folded):
         position = next(i for i, s in enumerate(target.input) if not s.startswith("^"))
         target.input[position] = anchor
         anchor = node.name
-    linear_ops.emit_fold(editor, match, folded, end.name, anchor=anchor, channel_first=chain.end_channel_first)
+    linear_ops.emit_fold(editor, match, folded, end.name, anchor=anchor, channel_first=chain.end_channel_first,
+                         index=index)
     return [n.name for n in chain.steps[:chain.last_affine] if n not in chain.kept]
 
 
@@ -240,7 +249,7 @@ def run(graph_def, outputs):
     stopped_at = set()  # affine nodes that stopped a chain by their own form
     folded_nodes = set()
     for node in graph_def.node:
-        if node.op not in linear_ops.LINEAR_OPS:
+        if linear_ops.linear_op_of(index, node) is None:
             continue
         try:
             match = linear_ops.linear_kernel(index, node)
@@ -249,9 +258,10 @@ def run(graph_def, outputs):
                 explained[consumer] = str(reason)
             continue
         # the chain's ops must share the linear op's dtype (a Cast ends it)
-        chain = _walk(index, match, graph_lib.node_dtype(node))
-        # A lone BiasAdd is already the canonical form; anything else becomes one.
-        if chain.affine_ops and chain.affine_ops != ["BiasAdd"] and match.dtype.is_floating:
+        chain = _walk(index, match, match.dtype)
+        # A lone BiasAdd is already the canonical form; anything else becomes one, except a
+        # lone Add where the remapper would fuse a BiasAdd wrongly (that Add is the safe form).
+        if chain.affine_ops and not _is_canonical_bias(index, chain) and match.dtype.is_floating:
             try:
                 folded = linear_ops.fold_weights(match, chain.affine[0], chain.affine[1], chain.end_dtype)
             except linear_ops.NoMatch as reason:
@@ -259,10 +269,10 @@ def run(graph_def, outputs):
                 report.skips.append(report_lib.Skip(end.name, end.op, str(reason)))
                 folded_nodes.update(n.name for n in chain.steps[:chain.last_affine + 1])  # explained here
                 continue
-            absorbed = _emit(editor, match, chain, folded)
+            absorbed = _emit(index, editor, match, chain, folded)
             end = chain.steps[chain.last_affine]
             folded_nodes.update(n.name for n in chain.steps[:chain.last_affine + 1])
-            report.folds.append(report_lib.Fold(end.name, end.op, node.name, node.op, absorbed))
+            report.folds.append(report_lib.Fold(end.name, end.op, node.name, match.op_description, absorbed))
         for stop in chain.stop_nodes:
             explained.setdefault(stop, chain.stop_reason)
             if chain.stopped_by_node:

@@ -67,8 +67,8 @@ def run(graph_def, outputs):
         except linear_ops.NoMatch as reason:
             report.skips.append(report_lib.Skip(node.name, node.op, str(reason)))
             continue
-        linear_ops.emit_fold(editor, match, folded, node.name)
+        linear_ops.emit_fold(editor, match, folded, node.name, index=index)
         report.folds.append(report_lib.Fold(node.name, node.op, match.linear.name,
-                                            match.linear.op, match.absorbed))
+                                            match.op_description, match.absorbed))
     report.nodes_after = len(editor.graph_def.node)
     return editor.graph_def, report

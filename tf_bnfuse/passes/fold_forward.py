@@ -195,6 +195,4 @@ def _emit(index, editor, match, in_axis, x, scale, shift):
     new_name = editor.unique_name(linear.name + "/forward_folded")
     editor.rename_node(linear.name, new_name)
     bias = editor.add_const(linear.name + "/bias_forward_folded", added_bias, dtype)
-    editor.add_node(linear.name, "BiasAdd", [new_name, bias], {
-        "T": graph_lib.type_attr(dtype),
-        "data_format": graph_lib.string_attr("NCHW" if match.channel_first else "NHWC")})
+    linear_ops.bias_node(editor, linear.name, new_name, bias, dtype, match.channel_first, index, replace=False)

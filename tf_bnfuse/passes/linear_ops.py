@@ -31,6 +31,13 @@ LINEAR_OPS = {
                            out_channel_axes_transposed=(0,)),
 }
 
+# A call whose function computes one of the ops above from its arguments, and nothing else,
+# folds like that op: its kernel argument gets the folded kernel, the new bias goes after the
+# call, and the function (a Keras grouped convolution's jit_compile function: TF's CPU
+# Conv2D has no grouped kernel, so it must stay compiled by XLA) is left as it is.
+CALL_OPS = frozenset({"PartitionedCall", "StatefulPartitionedCall"})
+_CALL_PLUMBING = frozenset({"Identity", "NoOp"})
+
 BIAS_OPS = frozenset({"BiasAdd", "Add", "AddV2"})
 # Ops that only move elements of channel-last data and keep each element's
 # channel: a per-channel affine map commutes with them, so the fold scales the
@@ -75,6 +82,50 @@ def static_last_element(index, input_str):
     return None
 
 
+def _called_linear(index, node):
+    """(linear op NodeDef in the function, call input of its kernel) for a call that computes
+    one linear op of its arguments, or None."""
+    if node.op not in CALL_OPS or not node.attr["f"].HasField("func"):
+        return None
+    function = index.function(node.attr["f"].func.name)
+    if function is None or len(function.signature.output_arg) != 1:
+        return None
+    arguments = {a.name: i for i, a in enumerate(function.signature.input_arg)}
+    by_name = {n.name: n for n in function.node_def}
+
+    def source(input_str):
+        """The node or argument a function-body input reads, through Identities; None off port 0."""
+        name, _, rest = input_str.partition(":")
+        while name in by_name and by_name[name].op == "Identity":
+            if rest not in ("", "output:0"):
+                return None
+            name, _, rest = by_name[name].input[0].partition(":")
+        return name if rest in ("", "output:0") else None
+
+    linear = by_name.get(source(function.ret[function.signature.output_arg[0].name]))
+    if linear is None or linear.op not in LINEAR_OPS:
+        return None
+    if any(n.op not in _CALL_PLUMBING for n in function.node_def if n is not linear):
+        return None
+    data = [i for i in linear.input if not i.startswith("^")]
+    kernel_argument = arguments.get(source(data[LINEAR_OPS[linear.op].kernel_input]))
+    if kernel_argument is None or source(data[0]) not in arguments:
+        return None
+    return linear, kernel_argument
+
+
+def linear_op_of(index, node):
+    """(LinearOpSpec, the NodeDef whose attributes describe the op) of a linear op, or of a
+    call that computes one (CALL_OPS); None for anything else."""
+    if node.op in LINEAR_OPS:
+        return LINEAR_OPS[node.op], node
+    called = _called_linear(index, node)
+    if called is None:
+        return None
+    linear, kernel_argument = called
+    return dataclasses.replace(LINEAR_OPS[linear.op], kernel_input=kernel_argument), linear
+
+
 def channel_axis(node, rank):
     """Output channel axis of a linear op from its data_format: -1 or 1."""
     data_format = graph_lib.attr_string(node, "data_format", "NHWC")
@@ -97,6 +148,9 @@ class LinearMatch:
     # A channel-preserving op (BatchToSpaceND) between the linear op and the
     # bias: it stays, and the new bias reads it instead of the linear op.
     anchor: Optional[str] = None
+    # The node whose attributes describe the op: `linear` itself, or the op inside the
+    # function a call (`linear`) computes.
+    attrs: object = None
 
     @property
     def channel_first(self):
@@ -104,7 +158,14 @@ class LinearMatch:
 
     @property
     def dtype(self):
-        return graph_lib.node_dtype(self.linear)
+        return graph_lib.node_dtype(self.attrs)
+
+    @property
+    def op_description(self):
+        """"Conv2D", or "Conv2D in StatefulPartitionedCall" for a called one (for reports)."""
+        if self.attrs is self.linear:
+            return self.linear.op
+        return "%s in %s" % (self.attrs.op, self.linear.op)
 
 
 class NoMatch(Exception):
@@ -155,10 +216,11 @@ def match_linear_chain(index, input_str):
         is_identity = node.op in ("Identity", "Snapshot") or (node.op == "IdentityN" and len(data_inputs) == 1)
         is_bias = node.op in BIAS_OPS and bias_found is None
         is_kept = node.op in CHANNEL_PRESERVING_OPS and anchor is None
-        if not (is_identity or is_bias or is_kept or node.op in LINEAR_OPS):
+        is_linear = linear_op_of(index, node) is not None
+        if not (is_identity or is_bias or is_kept or is_linear):
             raise NoMatch("input comes from %s (%s), not from a supported linear op" % (node.name, node.op))
         single_use(index, node, port)
-        if node.op in LINEAR_OPS:
+        if is_linear:
             break
         if is_identity:
             absorbed.append(node.name)
@@ -199,9 +261,9 @@ def match_linear_chain(index, input_str):
 
 def linear_kernel(index, node):
     """The LinearMatch of a linear op alone (no bias yet); NoMatch if its kernel is not constant."""
-    spec = LINEAR_OPS[node.op]
+    spec, attrs = linear_op_of(index, node)
     linear_inputs = [i for i in node.input if not i.startswith("^")]
-    if node.op == "MatMul" and node.attr["transpose_b"].b:
+    if attrs.op == "MatMul" and attrs.attr["transpose_b"].b:
         out_axes = spec.out_channel_axes_transposed
     else:
         out_axes = spec.out_channel_axes
@@ -210,9 +272,9 @@ def linear_kernel(index, node):
         raise NoMatch("kernel %s of %s is not constant" % (linear_inputs[spec.kernel_input], node.name))
     kernel = index.const_value(linear_inputs[spec.kernel_input])
     return LinearMatch(linear=node, spec=spec, kernel=kernel, kernel_const=kernel_const.name,
-                       out_channel_axes=out_axes, channel_axis=channel_axis(node, spec.rank),
+                       out_channel_axes=out_axes, channel_axis=channel_axis(attrs, spec.rank),
                        out_channels=fold_math.out_channel_count(kernel.shape, out_axes),
-                       bias=None, bias_const=None, absorbed=[])
+                       bias=None, bias_const=None, absorbed=[], attrs=attrs)
 
 
 def _check_representable(values, dtype, what):
@@ -248,7 +310,52 @@ def fold_weights(match, scale, shift, bias_dtype=None):
     return FoldedWeights(new_kernel, new_bias, bias_dtype)
 
 
-def emit_fold(editor, match, folded, replaced_node, anchor=None, channel_first=None, suffix="_bn_folded"):
+# LeakyRelu's default alpha: the one TF's fused kernel uses when the remapper drops the attribute.
+_FUSED_LEAKY_RELU_ALPHA = 0.2
+
+
+def misfused_by_remapper(index, node_name, channel_first):
+    """Whether a BiasAdd named node_name would be fused wrongly by TensorFlow's remapper.
+
+    With oneDNN (TF 2.21, on by default on many x86 CPUs), Grappler fuses
+    Conv2D -> BiasAdd -> Add -> LeakyRelu into one _FusedConv2D and does not
+    carry LeakyRelu's alpha over: the kernel computes with 0.2. Folding a
+    batch norm creates exactly that chain from conv -> BN -> residual add ->
+    LeakyReLU(0.1). The same bias written as AddV2 of a constant is not
+    fused that way (tests/test_remapper_guard.py checks both). Only
+    channel-last data: there AddV2 of a [C] vector is what BiasAdd computes.
+    """
+    if index is None or channel_first:
+        return False
+    consumers = index.data_consumers(node_name)
+    if len(consumers) != 1 or index.is_output(node_name):
+        return False
+    add = index.node(consumers[0][0])
+    if add.op not in ("Add", "AddV2"):
+        return False
+    after = index.data_consumers(add.name)
+    if len(after) != 1:
+        return False
+    activation = index.node(after[0][0])
+    alpha = activation.attr["alpha"].f if "alpha" in activation.attr else _FUSED_LEAKY_RELU_ALPHA
+    return activation.op == "LeakyRelu" and not np.isclose(alpha, _FUSED_LEAKY_RELU_ALPHA)
+
+
+def bias_node(editor, name, anchor, bias, dtype, channel_first, index=None, replace=True):
+    """Writes `anchor + bias` (a per-channel vector) as node `name`: a BiasAdd, or an AddV2
+    where TF's remapper would compute the BiasAdd's fusion wrongly (misfused_by_remapper)."""
+    if misfused_by_remapper(index, name, channel_first):
+        op, attrs = "AddV2", {"T": graph_lib.type_attr(dtype)}
+    else:
+        op, attrs = "BiasAdd", {"T": graph_lib.type_attr(dtype),
+                                "data_format": graph_lib.string_attr("NCHW" if channel_first else "NHWC")}
+    if replace:
+        return editor.replace_node(name, op, [anchor, bias], attrs)
+    return editor.add_node(name, op, [anchor, bias], attrs)
+
+
+def emit_fold(editor, match, folded, replaced_node, anchor=None, channel_first=None, suffix="_bn_folded",
+              index=None):
     """Writes a fold (FoldedWeights from fold_weights) after `match` into `editor`.
 
     New Const nodes hold the folded kernel and bias (the old ones are left for
@@ -256,6 +363,7 @@ def emit_fold(editor, match, folded, replaced_node, anchor=None, channel_first=N
     `replaced_node` becomes BiasAdd(anchor, new bias): it keeps its name, so
     its consumers and any signature output that names it are unchanged.
     anchor is the linear op's output unless shape-only ops stay in between.
+    index (the pass's GraphIndex) lets it see the node's consumers (bias_node).
     """
     bias_base = (match.bias_const or match.linear.name + "/bias") + suffix
     bias_name = editor.add_const(bias_base, folded.bias, folded.bias_dtype)
@@ -274,7 +382,4 @@ def emit_fold(editor, match, folded, replaced_node, anchor=None, channel_first=N
         kept.input[next(i for i, s in enumerate(kept.input) if not s.startswith("^"))] = match.linear.name
         anchor = match.anchor
     anchor = anchor or match.linear.name
-    editor.replace_node(replaced_node, "BiasAdd", [anchor, bias_name], {
-        "T": graph_lib.type_attr(folded.bias_dtype),
-        "data_format": graph_lib.string_attr("NCHW" if channel_first else "NHWC"),
-    })
+    bias_node(editor, replaced_node, anchor, bias_name, folded.bias_dtype, channel_first, index)

@@ -1,0 +1,246 @@
+"""The inputs verification runs both models on: the user's (--verify_inputs), else seeded values
+the graph accepts.
+
+- Integer inputs that index something (a Gather's rows: an embedding; a
+  OneHot's depth) get ids below that bound, read off the frozen graph.
+  Without one, small values [0, 8), and the report says which bound was used.
+- String inputs get words of the model's vocabulary: its text assets, else
+  the string constants of its graph (Keras' StringLookup keeps its list there).
+- Floats are standard normal.
+"""
+
+import dataclasses
+import os
+from typing import Optional
+
+import numpy as np
+import tensorflow as tf
+
+from tf_bnfuse import errors
+from tf_bnfuse import graph as graph_lib
+
+# A word no vocabulary has, so that the out-of-vocabulary path runs too.
+OUT_OF_VOCABULARY = "tf_bnfuse-out-of-vocabulary"
+DEFAULT_INTEGER_BOUND = 8
+_MAX_VOCABULARY = 10000
+# op -> the input positions whose values an index keeps through it, on its way to what it
+# indexes. A select returns one of its branches: Keras 3's Embedding wraps negative ids as
+# SelectV2(ids < 0, ids + rows, ids).
+_INDEX_PASS_THROUGH = {op: (0,) for op in ("Identity", "Cast", "Reshape", "ExpandDims", "Squeeze", "Snapshot",
+                                           "StopGradient", "ClipByValue")}
+_INDEX_PASS_THROUGH.update({"SelectV2": (1, 2), "Select": (1, 2)})
+
+
+@dataclasses.dataclass
+class IndexBound:
+    """Test values for an input are drawn from [0, high)."""
+    high: int
+    source: str  # what set it, for the report
+
+    def describe(self):
+        return "[0, %d) from %s" % (self.high, self.source)
+
+
+def model_vocabulary(saved_model_dir):
+    """Words the model knows: lines of its text assets (first tab-separated field), then the
+    string constants of its graph and functions.
+
+    Lookup tables are built from these; test strings drawn from them reach the
+    table's real entries, not only its default value.
+    """
+    words = []
+    for root, _, files in os.walk(os.path.join(saved_model_dir, "assets")):
+        for name in sorted(files):
+            try:
+                with open(os.path.join(root, name), encoding="utf-8") as f:
+                    words.extend(w for w in (line.rstrip("\r\n").split("\t")[0] for line in f) if w)
+            except (UnicodeDecodeError, OSError):
+                continue  # a binary asset holds no words
+    if not words:
+        words = _string_constants(os.path.join(saved_model_dir, "saved_model.pb"))
+    return words[:_MAX_VOCABULARY]
+
+
+def _string_constants(pb_path):
+    from tensorflow.core.protobuf import saved_model_pb2
+    proto = saved_model_pb2.SavedModel()
+    try:
+        with open(pb_path, "rb") as f:
+            proto.ParseFromString(f.read())
+    except (OSError, ValueError):
+        return []
+    words = []
+    for meta_graph in proto.meta_graphs:
+        graph_def = meta_graph.graph_def
+        for node in list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]:
+            if node.op == "Const" and node.attr["dtype"].type == tf.string.as_datatype_enum:
+                for value in node.attr["value"].tensor.string_val:
+                    word = value.decode("utf-8", "replace")
+                    # Paths and op names are strings too; a vocabulary entry is short and one line.
+                    if word and len(word) < 64 and "/" not in word and "\n" not in word:
+                        words.append(word)
+    return list(dict.fromkeys(words))
+
+
+def _static_dim(index, input_str, axis):
+    """Dimension `axis` of a Const's shape, without reading its values (an embedding may be big)."""
+    node = index.const_node(input_str)
+    if node is None:
+        return None
+    dims = [d.size for d in node.attr["value"].tensor.tensor_shape.dim]
+    return dims[axis % len(dims)] if dims and -len(dims) <= axis < len(dims) else None
+
+
+def index_bounds(graph_def, inputs):
+    """{input key: IndexBound} for the inputs that reach a Gather's indices or a OneHot's indices.
+
+    inputs: {key: TensorSpecInfo} of a signature, in the (frozen) graph_def.
+    The tightest bound wins when an input indexes several things.
+    """
+    index = graph_lib.GraphIndex(graph_def)
+    bounds = {}
+    for key, spec in inputs.items():
+        name, port = graph_lib.canonical_tensor(spec.tensor)
+        stack, seen, found = [(name, port)], set(), []
+        while stack:
+            tensor = stack.pop()
+            if tensor in seen:
+                continue
+            seen.add(tensor)
+            for consumer_name, position in index.data_consumers(*tensor):
+                node = index.node(consumer_name)
+                data = [i for i in node.input if not i.startswith("^")]
+                if position in _INDEX_PASS_THROUGH.get(node.op, ()):
+                    stack.append((node.name, 0))
+                elif node.op in ("GatherV2", "Gather", "ResourceGather") and position == 1:
+                    axis = 0
+                    if node.op == "GatherV2":
+                        axis_value = index.const_value(data[2])
+                        axis = int(np.reshape(axis_value, ())) if axis_value is not None else None
+                    rows = _static_dim(index, data[0], axis) if axis is not None else None
+                    if rows:
+                        found.append(IndexBound(rows, "the %d rows of %s" % (rows, data[0])))
+                elif node.op == "OneHot" and position == 0:
+                    depth = index.const_value(data[1])
+                    if depth is not None and int(depth) > 0:
+                        found.append(IndexBound(int(depth), "the depth %d of %s" % (int(depth), node.name)))
+        if found:
+            bounds[key] = min(found, key=lambda b: b.high)
+    return bounds
+
+
+def given_inputs(path, input_specs):
+    """{signature: {input: array}} from a .npz of arrays named INPUT or SIGNATURE/INPUT.
+
+    A SIGNATURE/INPUT array is for that signature only; an INPUT array for
+    every signature with an input of that name. Raises BadInputError (one
+    line) for an array that names no input, or whose shape or dtype the
+    input does not take.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as e:
+        raise errors.BadInputError("--verify_inputs %s cannot be read: %s" % (path, errors.most_specific_line(e)))
+    given, used = {}, set()
+    for signature, specs in input_specs.items():
+        for name, spec in specs.items():
+            key = next((k for k in ("%s/%s" % (signature, name), name) if k in arrays), None)
+            if key is None:
+                continue
+            used.add(key)
+            given.setdefault(signature, {})[name] = _checked(path, key, arrays[key], spec)
+    unused = sorted(set(arrays) - used)
+    if unused:
+        known = sorted({"%s/%s" % (s, n) for s, specs in input_specs.items() for n in specs})
+        raise errors.BadInputError("--verify_inputs %s: %s names no signature input; the inputs are %s" % (
+            path, ", ".join(unused), ", ".join(known)))
+    return given
+
+
+def _checked(path, key, value, spec):
+    dtype = spec.dtype
+    kind = value.dtype.kind
+    accepted = (dtype.is_floating and kind == "f") or (dtype.is_integer and kind in "iu") or \
+        (dtype == tf.bool and kind == "b") or (dtype == tf.string and kind in "SU")
+    if not accepted:
+        raise errors.BadInputError("--verify_inputs %s: %s is %s, the input takes %s" % (
+            path, key, value.dtype, dtype.name))
+    if spec.shape is not None and (value.ndim != len(spec.shape) or any(
+            d is not None and d != n for d, n in zip(spec.shape, value.shape))):
+        raise errors.BadInputError("--verify_inputs %s: %s has shape %s, the input takes %s" % (
+            path, key, tuple(value.shape), tuple(-1 if d is None else d for d in spec.shape)))
+    return value.astype(bytes) if dtype == tf.string else value.astype(dtype.as_numpy_dtype)
+
+
+def random_inputs(input_specs, rng, batch_size, unknown_dim_size, vocabulary=(), bounds=None):
+    """Seeded values for each signature input; unknown dims get small sizes.
+
+    bounds: {input key: IndexBound} for inputs that index something; an
+    integer (or float-cast-to-index) input draws its values below the bound.
+    """
+    bounds = bounds or {}
+    values = {}
+    for key in sorted(input_specs):
+        spec = input_specs[key]
+        if spec.shape is None:
+            raise errors.BadInputError(
+                "input %s has unknown rank, so no test input can be made; pass --verify_inputs or "
+                "--skip_verify" % key)
+        shape = [(batch_size if i == 0 else unknown_dim_size) if d is None else d
+                 for i, d in enumerate(spec.shape)]
+        dtype = spec.dtype
+        bound: Optional[IndexBound] = bounds.get(key)
+        if (dtype.is_integer or dtype.is_floating) and bound is not None:
+            value = rng.integers(0, bound.high, size=shape).astype(dtype.as_numpy_dtype)
+        elif dtype.is_floating:
+            value = rng.standard_normal(shape).astype(dtype.as_numpy_dtype)
+        elif dtype.is_integer:
+            value = rng.integers(0, DEFAULT_INTEGER_BOUND, size=shape).astype(dtype.as_numpy_dtype)
+        elif dtype == tf.bool:
+            value = rng.integers(0, 2, size=shape).astype(bool)
+        elif dtype == tf.string and vocabulary:
+            words = np.array(list(vocabulary) + [OUT_OF_VOCABULARY], dtype=object)
+            value = words[rng.integers(0, len(words), size=shape)].astype(bytes)
+        elif dtype == tf.string:
+            raise errors.BadInputError(
+                "input %s is a string, and the SavedModel has no vocabulary (text asset or string "
+                "constant) to draw test words from; pass --verify_inputs or --skip_verify" % key)
+        else:
+            raise errors.BadInputError(
+                "input %s has dtype %s, for which no test input can be made; pass --verify_inputs or "
+                "--skip_verify" % (key, dtype.name))
+        values[key] = value
+    return values
+
+
+def make_inputs(input_specs, verify_config, vocabulary=(), bounds=None, given=None):
+    """{signature: {input: array}}: the given arrays, seeded values for the rest.
+
+    The same for every run with the same config and model. bounds and given
+    are {signature: {input: ...}}.
+    """
+    rng = np.random.default_rng(verify_config.get("seed", 0))
+    bounds, given = bounds or {}, given or {}
+    result = {}
+    for key in sorted(input_specs):
+        made = random_inputs(input_specs[key], rng, verify_config.get("batch_size", 2),
+                             verify_config.get("unknown_dim_size", 16), vocabulary, bounds.get(key))
+        made.update(given.get(key, {}))
+        result[key] = made
+    return result
+
+
+def describe_integer_inputs(input_specs, bounds, given):
+    """{"signature/input": how its test values were chosen} for integer inputs, for the report."""
+    notes = {}
+    for signature, specs in sorted(input_specs.items()):
+        for name, spec in sorted(specs.items()):
+            where = "%s/%s" % (signature, name)
+            if name in given.get(signature, {}):
+                notes[where] = "given (--verify_inputs)"
+            elif name in bounds.get(signature, {}):
+                notes[where] = bounds[signature][name].describe()
+            elif spec.dtype.is_integer:
+                notes[where] = "[0, %d): no bound found in the graph" % DEFAULT_INTEGER_BOUND
+    return notes
