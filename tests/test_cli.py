@@ -103,7 +103,10 @@ def test_bad_config_exits_2(example_model, tmp_path):
     broken.write_text("{not json")
     unknown = tmp_path / "unknown.json"
     unknown.write_text(json.dumps({"pipeline": ["fold_everything"]}))
-    for config, fragment in ((broken, "not valid JSON"), (unknown, "unknown pass 'fold_everything'")):
+    bad_option = tmp_path / "bad_option.json"
+    bad_option.write_text(json.dumps({"pipeline": [{"pass": "constant_folding", "no_such_option": 1}, "cleanup"]}))
+    for config, fragment in ((broken, "not valid JSON"), (unknown, "unknown pass 'fold_everything'"),
+                             (bad_option, "pass constant_folding takes no option no_such_option")):
         result = run_cli("--saved_model_dir", example_model, "--output_dir", str(tmp_path / "o"),
                          "--config", str(config))
         assert_one_line_error(result, 2, fragment, str(config))
@@ -191,7 +194,8 @@ def test_report_json_on_success_has_status_config_and_folds(example_model, tmp_p
     assert result.returncode == 0 and result.stderr == "", result.stderr  # --quiet: no progress
     report = json.load(open(report_path))
     assert report["status"] == "ok" and report["exit_code"] == 0 and report["message"] == ""
-    assert len(report["signatures"]["serving_default"]["passes"][1]["folds"]) == 3
+    passes = {p["pass_name"]: p for p in report["signatures"]["serving_default"]["passes"]}
+    assert len(passes["fold_batch_norm"]["folds"]) == 3
     assert report["verification"]["checks"] and report["verification"]["random_outputs"] == []
 
 

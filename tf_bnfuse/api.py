@@ -25,10 +25,11 @@ DEFAULT_TAGS = ("serve",)
 
 def _resolve_config(config):
     if config is None or isinstance(config, (str, os.PathLike)):
+        source = str(config or config_lib.default_config_path())
         config = config_lib.load_config(config)
     else:
-        config = config_lib.validate_config(config)
-    config_lib.check_pass_options(config)
+        source, config = "config", config_lib.validate_config(config)
+    config_lib.check_pass_options(config, source)
     return config
 
 

@@ -223,7 +223,7 @@ def _main(argv):
         from tf_bnfuse import summary
         run_report = api.fold_saved_model(
             FLAGS.saved_model_dir, FLAGS.output_dir, signature_keys=FLAGS.signature_keys or None,
-            tags=FLAGS.tags, config=config, overwrite=FLAGS.overwrite, verify=not FLAGS.skip_verify,
+            tags=FLAGS.tags, config=FLAGS.config, overwrite=FLAGS.overwrite, verify=not FLAGS.skip_verify,
             tflite_output=FLAGS.tflite_output, drop_other_metagraphs=FLAGS.drop_other_metagraphs,
             verify_inputs=FLAGS.verify_inputs)
     except errors.BnFuseError as e:
