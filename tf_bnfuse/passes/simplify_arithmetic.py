@@ -39,7 +39,8 @@ def _passed_input(index, node):
     for position in positions:
         const = index.const_node(data[position])
         other = data[1 - position]
-        if const is None or index.const_node(other) is not None:
+        # Only a scalar can be taken: its shape says so without reading a (big) value.
+        if const is None or const.attr["value"].tensor.tensor_shape.dim or index.const_node(other) is not None:
             continue
         value = index.const_value(data[position])
         if np.ndim(value) == 0 and graph_lib.node_dtype(const, "dtype") == dtype and value == identity:
