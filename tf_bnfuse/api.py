@@ -155,8 +155,9 @@ def _fold_saved_model(run, timeline, saved_model_dir, output_dir, signature_keys
     tflite_scratch = "%s.tf_bnfuse-%d.tmp" % (tflite_output, os.getpid()) if tflite_output else None
     try:
         built = os.path.join(scratch, "saved_model")
+        initializers = savedmodel.initializers_to_keep(loaded)  # a TF1 model's main op, rebuilt once
         with phase("write"):
-            savedmodel.write(folded, built, tags, savedmodel.initializers_to_keep(loaded))
+            savedmodel.write(folded, built, tags, initializers)
         if not tflite_output:
             folded = None  # the written model holds the weights now
         # A signature found to be the same function as another (same graph, same
@@ -186,7 +187,7 @@ def _fold_saved_model(run, timeline, saved_model_dir, output_dir, signature_keys
                 convert_dir = built
                 if any(promote_float16.has_half(sig.graph_def) for sig in folded.values()):
                     convert_dir = os.path.join(scratch, "float32_for_tflite")
-                    savedmodel.write(_promoted(folded), convert_dir, tags, savedmodel.initializers_to_keep(loaded))
+                    savedmodel.write(_promoted(folded), convert_dir, tags, initializers)
                 model_content, run.tflite = tflite_lib.build(
                     saved_model_dir, convert_dir, tflite_output, list(functions), tags, references,
                     inputs, verify_config)
