@@ -8,7 +8,6 @@ outputs from every signature on valid inputs (real vocabulary words).
 import os
 import shutil
 
-import numpy as np
 import pytest
 import tensorflow as tf
 

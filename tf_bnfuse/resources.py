@@ -55,15 +55,15 @@ class _WriteAnalysis:
         self.library = {f.signature.name: f for f in library.function}
         self._written_args = {}  # function name -> set of written argument indices
 
-    def written_sources(self, nodes, inputs_of, source_of):
+    def written_sources(self, nodes, source_of):
         """Names of source nodes (placeholders, or function arguments) whose resource is written.
 
-        nodes: node defs; inputs_of(node) its input strings; source_of(input
-        string) the source name behind it after Identities, or None.
+        nodes: node defs; source_of(input string): the source name behind it
+        after Identities, or None.
         """
         written = set()
         for node in nodes:
-            data_inputs = [i for i in inputs_of(node) if not i.startswith("^")]
+            data_inputs = [i for i in node.input if not i.startswith("^")]
             if is_write_op(node.op) and data_inputs:
                 source = source_of(data_inputs[0])
                 if source is not None:
@@ -96,7 +96,7 @@ class _WriteAnalysis:
                 name = by_name[name].input[0].split(":")[0]
             return name if name in arg_index else None
 
-        written = self.written_sources(function.node_def, lambda n: n.input, source_of)
+        written = self.written_sources(function.node_def, source_of)
         self._written_args[name] = {arg_index[a] for a in written}
         return self._written_args[name]
 
@@ -109,7 +109,7 @@ def written_placeholders(graph_def):
         node, _ = index.skip_identities(input_str)
         return node.name if node is not None and node.op == "Placeholder" else None
 
-    return _WriteAnalysis(graph_def.library).written_sources(graph_def.node, lambda n: n.input, source_of)
+    return _WriteAnalysis(graph_def.library).written_sources(graph_def.node, source_of)
 
 
 def resource_owners(loaded):

@@ -32,7 +32,6 @@ class KeptResource:
     """A capture freezing leaves alone: a written variable or a table, fed its original's handle."""
     handle: object  # the captured eager resource tensor
     owner: object  # the trackable that holds it (saved with the output, with its assets)
-    written: bool
 
 
 @dataclasses.dataclass
@@ -165,7 +164,7 @@ def _frozen_graph_def(function, keep):
     return frozen.graph.as_graph_def(), list(frozen.outputs)
 
 
-def _kept_resources(key, function, graph_def, input_names, written, owners):
+def _kept_resources(key, function, graph_def, input_names, owners):
     """{placeholder name: KeptResource} for the captures freezing left as placeholders.
 
     Raises BadInputError naming a capture that is no resource of the
@@ -183,7 +182,7 @@ def _kept_resources(key, function, graph_def, input_names, written, owners):
                 "signature %s reads %s, a %s that is not a variable or resource of the SavedModel's "
                 "objects, so the output could not keep it" % (
                     key, node.name, tf.as_dtype(node.attr["dtype"].type).name))
-        kept[node.name] = KeptResource(outer, owner, node.name in written)
+        kept[node.name] = KeptResource(outer, owner)
     return kept
 
 
@@ -219,8 +218,7 @@ def freeze(key, function, owners):
     outputs = {}
     for output_key, tensor in zip(output_keys, output_tensors):
         outputs[output_key] = TensorSpecInfo(tensor.name, tensor.dtype, _shape_list(tensor.shape))
-    kept = _kept_resources(key, function, graph_def, {t.tensor.split(":")[0] for t in inputs.values()},
-                           written, owners)
+    kept = _kept_resources(key, function, graph_def, {t.tensor.split(":")[0] for t in inputs.values()}, owners)
     # Device pins from the exporting machine would stop the model running elsewhere.
     for node in graph_def.node:
         node.device = ""
@@ -302,7 +300,7 @@ def _forwarded_tensor(index, tensor):
 
 
 def _signature_function(sig, graph_def, weights):
-    """A tf.function that imports the folded graph, feeding weights from variables
+    """A wrapped function that imports the folded graph, feeding weights from variables
     and kept resources (written variables, tables) from the original objects."""
     input_keys = sorted(sig.inputs)
     output_keys = sorted(sig.outputs)

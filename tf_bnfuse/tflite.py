@@ -11,7 +11,6 @@ import dataclasses
 import re
 from typing import Dict, List, Optional
 
-import numpy as np
 import tensorflow as tf
 
 from tf_bnfuse import errors
