@@ -49,15 +49,53 @@ def build(fn):
     return graph.as_graph_def(), result
 
 
-def run(graph_def, feeds, fetches):
-    """Executes a GraphDef: feeds {placeholder name: array}, fetches [tensor names]."""
+def run(graph_def, feeds, fetches, grappler=True):
+    """Executes a GraphDef: feeds {placeholder name: array}, fetches [tensor names].
+
+    grappler=False runs TF's kernels on the graph as it is: Grappler rewrites the very
+    patterns tf_bnfuse folds (FoldMultiplyIntoConv, the remapper's fusions), so a
+    reference that went through it is not independent of them, and on some it fails
+    (TF 2.21 aborts on conv -> RealDiv(c) -> Mul(c); a scalar Mul folded into a float16
+    kernel overflows to NaN)."""
     graph = tf.Graph()
     with graph.as_default():
         tf.compat.v1.import_graph_def(graph_def, name="")
     fetch_tensors = [graph.get_tensor_by_name(f if ":" in f else f + ":0") for f in fetches]
     feed_dict = {graph.get_tensor_by_name(k + ":0"): v for k, v in feeds.items()}
-    with tf.compat.v1.Session(graph=graph) as session:
+    config = tf.compat.v1.ConfigProto()
+    config.graph_options.rewrite_options.disable_meta_optimizer = not grappler
+    with tf.compat.v1.Session(graph=graph, config=config) as session:
         return session.run(fetch_tensors, feed_dict)
+
+
+def assert_same_outputs(expected, actual, rtol=1e-4):
+    """The one rule folded outputs are held to: the same keys, shapes and dtypes; floats within
+    rtol of the output's scale (plus 1e-6); everything else equal."""
+    assert sorted(expected) == sorted(actual)
+    for name in expected:
+        e, a = np.asarray(expected[name]), np.asarray(actual[name])
+        assert e.shape == a.shape and e.dtype == a.dtype, (name, e.shape, a.shape, e.dtype, a.dtype)
+        if not (np.issubdtype(e.dtype, np.floating) or e.dtype.name == "bfloat16"):  # ml_dtypes' bfloat16
+            np.testing.assert_array_equal(a, e, err_msg=name)
+            continue
+        e, a = e.astype(np.float64), a.astype(np.float64)
+        scale = np.abs(e).max() if e.size else 0.0
+        assert np.abs(a - e).max(initial=0.0) <= rtol * scale + 1e-6, (name, np.abs(a - e).max(), scale)
+
+
+def fold_and_compare(graph_def, feeds, outputs, pipeline, rtol=1e-5):
+    """Folds graph_def with `pipeline` (a config dict), checks the folded graph against TF
+    running the unfolded one (assert_same_outputs; both without Grappler, see run), and
+    that the argument is untouched;
+    returns (folded GraphDef, GraphReport)."""
+    from tf_bnfuse import fold_graph_def
+
+    before = graph_def.SerializeToString(deterministic=True)
+    folded, report = fold_graph_def(graph_def, outputs, pipeline)
+    assert graph_def.SerializeToString(deterministic=True) == before, "argument was modified"
+    expected, actual = run(graph_def, feeds, outputs, grappler=False), run(folded, feeds, outputs, grappler=False)
+    assert_same_outputs(dict(zip(outputs, expected)), dict(zip(outputs, actual)), rtol)
+    return folded, report
 
 
 def op_counts(graph_def):

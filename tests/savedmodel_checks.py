@@ -12,6 +12,7 @@ import tensorflow as tf
 from tensorflow.python.framework import convert_to_constants
 
 import graphs
+from graphs import assert_same_outputs  # noqa: F401  (the one rule, re-exported)
 
 PLUMBING = {"Const", "Identity", "NoOp", "Placeholder", "StatefulPartitionedCall", "PartitionedCall",
             "ReadVariableOp", "VarHandleOp"}
@@ -60,20 +61,6 @@ def compare_outputs(original, folded, rtol=1e-4, batch=2, seed=11):
     expected, actual = o(**inputs), f(**inputs)
     assert_same_outputs({k: v.numpy() for k, v in expected.items()}, {k: v.numpy() for k, v in actual.items()},
                         rtol)
-
-
-def assert_same_outputs(expected, actual, rtol=1e-4):
-    """The one rule folded outputs are held to: the same keys, shapes and dtypes; floats within
-    rtol of the output's scale (plus 1e-6); everything else equal."""
-    assert sorted(expected) == sorted(actual)
-    for name in expected:
-        e, a = np.asarray(expected[name]), np.asarray(actual[name])
-        assert e.shape == a.shape and e.dtype == a.dtype, (name, e.shape, a.shape, e.dtype, a.dtype)
-        if not (np.issubdtype(e.dtype, np.floating) or e.dtype.name == "bfloat16"):  # ml_dtypes' bfloat16
-            np.testing.assert_array_equal(a, e, err_msg=name)
-            continue
-        scale = np.abs(e).max() if e.size else 0.0
-        assert np.abs(a - e).max(initial=0.0) <= rtol * scale + 1e-6, (name, np.abs(a - e).max(), scale)
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))

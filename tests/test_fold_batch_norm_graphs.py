@@ -16,17 +16,8 @@ from tf_bnfuse.passes import fold_batch_norm
 FOLD_ONLY = {"pipeline": ["fold_batch_norm", "cleanup"]}
 
 
-def fold_and_compare(graph_def, feeds, outputs, rtol=1e-5, atol=1e-5):
-    """Folds, checks outputs against the unfolded graph, and that the input is untouched."""
-    before = graph_def.SerializeToString(deterministic=True)
-    folded, report = fold_graph_def(graph_def, outputs, FOLD_ONLY)
-    assert graph_def.SerializeToString(deterministic=True) == before, "argument was modified"
-    expected = graphs.run(graph_def, feeds, outputs)
-    actual = graphs.run(folded, feeds, outputs)
-    for e, a in zip(expected, actual):
-        assert e.dtype == a.dtype
-        np.testing.assert_allclose(a.astype(np.float64), e.astype(np.float64), rtol=rtol, atol=atol)
-    return folded, report
+def fold_and_compare(graph_def, feeds, outputs, rtol=1e-5):
+    return graphs.fold_and_compare(graph_def, feeds, outputs, FOLD_ONLY, rtol)
 
 
 def placeholder(shape, name="x", dtype=tf.float32):
@@ -325,7 +316,7 @@ def test_half_precision_conv_with_float32_statistics(conv_dtype, tolerance):
 
     graph_def, _ = graphs.build(build)
     feeds = {"x": graphs.random((2, 8, 8, 3)).astype(conv_dtype)}
-    folded, report = fold_and_compare(graph_def, feeds, ["out"], rtol=tolerance, atol=tolerance)
+    folded, report = fold_and_compare(graph_def, feeds, ["out"], rtol=tolerance)
     assert len(report.folds) == 1
     by_name = {n.name: n for n in folded.node}
     assert by_name["bn"].attr["T"].type == tf.as_dtype(conv_dtype).as_datatype_enum
@@ -372,8 +363,12 @@ def test_dilated_conv_folds_through_batch_to_space(second_consumer):
     [fold] = report.folds
     assert fold.linear_op == "Conv2D" and not graphs.batch_norm_nodes(folded)
     nodes = {n.name: n for n in folded.node}
-    # The new bias reads the BatchToSpaceND, which reads the conv with its new kernel.
-    assert nodes[nodes["bn"].input[0]].op == "BatchToSpaceND"
+    # SpaceToBatchND -> conv -> new bias -> BatchToSpaceND: the bias inside, where TFLite's
+    # converter fuses the three into one dilated CONV_2D with its bias.
+    batch_to_space = nodes[nodes["bn"].input[0]]
+    assert nodes["bn"].op == "Identity" and batch_to_space.op == "BatchToSpaceND"
+    bias = nodes[batch_to_space.input[0]]
+    assert bias.op == "BiasAdd" and nodes[bias.input[0]].op == "Conv2D"
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -393,7 +388,11 @@ def test_matmul_reshaped_to_rank_4_folds_through_the_reshape(with_bias):
     [fold] = report.folds
     assert fold.linear_op == "MatMul" and not graphs.batch_norm_nodes(folded)
     nodes = {n.name: n for n in folded.node}
-    assert nodes[nodes["bn"].input[0]].op == "Reshape" and nodes["to_4d"].input[0] == "linear"
+    # The new bias sits before the Reshape, on the MatMul (where TFLite fuses it into
+    # FULLY_CONNECTED); the batch norm's name is an Identity of the Reshape.
+    assert nodes["bn"].op == "Identity" and nodes["bn"].input[0] == "to_4d"
+    bias = nodes[nodes["to_4d"].input[0]]
+    assert bias.op == "BiasAdd" and bias.input[0] == "linear"
     assert graphs.op_counts(folded).get("BiasAdd") == 1  # the old bias went into the new one
 
 

@@ -132,6 +132,13 @@ class GraphIndex:
             return node
         return None
 
+    def const_shape(self, input_str):
+        """The shape of the Const an input reads (through Identity), from its proto; None if not constant."""
+        node = self.const_node(input_str)
+        if node is None:
+            return None
+        return tuple(d.size for d in node.attr["value"].tensor.tensor_shape.dim)
+
     def const_value(self, input_str):
         """The numpy value an input reads from a Const (through Identity), or None."""
         node = self.const_node(input_str)

@@ -23,12 +23,21 @@ class Skip:
 
 
 @dataclasses.dataclass
+class Lowered:
+    """A batch norm that did not fold, rewritten as simpler ops (lower_batch_norm)."""
+    node: str
+    op: str
+    into: str
+
+
+@dataclasses.dataclass
 class PassReport:
     pass_name: str
     nodes_before: int = 0
     nodes_after: int = 0
     folds: List[Fold] = dataclasses.field(default_factory=list)
     skips: List[Skip] = dataclasses.field(default_factory=list)
+    lowered: List[Lowered] = dataclasses.field(default_factory=list)
     note: Optional[str] = None
 
     def to_dict(self):
@@ -51,6 +60,10 @@ class GraphReport:
     @property
     def skips(self):
         return [s for p in self.passes for s in p.skips]
+
+    @property
+    def lowered(self):
+        return [x for p in self.passes for x in p.lowered]
 
     def to_dict(self):
         return dataclasses.asdict(self)

@@ -13,7 +13,8 @@ def format_run(report):
         lines.append("signature %s: %d -> %d nodes, %d folded, %d left alone" % (
             key, graph.nodes_before, graph.nodes_after, len(graph.folds), len(graph.skips)))
         for pass_report in graph.passes:
-            extra = "; " + pass_report.note if pass_report.note else ""
+            extra = "; %d lowered" % len(pass_report.lowered) if pass_report.lowered else ""
+            extra += "; " + pass_report.note if pass_report.note else ""
             lines.append("  pass %s: %d folded, %d left alone%s" % (
                 pass_report.pass_name, len(pass_report.folds), len(pass_report.skips), extra))
             for fold in pass_report.folds:
@@ -21,6 +22,9 @@ def format_run(report):
                     fold.node, fold.op, fold.linear_node, fold.linear_op))
             for skip in pass_report.skips:
                 lines.append("    left    %s (%s): %s" % (skip.node, skip.op, skip.reason))
+            for lowered in pass_report.lowered:
+                lines.append("    lowered %s (%s) to a constant per-channel %s" % (
+                    lowered.node, lowered.op, lowered.into))
     verification = report.verification
     if verification is None:
         lines.append("verification: SKIPPED -- the output ran every signature on test inputs, but was NOT "

@@ -14,6 +14,7 @@ _MODULES = {
     "fold_batch_norm": "tf_bnfuse.passes.fold_batch_norm",
     "fold_affine": "tf_bnfuse.passes.fold_affine",
     "fold_forward": "tf_bnfuse.passes.fold_forward",
+    "lower_batch_norm": "tf_bnfuse.passes.lower_batch_norm",
     "promote_float16": "tf_bnfuse.passes.promote_float16",  # not in the default pipeline: the TFLite path uses it
     "prune_identities": "tf_bnfuse.passes.prune_identities",
     "cleanup": "tf_bnfuse.passes.cleanup",
