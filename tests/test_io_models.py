@@ -68,11 +68,16 @@ def test_while_and_cond_stay_functional(tmp_path):
     ops = _ops(out, "serving_default")
     assert "While" in ops or "StatelessWhile" in ops
     assert not {"Enter", "Exit", "Switch", "Merge", "NextIteration"} & set(ops), "control flow was lowered"
-    # The conv + batch norm after the loop folds; the one inside the loop body is reported, not folded.
+    # The conv + batch norm after the loop folds, and so does the one inside the loop body,
+    # whose kernel and statistics are loop-invariant arguments (fold_in_functions).
     graph = report.signatures["serving_default"]
-    assert [f.linear_op for f in graph.folds] == ["Conv2D"]
-    [inside] = [s for s in graph.skips if s.op in ("While", "StatelessWhile")]
-    assert "folding inside loop bodies" in inside.reason
+    assert [f.linear_op for f in graph.folds] == ["Conv2D", "Conv2D"] and graph.skips == []
+    [inside] = [f for f in graph.folds if f.linear_node.split("/")[0] != "StatefulPartitionedCall"]
+    assert "while_body" in inside.linear_node.split("/")[0]
+    written = tf.saved_model.load(out).signatures["serving_default"].graph.as_graph_def()
+    bodies = [f for f in written.library.function if "while_body" in f.signature.name]
+    assert bodies and all("Conv2D" in {n.op for n in f.node_def} for f in bodies)
+    assert not {"Rsqrt", "Mul"} & {n.op for f in bodies for n in f.node_def}, "the body still computes a batch norm"
 
 
 def test_tf1_builder_with_asset_table_and_main_op(tmp_path):
@@ -105,7 +110,11 @@ def test_keras3_recurrent_then_dense_bn(tmp_path, layer):
     src, out, inputs, report = _fold(lambda p: io_models.keras3_recurrent(p, layer), tmp_path)
     assert signature_defs(out) == signature_defs(src)
     compare_in_fresh_process(src, out, inputs)
-    assert [f.linear_op for f in report.signatures["serve"].folds] == ["MatMul"]
+    # The Dense + batch norm; inside the loop body, a GRU cell's MatMul + AddV2(bias) may become
+    # MatMul + BiasAdd (fold_in_functions), which is not a batch norm.
+    folds = report.signatures["serve"].folds
+    assert [f.linear_op for f in folds if "while_body" not in f.node] == ["MatMul"]
+    assert all(f.op == "AddV2" for f in folds if "while_body" in f.node)
 
 
 def test_keras3_training_mode_batch_norm_stays_and_updates(tmp_path):

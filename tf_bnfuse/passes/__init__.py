@@ -11,6 +11,7 @@ import inspect
 _MODULES = {
     "constant_folding": "tf_bnfuse.passes.constant_folding",
     "simplify_arithmetic": "tf_bnfuse.passes.simplify_arithmetic",
+    "fold_in_functions": "tf_bnfuse.passes.fold_in_functions",
     "fold_batch_norm": "tf_bnfuse.passes.fold_batch_norm",
     "fold_affine": "tf_bnfuse.passes.fold_affine",
     "fold_forward": "tf_bnfuse.passes.fold_forward",
