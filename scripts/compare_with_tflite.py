@@ -65,7 +65,15 @@ def build_cases(flavour, root):
             y = tf.raw_ops.FusedBatchNormV3(x=y, scale=g, offset=b, mean=m, variance=v, is_training=False)[0]
             return x, tf.reshape(y, [-1, 8])
 
+        def relu_fbn_v2():
+            x = tf.compat.v1.placeholder(tf.float32, [None, 12, 12, 3])
+            y = tf.nn.relu(tf.nn.conv2d(x, tf.constant(rng.standard_normal((3, 3, 3, 8)).astype(np.float32)), 1,
+                                        "SAME"))
+            g, b, m, v = bn_consts(8)
+            return x, tf.raw_ops.FusedBatchNormV2(x=y, scale=g, offset=b, mean=m, variance=v, is_training=False)[0]
+
         save("FusedBatchNormV2 after Conv2D (raw ops)", fbn_v2)
+        save("Conv2D -> Relu -> FusedBatchNormV2 (raw ops; cannot fold, lowered)", relu_fbn_v2)
         save("MatMul -> Reshape to rank 4 -> FusedBatchNormV3 -> Reshape back (raw ops)", matmul_reshape_bn)
         return paths
 
@@ -78,6 +86,8 @@ def build_cases(flavour, root):
                                                  L.BatchNormalization()],
         "Conv2D(dilation_rate=2) -> BatchNormalization": lambda: [
             keras.Input((16, 16, 3)), L.Conv2D(8, 3, dilation_rate=2, padding="same"), L.BatchNormalization()],
+        "Dense on a rank-3 input -> BatchNormalization": lambda: [
+            keras.Input((6, 16)), L.Dense(8), L.BatchNormalization()],
         "MaxPooling2D -> BatchNormalization -> Conv2D(padding=\"valid\")": lambda: [
             keras.Input((16, 16, 3)), L.MaxPooling2D(), L.BatchNormalization(), L.Conv2D(8, 3)],
     }
@@ -131,7 +141,7 @@ def run_flavour(flavour):
                 rows.append(row)
                 continue
             graph, tflite = report.signatures["serving_default"], report.tflite
-            row.update(folded=len(graph.folds), left=len(graph.skips), before_ops=tflite.ops_before,
+            row.update(folded=len(graph.folds), left=len(graph.skips), lowered=len(graph.lowered), before_ops=tflite.ops_before,
                        before_bn_left=tflite.batch_norm_ops_before, before_error=tflite.before_error,
                        after_ops=tflite.ops_after, after_bn_left=tflite.batch_norm_ops_after,
                        promoted=tflite.promoted_float16)
@@ -169,6 +179,8 @@ def main():
     for row in rows:
         folded = ("fails: %s" % row["fold_error"]) if "fold_error" in row else "%d folded, %d left alone" % (
             row["folded"], row["left"])
+        if row.get("lowered"):
+            folded += " (%d lowered to Mul + AddV2)" % row["lowered"]
         after = describe(row.get("after_ops"), row.get("after_bn_left"), None) if "fold_error" not in row else "-"
         if row.get("promoted"):
             after += ", float16 compute promoted to float32"
