@@ -15,6 +15,7 @@ import io_models
 from savedmodel_checks import compare_in_fresh_process, data_path_op_counts, signature_defs, xla_functions_with
 from tf_bnfuse import errors
 from tf_bnfuse import fold_saved_model
+from tf_bnfuse.summary import format_run
 
 import conftest
 
@@ -58,6 +59,9 @@ def test_written_variable_stays_a_variable(tmp_path):
     outputs = compare_in_fresh_process(src, out, inputs)
     assert [o["calls"] for o in outputs["serving_default"]] == [1.0, 2.0]
     assert report.signatures["serving_default"].folds
+    # `loaded.serve` is a root function besides the signature: not in the output, and said so.
+    assert report.dropped_functions == ["serve"] and not hasattr(tf.saved_model.load(out), "serve")
+    assert "NOT KEPT: serve" in format_run(report)
     assert "AssignAddVariableOp" in _ops(out, "serving_default")
 
 

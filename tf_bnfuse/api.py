@@ -118,6 +118,7 @@ def _fold_saved_model(run, timeline, saved_model_dir, output_dir, signature_keys
         loaded = savedmodel.load(saved_model_dir, tags)
         functions = savedmodel.select_signatures(loaded, signature_keys, saved_model_dir)
         owners = resources.resource_owners(loaded)
+        run.dropped_functions = savedmodel.root_functions(loaded)
     input_specs = {k: savedmodel.signature_inputs(f) for k, f in functions.items()}
     given = test_inputs_lib.given_inputs(verify_inputs, input_specs) if verify_inputs else {}
     folded, reports = {}, run.signatures

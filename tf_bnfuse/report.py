@@ -80,6 +80,8 @@ class RunReport:
     tflite: object = None  # tflite.TfliteReport with --tflite_output, else None
     # Tag sets of the input's other MetaGraphs, not in the output (--drop_other_metagraphs)
     dropped_metagraphs: list = dataclasses.field(default_factory=list)
+    # tf.functions of the input's root object that the output does not have (it has the signatures)
+    dropped_functions: list = dataclasses.field(default_factory=list)
 
     def to_dict(self):
         return {
@@ -90,4 +92,5 @@ class RunReport:
             "phases": self.phases,
             "tflite": dataclasses.asdict(self.tflite) if self.tflite else None,
             "dropped_metagraphs": self.dropped_metagraphs,
+            "dropped_functions": self.dropped_functions,
         }

@@ -58,6 +58,14 @@ def _first_line(exc):
     return text[0] if text else type(exc).__name__
 
 
+def root_functions(loaded):
+    """Names of the tf.functions the loaded root object has as attributes (`loaded.serve`,
+    tf-keras' `__call__`), which the written model does not carry; private ones aside."""
+    kinds = (tf.types.experimental.GenericFunction, tf.types.experimental.ConcreteFunction)
+    return sorted(name for name, value in vars(loaded).items()
+                  if isinstance(value, kinds) and (not name.startswith("_") or name == "__call__"))
+
+
 def read_tag_sets(path):
     """The tag sets of the MetaGraphs in saved_model.pb; BadInputError if it does not parse."""
     pb_path = os.path.join(path, "saved_model.pb")

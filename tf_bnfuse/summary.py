@@ -3,6 +3,9 @@
 
 def format_run(report):
     lines = ["tf_bnfuse: %s -> %s" % (report.saved_model_dir, report.output_dir)]
+    if report.dropped_functions:
+        lines.append("functions of the input's root object NOT KEPT: %s (call the output through its signatures: "
+                     "%s)" % (", ".join(report.dropped_functions), ", ".join(report.signatures)))
     for tags in report.dropped_metagraphs:
         lines.append("MetaGraph %s: DROPPED (--drop_other_metagraphs); the output does not have it" % tags)
     for key, graph in report.signatures.items():
