@@ -157,33 +157,85 @@ class GraphIndex:
 
 
 class GraphEditor:
-    """Collects edits to a copy of a GraphDef: new nodes with unique names.
+    """Collects edits to a GraphDef into a new one: new nodes with unique names.
 
-    The copy is made at the first edit, so a pass that changes nothing costs
-    no copy of the weights; the GraphDef given is never modified.
+    The GraphDef given is never modified. The result holds the new nodes, a copy of each
+    node the pass edits, and, when it is asked for, a copy of every other node; a pass
+    that changes nothing costs no copy at all. With `outputs` (the pass's graph outputs),
+    the Consts and Identities that the pass's rewiring left without any reader (a folded
+    kernel's old Const, and the Identity a frozen graph reads it through) are not copied:
+    protobuf keeps every byte it has copied until the whole GraphDef goes, so a dead
+    weight copied here would be held through every later pass.
     """
 
-    def __init__(self, graph_def):
+    def __init__(self, graph_def, outputs=None):
         self._source = graph_def
-        self._copy = None
-        self._by_name = None
+        self._result = None  # the new GraphDef: added nodes and copies of edited ones
+        self._by_name = {}  # current name -> NodeDef in _result
+        self._copied = set()  # names (in the source) of the source nodes copied for editing
+        self._source_by_name = None
+        self._final = None
+        self._outputs = None if outputs is None else {canonical_tensor(t)[0] for t in outputs}
         self._names = {node.name for node in graph_def.node}
 
     @property
     def graph_def(self):
-        """The edited copy, or the original GraphDef itself when nothing was edited."""
-        return self._source if self._copy is None else self._copy
+        """The edited GraphDef, or the original itself when nothing was edited."""
+        if self._result is None:
+            return self._source
+        if self._final is None:
+            self._final = self._finish()
+        return self._final
 
     def _edited(self):
-        if self._copy is None:
-            self._copy = copy_graph_def(self._source)
-            self._by_name = {node.name: node for node in self._copy.node}
-        return self._copy
+        if self._final is not None:
+            raise RuntimeError("GraphEditor: edit after graph_def was read")
+        if self._result is None:
+            self._result = graph_pb2.GraphDef()
+            self._result.versions.CopyFrom(self._source.versions)
+            self._result.library.CopyFrom(self._source.library)
+            self._source_by_name = {node.name: node for node in self._source.node}
+        return self._result
 
     def node(self, name):
-        """The node `name` of the copy, for editing."""
+        """The node `name` of the result, for editing."""
         self._edited()
-        return self._by_name[name]
+        node = self._by_name.get(name)
+        if node is None:
+            node = self._result.node.add()
+            node.CopyFrom(self._source_by_name[name])
+            self._by_name[name] = node
+            self._copied.add(name)
+        return node
+
+    def _finish(self):
+        result = self._result
+        rest = [n for n in self._source.node if n.name not in self._copied]
+        dropped = self._unread(rest) if self._outputs is not None else set()
+        for node in rest:
+            if node.name not in dropped:
+                result.node.add().CopyFrom(node)
+        return result
+
+    def _unread(self, rest):
+        """Source Consts and Identities (not copied for editing) that nothing reads any more,
+        though something read them before the pass."""
+        def read_by(node):
+            return [parse_input(i)[0] for i in node.input]
+        read_before = {name for node in self._source.node for name in read_by(node)}
+        readers = collections.Counter(name for node in list(self._result.node) + rest for name in read_by(node))
+        candidates = {n.name: n for n in rest if n.op in ("Const", "Identity") and n.name not in self._outputs
+                      and n.name in read_before}
+        queue = [name for name in candidates if readers[name] == 0]
+        dropped = set()
+        while queue:
+            name = queue.pop()
+            dropped.add(name)
+            for source in read_by(candidates[name]):
+                readers[source] -= 1
+                if readers[source] == 0 and source in candidates and source not in dropped:
+                    queue.append(source)
+        return dropped
 
     def unique_name(self, base):
         name, suffix = base, 0

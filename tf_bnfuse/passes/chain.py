@@ -88,6 +88,15 @@ def single_use(index, node, port=0):
             graph_lib.tensor_name(node.name, port), uses, extra))
 
 
+def _detached(reason):
+    """A NoMatch kept for the report, without its traceback and context: those hold the
+    frames of the walk and of the pass (its GraphIndex, the whole input graph) in a
+    reference cycle, which only the cyclic collector would free, and it is paused while
+    the passes run (pipeline._cyclic_gc_paused)."""
+    reason.__traceback__ = reason.__context__ = reason.__cause__ = None
+    return reason
+
+
 def _reached(reason):
     reason.reached_linear = True
     return reason
@@ -338,7 +347,7 @@ def walk_forward(index, linear):
                     break
                 layout = rule.up(index, node, layout)
         except NoMatch as reason:
-            stop = (node, reason)
+            stop = (node, _detached(reason))
             break
         nodes.append(node)
         input_str = _next_input(index, node)
@@ -535,7 +544,7 @@ def fold_backward(graph_def, outputs, pass_name, root_ops, report_every_root):
     positional embedding after an activation, say) are simply not chains.
     """
     index = graph_lib.GraphIndex(graph_def, outputs)
-    editor = graph_lib.GraphEditor(graph_def)
+    editor = graph_lib.GraphEditor(graph_def, outputs)
     report = report_lib.PassReport(pass_name, nodes_before=len(graph_def.node))
     longest, failures = {}, []
     for node in graph_def.node:
@@ -544,7 +553,7 @@ def fold_backward(graph_def, outputs, pass_name, root_ops, report_every_root):
         try:
             found = walk_backward(index, node)
         except NoMatch as reason:
-            failures.append((node, reason))
+            failures.append((node, _detached(reason)))
             continue
         if found is not None:
             if found.key not in longest or len(found.nodes) > len(longest[found.key].nodes):
@@ -554,7 +563,7 @@ def fold_backward(graph_def, outputs, pass_name, root_ops, report_every_root):
         try:
             folded = fold_weights(found)
         except NoMatch as reason:
-            failures.append((found.root, _reached(reason)))
+            failures.append((found.root, _detached(_reached(reason))))
             continue
         emit(editor, index, found, folded)
         report.folds.append(report_lib.Fold(found.root.name, found.root.op, *found.linear_description,
@@ -633,7 +642,7 @@ def fold_forward(graph_def, outputs, pass_name):
     by a batch norm or scaling step that cannot be passed is reported at that step.
     """
     index = graph_lib.GraphIndex(graph_def, outputs)
-    editor = graph_lib.GraphEditor(graph_def)
+    editor = graph_lib.GraphEditor(graph_def, outputs)
     report = report_lib.PassReport(pass_name, nodes_before=len(graph_def.node))
     for linear in graph_def.node:
         if linear.op not in grammar.LINEAR_OPS or linear.name not in index.live:

@@ -31,33 +31,7 @@ def run(graph_def, outputs):
         report.nodes_after = len(graph_def.node)
         return graph_def, report
 
-    def source(input_str):
-        """The tensor an input reads once Identity chains are bypassed."""
-        seen = set()
-        name, port, _ = graph_lib.parse_input(input_str)
-        while name in identities and port == 0 and name not in seen:
-            seen.add(name)
-            input_str = identities[name].input[0]
-            name, port, _ = graph_lib.parse_input(input_str)
-        return input_str
-
     control_sources = {}
-
-    def controls(name):
-        """The control inputs that stand for a control edge from `name`."""
-        if name in control_sources:
-            return control_sources[name]
-        control_sources[name] = []  # a cycle of NoOps orders nothing more
-        if name in identities:
-            result = ["^" + graph_lib.parse_input(source(name))[0]]
-        elif name in noops:
-            result = []
-            for input_str in noops[name].input:
-                result.extend(controls(graph_lib.parse_input(input_str)[0]))
-        else:
-            result = ["^" + name]
-        control_sources[name] = result
-        return result
 
     editor = graph_lib.GraphEditor(graph_def)
     bypassed = set()
@@ -67,7 +41,8 @@ def run(graph_def, outputs):
         new_inputs = []
         for input_str in node.input:
             name, _, is_control = graph_lib.parse_input(input_str)
-            replacement = controls(name) if is_control else [source(input_str)]
+            replacement = (_controls(name, identities, noops, control_sources) if is_control
+                           else [_source(input_str, identities)])
             if replacement != [input_str]:
                 bypassed.add(name)
             new_inputs.extend(replacement)
@@ -84,6 +59,39 @@ def run(graph_def, outputs):
     report.nodes_after = len(editor.graph_def.node)
     report.note = "%d Identity/NoOp nodes bypassed" % len(bypassed & (set(identities) | set(noops)))
     return editor.graph_def, report
+
+
+def _source(input_str, identities):
+    """The tensor an input reads once Identity chains are bypassed."""
+    seen = set()
+    name, port, _ = graph_lib.parse_input(input_str)
+    while name in identities and port == 0 and name not in seen:
+        seen.add(name)
+        input_str = identities[name].input[0]
+        name, port, _ = graph_lib.parse_input(input_str)
+    return input_str
+
+
+def _controls(name, identities, noops, memo):
+    """The control inputs that stand for a control edge from `name`.
+
+    (A module function, not a closure: a recursive closure is a reference cycle, and this
+    one would hold the graph's nodes, and so the whole GraphDef, until the cyclic collector
+    ran; it is paused while the passes run.)
+    """
+    if name in memo:
+        return memo[name]
+    memo[name] = []  # a cycle of NoOps orders nothing more
+    if name in identities:
+        result = ["^" + graph_lib.parse_input(_source(name, identities))[0]]
+    elif name in noops:
+        result = []
+        for input_str in noops[name].input:
+            result.extend(_controls(graph_lib.parse_input(input_str)[0], identities, noops, memo))
+    else:
+        result = ["^" + name]
+    memo[name] = result
+    return result
 
 
 def _data_ancestors(index, data_inputs, wanted):
