@@ -36,6 +36,13 @@ def canonical_tensor(input_str):
     return name, port
 
 
+def called_function_names(node):
+    """The names of the library functions a node's attributes name (a call's `f`, a While's
+    `body` and `cond`, an If's branches, a Case's `branches`)."""
+    names = [value.func.name for value in node.attr.values() if value.HasField("func")]
+    return names + [f.name for value in node.attr.values() for f in value.list.func]
+
+
 def copy_graph_def(graph_def):
     new = graph_pb2.GraphDef()
     new.CopyFrom(graph_def)
@@ -174,7 +181,7 @@ class GraphEditor:
         self._by_name = {}  # current name -> NodeDef in _result
         self._copied = set()  # names (in the source) of the source nodes copied for editing
         self._source_by_name = None
-        self._final = None
+        self._finished = False
         self._outputs = None if outputs is None else {canonical_tensor(t)[0] for t in outputs}
         self._names = {node.name for node in graph_def.node}
 
@@ -183,12 +190,12 @@ class GraphEditor:
         """The edited GraphDef, or the original itself when nothing was edited."""
         if self._result is None:
             return self._source
-        if self._final is None:
-            self._final = self._finish()
-        return self._final
+        if not self._finished:
+            self._finish()
+        return self._result
 
     def _edited(self):
-        if self._final is not None:
+        if self._finished:
             raise RuntimeError("GraphEditor: edit after graph_def was read")
         if self._result is None:
             self._result = graph_pb2.GraphDef()
@@ -202,6 +209,8 @@ class GraphEditor:
         self._edited()
         node = self._by_name.get(name)
         if node is None:
+            if name in self._copied:  # renamed away
+                raise KeyError(name)
             node = self._result.node.add()
             node.CopyFrom(self._source_by_name[name])
             self._by_name[name] = node
@@ -209,13 +218,13 @@ class GraphEditor:
         return node
 
     def _finish(self):
-        result = self._result
+        """Copies the source nodes not edited into the result, but those the pass left unread."""
         rest = [n for n in self._source.node if n.name not in self._copied]
         dropped = self._unread(rest) if self._outputs is not None else set()
         for node in rest:
             if node.name not in dropped:
-                result.node.add().CopyFrom(node)
-        return result
+                self._result.node.add().CopyFrom(node)
+        self._finished = True
 
     def _unread(self, rest):
         """Source Consts and Identities (not copied for editing) that nothing reads any more,

@@ -62,11 +62,6 @@ class Chain:
         return (" + ".join(b.match.linear.name for b in self.branches),
                 " + ".join(b.match.op_description for b in self.branches))
 
-    def is_kept(self, node):
-        """A pass-through that stays in the data path (not absorbed, not a step)."""
-        rule = grammar.PASS_THROUGHS.get(node.op)
-        return node.op not in grammar.STEPS and rule is not None and not rule.absorbed
-
     @property
     def near_linear(self):
         """The step nearest the linear op (what a report names for a forward fold)."""
@@ -76,8 +71,14 @@ class Chain:
     def absorbed(self):
         """Names of the nodes the fold makes dead, besides the one it replaces."""
         named = self.near_linear if self.forward else self.root
-        return ([n.name for b in self.branches for n in b.nodes if not b.is_kept(n)]
-                + [n.name for n in self.nodes if n is not named and not self.is_kept(n)])
+        return ([n.name for b in self.branches for n in b.nodes if not _is_kept(n)]
+                + [n.name for n in self.nodes if n is not named and not _is_kept(n)])
+
+
+def _is_kept(node):
+    """A pass-through that stays in the data path (not absorbed, not a step)."""
+    rule = grammar.PASS_THROUGHS.get(node.op)
+    return rule is not None and not rule.absorbed
 
 
 def single_use(index, node, port=0):
@@ -129,7 +130,8 @@ def _check_positive_scales(nodes, scales, forward):
     """A MaxPool on the chain passes only a scale that is positive in every channel: the scale
     of the steps on its side away from the linear op."""
     for position, node in enumerate(nodes):
-        if not grammar.PASS_THROUGHS.get(node.op, grammar.PassThrough(None, None)).positive_scale:
+        rule = grammar.PASS_THROUGHS.get(node.op)
+        if rule is None or not rule.positive_scale:
             continue
         crossing = [s for p, s in scales if (p < position if forward else p > position)]
         if crossing and np.any(np.prod(crossing, axis=0) <= 0):
@@ -146,18 +148,19 @@ def walk_backward(index, root):
     """
     if grammar.STEPS[root.op].data_input(index, root) is None:
         return None
-    path = [(root, 0)]
+    nodes, input_str = [root], _next_input(index, root)  # walked upward
     while True:
-        node, port = index.producer(_next_input(index, path[-1][0]))
+        node, port = index.producer(input_str)
         if node is None:
-            raise NoMatch("input %s has no producer in the graph" % _next_input(index, path[-1][0]))
+            raise NoMatch("input %s has no producer in the graph" % input_str)
         if linear_ops.linear_op_of(index, node) is not None or (node.op == "ConcatV2" and port == 0):
             linear, linear_port = node, port
             break
-        if _next_input(index, node) is None or port != 0:
+        input_str = _next_input(index, node)
+        if input_str is None or port != 0:
             raise NoMatch("input comes from %s (%s), not from a supported linear op" % (node.name, node.op))
-        path.append((node, port))
-    nodes = [n for n, _ in reversed(path)]
+        nodes.append(node)
+    nodes.reverse()
     if linear.op == "ConcatV2":
         return _evaluate_concat(index, linear, nodes)
     try:
@@ -187,8 +190,13 @@ class _Path:
         return max([p for p, n in enumerate(self.nodes)
                     if n.op in grammar.PASS_THROUGHS and not grammar.PASS_THROUGHS[n.op].bias_commutes], default=-1)
 
+    @property
+    def bias_layout(self):
+        """The Layout of the tensor the new bias is added to."""
+        return self.start if self.bias_after < 0 else self.layouts[self.bias_after]
 
-def _evaluate_path(index, linear, linear_port, nodes, channels_from):
+
+def _evaluate_path(index, linear, linear_port, nodes):
     """The _Path of `linear -> nodes`, each tensor before the last node single-use; None for
     an integer linear op (index arithmetic is not a batch norm)."""
     match = linear_ops.linear_match(index, linear)
@@ -197,7 +205,7 @@ def _evaluate_path(index, linear, linear_port, nodes, channels_from):
     single_use(index, linear, linear_port)
     for node in nodes[:-1]:
         single_use(index, node)
-    channels = match.out_channels or _channels_from_steps(index, channels_from)
+    channels = match.out_channels or _channels_from_steps(index, nodes)
     if channels is None:
         raise NoMatch("kernel %s of %s is not constant" % (match.kernel_input, linear.name))
     rank = match.spec.rank
@@ -207,14 +215,19 @@ def _evaluate_path(index, linear, linear_port, nodes, channels_from):
     return path
 
 
+def _step_affine(index, node, layout):
+    """(scale, shift) of a step whose data has `layout`; NoMatch if it computes in another dtype."""
+    if graph_lib.node_dtype(node) != layout.dtype:
+        raise NoMatch("%s %s computes in %s, the chain in %s" % (
+            node.op, node.name, graph_lib.node_dtype(node).name, layout.dtype.name))
+    return grammar.STEPS[node.op].affine(index, node, layout)
+
+
 def _evaluate_nodes(index, path, layout):
     """Applies path.nodes' rules down from `layout`, filling in layouts, steps and the affine."""
     for position, node in enumerate(path.nodes):
         if node.op in grammar.STEPS:
-            if graph_lib.node_dtype(node) != layout.dtype:
-                raise NoMatch("%s %s computes in %s, the chain in %s" % (
-                    node.op, node.name, graph_lib.node_dtype(node).name, layout.dtype.name))
-            step = grammar.STEPS[node.op].affine(index, node, layout)
+            step = _step_affine(index, node, layout)
             path.affine = fold_math.compose_affine(path.affine, step)
             path.steps.append(node)
             path.scales.append((position, step[0]))
@@ -225,15 +238,13 @@ def _evaluate_nodes(index, path, layout):
 
 def _evaluate_backward(index, linear, linear_port, nodes):
     root = nodes[-1]
-    path = _evaluate_path(index, linear, linear_port, nodes, nodes)
+    path = _evaluate_path(index, linear, linear_port, nodes)
     if path is None:
         return None
     _check_positive_scales(nodes, path.scales, forward=False)
-    bias_after = max(-1, min(path.bias_after, len(nodes) - 2))
     chain = Chain(forward=False, match=path.match, root=root, nodes=nodes, steps=path.steps, scale=path.affine[0],
-                  shift=path.affine[1], bias_after=bias_after,
-                  bias_layout=path.start if bias_after < 0 else path.layouts[bias_after])
-    moved_past = [n for n in nodes[bias_after + 1:-1] if chain.is_kept(n)]
+                  shift=path.affine[1], bias_after=path.bias_after, bias_layout=path.bias_layout)
+    moved_past = [n for n in nodes[chain.bias_after + 1:-1] if _is_kept(n)]
     if path.steps == [root] and not moved_past and (
             root.op == "BiasAdd" or (root.op in ("Add", "AddV2") and linear_ops.misfused_by_remapper(
                 index, root.name, chain.bias_layout.rank in (4, 5) and chain.bias_layout.channel == 1))):
@@ -269,7 +280,7 @@ def _evaluate_concat(index, concat, trunk):
         try:
             nodes.reverse()
             single_use(index, nodes[-1] if nodes else node, 0 if nodes else port)
-            path = _evaluate_path(index, node, port, nodes, nodes)
+            path = _evaluate_path(index, node, port, nodes)
         except NoMatch as reason:
             raise _reached(NoMatch("input %s of ConcatV2 %s: %s" % (input_str, concat.name, reason)))
         if path is None:
@@ -289,11 +300,11 @@ def _split_concat(index, concat, trunk, root, axis, paths):
     single_use(index, concat)
     for node in trunk[:-1]:
         single_use(index, node)
-    if any(n.op in grammar.PASS_THROUGHS and not grammar.PASS_THROUGHS[n.op].bias_commutes for n in trunk):
-        raise NoMatch("a Cast after ConcatV2 %s would leave the new biases in the narrower type" % concat.name)
     widths = [p.end.channels for p in paths]
     total = sum(widths)
     trunk_path = _Path(None, trunk, None, [], [], [], (np.ones(total), np.zeros(total)))
+    if trunk_path.bias_after >= 0:
+        raise NoMatch("a Cast after ConcatV2 %s would leave the new biases in the narrower type" % concat.name)
     _evaluate_nodes(index, trunk_path, grammar.Layout(rank=rank, channel=channel, channels=total, dtype=dtype))
     _check_positive_scales(trunk, trunk_path.scales, forward=False)
     branches, offset = [], 0
@@ -303,10 +314,8 @@ def _split_concat(index, concat, trunk, root, axis, paths):
         scale, shift = fold_math.compose_affine(path.affine, (trunk_path.affine[0][part], trunk_path.affine[1][part]))
         crossing = path.scales + [(len(path.nodes) + p, s[part]) for p, s in trunk_path.scales]
         _check_positive_scales(path.nodes, crossing, forward=False)
-        bias_after = path.bias_after
         branch = Chain(forward=False, match=path.match, root=None, nodes=path.nodes, steps=path.steps, scale=scale,
-                       shift=shift, bias_after=bias_after,
-                       bias_layout=path.start if bias_after < 0 else path.layouts[bias_after])
+                       shift=shift, bias_after=path.bias_after, bias_layout=path.bias_layout)
         _check_kernel_for(branch)
         branches.append(branch)
     chain = Chain(forward=False, match=branches[0].match, root=root, nodes=trunk, steps=trunk_path.steps,
@@ -337,10 +346,7 @@ def walk_forward(index, linear):
         try:
             single_use(index, node)
             if node.op in grammar.STEPS:
-                if graph_lib.node_dtype(node) != layout.dtype:
-                    raise NoMatch("%s %s computes in %s, the linear op in %s" % (
-                        node.op, node.name, graph_lib.node_dtype(node).name, layout.dtype.name))
-                steps_up.append((len(nodes), grammar.STEPS[node.op].affine(index, node, layout)))
+                steps_up.append((len(nodes), _step_affine(index, node, layout)))
             else:
                 rule = grammar.PASS_THROUGHS[node.op]
                 if rule.up is None:
@@ -464,7 +470,7 @@ def _write_path(editor, chain, nodes, folded, bias_written_here):
 
     previous = with_bias(linear) if chain.bias_after < 0 else linear
     for position, node in enumerate(nodes):
-        if chain.is_kept(node):
+        if _is_kept(node):
             _set_data_input(editor, node.name, 0, previous)
             previous = node.name
             if position == chain.bias_after:
@@ -478,7 +484,7 @@ def _emit_backward(editor, index, chain, folded):
     (where TFLite fuses it: before a Dense's Reshape, inside SpaceToBatchND -> conv ->
     BatchToSpaceND). The root becomes that bias, or an Identity of the last kept op."""
     between = chain.nodes[:-1]
-    if any(chain.is_kept(n) for n in between[chain.bias_after + 1:]):
+    if any(_is_kept(n) for n in between[chain.bias_after + 1:]):
         last = _write_path(editor, chain, between, folded, bias_written_here=True)
         editor.replace_node(chain.root.name, "Identity", [last],
                             {"T": graph_lib.type_attr(graph_lib.node_dtype(chain.root))})
@@ -498,7 +504,7 @@ def _emit_concat(editor, index, chain, folded_branches):
         concat.input[position] = _write_path(editor, branch, branch.nodes, folded, bias_written_here=True)
     previous = chain.concat.name
     for node in chain.nodes[:-1]:
-        if chain.is_kept(node):
+        if _is_kept(node):
             _set_data_input(editor, node.name, 0, previous)
             previous = node.name
     editor.replace_node(chain.root.name, "Identity", [previous],
@@ -513,7 +519,7 @@ def _emit_forward(editor, index, chain, folded):
     linear = match.linear.name
     previous = chain.x
     for node in chain.nodes:
-        if chain.is_kept(node):
+        if _is_kept(node):
             _set_data_input(editor, node.name, 0, previous)
             previous = node.name
     _set_data_input(editor, linear, match.spec.data_input, previous)
@@ -593,9 +599,9 @@ def _check_forward(found):
 
 
 def unreached_in_functions(index):
-    """Skips for the function calls (While/If bodies and branches, calls) whose functions hold
-    a linear op and a batch norm (or the Rsqrt of one computed from its variables): the
-    passes do not fold inside called functions.
+    """Skips for the function calls (While/If bodies and branches, calls) whose functions still
+    hold a linear op and a batch norm (or the Rsqrt of one computed from its variables) after
+    fold_in_functions.
 
     One Skip per live calling node. A call that computes one linear op and nothing else is
     itself a linear op (linear_ops.linear_op_of) and is not listed.
@@ -604,8 +610,7 @@ def unreached_in_functions(index):
     for node in index.graph_def.node:
         if node.name not in index.live or linear_ops.linear_op_of(index, node) is not None:
             continue
-        names = [v.func.name for v in node.attr.values() if v.HasField("func")]
-        names += [f.name for v in node.attr.values() for f in v.list.func]
+        names = graph_lib.called_function_names(node)
         if not names:
             continue
         linear, affine, seen = 0, 0, set()
@@ -618,12 +623,12 @@ def unreached_in_functions(index):
                 linear += inner.op in grammar.LINEAR_OPS
                 # Rsqrt: a batch norm computed from its variables (Keras 3, tf.nn.batch_normalization)
                 affine += inner.op in grammar.BATCH_NORM_OPS or inner.op == "Rsqrt"
-                names += [v.func.name for v in inner.attr.values() if v.HasField("func")]
-                names += [f.name for v in inner.attr.values() for f in v.list.func]
+                names += graph_lib.called_function_names(inner)
         if linear and affine:
             skips.append(report_lib.Skip(node.name, node.op, (
-                "its functions (%s) hold %d linear ops and %d batch norms: folding inside loop bodies, "
-                "cond branches and called functions is not supported yet" % (", ".join(sorted(seen)), linear, affine))))
+                "its functions (%s) still hold %d linear ops and %d batch norms: only the body or branch of one "
+                "While/If whose kernel is a constant or loop-invariant argument is folded (fold_in_functions)" % (
+                    ", ".join(sorted(seen)), linear, affine))))
     return skips
 
 

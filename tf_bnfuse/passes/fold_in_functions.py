@@ -14,6 +14,7 @@ the same rewritten body with other arguments). Folds are reported with the funct
 name before the node's: `<function>/<node>`.
 """
 
+import tensorflow as tf
 from tensorflow.core.framework import function_pb2
 from tensorflow.core.framework import node_def_pb2
 from tensorflow.python.framework import function_def_to_graph
@@ -84,10 +85,8 @@ def _callers(graph_def):
     counts = {}
     nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
     for node in nodes:
-        for value in node.attr.values():
-            names = ([value.func.name] if value.HasField("func") else []) + [f.name for f in value.list.func]
-            for name in names:
-                counts[name] = counts.get(name, 0) + 1
+        for name in graph_lib.called_function_names(node):
+            counts[name] = counts.get(name, 0) + 1
     return counts
 
 
@@ -107,7 +106,7 @@ def _fold_function(function, constants, loop, inner, library):
         placeholder.op = "Const"
         placeholder.ClearField("attr")
         placeholder.attr["dtype"].type = dtype
-        placeholder.attr["value"].tensor.CopyFrom(_tensor_proto(value, dtype))
+        placeholder.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(value, dtype=tf.as_dtype(dtype)))
         fixed.append(argument)
     if not fixed:
         return None, []
@@ -131,11 +130,6 @@ def _passed_on(by_name, returned, output_args, k, argument):
     while name in by_name and by_name[name].op == "Identity" and port == 0:
         name, port, _ = graph_lib.parse_input(by_name[name].input[0])
     return name == argument and port == 0
-
-
-def _tensor_proto(value, dtype):
-    import tensorflow as tf
-    return tf.make_tensor_proto(value, dtype=tf.as_dtype(dtype))
 
 
 def _is_stateful(node):
