@@ -85,6 +85,31 @@ def counter(path):
     return {"serving_default": [{"x": RNG.standard_normal((2, 8, 8, 2)).astype(np.float32)}] * 2}
 
 
+def two_input_functions(path):
+    """A signature wrapping `serve(z, a)` (positional order unlike the signature's sorted keys a, z),
+    and a second tf.function, `scale_only`, that no signature calls."""
+
+    class TwoInputs(tf.Module):
+        def __init__(self):
+            self.kernel = tf.Variable(RNG.standard_normal((3, 3, 2, 4)).astype(np.float32))
+            self.scale = tf.Variable(RNG.uniform(0.5, 2.0, 4).astype(np.float32))
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 2], tf.float32, name="z"),
+                                      tf.TensorSpec([None, 8, 8, 4], tf.float32, name="a")])
+        def serve(self, z, a):
+            y = tf.nn.conv2d(z, self.kernel, 1, "SAME") * self.scale
+            return {"y": y + 2.0 * a, "y_only": y}
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32)])
+        def scale_only(self, x):
+            return x * self.scale
+
+    module = TwoInputs()
+    tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
+    return {"serving_default": [{"z": RNG.standard_normal((2, 8, 8, 2)).astype(np.float32),
+                                 "a": RNG.standard_normal((2, 8, 8, 4)).astype(np.float32)}]}
+
+
 def while_and_cond(path):
     """tf.while_loop and tf.cond around conv + batch norm, and a foldable conv + batch norm after them."""
 

@@ -3,8 +3,10 @@
     python run_signatures.py CALLS.pkl RESULTS.pkl
 
 CALLS.pkl: a list of (SavedModel path, tags or None, signature key, {input: array}).
-Calls run in list order, so a stateful signature sees the calls before it.
-RESULTS.pkl: one {output: array} per call. Used by the tests to judge a
+A key "root.NAME" calls the root object's function NAME instead, with the
+arrays as positional arguments in key order; its outputs are numbered in
+their flattened order. Calls run in list order, so a stateful signature sees
+the calls before it. RESULTS.pkl: one {output: array} per call. Used by the tests to judge a
 written model from outside the process that wrote it.
 """
 
@@ -24,8 +26,13 @@ def main(calls_path, results_path):
     for path, tags, key, inputs in calls:
         if path not in loaded:
             loaded[path] = tf.saved_model.load(path, tags=tags)
-        outputs = loaded[path].signatures[key](**{k: tf.constant(v) for k, v in inputs.items()})
-        results.append({k: v.numpy() for k, v in outputs.items()})
+        if key.startswith("root."):
+            args = [tf.constant(inputs[k]) for k in sorted(inputs)]
+            flat = tf.nest.flatten(getattr(loaded[path], key[len("root."):])(*args))
+            results.append({str(i): v.numpy() for i, v in enumerate(flat)})
+        else:
+            outputs = loaded[path].signatures[key](**{k: tf.constant(v) for k, v in inputs.items()})
+            results.append({k: v.numpy() for k, v in outputs.items()})
     with open(results_path, "wb") as f:
         pickle.dump(results, f)
 

@@ -4,7 +4,6 @@ Hand-built graphs with TF2 control flow (functional While/If); the reference is 
 the unfolded graph.
 """
 
-import numpy as np
 import tensorflow as tf
 
 import graphs

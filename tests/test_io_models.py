@@ -56,13 +56,50 @@ def test_static_hash_table_from_asset(tmp_path):
 
 def test_written_variable_stays_a_variable(tmp_path):
     src, out, inputs, report = _fold(io_models.counter, tmp_path)
-    outputs = compare_in_fresh_process(src, out, inputs)
-    assert [o["calls"] for o in outputs["serving_default"]] == [1.0, 2.0]
+    # `loaded.serve`, the function the signature wraps, is kept: it runs the folded signature
+    # and shares its counter. Calls run in key order: root.serve first, then the signature twice.
+    outputs = compare_in_fresh_process(src, out, {"serving_default": inputs["serving_default"],
+                                                  "root.serve": inputs["serving_default"][:1]})
+    assert [o["calls"] for o in outputs["serving_default"]] == [2.0, 3.0]
+    assert outputs["root.serve"][0]["0"] == 1.0  # its outputs flatten as calls, y
+    assert report.kept_functions == ["serve"] and report.dropped_functions == {}
+    assert "kept, folded with the signatures that wrap them: serve" in format_run(report)
     assert report.signatures["serving_default"].folds
-    # `loaded.serve` is a root function besides the signature: not in the output, and said so.
-    assert report.dropped_functions == ["serve"] and not hasattr(tf.saved_model.load(out), "serve")
-    assert "NOT KEPT: serve" in format_run(report)
     assert "AssignAddVariableOp" in _ops(out, "serving_default")
+
+
+def test_root_function_a_signature_wraps_is_kept_with_its_argument_order(tmp_path):
+    src, out, inputs, report = _fold(io_models.two_input_functions, tmp_path)
+    assert report.kept_functions == ["serve"]
+    assert list(report.dropped_functions) == ["scale_only"]
+    assert "no folded signature computes scale_only(tensor)" in report.dropped_functions["scale_only"]
+    assert "function scale_only of the input's root object NOT KEPT" in format_run(report)
+    feeds = inputs["serving_default"][0]
+    positional = {"0": feeds["z"], "1": feeds["a"]}  # serve(z, a): run_signatures passes them in key order
+    outputs = compare_in_fresh_process(src, out, {"serving_default": [feeds], "root.serve": [positional]})
+    # serve's outputs flatten as y, y_only
+    assert outputs["root.serve"][0]["0"].shape == (2, 8, 8, 4)
+    assert not hasattr(tf.saved_model.load(out), "scale_only")
+    assert report.signatures["serving_default"].folds
+
+
+def test_a_kept_root_function_that_computes_otherwise_fails_the_run(tmp_path, monkeypatch):
+    """The wiring of a kept root function is checked before anything is written, even unverified."""
+    from tf_bnfuse import root_functions
+    original_find = root_functions.find
+
+    def miswired(loaded, signatures):
+        aliases, dropped = original_find(loaded, signatures)
+        for group in aliases.values():
+            for alias in group:
+                alias.output_keys.reverse()  # y and y_only swapped
+        return aliases, dropped
+    monkeypatch.setattr(root_functions, "find", miswired)
+    src, out = str(tmp_path / "src"), str(tmp_path / "out")
+    io_models.two_input_functions(src)
+    with pytest.raises(errors.VerificationError, match=r"serve\(tensor, tensor\) output 0 differs"):
+        fold_saved_model(src, out)
+    assert not os.path.exists(out)
 
 
 def test_while_and_cond_stay_functional(tmp_path):

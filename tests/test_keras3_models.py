@@ -13,7 +13,7 @@ import tensorflow as tf
 
 import conftest
 import keras3_models
-from savedmodel_checks import batch_norm_like_left, compare_outputs, data_path_ops
+from savedmodel_checks import batch_norm_like_left, compare_in_fresh_process, compare_outputs, data_path_ops
 from tf_bnfuse import fold_saved_model
 
 
@@ -139,3 +139,24 @@ def test_keras3_residual_leaky_relu_folds_and_tf_computes_it_right(exported, tmp
     src, out, graph, batch_norms = fold_and_compare(exported, "residual_leaky_relu", tmp_path)
     assert len(graph.folds) == batch_norms == 1 and graph.skips == []
     assert "BiasAdd" not in data_path_ops(out) and "Rsqrt" not in data_path_ops(out)
+
+
+def test_keras3_serve_endpoint_is_kept_and_runs_the_folded_graph(exported, tmp_path):
+    """model.export's `loaded.serve` is the function both signatures wrap: the output keeps it,
+    folded, and it computes what the original's does (judged in a fresh process)."""
+    src, _ = exported("conv_bn")
+    out = str(tmp_path / "out")
+    report = fold_saved_model(src, out)
+    assert report.kept_functions == ["serve"] and report.dropped_functions == {}
+    spec = tf.saved_model.load(src).signatures["serving_default"].structured_input_signature[1]
+    (name, tensor_spec), = spec.items()
+    feeds = {name: np.random.default_rng(5).standard_normal([2] + tensor_spec.shape.as_list()[1:]).astype(np.float32)}
+    outputs = compare_in_fresh_process(src, out, {"serve": [feeds], "serving_default": [feeds], "root.serve": [feeds]})
+    np.testing.assert_array_equal(outputs["root.serve"][0]["0"], outputs["serving_default"][0]["output_0"])
+
+    def serve_ops(path):
+        loaded = tf.saved_model.load(path)
+        graph_def = loaded.serve.get_concrete_function(tf.TensorSpec(tensor_spec.shape, tf.float32)).graph.as_graph_def()
+        return {n.op for n in graph_def.node} | {n.op for f in graph_def.library.function for n in f.node_def}
+    assert "Rsqrt" in serve_ops(src)  # the batch norm's statistics, computed on every call
+    assert "Conv2D" in serve_ops(out) and "Rsqrt" not in serve_ops(out)

@@ -13,6 +13,7 @@ from tf_bnfuse import pipeline as pipeline_lib
 from tf_bnfuse import preflight
 from tf_bnfuse import report as report_lib
 from tf_bnfuse import resources
+from tf_bnfuse import root_functions
 from tf_bnfuse import savedmodel
 from tf_bnfuse import verify as verify_lib
 from tf_bnfuse import verify_inputs as test_inputs_lib
@@ -118,7 +119,8 @@ def _fold_saved_model(run, timeline, saved_model_dir, output_dir, signature_keys
         loaded = savedmodel.load(saved_model_dir, tags)
         functions = savedmodel.select_signatures(loaded, signature_keys, saved_model_dir)
         owners = resources.resource_owners(loaded)
-        run.dropped_functions = savedmodel.root_functions(loaded)
+        aliases, run.dropped_functions = root_functions.find(loaded, functions)
+        run.kept_functions = sorted(aliases)
     input_specs = {k: savedmodel.signature_inputs(f) for k, f in functions.items()}
     given = test_inputs_lib.given_inputs(verify_inputs, input_specs) if verify_inputs else {}
     folded, reports = {}, run.signatures
@@ -158,7 +160,7 @@ def _fold_saved_model(run, timeline, saved_model_dir, output_dir, signature_keys
         built = os.path.join(scratch, "saved_model")
         initializers = savedmodel.initializers_to_keep(loaded)  # a TF1 model's main op, rebuilt once
         with phase("write"):
-            savedmodel.write(folded, built, tags, initializers)
+            savedmodel.write(folded, built, tags, initializers, aliases)
         if not tflite_output:
             folded = None  # the written model holds the weights now
         # A signature found to be the same function as another (same graph, same
@@ -175,7 +177,8 @@ def _fold_saved_model(run, timeline, saved_model_dir, output_dir, signature_keys
                 run.verification.inputs = test_inputs_lib.describe_integer_inputs(input_specs, bounds, given)
             else:
                 verify_lib.smoke_test(reloaded_functions, inputs)
-        _raise_if_failed(run.verification)
+            _raise_if_failed(run.verification)  # the signatures first: a root function only calls one
+            root_functions.check(loaded, reloaded, aliases, inputs, verify_config if verify else None, precisions)
         if not verify:
             logging.warning("verification skipped: the output of %s ran on test inputs but was NOT "
                             "compared with the input", output_dir)

@@ -80,8 +80,10 @@ class RunReport:
     tflite: object = None  # tflite.TfliteReport with --tflite_output, else None
     # Tag sets of the input's other MetaGraphs, not in the output (--drop_other_metagraphs)
     dropped_metagraphs: list = dataclasses.field(default_factory=list)
-    # tf.functions of the input's root object that the output does not have (it has the signatures)
-    dropped_functions: list = dataclasses.field(default_factory=list)
+    # tf.functions of the input's root object besides its signatures: kept (calling the folded
+    # signature that wraps them), and not kept {name: why}
+    kept_functions: list = dataclasses.field(default_factory=list)
+    dropped_functions: dict = dataclasses.field(default_factory=dict)
 
     def to_dict(self):
         return {
@@ -92,5 +94,6 @@ class RunReport:
             "phases": self.phases,
             "tflite": dataclasses.asdict(self.tflite) if self.tflite else None,
             "dropped_metagraphs": self.dropped_metagraphs,
+            "kept_functions": self.kept_functions,
             "dropped_functions": self.dropped_functions,
         }

@@ -17,6 +17,7 @@ from tf_bnfuse import errors
 from tf_bnfuse.preflight import check_saved_model_dir
 from tf_bnfuse import graph as graph_lib
 from tf_bnfuse import resources
+from tf_bnfuse import root_functions
 
 
 @dataclasses.dataclass
@@ -56,14 +57,6 @@ class FrozenSignature:
 def _first_line(exc):
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
-
-
-def root_functions(loaded):
-    """Names of the tf.functions the loaded root object has as attributes (`loaded.serve`,
-    tf-keras' `__call__`), which the written model does not carry; private ones aside."""
-    kinds = (tf.types.experimental.GenericFunction, tf.types.experimental.ConcreteFunction)
-    return sorted(name for name, value in vars(loaded).items()
-                  if isinstance(value, kinds) and (not name.startswith("_") or name == "__call__"))
 
 
 def read_tag_sets(path):
@@ -417,7 +410,7 @@ def initializers_to_keep(loaded):
     return [_TF1Initializer(_without_unused_captures(init_fn), asset_paths)]
 
 
-def write(signatures, path, tags, initializers=()):
+def write(signatures, path, tags, initializers=(), root_aliases=None):
     """Writes frozen signatures as one TF2 SavedModel at `path` (which must not exist).
 
     Each signature is a function that imports its folded GraphDef; big float
@@ -425,6 +418,7 @@ def write(signatures, path, tags, initializers=()):
     signatures whose weights are equal. Written variables and tables the
     signatures capture are saved with their owners (and assets);
     initializers (initializers_to_keep) run when the output loads.
+    root_aliases: root functions to keep, as root_functions.find gives them.
     """
     module = tf.Module()
     variables = {}
@@ -439,6 +433,7 @@ def write(signatures, path, tags, initializers=()):
     owners = {id(r.owner): r.owner for sig in signatures.values() for r in sig.resources.values()}
     module.kept_resources = list(owners.values())
     module.initializers = list(initializers)
+    root_functions.attach(module, root_aliases or {}, functions)
     # The folded model is for inference: the gradient functions of ops made
     # with tf.custom_gradient (Keras 3's swish) are not saved, and could not
     # be, since the import cut them from the captures they were traced with.

@@ -1,0 +1,196 @@
+"""The tf.functions of a SavedModel's root object besides its signatures (Keras 3's `loaded.serve`).
+
+A signature is usually a thin wrapper: its graph calls one root function's
+concrete function with the signature's inputs and returns that call's
+outputs under its own keys. Such a root function computes exactly what its
+signature computes, so the output keeps it by calling the folded signature
+function, with the root function's own positional structure. A root function
+no selected signature calls that way is not kept, and is reported with why.
+"""
+
+import dataclasses
+from typing import List
+
+import numpy as np
+import tensorflow as tf
+
+from tf_bnfuse import errors
+from tf_bnfuse import verify as verify_lib
+
+_CALL_OPS = ("PartitionedCall", "StatefulPartitionedCall")
+_FUNCTION_KINDS = (tf.types.experimental.GenericFunction, tf.types.experimental.ConcreteFunction)
+
+
+@dataclasses.dataclass
+class RootAlias:
+    """One concrete function of a root function, served by a signature's folded function."""
+    name: str  # the root object's attribute
+    input_signature: tuple  # (args, kwargs) as the concrete function was traced: TensorSpecs and Python values
+    signature: str  # the signature key whose function computes it
+    arg_keys: List[str]  # for each flat tensor argument, the signature input it is
+    output_keys: List[str]  # for each flat output, the signature output that returns it
+    structured_outputs: object  # how the flat outputs nest
+
+
+def _names(loaded):
+    """Public tf.function attributes of the root object (and `__call__`)."""
+    return sorted(name for name, value in vars(loaded).items()
+                  if isinstance(value, _FUNCTION_KINDS) and (not name.startswith("_") or name == "__call__"))
+
+
+def _concrete_functions(function):
+    if isinstance(function, tf.types.experimental.ConcreteFunction):
+        return [function]
+    return list(function._list_all_concrete_functions_for_serialization())  # pylint: disable=protected-access
+
+
+def _function_name(concrete):
+    name = concrete.name
+    return name.decode() if isinstance(name, bytes) else name
+
+
+def _forwarded_call_output(tensor):
+    """(call op, port) when `tensor` is a call's output through Identities, else (None, None)."""
+    while tensor.op.type == "Identity":
+        tensor = tensor.op.inputs[0]
+    if tensor.op.type in _CALL_OPS:
+        return tensor.op, tensor.value_index
+    return None, None
+
+
+def _alias(name, concrete, key, signature):
+    """A RootAlias when signature `key` only calls `concrete` and returns its outputs, else None."""
+    input_keys = sorted(signature.structured_input_signature[1])
+    output_keys = sorted(signature.structured_outputs)
+    key_of_input = {id(t): k for k, t in zip(input_keys, signature.inputs)}
+    calls, ports = {}, {}  # call op name -> op; call output port -> the first output key returning it
+    for output_key, tensor in zip(output_keys, signature.outputs):
+        op, port = _forwarded_call_output(tensor)
+        if op is None or op.get_attr("f").name != _function_name(concrete):
+            return None
+        calls[op.name] = op
+        ports.setdefault(port, output_key)
+    if len(calls) != 1 or sorted(ports) != list(range(len(concrete.outputs))):
+        return None  # the signature computes more than the call, or returns only some of it
+    call = next(iter(calls.values()))
+    explicit = len(concrete.inputs) - len(concrete.captured_inputs)
+    flat_specs = [s for s in tf.nest.flatten(concrete.structured_input_signature) if isinstance(s, tf.TensorSpec)]
+    if len(flat_specs) != explicit or len(call.inputs) != len(concrete.inputs):
+        return None
+    arg_keys = [key_of_input.get(id(t)) for t in call.inputs[:explicit]]
+    if None in arg_keys:
+        return None  # an argument the signature computes instead of passing through
+    # The captured arguments must be the same objects (variables, tables) the root function captures.
+    outer_of = {id(inner): outer for outer, inner in signature.graph.captures}
+    for inner, outer in zip(call.inputs[explicit:], concrete.captured_inputs):
+        if outer_of.get(id(inner)) is not outer:
+            return None
+    flat_outputs = tf.nest.flatten(concrete.structured_outputs, expand_composites=True)
+    if len(flat_outputs) != len(concrete.outputs):
+        return None
+    return RootAlias(name, concrete.structured_input_signature, key, arg_keys,
+                     [ports[p] for p in range(len(concrete.outputs))], concrete.structured_outputs)
+
+
+def find(loaded, signatures):
+    """({root function name: [RootAlias]}, {root function name: why it is not kept}).
+
+    signatures: {key: ConcreteFunction}, the signatures being folded. A root
+    function is kept when each of its concrete functions is one a signature
+    only wraps.
+    """
+    aliases, dropped = {}, {}
+    for name in _names(loaded):
+        found = []
+        for concrete in _concrete_functions(getattr(loaded, name)):
+            alias = next((a for a in (_alias(name, concrete, k, f) for k, f in sorted(signatures.items()))
+                          if a is not None), None)
+            if alias is None:
+                dropped[name] = "no folded signature computes %s%s" % (name, _describe(concrete.structured_input_signature))
+                break
+            found.append(alias)
+        else:
+            aliases[name] = found
+    return aliases, dropped
+
+
+def _describe(input_signature):
+    args, kwargs = input_signature
+    parts = ["tensor" if isinstance(a, tf.TensorSpec) else repr(a) for a in tf.nest.flatten(args)]
+    parts += ["%s=%s" % (k, "tensor" if isinstance(v, tf.TensorSpec) else repr(v)) for k, v in sorted(kwargs.items())]
+    return "(%s)" % ", ".join(parts)
+
+
+def _skeleton(structure):
+    """The structure with each tensor replaced by one marker: what tells two traces apart."""
+    return repr(tf.nest.map_structure(
+        lambda x: "<tensor>" if isinstance(x, (tf.Tensor, tf.TensorSpec)) else x, structure))
+
+
+def attach(module, aliases, written):
+    """Sets on `module` one tf.function per kept root function, calling the written signature functions.
+
+    written: {signature key: the function that module's signature runs}.
+    """
+    for name, group in aliases.items():
+        function = tf.function(_dispatcher(group, written), autograph=False)
+        for alias in group:
+            args, kwargs = alias.input_signature
+            function.get_concrete_function(*args, **kwargs)  # traced, so that the SavedModel has it
+        setattr(module, name, function)
+
+
+def _dispatcher(group, written):
+    """The Python function a kept root function traces: each trace calls its alias's signature."""
+    by_skeleton = {_skeleton(a.input_signature): a for a in group}
+
+    def call(*args, **kwargs):
+        alias = by_skeleton[_skeleton((args, kwargs))]
+        tensors = [t for t in tf.nest.flatten((args, kwargs)) if isinstance(t, tf.Tensor)]
+        result = written[alias.signature](**dict(zip(alias.arg_keys, tensors)))
+        return tf.nest.pack_sequence_as(alias.structured_outputs, [result[k] for k in alias.output_keys],
+                                        expand_composites=True)
+
+    return call
+
+
+def _call_flat(function, alias, feeds):
+    """Calls a root function with a signature's test inputs in its own positional structure."""
+    tensors = iter([feeds[k] for k in alias.arg_keys])
+    args, kwargs = tf.nest.map_structure(
+        lambda x: next(tensors) if isinstance(x, tf.TensorSpec) else x, alias.input_signature)
+    return [np.asarray(v) for v in tf.nest.flatten(function(*args, **kwargs), expand_composites=True)]
+
+
+def check(original, reloaded, aliases, inputs, verify_config=None, precisions=None):
+    """Calls each kept root function of the reloaded output on its signature's test inputs.
+
+    With verify_config (verification on), compares each output with the
+    original's root function, at the tolerance its signature output has;
+    an output that changes between two calls of the original (a counter, a
+    random op) is not compared. Without, the call must only succeed.
+    Raises VerificationError.
+    """
+    for name, group in sorted(aliases.items()):
+        for alias in group:
+            feeds = {k: tf.constant(v) for k, v in inputs[alias.signature].items()}
+            described = name + _describe(alias.input_signature)
+            try:
+                actual = _call_flat(getattr(reloaded, name), alias, feeds)
+            except (tf.errors.OpError, ValueError, TypeError) as e:
+                raise errors.VerificationError("the folded model cannot run: %s fails on test inputs: %s; "
+                                               "nothing written" % (described, errors.most_specific_line(e)))
+            if verify_config is None:
+                continue
+            first = _call_flat(getattr(original, name), alias, feeds)
+            second = _call_flat(getattr(original, name), alias, feeds)
+            for i, (expected, again, value) in enumerate(zip(first, second, actual)):
+                if not np.array_equal(expected, again):
+                    continue
+                precision = (precisions or {}).get(alias.signature, {}).get(alias.output_keys[i])
+                tolerance, _ = verify_lib.tolerance_for(expected.dtype, verify_config, precision)
+                max_abs, _, ok = verify_lib.compare(expected, value, tolerance)
+                if not ok:
+                    raise errors.VerificationError(
+                        "verification failed: %s output %d differs from the input's (max abs error %.3g); "
+                        "nothing written" % (described, i, max_abs))
