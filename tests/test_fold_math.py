@@ -132,3 +132,36 @@ def test_as_channel_vector_accepts_only_per_channel_constants(value, rank, axis,
         assert result is None
     else:
         np.testing.assert_array_equal(result, expected)
+
+
+@pytest.mark.parametrize("shape,axes", [
+    ((3, 3, 64, 80), (3,)),  # Conv2D HWIO, rows bigger than a slice
+    ((3, 3, 8, 2), (2, 3)),  # depthwise: channel = in * multiplier + m
+    ((300, 700), (1,)),  # MatMul [in, out]
+    ((700, 300), (0,)),  # MatMul transpose_b [out, in]: the leading axis is the channel
+    ((2, 3, 3, 5, 4), (4,)),  # Conv3D
+    ((5, 0, 3), (2,)),  # empty
+])
+def test_scale_kernel_as_rounds_the_float64_products_and_reports_their_extremes(shape, axes, monkeypatch):
+    monkeypatch.setattr(fold_math, "SLICE_ELEMENTS", 1000)  # several slices even for small kernels
+    rng = np.random.default_rng(4)
+    kernel = rng.standard_normal(shape).astype(np.float32)
+    scale = rng.uniform(-3, 3, int(np.prod([shape[a] for a in axes])))
+    broadcast = [1] * len(shape)
+    for a in axes:
+        broadcast[a] = shape[a]
+    reference = kernel.astype(np.float64) * scale.reshape(broadcast)  # numpy, independently
+    got, (high, low) = fold_math.scale_kernel_as(kernel, scale, axes, np.float16)
+    assert got.dtype == np.float16
+    np.testing.assert_array_equal(got, reference.astype(np.float16))
+    if reference.size:
+        assert (high, low) == (reference.max(), reference.min())
+
+
+def test_scale_kernel_as_reports_nan_and_overflow():
+    kernel = np.ones((4, 6), np.float32)
+    kernel[2, 3] = np.nan
+    _, extremes = fold_math.scale_kernel_as(kernel, np.ones(6), (1,), np.float32)
+    assert all(np.isnan(e) for e in extremes)
+    _, (high, low) = fold_math.scale_kernel_as(np.full((2, 3), 300.0, np.float32), [1.0, -300.0, 2.0], (1,), np.float16)
+    assert high == 600.0 and low == -90000.0  # past float16's 65504: the caller refuses the fold

@@ -50,6 +50,71 @@ def copy_graph_def(graph_def):
 
 
 CONST_CACHE_MAX_BYTES = 1 << 16
+# Consts of at least this many elements are written as raw tensor_content (small ones keep
+# make_tensor_proto's form, which folds a splat into one value).
+DIRECT_CONTENT_MIN_SIZE = 1024
+
+
+def _ndarray(tensor_proto):
+    """tf.make_ndarray, but a tensor_content is read as a read-only view of the one bytes
+    copy protobuf hands out, instead of copied once more (a kernel is megabytes)."""
+    dtype = tf.as_dtype(tensor_proto.dtype)
+    if tensor_proto.tensor_content and dtype.is_numeric and dtype != tf.string:
+        shape = [d.size for d in tensor_proto.tensor_shape.dim]
+        value = np.frombuffer(tensor_proto.tensor_content, dtype=dtype.as_numpy_dtype)
+        if value.size == int(np.prod(shape)):
+            return value.reshape(shape)
+    return tf.make_ndarray(tensor_proto)
+
+
+class _SharedIndex:
+    """The GraphIndex of the graph the pipeline's passes are reading, while it stays the same.
+
+    A pass that changes nothing hands the next pass the very GraphDef it got;
+    building the same index again costs about 7 us per node. Only the latest
+    index is kept, so no replaced graph stays alive; run_pipeline turns this on
+    and forgets the index as soon as a pass returns a new graph.
+    """
+
+    def __init__(self):
+        self.active = 0
+        self.entry = None  # (graph_def, frozenset of outputs, GraphIndex)
+
+    def get(self, graph_def, outputs):
+        key = frozenset(canonical_tensor(t) for t in outputs)
+        if self.entry is not None and self.entry[0] is graph_def and self.entry[1] == key:
+            return self.entry[2]
+        self.entry = None  # before building: the old graph is freed first
+        index = GraphIndex(graph_def, outputs)
+        if self.active:
+            self.entry = (graph_def, key, index)
+        return index
+
+
+_SHARED = _SharedIndex()
+
+
+def index_of(graph_def, outputs=()):
+    """GraphIndex(graph_def, outputs), the one already built when a pipeline shares it."""
+    return _SHARED.get(graph_def, outputs)
+
+
+class sharing_indexes:  # pylint: disable=invalid-name
+    """Context: index_of keeps the latest index between passes (run_pipeline)."""
+
+    def __enter__(self):
+        _SHARED.active += 1
+        return self
+
+    def __exit__(self, *exc):
+        _SHARED.active -= 1
+        if not _SHARED.active:
+            _SHARED.entry = None
+
+    @staticmethod
+    def forget():
+        """The graph changed: the kept index no longer describes what the next pass reads."""
+        _SHARED.entry = None
 
 
 class GraphIndex:
@@ -154,7 +219,7 @@ class GraphIndex:
         cached = self._const_cache.get(node.name)
         if cached is not None:
             return cached
-        value = tf.make_ndarray(node.attr["value"].tensor)
+        value = _ndarray(node.attr["value"].tensor)
         # Small values (batch norm parameters, biases) are read many times;
         # a kernel is read once per fold and caching it would hold a second
         # copy of every weight until the pass ends.
@@ -261,8 +326,14 @@ class GraphEditor:
         node.name = self.unique_name(base_name)
         node.op = "Const"
         node.attr["dtype"].type = dtype.as_datatype_enum
-        node.attr["value"].tensor.CopyFrom(
-            tf.make_tensor_proto(np.asarray(value).astype(dtype.as_numpy_dtype)))
+        array = np.asarray(value).astype(dtype.as_numpy_dtype, copy=False)
+        tensor = node.attr["value"].tensor
+        if array.size < DIRECT_CONTENT_MIN_SIZE:
+            tensor.CopyFrom(tf.make_tensor_proto(array))
+        else:  # a kernel: its bytes written once, not into a proto that is then copied
+            tensor.dtype = dtype.as_datatype_enum
+            tensor.tensor_shape.CopyFrom(tf.TensorShape(array.shape).as_proto())
+            tensor.tensor_content = np.ascontiguousarray(array).tobytes()
         self._by_name[node.name] = node
         return node.name
 

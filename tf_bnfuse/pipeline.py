@@ -31,10 +31,13 @@ def run_pipeline(graph_def, outputs, pipeline, owns_input=False):
     current = graph_def
     if owns_input:
         graph_def = None  # so the input is freed as soon as a pass has replaced it
-    with _cyclic_gc_paused():
+    with _cyclic_gc_paused(), graph_lib.sharing_indexes() as shared:
         for name, options in pass_entries(pipeline):
             started = time.perf_counter()
-            current, report = passes_lib.REGISTRY[name](current, outputs, **options)
+            result, report = passes_lib.REGISTRY[name](current, outputs, **options)
+            if result is not current:
+                shared.forget()  # and with it the last reference to the replaced graph
+            current = result
             logging.debug("pass %s: %d -> %d nodes, %d folded, %d skipped (%.3f s)", name,
                          report.nodes_before, report.nodes_after, len(report.folds),
                          len(report.skips), time.perf_counter() - started)

@@ -394,10 +394,18 @@ class FoldedWeights:
 
 
 def check_representable(values, dtype, what):
-    if not np.all(np.isfinite(values)):
+    values = np.asarray(values)
+    if values.size:
+        # max and min propagate NaN and show +-Inf, with no temporary array
+        check_extremes(float(values.max()), float(values.min()), dtype, what)
+
+
+def check_extremes(high, low, dtype, what):
+    """NoMatch unless values whose max and min these are fit `dtype` (a tf.DType), finite."""
+    if not (np.isfinite(high) and np.isfinite(low)):
         raise NoMatch("the folded %s would hold NaN or Inf" % what)
     limit = float(dtype.max) if dtype.is_floating else None  # tf.DType knows bfloat16; np.finfo does not
-    if limit is not None and np.any(np.abs(values) > limit):
+    if limit is not None and max(high, -low) > limit:
         raise NoMatch("the folded %s would overflow %s" % (what, dtype.name))
 
 
@@ -418,11 +426,15 @@ def fold_weights(chain):
             bias = bias + chain.merge_value
         bias_dtype = match.dtype
     else:
-        kernel = None if ones else fold_math.scale_kernel(match.kernel, chain.scale, match.out_channel_axes)
+        kernel = None
+        if not ones:  # rounded to the kernel's dtype as it is computed: kernels are big
+            kernel, (high, low) = fold_math.scale_kernel_as(match.kernel, chain.scale, match.out_channel_axes,
+                                                            match.dtype.as_numpy_dtype)
+            check_extremes(high, low, match.dtype, "kernel of " + match.linear.name)
         bias, bias_dtype = chain.shift, chain.bias_layout.dtype
     if ones:
         kernel = None
-    else:
+    elif chain.forward:
         check_representable(kernel, match.dtype, "kernel of " + match.linear.name)
     check_representable(bias, bias_dtype, "bias of " + match.linear.name)
     return FoldedWeights(kernel, bias, bias_dtype)
@@ -549,7 +561,7 @@ def fold_backward(graph_def, outputs, pass_name, root_ops, report_every_root):
     in place), or when its walk had reached a linear op; other Adds of a constant (a
     positional embedding after an activation, say) are simply not chains.
     """
-    index = graph_lib.GraphIndex(graph_def, outputs)
+    index = graph_lib.index_of(graph_def, outputs)
     editor = graph_lib.GraphEditor(graph_def, outputs)
     report = report_lib.PassReport(pass_name, nodes_before=len(graph_def.node))
     longest, failures = {}, []
@@ -646,7 +658,7 @@ def fold_forward(graph_def, outputs, pass_name):
     A chain that cannot fold is reported at its step nearest the linear op; a walk stopped
     by a batch norm or scaling step that cannot be passed is reported at that step.
     """
-    index = graph_lib.GraphIndex(graph_def, outputs)
+    index = graph_lib.index_of(graph_def, outputs)
     editor = graph_lib.GraphEditor(graph_def, outputs)
     report = report_lib.PassReport(pass_name, nodes_before=len(graph_def.node))
     for linear in graph_def.node:

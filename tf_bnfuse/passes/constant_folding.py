@@ -135,7 +135,7 @@ def _evaluate(graph_def, index, tensors):
 
 
 def run(graph_def, outputs, always_fold_bytes=4096):
-    index = graph_lib.GraphIndex(graph_def, outputs)
+    index = graph_lib.index_of(graph_def, outputs)
     report = report_lib.PassReport(NAME, nodes_before=len(graph_def.node))
     evaluable = _evaluable(graph_def)
 

@@ -40,7 +40,7 @@ _CONTROL_FLOW = {
 def run(graph_def, outputs, passes=None):
     inner = passes if passes is not None else INNER_PIPELINE
     report = report_lib.PassReport(NAME, nodes_before=len(graph_def.node))
-    index = graph_lib.GraphIndex(graph_def, outputs)
+    index = graph_lib.index_of(graph_def, outputs)
     callers = _callers(graph_def)
     library = {f.signature.name: f for f in graph_def.library.function}
     rewritten = {}

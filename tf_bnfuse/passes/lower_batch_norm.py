@@ -29,7 +29,7 @@ def _layout(index, node):
 
 
 def run(graph_def, outputs):
-    index = graph_lib.GraphIndex(graph_def, outputs)
+    index = graph_lib.index_of(graph_def, outputs)
     editor = graph_lib.GraphEditor(graph_def)
     report = report_lib.PassReport(NAME, nodes_before=len(graph_def.node))
     for node in graph_def.node:

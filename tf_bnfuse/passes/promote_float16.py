@@ -47,7 +47,7 @@ def run(graph_def, outputs):
     if graph_def.library.function:
         report.note = "not promoted: the graph has a function library"
         return graph_def, report
-    index = graph_lib.GraphIndex(graph_def, outputs)
+    index = graph_lib.index_of(graph_def, outputs)
     half_outputs = {graph_lib.canonical_tensor(t): dtype for t, dtype in _output_dtypes(graph_def, outputs).items()
                     if dtype.as_datatype_enum in HALF_TYPES}
     if any(port != 0 for _, port in half_outputs):

@@ -20,7 +20,7 @@ _MAX_ANCESTOR_WALK = 10000
 
 
 def run(graph_def, outputs):
-    index = graph_lib.GraphIndex(graph_def, outputs)
+    index = graph_lib.index_of(graph_def, outputs)
     protected = {name for name, _ in index.output_tensors}
     identities = {n.name: n for n in graph_def.node
                   if n.op == "Identity" and n.name not in protected and len(n.input) == 1

@@ -49,7 +49,7 @@ def _passed_input(index, node):
 
 
 def run(graph_def, outputs):
-    index = graph_lib.GraphIndex(graph_def, outputs)
+    index = graph_lib.index_of(graph_def, outputs)
     editor = graph_lib.GraphEditor(graph_def)
     report = report_lib.PassReport(NAME, nodes_before=len(graph_def.node))
     simplified = 0
