@@ -54,3 +54,19 @@ settings.register_profile("ci", max_examples=30, deadline=None,
 settings.register_profile("thorough", max_examples=500, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 settings.load_profile("ci")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _every_weight_outside_the_proto(request):
+    """A module that sets STORE_EVERY_WEIGHT = True builds graphs of tiny constants: run_pipeline
+    then holds every one of them in its WeightStore (graph.py), not only the big ones a real
+    model has, so that the graph-level tests exercise that path on every pattern."""
+    if not getattr(request.module, "STORE_EVERY_WEIGHT", False):
+        yield
+        return
+    from tf_bnfuse import graph as graph_lib
+    saved, graph_lib.STORED_MIN_BYTES = graph_lib.STORED_MIN_BYTES, 1
+    try:
+        yield
+    finally:
+        graph_lib.STORED_MIN_BYTES = saved

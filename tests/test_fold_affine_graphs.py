@@ -11,6 +11,8 @@ import graphs
 from tf_bnfuse import fold_graph_def
 from tf_bnfuse.passes import constant_folding
 
+STORE_EVERY_WEIGHT = True  # conftest: run_pipeline holds every Const outside the proto
+
 PIPELINE = {"pipeline": ["constant_folding", "fold_batch_norm", "fold_affine", "cleanup"]}
 
 

@@ -13,6 +13,8 @@ import graphs
 from tf_bnfuse import fold_graph_def
 from tf_bnfuse.passes import fold_batch_norm
 
+STORE_EVERY_WEIGHT = True  # conftest: run_pipeline holds every Const outside the proto
+
 FOLD_ONLY = {"pipeline": ["fold_batch_norm", "cleanup"]}
 
 

@@ -8,6 +8,8 @@ import tensorflow as tf
 
 import graphs
 
+STORE_EVERY_WEIGHT = True  # conftest: run_pipeline holds every Const outside the proto
+
 PIPELINE = {"pipeline": ["constant_folding", "fold_in_functions", "fold_batch_norm", "fold_affine", "cleanup"]}
 X = (2, 6, 6, 3)
 

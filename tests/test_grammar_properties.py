@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 
 import graphs
 
+STORE_EVERY_WEIGHT = True  # conftest: run_pipeline holds every Const outside the proto
+
 PIPELINE = {"pipeline": ["fold_batch_norm", "fold_affine", "fold_forward", "cleanup"]}
 STEP_OPS = {"Mul", "RealDiv", "AddV2", "Sub", "FusedBatchNormV3", "BatchNormWithGlobalNormalization"}
 CHANNELS = 3

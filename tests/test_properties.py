@@ -17,6 +17,8 @@ import graphs
 from savedmodel_checks import compare_outputs, output_graph_def
 from tf_bnfuse import fold_saved_model
 
+STORE_EVERY_WEIGHT = True  # conftest: run_pipeline holds every Const outside the proto
+
 FORMATS = {"Conv2D": ["NHWC", "NCHW"], "DepthwiseConv2dNative": ["NHWC", "NCHW"], "Conv3D": ["NDHWC", "NCDHW"],
            "Conv2DBackpropInput": ["NHWC", "NCHW"], "MatMul": ["NC"]}
 

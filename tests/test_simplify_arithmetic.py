@@ -5,6 +5,8 @@ import tensorflow as tf
 
 import graphs
 
+STORE_EVERY_WEIGHT = True  # conftest: run_pipeline holds every Const outside the proto
+
 PIPELINE = {"pipeline": ["simplify_arithmetic", "prune_identities", "cleanup"]}
 
 

@@ -73,6 +73,7 @@ def scale_kernel_as(kernel, scale, out_channel_axes, dtype):
         return products.astype(dtype), (float(products), float(products))
     out = np.empty(kernel.shape, dtype)
     seen = {"max": -np.inf, "min": np.inf, "nan": False}
+    buffer = [np.empty(0, np.float64)]  # one float64 slice, reused: a fresh one per slice costs page faults
 
     def fill(part, part_scale, part_out):
         if part.size == 0:
@@ -85,8 +86,11 @@ def scale_kernel_as(kernel, scale, out_channel_axes, dtype):
         step = max(1, SLICE_ELEMENTS // max(row, 1)) if part.ndim > 1 else part.shape[0]
         for start in range(0, part.shape[0], step):
             rows = slice(start, start + step)
-            products = np.multiply(part[rows], part_scale[rows] if part_scale.shape[0] > 1 else part_scale,
-                                   dtype=np.float64)
+            piece = part[rows]
+            if buffer[0].size < piece.size:
+                buffer[0] = np.empty(piece.size, np.float64)
+            products = buffer[0][:piece.size].reshape(piece.shape)
+            np.multiply(piece, part_scale[rows] if part_scale.shape[0] > 1 else part_scale, out=products)
             with np.errstate(over="ignore", invalid="ignore"):  # an overflow shows in the extremes
                 part_out[rows] = products
             high, low = float(products.max()), float(products.min())  # NaN when a product is NaN

@@ -55,6 +55,139 @@ CONST_CACHE_MAX_BYTES = 1 << 16
 DIRECT_CONTENT_MIN_SIZE = 1024
 
 
+# --- Weights held outside the protobuf while the passes run --------------------------------
+#
+# Every pass that changes a graph writes a new GraphDef, and protobuf copies each node it
+# keeps, weights included (100 MB per pass on ResNet50). While run_pipeline runs, each big
+# Const's bytes live instead in a WeightStore as a read-only numpy array, and the node
+# keeps its dtype and shape and names its array in this attr: copying the node copies a
+# key. Weights are read from the proto once, kernels scaled into new arrays, and written
+# back once at the end.
+WEIGHT_KEY_ATTR = "_tf_bnfuse_weight"
+STORED_MIN_BYTES = 1 << 14
+
+
+class WeightStore:
+    """{key: read-only numpy array} of the Consts run_pipeline holds outside the proto."""
+
+    _next_key = [0]  # keys stay unique across nested stores (fold_in_functions' inner pipelines)
+
+    def __init__(self):
+        self.arrays = {}
+
+    def put(self, array):
+        WeightStore._next_key[0] += 1
+        key = "w%d" % WeightStore._next_key[0]
+        array = array.view()
+        array.setflags(write=False)
+        self.arrays[key] = array
+        return key
+
+    def strip(self, graph_def):
+        """A copy of graph_def whose big Consts name arrays in this store; graph_def itself when
+        it has none (it is not modified either way)."""
+        if not any(_storable(node) for node in graph_def.node):
+            return graph_def
+        stripped = graph_pb2.GraphDef()
+        stripped.versions.CopyFrom(graph_def.versions)
+        stripped.library.CopyFrom(graph_def.library)
+        for node in graph_def.node:
+            tensor = node.attr["value"].tensor if _storable(node) else None
+            content = tensor.tensor_content if tensor is not None else b""  # protobuf's one copy
+            if not content:  # small, or a splat held as one value
+                stripped.node.add().CopyFrom(node)
+                continue
+            new = stripped.node.add(name=node.name, op=node.op, device=node.device)
+            new.input.extend(node.input)
+            for key, value in node.attr.items():
+                if key != "value":
+                    new.attr[key].CopyFrom(value)
+            new_tensor = new.attr["value"].tensor
+            new_tensor.dtype = tensor.dtype
+            new_tensor.tensor_shape.CopyFrom(tensor.tensor_shape)
+            array = np.frombuffer(content, dtype=tf.as_dtype(tensor.dtype).as_numpy_dtype)
+            new.attr[WEIGHT_KEY_ATTR].s = self.put(array.reshape([d.size for d in tensor.tensor_shape.dim])).encode()
+        return stripped
+
+    def retain(self, graph_def):
+        """Forgets the arrays no node of graph_def names (a folded kernel's old weights)."""
+        named = {node.attr[WEIGHT_KEY_ATTR].s.decode() for node in graph_def.node
+                 if node.op == "Const" and WEIGHT_KEY_ATTR in node.attr}
+        for key in [k for k in self.arrays if k not in named]:
+            del self.arrays[key]
+
+    def restore(self, graph_def):
+        """Writes the stored arrays back into graph_def's Consts, in place; returns graph_def."""
+        for node in graph_def.node:
+            if node.op == "Const" and WEIGHT_KEY_ATTR in node.attr:
+                restore_node(node)
+        return graph_def
+
+
+def _storable(node):
+    """A Const big enough to hold outside the proto, judged by its shape (reading its
+    tensor_content would copy it)."""
+    if node.op != "Const" or WEIGHT_KEY_ATTR in node.attr:
+        return False
+    tensor = node.attr["value"].tensor
+    dtype = tf.as_dtype(tensor.dtype)
+    if not dtype.is_numeric or dtype == tf.string:
+        return False
+    elements = 1
+    for dim in tensor.tensor_shape.dim:
+        elements *= max(dim.size, 0)
+    return elements * dtype.size >= STORED_MIN_BYTES
+
+
+_STORES = []  # the WeightStores of the run_pipeline calls under way, innermost last
+
+
+def _stored(node):
+    key = node.attr[WEIGHT_KEY_ATTR].s.decode()
+    for store in reversed(_STORES):
+        if key in store.arrays:
+            return store.arrays[key]
+    raise KeyError("Const %s names weight %s, which no running pipeline holds" % (node.name, key))
+
+
+def restore_node(node):
+    """Puts a stored Const's bytes back into its proto (in place)."""
+    array = _stored(node)
+    # A weight no pass changed is a view of the bytes it was read from: those go back as they are.
+    unchanged = isinstance(array.base, bytes) and len(array.base) == array.nbytes
+    node.attr["value"].tensor.tensor_content = array.base if unchanged else np.ascontiguousarray(array).tobytes()
+    del node.attr[WEIGHT_KEY_ATTR]
+
+
+class weights_outside_proto:  # pylint: disable=invalid-name
+    """Context: big Consts added with GraphEditor.add_const go to its WeightStore."""
+
+    def __init__(self):
+        self.store = WeightStore()
+
+    def __enter__(self):
+        _STORES.append(self.store)
+        return self.store
+
+    def __exit__(self, *exc):
+        _STORES.remove(self.store)
+
+
+def const_array(node):
+    """The numpy value of a Const node, stored outside its proto or not (read-only)."""
+    if WEIGHT_KEY_ATTR in node.attr:
+        return _stored(node)
+    return _ndarray(node.attr["value"].tensor)
+
+
+def const_nbytes(node):
+    """Bytes of a Const's value, without reading it."""
+    if WEIGHT_KEY_ATTR in node.attr:
+        return _stored(node).nbytes
+    tensor = node.attr["value"].tensor
+    return len(tensor.tensor_content) or tensor.ByteSize()
+
+
 def _ndarray(tensor_proto):
     """tf.make_ndarray, but a tensor_content is read as a read-only view of the one bytes
     copy protobuf hands out, instead of copied once more (a kernel is megabytes)."""
@@ -219,7 +352,7 @@ class GraphIndex:
         cached = self._const_cache.get(node.name)
         if cached is not None:
             return cached
-        value = _ndarray(node.attr["value"].tensor)
+        value = const_array(node)
         # Small values (batch norm parameters, biases) are read many times;
         # a kernel is read once per fold and caching it would hold a second
         # copy of every weight until the pass ends.
@@ -328,7 +461,11 @@ class GraphEditor:
         node.attr["dtype"].type = dtype.as_datatype_enum
         array = np.asarray(value).astype(dtype.as_numpy_dtype, copy=False)
         tensor = node.attr["value"].tensor
-        if array.size < DIRECT_CONTENT_MIN_SIZE:
+        if _STORES and array.nbytes >= STORED_MIN_BYTES and dtype.is_numeric:
+            tensor.dtype = dtype.as_datatype_enum
+            tensor.tensor_shape.CopyFrom(tf.TensorShape(array.shape).as_proto())
+            node.attr[WEIGHT_KEY_ATTR].s = _STORES[-1].put(array).encode()
+        elif array.size < DIRECT_CONTENT_MIN_SIZE:
             tensor.CopyFrom(tf.make_tensor_proto(array))
         else:  # a kernel: its bytes written once, not into a proto that is then copied
             tensor.dtype = dtype.as_datatype_enum

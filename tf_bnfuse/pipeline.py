@@ -25,26 +25,29 @@ def run_pipeline(graph_def, outputs, pipeline, owns_input=False):
 
     A pass never modifies the GraphDef it is given, and returns that same
     object when it changes nothing. owns_input=True says the caller gives
-    graph_def away, so it may come back as the result uncopied.
+    graph_def away, so it may come back as the result uncopied. While the
+    passes run, big weights are held outside the proto (graph.WeightStore).
     """
     reports = []
-    current = graph_def
-    if owns_input:
-        graph_def = None  # so the input is freed as soon as a pass has replaced it
-    with _cyclic_gc_paused(), graph_lib.sharing_indexes() as shared:
+    with _cyclic_gc_paused(), graph_lib.sharing_indexes() as shared, graph_lib.weights_outside_proto() as weights:
+        current = weights.strip(graph_def)
+        if owns_input:
+            graph_def = None  # so the input is freed as soon as it has been replaced
         for name, options in pass_entries(pipeline):
             started = time.perf_counter()
             result, report = passes_lib.REGISTRY[name](current, outputs, **options)
             if result is not current:
                 shared.forget()  # and with it the last reference to the replaced graph
+                weights.retain(result)
             current = result
             logging.debug("pass %s: %d -> %d nodes, %d folded, %d skipped (%.3f s)", name,
                          report.nodes_before, report.nodes_after, len(report.folds),
                          len(report.skips), time.perf_counter() - started)
             reports.append(report)
+        if current is graph_def:  # the result is never the caller's argument itself
+            current = graph_lib.copy_graph_def(graph_def)
+        weights.restore(current)  # current is this function's own graph by now
     _drop_skips_folded_later(reports)
-    if current is graph_def:  # the result is never the caller's argument itself
-        current = graph_lib.copy_graph_def(graph_def)
     return current, reports
 
 

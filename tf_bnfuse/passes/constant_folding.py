@@ -78,7 +78,7 @@ def _cone_const_bytes(index, name):
         seen.add(current)
         node = index.node(current)
         if node.op == "Const":
-            total += len(node.attr["value"].tensor.tensor_content) or node.attr["value"].tensor.ByteSize()
+            total += graph_lib.const_nbytes(node)
         stack.extend(graph_lib.parse_input(i)[0] for i in node.input)
     return total
 
@@ -111,6 +111,8 @@ def _evaluate(graph_def, index, tensors):
             copy = sub.node.add()
             copy.CopyFrom(node)
             copy.device = ""
+            if graph_lib.WEIGHT_KEY_ATTR in copy.attr:  # TensorFlow reads the bytes from the proto
+                graph_lib.restore_node(copy)
             data_inputs = [i for i in node.input if not i.startswith("^")]
             del copy.input[:]
             copy.input.extend(data_inputs)

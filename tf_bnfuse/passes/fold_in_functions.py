@@ -114,9 +114,11 @@ def _fold_function(function, constants, loop, inner, library):
     control = [function.control_ret[k] for k in function.control_ret]
     keep = list(returned.values()) + control + stateful
     current, reports = graph_def, []
-    for name, options in pass_entries(inner + ["cleanup"]):
-        current, pass_report = passes_lib.REGISTRY[name](current, keep, **options)
-        reports.append(pass_report)
+    with graph_lib.weights_outside_proto() as weights:  # the body's own store, written back below
+        for name, options in pass_entries(inner + ["cleanup"]):
+            current, pass_report = passes_lib.REGISTRY[name](current, keep, **options)
+            reports.append(pass_report)
+        weights.restore(current)  # current is this function's (graph_def is its own conversion)
     if not any(r.folds or r.lowered for r in reports):
         return None, reports
     return _to_function_def(function, current, arguments, returned, library), reports

@@ -68,7 +68,8 @@ def run(graph_def, outputs):
                 "SrcT": graph_lib.type_attr(node.attr["dtype"].type), "DstT": graph_lib.type_attr(tf.float32)})
             continue
         if node.op == "Const":
-            value = tf.make_ndarray(node.attr["value"].tensor).astype(np.float32)
+            value = graph_lib.const_array(node).astype(np.float32)
+            node.attr.pop(graph_lib.WEIGHT_KEY_ATTR, None)
             node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(value))
         for value in node.attr.values():
             if value.type in HALF_TYPES:

@@ -1,4 +1,5 @@
-"""The GraphIndex the pipeline shares between passes that leave the graph as it is."""
+"""What run_pipeline shares between passes: the GraphIndex of an unchanged graph, and the
+weights it holds outside the proto while the passes run."""
 
 import gc
 import weakref
@@ -45,3 +46,29 @@ def test_a_pipeline_with_passes_that_change_nothing_gives_what_a_fresh_index_giv
         alone, _ = pipeline.run_pipeline(alone, outputs, [name])
     assert shared.SerializeToString(deterministic=True) == alone.SerializeToString(deterministic=True)
     assert "FusedBatchNormV3" not in [n.op for n in shared.node]  # the fold happened
+
+
+def _loop_graph():
+    """(graph_def, outputs): a while loop whose body has a conv + batch norm (fold_in_functions)."""
+    import test_fold_in_functions
+    return test_fold_in_functions.loop_graph(), ["out"]
+
+
+def test_weights_held_outside_the_proto_give_the_same_graph_and_leave_nothing_behind(monkeypatch):
+    for graph_def, outputs in [_conv_bn_graph(), _loop_graph()]:
+        before = graph_def.SerializeToString(deterministic=True)
+        monkeypatch.setattr(graph_lib, "STORED_MIN_BYTES", 1 << 40)
+        plain, _ = pipeline.run_pipeline(graph_def, outputs, pipeline_default())
+        monkeypatch.setattr(graph_lib, "STORED_MIN_BYTES", 1)
+        stored, reports = pipeline.run_pipeline(graph_def, outputs, pipeline_default())
+        assert any(r.folds for r in reports)
+        assert stored.SerializeToString(deterministic=True) == plain.SerializeToString(deterministic=True)
+        assert graph_def.SerializeToString(deterministic=True) == before  # the argument is untouched
+        every_node = list(stored.node) + [n for f in stored.library.function for n in f.node_def]
+        assert not [n.name for n in every_node if graph_lib.WEIGHT_KEY_ATTR in n.attr]
+        assert graph_lib._STORES == []  # pylint: disable=protected-access
+
+
+def pipeline_default():
+    from tf_bnfuse import config
+    return config.load_config(None)["pipeline"]
