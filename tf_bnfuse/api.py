@@ -2,7 +2,6 @@
 
 import dataclasses
 import os
-import shutil
 
 from absl import logging
 
@@ -166,7 +165,11 @@ def _fold_saved_model(run, timeline, saved_model_dir, output_dir, signature_keys
         # A signature found to be the same function as another (same graph, same
         # variables) is checked against that one's original: its own copy would
         # compute the same values and only cost a first call.
-        references = {k: functions[reports[k].same_as or k] for k in functions}
+        # A signature that only wraps a kept root function is compared with the original's
+        # root function (root_functions.references).
+        wrapped = root_functions.references(loaded, aliases, {k: list(v) for k, v in input_specs.items()})
+        references = {k: wrapped.get(reports[k].same_as or k) or functions[reports[k].same_as or k]
+                      for k in functions}
         with phase("verify"):
             # Even unverified, the output is loaded and run: a model that cannot run is never written.
             reloaded = savedmodel.load(built, tags)
@@ -209,7 +212,7 @@ def _fold_saved_model(run, timeline, saved_model_dir, output_dir, signature_keys
             if tflite_output:
                 os.replace(tflite_scratch, tflite_output)
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        output_dir_lib.remove_scratch(scratch)
         if tflite_scratch and os.path.exists(tflite_scratch):
             os.remove(tflite_scratch)
 
