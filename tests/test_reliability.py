@@ -210,3 +210,25 @@ def test_half_precision_conv_verifies_within_the_configured_tolerance(dtype, tmp
     assert {(c.rtol, c.atol) for c in report.verification.checks} == {(tolerance["rtol"], tolerance["atol"])}
     assert report.verification.ok
     compare_outputs(src, out, rtol=tolerance["rtol"])
+
+
+def test_a_scratch_folder_removed_part_way_still_names_its_owner(tmp_path, monkeypatch):
+    """A kill while a finished run removes its scratch folder must leave the owner file to the
+    last, so that the next run can tell the folder is a dead process's and remove it."""
+    folder = tmp_path / (output_dir.SCRATCH_PREFIX + "x")
+    (folder / "saved_model" / "variables").mkdir(parents=True)
+    (folder / "saved_model" / "saved_model.pb").write_text("x")
+    (folder / output_dir.OWNER_FILE).write_text("1")
+    removed = []
+    real_rmtree = output_dir.shutil.rmtree
+
+    def killed_after_the_first(path, ignore_errors=False):
+        removed.append(os.path.basename(path))
+        if len(removed) == 1:
+            real_rmtree(path, ignore_errors=ignore_errors)
+            raise KeyboardInterrupt  # stands for the kill
+    monkeypatch.setattr(output_dir.shutil, "rmtree", killed_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        output_dir.remove_scratch(str(folder))
+    assert removed == ["saved_model"]
+    assert (folder / output_dir.OWNER_FILE).exists()

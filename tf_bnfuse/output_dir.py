@@ -64,7 +64,24 @@ def remove_stale_scratch(parent):
         except (OSError, ValueError):
             continue  # not ours to judge: no readable owner
         if not _pid_alive(pid):
-            shutil.rmtree(folder, ignore_errors=True)
+            remove_scratch(folder)
+
+
+def remove_scratch(folder):
+    """Removes a scratch folder, its owner file last: a kill part-way through leaves a
+    folder that still names its (dead) owner, which the next run then removes."""
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if name == OWNER_FILE:
+            continue
+        path = os.path.join(folder, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def make_scratch(parent):
