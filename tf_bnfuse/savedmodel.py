@@ -424,10 +424,17 @@ def write(signatures, path, tags, initializers=(), root_aliases=None):
     variables = {}
     split = {}  # id(folded GraphDef) -> (its GraphDef without weights, weights); signatures may share one
     functions = {}
+    written = {}  # what a function computes -> the function; signatures folded once share one
     for key, sig in signatures.items():
         if id(sig.graph_def) not in split:
             split[id(sig.graph_def)] = _split_weights(sig.graph_def, variables)
-        functions[key] = _signature_function(sig, *split[id(sig.graph_def)])
+        # Keras 3's "serve" and "serving_default" are one function: written once, the
+        # SavedModel holds one copy of the graph, and loading and the first call cost half.
+        same = (id(sig.graph_def), tuple(sorted((k, v.tensor) for k, v in sig.inputs.items())),
+                tuple(sorted((k, v.tensor) for k, v in sig.outputs.items())), tuple(sorted(sig.resources)))
+        if same not in written:
+            written[same] = _signature_function(sig, *split[id(sig.graph_def)])
+        functions[key] = written[same]
     module.weights = list(variables.values())  # tracked, so they are saved
     # Written variables and tables, with their initializers and assets.
     owners = {id(r.owner): r.owner for sig in signatures.values() for r in sig.resources.values()}
