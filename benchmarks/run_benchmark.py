@@ -159,7 +159,23 @@ def markdown(results):
     for s in results["pass_scaling"]:
         lines.append("| %d | %d | %.2f s | %.1f us |" % (s["nodes"], s["batch_norms"], s["seconds"],
                                                           s["us_per_node"]))
+    lines += [""] + targets(results)
     return "\n".join(lines)
+
+
+def targets(results):
+    """The two speed targets of issue 10, as this run measured them."""
+    lines = []
+    for r in results["models"]:
+        if r["model"].endswith("ResNet50"):
+            lines.append("%s: passes %.1f%% of the whole CLI (target: under 2%%)" % (
+                r["model"], 100 * r["tf_bnfuse"]["passes_share"]))
+    scaling = results["pass_scaling"]
+    if len(scaling) >= 2:
+        small, large = scaling[0], scaling[-1]
+        lines.append("per-node pass time at %d nodes / at %d: %.2fx (target: within 1.5x)" % (
+            large["nodes"], small["nodes"], large["us_per_node"] / small["us_per_node"]))
+    return lines
 
 
 def plot(results, path):
