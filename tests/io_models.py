@@ -110,6 +110,35 @@ def two_input_functions(path):
                                  "a": RNG.standard_normal((2, 8, 8, 4)).astype(np.float32)}]}
 
 
+def lookalike_functions(path):
+    """A signature wrapping `serve(x)`, and two tf.functions no signature calls, of the same input:
+    `same_again` computes what serve computes, `doubled` twice that."""
+
+    class Lookalikes(tf.Module):
+        def __init__(self):
+            self.kernel = tf.Variable(RNG.standard_normal((3, 3, 2, 4)).astype(np.float32))
+            self.scale = tf.Variable(RNG.uniform(0.5, 2.0, 4).astype(np.float32))
+
+        def _conv_scale(self, x):
+            return tf.nn.conv2d(x, self.kernel, 1, "SAME") * self.scale
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 2], tf.float32, name="x")])
+        def serve(self, x):
+            return {"y": self._conv_scale(x)}
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 2], tf.float32, name="x")])
+        def same_again(self, x):
+            return self._conv_scale(x)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 2], tf.float32, name="x")])
+        def doubled(self, x):
+            return 2.0 * self._conv_scale(x)
+
+    module = Lookalikes()
+    tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
+    return {"serving_default": [{"x": RNG.standard_normal((2, 8, 8, 2)).astype(np.float32)}]}
+
+
 def while_and_cond(path):
     """tf.while_loop and tf.cond around conv + batch norm, and a foldable conv + batch norm after them."""
 

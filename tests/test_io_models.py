@@ -63,7 +63,7 @@ def test_written_variable_stays_a_variable(tmp_path):
     assert [o["calls"] for o in outputs["serving_default"]] == [2.0, 3.0]
     assert outputs["root.serve"][0]["0"] == 1.0  # its outputs flatten as calls, y
     assert report.kept_functions == ["serve"] and report.dropped_functions == {}
-    assert "kept, folded with the signatures that wrap them: serve" in format_run(report)
+    assert "kept, running the folded signatures that compute them: serve" in format_run(report)
     assert report.signatures["serving_default"].folds
     assert "AssignAddVariableOp" in _ops(out, "serving_default")
 
@@ -72,7 +72,7 @@ def test_root_function_a_signature_wraps_is_kept_with_its_argument_order(tmp_pat
     src, out, inputs, report = _fold(io_models.two_input_functions, tmp_path)
     assert report.kept_functions == ["serve"]
     assert list(report.dropped_functions) == ["scale_only"]
-    assert "no folded signature computes scale_only(tensor)" in report.dropped_functions["scale_only"]
+    assert report.dropped_functions["scale_only"] == "scale_only(tensor): no folded signature computes it"
     assert "function scale_only of the input's root object NOT KEPT" in format_run(report)
     feeds = inputs["serving_default"][0]
     positional = {"0": feeds["z"], "1": feeds["a"]}  # serve(z, a): run_signatures passes them in key order
@@ -83,17 +83,29 @@ def test_root_function_a_signature_wraps_is_kept_with_its_argument_order(tmp_pat
     assert report.signatures["serving_default"].folds
 
 
+def test_a_root_function_no_signature_calls_is_kept_only_when_it_computes_the_same(tmp_path):
+    """`same_again` computes serve's outputs in a graph of its own (as tf-keras' __call__ does beside
+    its serving_default): kept, by value. `doubled` takes the same input and differs: not kept."""
+    src, out, inputs, report = _fold(io_models.lookalike_functions, tmp_path)
+    assert report.kept_functions == ["same_again", "serve"]
+    assert report.dropped_functions == {"doubled": "doubled(tensor): no folded signature computes it"}
+    feeds = inputs["serving_default"]
+    outputs = compare_in_fresh_process(src, out, {"serving_default": feeds, "root.same_again": feeds})
+    assert sorted(outputs["root.same_again"][0]) == ["0"]
+    assert not hasattr(tf.saved_model.load(out), "doubled")
+
+
 def test_a_kept_root_function_that_computes_otherwise_fails_the_run(tmp_path, monkeypatch):
     """The wiring of a kept root function is checked before anything is written, even unverified."""
     from tf_bnfuse import root_functions
     original_find = root_functions.find
 
     def miswired(loaded, signatures):
-        aliases, dropped = original_find(loaded, signatures)
+        aliases, dropped, pending = original_find(loaded, signatures)
         for group in aliases.values():
             for alias in group:
                 alias.output_keys.reverse()  # y and y_only swapped
-        return aliases, dropped
+        return aliases, dropped, pending
     monkeypatch.setattr(root_functions, "find", miswired)
     src, out = str(tmp_path / "src"), str(tmp_path / "out")
     io_models.two_input_functions(src)

@@ -42,9 +42,11 @@ def test_small_tf_keras_model(tf_keras_models, name, tmp_path):
     report = fold_saved_model(src, out)
     assert conftest.tree_digest(src) == before
     compare_outputs(src, out)
-    # tf-keras' serving_default is its own graph, not a call of __call__: that (traced for
-    # training=True and False) is not kept, and the report says so.
-    assert report.kept_functions == [] and "__call__" in report.dropped_functions
+    # tf-keras' serving_default is its own graph, not a call of __call__. __call__'s
+    # training=False trace computes what it computes, so it is kept (by value); its
+    # training=True trace updates the moving statistics and is not, and the report says so.
+    assert report.kept_functions == ["__call__", "call_and_return_all_conditional_losses"]
+    assert "__call__(tensor, True, None): it writes variables" in report.dropped_functions["__call__"]
     graph = report.signatures["serving_default"]
     if name == "pool_bn_conv":  # the batch norm comes before the conv: a forward fold
         forward = next(p for p in graph.passes if p.pass_name == "fold_forward")
@@ -111,3 +113,21 @@ def test_tf_keras_grouped_conv_folds_across_its_xla_call_and_stays_compiled(tf_k
     compare_in_fresh_process(src, out, {"serving_default": [{"image": x}]})
     assert xla_functions_with(out, "Conv2D")
     assert not {"FusedBatchNormV3", "Rsqrt"} & set(data_path_ops(out))
+
+
+def test_tf_keras_model_called_directly_runs_the_folded_graph(tf_keras_models, tmp_path):
+    """`tf.saved_model.load(path)(x)` works on the output as on the input (training=False by
+    default), judged in a fresh process, and runs the folded graph."""
+    import tensorflow as tf
+    src, out = tf_keras_models["conv_bn"], str(tmp_path / "out")
+    report = fold_saved_model(src, out)
+    assert "__call__" in report.kept_functions
+    (name, spec), = tf.saved_model.load(src).signatures["serving_default"].structured_input_signature[1].items()
+    feeds = {name: np.random.default_rng(8).standard_normal([2] + spec.shape.as_list()[1:]).astype(np.float32)}
+    outputs = compare_in_fresh_process(src, out, {"serving_default": [feeds], "root.__call__": [feeds]})
+    (signature_output,) = outputs["serving_default"][0].values()
+    np.testing.assert_array_equal(outputs["root.__call__"][0]["0"], signature_output)
+    loaded = tf.saved_model.load(out)
+    graph_def = loaded.__call__.get_concrete_function(tf.TensorSpec(spec.shape, tf.float32), False, None).graph.as_graph_def()
+    ops = {n.op for n in graph_def.node} | {n.op for f in graph_def.library.function for n in f.node_def}
+    assert "Conv2D" in ops and not ops & {"FusedBatchNormV3", "Rsqrt"}

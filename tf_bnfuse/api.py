@@ -118,8 +118,7 @@ def _fold_saved_model(run, timeline, saved_model_dir, output_dir, signature_keys
         loaded = savedmodel.load(saved_model_dir, tags)
         functions = savedmodel.select_signatures(loaded, signature_keys, saved_model_dir)
         owners = resources.resource_owners(loaded)
-        aliases, run.dropped_functions = root_functions.find(loaded, functions)
-        run.kept_functions = sorted(aliases)
+        aliases, run.dropped_functions, pending_traces = root_functions.find(loaded, functions)
     input_specs = {k: savedmodel.signature_inputs(f) for k, f in functions.items()}
     given = test_inputs_lib.given_inputs(verify_inputs, input_specs) if verify_inputs else {}
     folded, reports = {}, run.signatures
@@ -149,6 +148,12 @@ def _fold_saved_model(run, timeline, saved_model_dir, output_dir, signature_keys
     output_specs = {k: sig.outputs for k, sig in folded.items()}
     inputs = test_inputs_lib.make_inputs(input_specs, verify_config, test_inputs_lib.model_vocabulary(saved_model_dir),
                                          bounds, given)
+
+    if pending_traces:
+        with phase("match root functions"):
+            root_functions.match_by_value(loaded, functions, pending_traces, aliases, run.dropped_functions, inputs,
+                                          verify_config)
+    run.kept_functions = sorted(aliases)
 
     parent = os.path.dirname(os.path.realpath(output_dir))
     output_dir_lib.remove_stale_scratch(parent)

@@ -9,12 +9,14 @@ no selected signature calls that way is not kept, and is reported with why.
 """
 
 import dataclasses
+import inspect
 from typing import Dict, List
 
 import numpy as np
 import tensorflow as tf
 
 from tf_bnfuse import errors
+from tf_bnfuse import resources
 from tf_bnfuse import verify as verify_lib
 
 _CALL_OPS = ("PartitionedCall", "StatefulPartitionedCall")
@@ -31,6 +33,11 @@ class RootAlias:
     output_keys: List[str]  # for each flat output, the signature output that returns it
     structured_outputs: object  # how the flat outputs nest
     output_ports: Dict[str, int]  # each signature output -> the flat output it returns
+    # True when the signature's graph does not call this function but computes the same
+    # outputs from the same inputs, as measured on the test inputs (tf-keras' __call__ with
+    # training=False beside its own serving_default graph)
+    by_value: bool = False
+    parameters: object = None  # inspect.Signature of the original function, when it has a plain one
 
 
 def _names(loaded):
@@ -96,25 +103,112 @@ def _alias(name, concrete, key, signature):
 
 
 def find(loaded, signatures):
-    """({root function name: [RootAlias]}, {root function name: why it is not kept}).
+    """({name: [RootAlias]}, {name: why (part of) it is not kept}, {name: [ConcreteFunction]}).
 
-    signatures: {key: ConcreteFunction}, the signatures being folded. A root
-    function is kept when each of its concrete functions is one a signature
-    only wraps.
+    signatures: {key: ConcreteFunction}, the signatures being folded. A trace
+    (concrete function) of a root function is kept when a signature only wraps
+    it. A trace that writes variables (tf-keras' training=True call updates the
+    batch-norm statistics the signatures freeze) is not kept. The rest are
+    returned pending, for match_by_value once there are test inputs.
     """
-    aliases, dropped = {}, {}
+    aliases, dropped, pending = {}, {}, {}
     for name in _names(loaded):
-        found = []
-        for concrete in _concrete_functions(getattr(loaded, name)):
+        function = getattr(loaded, name)
+        parameters = _parameters(function)
+        for concrete in _concrete_functions(function):
             alias = next((a for a in (_alias(name, concrete, k, f) for k, f in sorted(signatures.items()))
                           if a is not None), None)
+            if alias is not None:
+                alias.parameters = parameters
+                aliases.setdefault(name, []).append(alias)
+            elif resources.written_placeholders(concrete.graph.as_graph_def()):
+                _not_kept(dropped, name, concrete, "it writes variables (a training-mode call)")
+            else:
+                pending.setdefault(name, []).append(concrete)
+    return aliases, dropped, pending
+
+
+def _not_kept(dropped, name, concrete, why):
+    reason = "%s%s: %s" % (name, _describe(concrete.structured_input_signature), why)
+    dropped[name] = "%s; %s" % (dropped[name], reason) if name in dropped else reason
+
+
+def _parameters(function):
+    """The inspect.Signature a restored function was written with (tf-keras' `__call__(inputs,
+    training=False, mask=None)`), so that the output's function takes the same defaults."""
+    spec = getattr(getattr(function, "function_spec", None), "fullargspec", None)
+    if spec is None or spec.varargs or spec.varkw or spec.kwonlyargs:
+        return None
+    defaults = list(spec.defaults or ())
+    first_default = len(spec.args) - len(defaults)
+    return inspect.Signature([
+        inspect.Parameter(arg, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                          default=defaults[i - first_default] if i >= first_default else inspect.Parameter.empty)
+        for i, arg in enumerate(spec.args)])
+
+
+def match_by_value(loaded, signatures, pending, aliases, dropped, inputs, verify_config):
+    """Keeps a pending trace that computes what a signature computes, by value.
+
+    For each signature whose inputs the trace's tensor arguments are (by name,
+    or the one input of each), both run on the signature's test inputs; each of
+    the trace's outputs must equal one signature output within that output's
+    tolerance. The trace then calls that signature in the output, like a
+    wrapped one; check() compares it with the original again after writing.
+    Updates aliases and dropped in place.
+    """
+    for name, traces in sorted(pending.items()):
+        parameters = _parameters(getattr(loaded, name))
+        for concrete in traces:
+            alias = None
+            for key, signature in sorted(signatures.items()):
+                alias = _alias_by_value(loaded, name, concrete, key, signature, inputs[key], verify_config)
+                if alias is not None:
+                    break
             if alias is None:
-                dropped[name] = "no folded signature computes %s%s" % (name, _describe(concrete.structured_input_signature))
+                _not_kept(dropped, name, concrete, "no folded signature computes it")
+                continue
+            alias.parameters = parameters
+            aliases.setdefault(name, []).append(alias)
+
+
+def _alias_by_value(loaded, name, concrete, key, signature, feeds, verify_config):
+    specs = [s for s in tf.nest.flatten(concrete.structured_input_signature) if isinstance(s, tf.TensorSpec)]
+    signature_specs = signature.structured_input_signature[1]
+    if all(s.name in signature_specs for s in specs):
+        arg_keys = [s.name for s in specs]
+    elif len(specs) == len(signature_specs) == 1:
+        arg_keys = list(signature_specs)
+    else:
+        return None
+    if sorted(set(arg_keys)) != sorted(signature_specs) or len(set(arg_keys)) != len(arg_keys):
+        return None
+    if any(s.dtype != signature_specs[k].dtype or not s.shape.is_compatible_with(signature_specs[k].shape)
+           for s, k in zip(specs, arg_keys)):
+        return None
+    tensors = {k: tf.constant(v) for k, v in feeds.items()}
+    probe = RootAlias(name, concrete.structured_input_signature, key, arg_keys, [], concrete.structured_outputs, {})
+    try:
+        flat = [np.asarray(v) for v in _call_tensors(getattr(loaded, name), probe, tensors)]
+        expected = {k: np.asarray(v) for k, v in signature(**tensors).items()}
+    except (tf.errors.OpError, ValueError, TypeError):
+        return None
+    output_keys = []
+    for value in flat:
+        match = None
+        for output_key, reference in sorted(expected.items()):
+            if reference.dtype != value.dtype or reference.shape != value.shape:
+                continue
+            tolerance, _ = verify_lib.tolerance_for(tf.as_dtype(reference.dtype), verify_config or {})
+            if verify_lib.compare(reference, value, tolerance)[2]:
+                match = output_key
                 break
-            found.append(alias)
-        else:
-            aliases[name] = found
-    return aliases, dropped
+        if match is None:
+            return None
+        output_keys.append(match)
+    ports = {k: i for i, k in reversed(list(enumerate(output_keys)))}
+    return RootAlias(name, concrete.structured_input_signature, key, arg_keys, output_keys,
+                     concrete.structured_outputs, ports, by_value=True)
 
 
 def _describe(input_signature):
@@ -146,14 +240,21 @@ def attach(module, aliases, written):
 def _dispatcher(group, written):
     """The Python function a kept root function traces: each trace calls its alias's signature."""
     by_skeleton = {_skeleton(a.input_signature): a for a in group}
+    parameters = group[0].parameters
 
     def call(*args, **kwargs):
+        if parameters is not None:  # the original's defaults, and its traces' positional form
+            bound = parameters.bind(*args, **kwargs)
+            bound.apply_defaults()
+            args, kwargs = tuple(bound.args), dict(bound.kwargs)
         alias = by_skeleton[_skeleton((args, kwargs))]
         tensors = [t for t in tf.nest.flatten((args, kwargs)) if isinstance(t, tf.Tensor)]
         result = written[alias.signature](**dict(zip(alias.arg_keys, tensors)))
         return tf.nest.pack_sequence_as(alias.structured_outputs, [result[k] for k in alias.output_keys],
                                         expand_composites=True)
 
+    if parameters is not None:
+        call.__signature__ = parameters
     return call
 
 
@@ -168,8 +269,8 @@ def references(original, aliases, signature_keys):
     found = {}
     for name, group in sorted(aliases.items()):
         for alias in group:
-            if alias.signature in found or alias.signature not in signature_keys:
-                continue
+            if alias.by_value or alias.signature in found or alias.signature not in signature_keys:
+                continue  # a by-value alias is checked against the original, not used as its stand-in
             if sorted(set(alias.arg_keys)) != sorted(signature_keys[alias.signature]):
                 continue
             found[alias.signature] = _reference(getattr(original, name), alias)

@@ -4,11 +4,12 @@
 def format_run(report):
     lines = ["tf_bnfuse: %s -> %s" % (report.saved_model_dir, report.output_dir)]
     if report.kept_functions:
-        lines.append("functions of the input's root object kept, folded with the signatures that wrap them: %s"
+        lines.append("functions of the input's root object kept, running the folded signatures that compute them: %s"
                      % ", ".join(report.kept_functions))
     for name, reason in report.dropped_functions.items():
-        lines.append("function %s of the input's root object NOT KEPT: %s (call the output through its "
-                     "signatures: %s)" % (name, reason, ", ".join(report.signatures)))
+        part = "only in part, NOT KEPT" if name in report.kept_functions else "NOT KEPT"
+        lines.append("function %s of the input's root object %s: %s (call the output through its "
+                     "signatures: %s)" % (name, part, reason, ", ".join(report.signatures)))
     for tags in report.dropped_metagraphs:
         lines.append("MetaGraph %s: DROPPED (--drop_other_metagraphs); the output does not have it" % tags)
     for key, graph in report.signatures.items():
