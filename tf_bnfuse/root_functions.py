@@ -40,6 +40,11 @@ class RootAlias:
     parameters: object = None  # inspect.Signature of the original function, when it has a plain one
 
 
+# tf-keras writes these for keras.models.load_model's revival of the layer; tf.saved_model.load
+# callers use __call__. The output keeps no Keras metadata, so nothing could call them.
+KERAS_LOADER_ONLY = frozenset({"call_and_return_all_conditional_losses", "call_and_return_conditional_losses"})
+
+
 def _names(loaded):
     """Public tf.function attributes of the root object (and `__call__`)."""
     return sorted(name for name, value in vars(loaded).items()
@@ -113,6 +118,10 @@ def find(loaded, signatures):
     """
     aliases, dropped, pending = {}, {}, {}
     for name in _names(loaded):
+        if name in KERAS_LOADER_ONLY:
+            dropped[name] = ("%s: only Keras' own loader calls it, and the output does not keep the Keras "
+                             "metadata that loader needs" % name)
+            continue
         function = getattr(loaded, name)
         parameters = _parameters(function)
         for concrete in _concrete_functions(function):
