@@ -172,9 +172,11 @@ def _fold_saved_model(run, timeline, saved_model_dir, output_dir, signature_keys
         # compute the same values and only cost a first call.
         # A signature that only wraps a kept root function is compared with the original's
         # root function (root_functions.references).
-        wrapped = root_functions.references(loaded, aliases, {k: list(v) for k, v in input_specs.items()})
-        references = {k: wrapped.get(reports[k].same_as or k) or functions[reports[k].same_as or k]
-                      for k in functions}
+        wrapped = root_functions.references(loaded, aliases, input_specs)
+        references = {}
+        for key in functions:
+            reference_key = reports[key].same_as or key
+            references[key] = wrapped.get(reference_key) or functions[reference_key]
         with phase("verify"):
             # Even unverified, the output is loaded and run: a model that cannot run is never written.
             reloaded = savedmodel.load(built, tags)

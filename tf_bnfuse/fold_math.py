@@ -42,12 +42,17 @@ def scale_kernel(kernel, scale, out_channel_axes):
     [H, W, in, multiplier] kernel whose output channel is in * multiplier + m.
     """
     kernel = np.asarray(kernel)
+    # dtype=float64 widens each entry as it is multiplied: the same products as
+    # converting the kernel first, without a float64 copy of it.
+    return np.multiply(kernel, _along_channels(kernel, scale, out_channel_axes), dtype=np.float64)
+
+
+def _along_channels(kernel, scale, out_channel_axes):
+    """scale as float64, shaped to broadcast against kernel along its output-channel axes."""
     broadcast_shape = [1] * kernel.ndim
     for axis in out_channel_axes:
         broadcast_shape[axis] = kernel.shape[axis]
-    # dtype=float64 widens each entry as it is multiplied: the same products as
-    # converting the kernel first, without a float64 copy of it.
-    return np.multiply(kernel, np.asarray(scale, dtype=np.float64).reshape(broadcast_shape), dtype=np.float64)
+    return np.asarray(scale, dtype=np.float64).reshape(broadcast_shape)
 
 
 # Elements per slice in scale_kernel_as: its float64 products then stay in cache-sized
@@ -64,10 +69,7 @@ def scale_kernel_as(kernel, scale, out_channel_axes, dtype):
     leading axes.
     """
     kernel = np.asarray(kernel)
-    broadcast_shape = [1] * kernel.ndim
-    for axis in out_channel_axes:
-        broadcast_shape[axis] = kernel.shape[axis]
-    scale = np.asarray(scale, dtype=np.float64).reshape(broadcast_shape)
+    scale = _along_channels(kernel, scale, out_channel_axes)
     if kernel.ndim == 0:
         products = np.multiply(kernel, scale, dtype=np.float64)
         return products.astype(dtype), (float(products), float(products))

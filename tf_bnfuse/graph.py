@@ -5,6 +5,7 @@ node's position in graph_def.node.
 """
 
 import collections
+import itertools
 
 import numpy as np
 import tensorflow as tf
@@ -70,14 +71,13 @@ STORED_MIN_BYTES = 1 << 14
 class WeightStore:
     """{key: read-only numpy array} of the Consts run_pipeline holds outside the proto."""
 
-    _next_key = [0]  # keys stay unique across nested stores (fold_in_functions' inner pipelines)
+    _keys = itertools.count(1)  # unique across nested stores (fold_in_functions' inner pipelines)
 
     def __init__(self):
         self.arrays = {}
 
     def put(self, array):
-        WeightStore._next_key[0] += 1
-        key = "w%d" % WeightStore._next_key[0]
+        key = "w%d" % next(WeightStore._keys)
         array = array.view()
         array.setflags(write=False)
         self.arrays[key] = array
@@ -105,8 +105,7 @@ class WeightStore:
             new_tensor = new.attr["value"].tensor
             new_tensor.dtype = tensor.dtype
             new_tensor.tensor_shape.CopyFrom(tensor.tensor_shape)
-            array = np.frombuffer(content, dtype=tf.as_dtype(tensor.dtype).as_numpy_dtype)
-            new.attr[WEIGHT_KEY_ATTR].s = self.put(array.reshape([d.size for d in tensor.tensor_shape.dim])).encode()
+            new.attr[WEIGHT_KEY_ATTR].s = self.put(_content_view(tensor, content)).encode()
         return stripped
 
     def retain(self, graph_def):
@@ -131,7 +130,7 @@ def _storable(node):
         return False
     tensor = node.attr["value"].tensor
     dtype = tf.as_dtype(tensor.dtype)
-    if not dtype.is_numeric or dtype == tf.string:
+    if not dtype.is_numeric:
         return False
     elements = 1
     for dim in tensor.tensor_shape.dim:
@@ -191,13 +190,20 @@ def const_nbytes(node):
 def _ndarray(tensor_proto):
     """tf.make_ndarray, but a tensor_content is read as a read-only view of the one bytes
     copy protobuf hands out, instead of copied once more (a kernel is megabytes)."""
-    dtype = tf.as_dtype(tensor_proto.dtype)
-    if tensor_proto.tensor_content and dtype.is_numeric and dtype != tf.string:
-        shape = [d.size for d in tensor_proto.tensor_shape.dim]
-        value = np.frombuffer(tensor_proto.tensor_content, dtype=dtype.as_numpy_dtype)
-        if value.size == int(np.prod(shape)):
-            return value.reshape(shape)
+    if tf.as_dtype(tensor_proto.dtype).is_numeric:
+        content = tensor_proto.tensor_content
+        value = _content_view(tensor_proto, content) if content else None
+        if value is not None:
+            return value
     return tf.make_ndarray(tensor_proto)
+
+
+def _content_view(tensor_proto, content):
+    """A read-only array over `content`, the tensor_content bytes of a numeric tensor_proto;
+    None when their size does not match its shape."""
+    shape = [d.size for d in tensor_proto.tensor_shape.dim]
+    value = np.frombuffer(content, dtype=tf.as_dtype(tensor_proto.dtype).as_numpy_dtype)
+    return value.reshape(shape) if value.size == int(np.prod(shape)) else None
 
 
 class _SharedIndex:
@@ -461,16 +467,16 @@ class GraphEditor:
         node.attr["dtype"].type = dtype.as_datatype_enum
         array = np.asarray(value).astype(dtype.as_numpy_dtype, copy=False)
         tensor = node.attr["value"].tensor
-        if _STORES and array.nbytes >= STORED_MIN_BYTES and dtype.is_numeric:
-            tensor.dtype = dtype.as_datatype_enum
-            tensor.tensor_shape.CopyFrom(tf.TensorShape(array.shape).as_proto())
-            node.attr[WEIGHT_KEY_ATTR].s = _STORES[-1].put(array).encode()
-        elif array.size < DIRECT_CONTENT_MIN_SIZE:
+        stored = _STORES and array.nbytes >= STORED_MIN_BYTES and dtype.is_numeric
+        if not stored and array.size < DIRECT_CONTENT_MIN_SIZE:
             tensor.CopyFrom(tf.make_tensor_proto(array))
-        else:  # a kernel: its bytes written once, not into a proto that is then copied
+        else:  # a kernel: its bytes kept in the store, or written once (not into a proto then copied)
             tensor.dtype = dtype.as_datatype_enum
             tensor.tensor_shape.CopyFrom(tf.TensorShape(array.shape).as_proto())
-            tensor.tensor_content = np.ascontiguousarray(array).tobytes()
+            if stored:
+                node.attr[WEIGHT_KEY_ATTR].s = _STORES[-1].put(array).encode()
+            else:
+                tensor.tensor_content = np.ascontiguousarray(array).tobytes()
         self._by_name[node.name] = node
         return node.name
 

@@ -1,11 +1,14 @@
 """The tf.functions of a SavedModel's root object besides its signatures (Keras 3's `loaded.serve`).
 
 A signature is usually a thin wrapper: its graph calls one root function's
-concrete function with the signature's inputs and returns that call's
-outputs under its own keys. Such a root function computes exactly what its
+concrete function (a trace) with the signature's inputs and returns that
+call's outputs under its own keys. Such a trace computes exactly what its
 signature computes, so the output keeps it by calling the folded signature
-function, with the root function's own positional structure. A root function
-no selected signature calls that way is not kept, and is reported with why.
+function, with the root function's own positional structure and defaults. A
+trace no signature calls is kept the same way when, on the signature's test
+inputs, it computes the signature's outputs (tf-keras' `__call__` beside its
+own serving graph). Traces that write variables, or that no signature
+computes, are not kept, and are reported with why.
 """
 
 import dataclasses
@@ -267,20 +270,21 @@ def _dispatcher(group, written):
     return call
 
 
-def references(original, aliases, signature_keys):
+def references(original, aliases, input_specs):
     """{signature key: callable(**inputs) -> {output: tensor}} that runs the original's root
     function a signature wraps, for the signatures whose every input it takes.
 
     Verification then compares each such signature with the root function (what the
     signature computes, by its graph), so the original's function is made ready to run once,
     for the signature and for check() (a first call costs a third of a second on MobileNetV2).
+    input_specs: {signature key: {input key: ...}}, the signatures verified.
     """
     found = {}
     for name, group in sorted(aliases.items()):
         for alias in group:
-            if alias.by_value or alias.signature in found or alias.signature not in signature_keys:
+            if alias.by_value or alias.signature in found or alias.signature not in input_specs:
                 continue  # a by-value alias is checked against the original, not used as its stand-in
-            if sorted(set(alias.arg_keys)) != sorted(signature_keys[alias.signature]):
+            if sorted(set(alias.arg_keys)) != sorted(input_specs[alias.signature]):
                 continue
             found[alias.signature] = _reference(getattr(original, name), alias)
     return found

@@ -419,23 +419,22 @@ def fold_weights(chain):
     if not (np.all(np.isfinite(chain.scale)) and np.all(np.isfinite(chain.shift))):
         raise NoMatch("NaN or Inf in its scale or shift")
     ones = bool(np.all(chain.scale == 1.0))
+    kernel = None
     if chain.forward:
-        kernel, bias = fold_math.fold_affine_into_next_linear(
+        new_kernel, bias = fold_math.fold_affine_into_next_linear(
             match.kernel, chain.scale, chain.shift, match.in_channel_axis, match.out_channel_axes)
         if chain.merge_value is not None:
             bias = bias + chain.merge_value
         bias_dtype = match.dtype
+        if not ones:
+            kernel = new_kernel
+            check_representable(kernel, match.dtype, "kernel of " + match.linear.name)
     else:
-        kernel = None
         if not ones:  # rounded to the kernel's dtype as it is computed: kernels are big
             kernel, (high, low) = fold_math.scale_kernel_as(match.kernel, chain.scale, match.out_channel_axes,
                                                             match.dtype.as_numpy_dtype)
             check_extremes(high, low, match.dtype, "kernel of " + match.linear.name)
         bias, bias_dtype = chain.shift, chain.bias_layout.dtype
-    if ones:
-        kernel = None
-    elif chain.forward:
-        check_representable(kernel, match.dtype, "kernel of " + match.linear.name)
     check_representable(bias, bias_dtype, "bias of " + match.linear.name)
     return FoldedWeights(kernel, bias, bias_dtype)
 
