@@ -6,8 +6,10 @@ outputs from every signature on valid inputs (real vocabulary words).
 """
 
 import os
+import re
 import shutil
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -232,3 +234,68 @@ def test_keras3_grouped_conv_folds_across_its_xla_call_and_stays_compiled(tmp_pa
     assert xla_functions_with(out, "Conv2D") and xla_functions_with(src, "Conv2D")
     top_level = [n.op for n in tf.saved_model.load(out).signatures["serving_default"].graph.as_graph_def().node]
     assert "Rsqrt" not in _ops(out, "serving_default") and "Mul" not in _ops(out, "serving_default"), top_level
+
+
+def _custom_gradient_module(path):
+    """A tf.function whose op has a tf.custom_gradient (a registered gradient in the library)."""
+
+    @tf.custom_gradient
+    def clipped_identity(x):
+        return tf.identity(x), lambda dy: tf.clip_by_value(dy, -1.0, 1.0)
+
+    class CustomGradient(tf.Module):
+        def __init__(self):
+            self.scale = tf.Variable([0.5, 2.0, 3.0])
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32)])
+        def serve(self, x):
+            return {"y": clipped_identity(x) * self.scale}
+
+    module = CustomGradient()
+    tf.saved_model.save(module, path, signatures={"serving_default": module.serve},
+                        options=tf.saved_model.SaveOptions(experimental_custom_gradients=True))
+    return {"serving_default": [{"x": io_models.RNG.standard_normal((2, 3)).astype(np.float32)}]}
+
+
+@pytest.mark.parametrize("build", [io_models.static_hash_table, io_models.counter, io_models.two_input_functions,
+                                   _custom_gradient_module], ids=lambda b: b.__name__)
+def test_load_leaves_out_only_the_checkpoint_functions_and_loads_the_same_model(build, tmp_path):
+    from tensorflow.python.saved_model import loader_impl
+    from tf_bnfuse import savedmodel
+
+    path = str(tmp_path / "model")
+    inputs = build(path)
+    meta_graph = loader_impl.parse_saved_model(path).meta_graphs[0]
+    library = {f.signature.name for f in meta_graph.graph_def.library.function}
+    left_out = library - savedmodel._functions_the_object_graph_calls(meta_graph)
+    assert sorted(re.sub(r"_\d+$", "", name) for name in left_out) == [
+        "__inference__traced_restore", "__inference__traced_save"]
+
+    ours, theirs = savedmodel.load(path, ["serve"]), tf.saved_model.load(path)
+    assert sorted(ours.signatures) == sorted(theirs.signatures)
+    for key, calls in inputs.items():
+        for feeds in calls:  # the counter's second call sees the state its first call left
+            expected = theirs.signatures[key](**{k: tf.constant(v) for k, v in feeds.items()})
+            actual = ours.signatures[key](**{k: tf.constant(v) for k, v in feeds.items()})
+            for output in expected:
+                np.testing.assert_array_equal(actual[output].numpy(), expected[output].numpy())
+    if build is io_models.two_input_functions:
+        x = tf.constant(io_models.RNG.standard_normal((2, 4)).astype(np.float32))
+        np.testing.assert_array_equal(ours.scale_only(x).numpy(), theirs.scale_only(x).numpy())
+
+
+def test_load_falls_back_to_tensorflows_own_when_the_pruned_load_fails(tmp_path, monkeypatch):
+    from tf_bnfuse import savedmodel
+
+    path = str(tmp_path / "model")
+    feeds = io_models.two_input_functions(path)["serving_default"][0]
+
+    def changed_proto(meta_graph):
+        raise AttributeError("a TensorFlow whose SavedModel proto changed")
+
+    monkeypatch.setattr(savedmodel, "_functions_the_object_graph_calls", changed_proto)
+    loaded = savedmodel.load(path, ["serve"])
+    assert hasattr(loaded, "scale_only")
+    outputs = loaded.signatures["serving_default"](**{k: tf.constant(v) for k, v in feeds.items()})
+    expected = tf.saved_model.load(path).signatures["serving_default"](**{k: tf.constant(v) for k, v in feeds.items()})
+    np.testing.assert_array_equal(outputs["y"].numpy(), expected["y"].numpy())
