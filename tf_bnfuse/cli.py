@@ -6,6 +6,7 @@ to stderr too (--quiet silences it); --verbosity=1 adds TensorFlow's own log
 lines and the traceback of an internal error.
 """
 
+import atexit
 import ctypes
 import json
 import logging as std_logging
@@ -278,7 +279,36 @@ def _main(argv):
 
 def run():
     """Console-script entry point."""
-    app.run(main, flags_parser=parse_flags)
+    try:
+        app.run(main, flags_parser=parse_flags)
+    except SystemExit as e:
+        _exit_without_teardown(e.code)
+
+
+def _exit_without_teardown(code):
+    """Exits with `code` once everything is written, skipping the interpreter's teardown.
+
+    Tearing down a process that has loaded TensorFlow and two SavedModels
+    (freeing every Python object, then TF's C++ destructors) took 0.65-0.7 s
+    of a 6.6 s run on Keras 3 MobileNetV2, after the output was in place.
+    atexit handlers still run (absl and logging flush there) and both streams
+    are flushed; then os._exit. Only for the CLI's own process, and only once
+    TensorFlow is loaded: --help and errors before it exit as usual.
+    """
+    if "tensorflow" not in sys.modules:
+        sys.exit(code)
+    if code is None:
+        code = errors.EXIT_OK
+    elif not isinstance(code, int):  # sys.exit("message") semantics
+        sys.stderr.write("%s\n" % code)
+        code = 1
+    atexit._run_exitfuncs()  # pylint: disable=protected-access
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more to say on it
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":
