@@ -80,3 +80,23 @@ def test_integer_ids_are_drawn_below_the_embedding_rows(exported, tmp_path, name
     [key] = original.structured_input_signature[1]
     assert_same_outputs({k: v.numpy() for k, v in original(**{key: ids}).items()},
                         {k: v.numpy() for k, v in folded(**{key: ids}).items()})
+
+
+@pytest.mark.parametrize("users_setting", [False, True])
+def test_the_original_runs_without_grappler_and_the_users_setting_comes_back(users_setting):
+    from tf_bnfuse import verify
+
+    def meta_optimizer_disabled():
+        return tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
+
+    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": users_setting})
+    try:
+        with verify.as_written():
+            assert meta_optimizer_disabled()
+        assert meta_optimizer_disabled() == users_setting
+        with pytest.raises(ZeroDivisionError):
+            with verify.as_written():
+                1 / 0
+        assert meta_optimizer_disabled() == users_setting
+    finally:
+        tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": False})

@@ -110,7 +110,7 @@ def check(model_content, original, test_inputs, verify_config):
     checks = []
     for key in sorted(original):
         inputs = test_inputs[key]
-        with tf.device("/device:CPU:0"):
+        with tf.device("/device:CPU:0"), verify_lib.as_written():
             expected = original[key](**{k: tf.constant(v) for k, v in inputs.items()})
         # A single-signature SavedModel may come out of the converter under another key.
         tflite_key = key if key in available else (next(iter(available)) if len(available) == 1 else None)
