@@ -257,8 +257,29 @@ def _custom_gradient_module(path):
     return {"serving_default": [{"x": io_models.RNG.standard_normal((2, 3)).astype(np.float32)}]}
 
 
+def _alternative_implementations_module(path):
+    """Two tf.functions implementing one interface, as tf-keras' LSTM declares its standard and
+    cuDNN versions: the graph calls one, Grappler's implementation selector may swap in the other."""
+    attributes = {"api_implements": "scale_%s" % io_models.RNG.integers(1 << 30)}
+    cpu = tf.function(lambda x: x * 2.0, experimental_attributes=dict(attributes, api_preferred_device="CPU"),
+                      autograph=False)
+    gpu = tf.function(lambda x: x + x, experimental_attributes=dict(attributes, api_preferred_device="GPU"),
+                      autograph=False)
+
+    class Alternatives(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32)])
+        def serve(self, x):
+            gpu.get_concrete_function(x).add_to_graph()  # in the library, called by nothing (as tf-keras does)
+            return {"y": cpu(x)}
+
+    module = Alternatives()
+    tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
+    return {"serving_default": [{"x": io_models.RNG.standard_normal((2, 3)).astype(np.float32)}]}
+
+
 @pytest.mark.parametrize("build", [io_models.static_hash_table, io_models.counter, io_models.two_input_functions,
-                                   _custom_gradient_module], ids=lambda b: b.__name__)
+                                   _custom_gradient_module, _alternative_implementations_module],
+                         ids=lambda b: b.__name__)
 def test_load_leaves_out_only_the_checkpoint_functions_and_loads_the_same_model(build, tmp_path):
     from tensorflow.python.saved_model import loader_impl
     from tf_bnfuse import savedmodel

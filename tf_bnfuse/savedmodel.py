@@ -105,9 +105,12 @@ def load(path, tags):
 
 def _functions_the_object_graph_calls(meta_graph):
     """Names of the library functions the object graph's concrete functions call, directly or
-    through calls inside them (by op type or func attr), with every gradient function."""
+    through calls inside them (by op type or func attr), with every gradient function and
+    every function with an api_implements attr (Grappler's implementation selector calls
+    those by that attr: tf-keras' cuDNN LSTM and GRU)."""
     library = {f.signature.name: f for f in meta_graph.graph_def.library.function}
     pending = list(meta_graph.object_graph_def.concrete_functions)
+    pending += [name for name, f in library.items() if "api_implements" in f.attr]
     pending += [g.gradient_func for g in meta_graph.graph_def.library.gradient]
     pending += [g.gradient_func for g in meta_graph.graph_def.library.registered_gradients]
     called = set()
