@@ -82,7 +82,10 @@ class VerificationReport:
 @contextlib.contextmanager
 def as_written():
     """Calls inside run their graphs without Grappler (the original's calls, everywhere the same:
-    a function called again under another optimizer config is instantiated again)."""
+    a function called again under another optimizer config is instantiated again).
+
+    The setting is the process's: a function another thread first calls meanwhile is built
+    without Grappler too. The caller's own setting comes back on exit."""
     before = tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
     tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
     try:
