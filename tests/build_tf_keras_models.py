@@ -100,6 +100,14 @@ def residual_leaky_relu():
     return keras.Model(inputs, L.LeakyReLU(alpha=0.1)(L.Add()([x, inputs])))
 
 
+def leaky_residual_then_bn():
+    """conv with bias -> residual add -> LeakyReLU(0.1) in the INPUT (what TF's oneDNN remapper
+    computes with alpha 0.2), then conv -> batch norm to fold."""
+    inputs = keras.Input((8, 8, 4), name="image")
+    x = L.LeakyReLU(alpha=0.1)(L.Add()([L.Conv2D(4, 3, padding="same")(inputs), inputs]))
+    return keras.Model(inputs, L.BatchNormalization()(L.Conv2D(6, 3, padding="same")(x)))
+
+
 def lstm_dense_bn():
     """LSTM (return_sequences) -> Dense -> BatchNormalization: a While loop, then a foldable MatMul."""
     return _sequential((5, 3), L.LSTM(4, return_sequences=True), L.Dense(6), L.BatchNormalization())
@@ -129,7 +137,7 @@ def mobilenet_v2():
                                           classifier_activation=None)
 
 
-MODELS = {f.__name__: f for f in (conv_bn, residual_leaky_relu, lstm_dense_bn, gru_dense_bn, grouped_conv_bn, pool_bn_conv, dense_rank3_bn, conv_no_bias_bn, dilated_conv_bn, dilated_depthwise_bn, depthwise_bn, separable_bn, conv_transpose_bn,
+MODELS = {f.__name__: f for f in (conv_bn, residual_leaky_relu, leaky_residual_then_bn, lstm_dense_bn, gru_dense_bn, grouped_conv_bn, pool_bn_conv, dense_rank3_bn, conv_no_bias_bn, dilated_conv_bn, dilated_depthwise_bn, depthwise_bn, separable_bn, conv_transpose_bn,
                                   conv3d_bn, channels_first_bn, conv1d_bn, dense_bn, branch_bn, mobilenet_v2_small, resnet50,
                                   mobilenet_v2)}
 

@@ -20,7 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SMALL = ["conv_bn", "pool_bn_conv", "dense_rank3_bn", "conv_no_bias_bn", "dilated_conv_bn", "dilated_depthwise_bn", "depthwise_bn", "separable_bn", "conv_transpose_bn", "conv3d_bn",
          "channels_first_bn", "conv1d_bn", "dense_bn", "branch_bn", "mobilenet_v2_small", "residual_leaky_relu"]
 RECURRENT = ["lstm_dense_bn", "gru_dense_bn"]
-OTHER = ["grouped_conv_bn"]
+OTHER = ["grouped_conv_bn", "leaky_residual_then_bn"]
 LARGE = ["resnet50", "mobilenet_v2"]
 WITHOUT_BIAS = {"conv_no_bias_bn", "mobilenet_v2_small"}  # their convs have use_bias=False
 
@@ -114,6 +114,56 @@ def test_tf_keras_grouped_conv_folds_across_its_xla_call_and_stays_compiled(tf_k
     compare_in_fresh_process(src, out, {"serving_default": [{"image": x}]})
     assert xla_functions_with(out, "Conv2D")
     assert not {"FusedBatchNormV3", "Rsqrt"} & set(data_path_ops(out))
+
+
+def _grappler_misfuses_leaky_relu():
+    """Whether this TensorFlow, run with Grappler, computes conv + bias + residual add +
+    LeakyRelu(0.1) otherwise than its ops say (oneDNN's fusion with alpha 0.2)."""
+    import tensorflow as tf
+    rng = np.random.default_rng(3)
+    kernel, bias = rng.standard_normal((3, 3, 4, 4)).astype(np.float32), rng.standard_normal(4).astype(np.float32)
+    x = tf.constant(rng.standard_normal((1, 8, 8, 4)).astype(np.float32))
+
+    def block(x):
+        return tf.nn.leaky_relu(tf.nn.bias_add(tf.nn.conv2d(x, kernel, 1, "SAME"), bias) + x, alpha=0.1)
+    return not np.allclose(tf.function(block)(x).numpy(), block(x).numpy(), atol=1e-4)
+
+
+def test_tf_keras_input_that_grappler_misfuses_is_held_to_its_graph_as_written(tf_keras_models, tmp_path):
+    """The INPUT has TF's misfused chain: as TF runs it (Grappler, oneDNN), its LeakyRelu takes
+    alpha 0.2. The folded model computes its graph as written (the remapper does not fuse its
+    copy of the chain), so it matches only the input as written: the run passes, and says
+    how far the output is from the input as TF runs it. Judged in a fresh process, against TF
+    running the input with Grappler off."""
+    if not _grappler_misfuses_leaky_relu():
+        pytest.skip("this TensorFlow computes conv + bias + add + LeakyRelu(0.1) as written with Grappler "
+                    "(no oneDNN misfusion here): nothing differs to fall back on")
+    import tensorflow as tf
+    from graphs import assert_same_outputs
+    from savedmodel_checks import run_in_fresh_process
+    from tf_bnfuse.summary import format_run
+    src, out = tf_keras_models["leaky_residual_then_bn"], str(tmp_path / "out")
+    report = fold_saved_model(src, out, tflite_output=str(tmp_path / "model.tflite"))
+    assert report.verification.ok and report.tflite.ok
+    assert len(report.signatures["serving_default"].folds) == 1
+    differs = report.verification.grappler_differs
+    assert differs and all(k.startswith("serving_default on ") for k in differs), differs
+    assert min(differs.values()) > 0.01  # alpha 0.2 instead of 0.1 on the negative half
+    assert "Grappler computes the INPUT otherwise than its graph says" in format_run(report)
+    assert "__call__" in report.kept_functions  # root_functions.check falls back the same way
+
+    x = np.random.default_rng(9).standard_normal((2, 8, 8, 4)).astype(np.float32)
+    folded, input_as_run = run_in_fresh_process([(out, None, "serving_default", {"image": x}),
+                                                 (src, None, "serving_default", {"image": x})])
+    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
+    try:
+        input_as_written = {k: v.numpy() for k, v in
+                            tf.saved_model.load(src).signatures["serving_default"](image=tf.constant(x)).items()}
+    finally:
+        tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": False})
+    assert_same_outputs(input_as_written, folded)
+    (key,) = folded
+    assert np.abs(folded[key] - input_as_run[key]).max() > 0.01
 
 
 def test_tf_keras_model_called_directly_runs_the_folded_graph(tf_keras_models, tmp_path):

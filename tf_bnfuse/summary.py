@@ -51,6 +51,10 @@ def format_run(report):
             lines.append("  %s/%s on %s: max abs error %.3g, max rel error %.3g (rtol %g, atol %g: %s) %s" % (
                 c.signature, c.output, c.device, c.max_abs_error, c.max_rel_error, c.rtol, c.atol, c.precision,
                 "ok" if c.ok else "FAILED"))
+        for where, difference in verification.grappler_differs.items():
+            lines.append("  WARNING: %s: TensorFlow's Grappler computes the INPUT otherwise than its graph says (a "
+                         "TensorFlow bug, such as oneDNN's LeakyRelu fusion); the output computes the graph as "
+                         "written, and differs from the input as TensorFlow runs it by up to %.3g" % (where, difference))
         if verification.checks and not verification.compared:
             lines.append("  WARNING: every output is random: nothing could be compared")
     tflite = report.tflite
