@@ -97,7 +97,9 @@ def load(path, tags):
             loaded = _load_without_unreferenced_functions(path, tags)
         except Exception:  # pylint: disable=broad-except
             loaded = None  # TF's own load below gives the error, or the object, as the user would get it
-        return loaded or tf.saved_model.load(path, tags=list(tags) if tags else None)
+        if loaded is None:
+            loaded = tf.saved_model.load(path, tags=list(tags) if tags else None)
+        return loaded
     except Exception as e:  # TF raises many types here; all mean the same to the user.
         raise errors.BadInputError("cannot load SavedModel %s with tags %s: %s" % (
             path, ",".join(tags or []), _first_line(e)))
