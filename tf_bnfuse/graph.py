@@ -37,6 +37,10 @@ def canonical_tensor(input_str):
     return name, port
 
 
+# The ops that call one function by their `f` attr, with the node's inputs as its arguments.
+CALL_OPS = frozenset({"PartitionedCall", "StatefulPartitionedCall"})
+
+
 def called_function_names(node):
     """The names of the library functions a node's attributes name (a call's `f`, a While's
     `body` and `cond`, an If's branches, a Case's `branches`)."""

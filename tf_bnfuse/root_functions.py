@@ -19,10 +19,10 @@ import numpy as np
 import tensorflow as tf
 
 from tf_bnfuse import errors
+from tf_bnfuse import graph as graph_lib
 from tf_bnfuse import resources
 from tf_bnfuse import verify as verify_lib
 
-_CALL_OPS = ("PartitionedCall", "StatefulPartitionedCall")
 _FUNCTION_KINDS = (tf.types.experimental.GenericFunction, tf.types.experimental.ConcreteFunction)
 
 
@@ -69,7 +69,7 @@ def _forwarded_call_output(tensor):
     """(call op, port) when `tensor` is a call's output through Identities, else (None, None)."""
     while tensor.op.type == "Identity":
         tensor = tensor.op.inputs[0]
-    if tensor.op.type in _CALL_OPS:
+    if tensor.op.type in graph_lib.CALL_OPS:
         return tensor.op, tensor.value_index
     return None, None
 
@@ -206,12 +206,10 @@ def _alias_by_value(loaded, name, concrete, key, signature, feeds, verify_config
         expected = {k: np.asarray(v) for k, v in signature(**tensors).items()}
         return _matching_outputs(flat, expected, verify_config)
     try:
-        output_keys = output_keys_by_value()
-        if output_keys is None:
-            # Grappler can compute two graphs of one model differently (a TensorFlow bug,
-            # verify.py); as written, both compute what the model says.
-            with verify_lib.as_written():
-                output_keys = output_keys_by_value()
+        # Grappler can compute two graphs of one model differently (a TensorFlow bug,
+        # verify.py); as written, both compute what the model says.
+        output_keys, _ = verify_lib.unless_accepted_as_written(output_keys_by_value(), output_keys_by_value,
+                                                               lambda keys: keys is not None)
     except (tf.errors.OpError, ValueError, TypeError):
         return None
     if output_keys is None:
@@ -346,11 +344,11 @@ def check(original, reloaded, aliases, inputs, verify_config=None, precisions=No
                                                "nothing written" % (described, errors.most_specific_line(e)))
             if verify_config is None:
                 continue
-            mismatch = _first_mismatch(getattr(original, name), alias, feeds, actual, verify_config, precisions)
-            if mismatch is not None:  # the input as written, as verify() falls back to
-                with verify_lib.as_written():
-                    mismatch = _first_mismatch(getattr(original, name), alias, feeds, actual, verify_config,
-                                               precisions)
+
+            def mismatch_with_original():
+                return _first_mismatch(getattr(original, name), alias, feeds, actual, verify_config, precisions)
+            mismatch, _ = verify_lib.unless_accepted_as_written(mismatch_with_original(), mismatch_with_original,
+                                                                lambda found: found is None)
             if mismatch is not None:
                 raise errors.VerificationError(
                     "verification failed: %s output %d differs from the input's (max abs error %.3g); "

@@ -122,11 +122,8 @@ def _functions_the_object_graph_calls(meta_graph):
             continue
         called.add(name)
         for node in library[name].node_def:
-            pending.append(node.op)
-            for attr in node.attr.values():
-                if attr.HasField("func"):
-                    pending.append(attr.func.name)
-                pending.extend(f.name for f in attr.list.func)
+            pending.append(node.op)  # a function called by its own name
+            pending.extend(graph_lib.called_function_names(node))
     return called
 
 

@@ -54,7 +54,8 @@ def format_run(report):
         for where, difference in verification.grappler_differs.items():
             lines.append("  WARNING: %s: TensorFlow's Grappler computes the INPUT otherwise than its graph says (a "
                          "TensorFlow bug, such as oneDNN's LeakyRelu fusion); the output computes the graph as "
-                         "written, and differs from the input as TensorFlow runs it by up to %.3g" % (where, difference))
+                         "written, and differs from the input as TensorFlow runs it by up to %.3g"
+                         % (where, difference))
         if verification.checks and not verification.compared:
             lines.append("  WARNING: every output is random: nothing could be compared")
     tflite = report.tflite

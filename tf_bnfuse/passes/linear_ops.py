@@ -9,17 +9,17 @@ import numpy as np
 from tf_bnfuse import graph as graph_lib
 from tf_bnfuse.passes.grammar import LINEAR_OPS, LinearOpSpec, NoMatch
 
-# A call whose function computes one of the ops above from its arguments, and nothing else,
-# folds like that op: its kernel argument gets the folded kernel, the new bias goes after the
-# call, and the function (a Keras grouped convolution's jit_compile function: TF's CPU
-# Conv2D has no grouped kernel, so it must stay compiled by XLA) is left as it is.
-CALL_OPS = frozenset({"PartitionedCall", "StatefulPartitionedCall"})
+# A call (graph.CALL_OPS) whose function computes one of the ops above from its arguments,
+# and nothing else, folds like that op: its kernel argument gets the folded kernel, the new
+# bias goes after the call, and the function (a Keras grouped convolution's jit_compile
+# function: TF's CPU Conv2D has no grouped kernel, so it must stay compiled by XLA) is left
+# as it is.
 _CALL_PLUMBING = frozenset({"Identity", "NoOp"})
 
 def _called_linear(index, node):
     """(linear op NodeDef in the function, call input of its kernel) for a call that computes
     one linear op of its arguments, or None."""
-    if node.op not in CALL_OPS or not node.attr["f"].HasField("func"):
+    if node.op not in graph_lib.CALL_OPS or not node.attr["f"].HasField("func"):
         return None
     function = index.function(node.attr["f"].func.name)
     if function is None or len(function.signature.output_arg) != 1:
@@ -50,7 +50,7 @@ def _called_linear(index, node):
 
 def linear_op_of(index, node):
     """(LinearOpSpec, the NodeDef whose attributes describe the op) of a linear op, or of a
-    call that computes one (CALL_OPS); None for anything else."""
+    call that computes one (graph.CALL_OPS); None for anything else."""
     if node.op in LINEAR_OPS:
         return LINEAR_OPS[node.op], node
     called = _called_linear(index, node)
