@@ -64,9 +64,9 @@ def _every_weight_outside_the_proto(request):
     if not getattr(request.module, "STORE_EVERY_WEIGHT", False):
         yield
         return
-    from tf_bnfuse import graph as graph_lib
-    saved, graph_lib.STORED_MIN_BYTES = graph_lib.STORED_MIN_BYTES, 1
+    from tf_bnfuse.graph import index as graph_index
+    saved, graph_index.STORED_MIN_BYTES = graph_index.STORED_MIN_BYTES, 1
     try:
         yield
     finally:
-        graph_lib.STORED_MIN_BYTES = saved
+        graph_index.STORED_MIN_BYTES = saved

@@ -4,7 +4,7 @@ import numpy as np
 import tensorflow as tf
 
 import graphs
-from tf_bnfuse import const_eval
+from tf_bnfuse.graph import const_eval
 from tf_bnfuse import graph as graph_lib
 
 

@@ -99,7 +99,7 @@ def test_a_root_function_no_signature_calls_is_kept_only_when_it_computes_the_sa
 
 def test_a_kept_root_function_that_computes_otherwise_fails_the_run(tmp_path, monkeypatch):
     """The wiring of a kept root function is checked before anything is written, even unverified."""
-    from tf_bnfuse import root_functions
+    from tf_bnfuse.savedmodel import root_functions
     original_find = root_functions.find
 
     def miswired(loaded, signatures):
@@ -282,7 +282,7 @@ def _alternative_implementations_module(path):
                          ids=lambda b: b.__name__)
 def test_load_leaves_out_only_the_checkpoint_functions_and_loads_the_same_model(build, tmp_path):
     from tensorflow.python.saved_model import loader_impl
-    from tf_bnfuse import savedmodel
+    from tf_bnfuse.savedmodel import write as savedmodel
 
     path = str(tmp_path / "model")
     inputs = build(path)
@@ -306,7 +306,7 @@ def test_load_leaves_out_only_the_checkpoint_functions_and_loads_the_same_model(
 
 
 def test_load_falls_back_to_tensorflows_own_when_the_pruned_load_fails(tmp_path, monkeypatch):
-    from tf_bnfuse import savedmodel
+    from tf_bnfuse.savedmodel import write as savedmodel
 
     path = str(tmp_path / "model")
     feeds = io_models.two_input_functions(path)["serving_default"][0]

@@ -8,7 +8,8 @@ import tensorflow as tf
 
 import graphs
 from tf_bnfuse import graph as graph_lib
-from tf_bnfuse import pipeline
+from tf_bnfuse.graph import index as graph_index
+from tf_bnfuse.passes import runner as pipeline
 
 
 def _conv_bn_graph():
@@ -57,16 +58,16 @@ def _loop_graph():
 def test_weights_held_outside_the_proto_give_the_same_graph_and_leave_nothing_behind(monkeypatch):
     for graph_def, outputs in [_conv_bn_graph(), _loop_graph()]:
         before = graph_def.SerializeToString(deterministic=True)
-        monkeypatch.setattr(graph_lib, "STORED_MIN_BYTES", 1 << 40)
+        monkeypatch.setattr(graph_index, "STORED_MIN_BYTES", 1 << 40)
         plain, _ = pipeline.run_pipeline(graph_def, outputs, pipeline_default())
-        monkeypatch.setattr(graph_lib, "STORED_MIN_BYTES", 1)
+        monkeypatch.setattr(graph_index, "STORED_MIN_BYTES", 1)
         stored, reports = pipeline.run_pipeline(graph_def, outputs, pipeline_default())
         assert any(r.folds for r in reports)
         assert stored.SerializeToString(deterministic=True) == plain.SerializeToString(deterministic=True)
         assert graph_def.SerializeToString(deterministic=True) == before  # the argument is untouched
         every_node = list(stored.node) + [n for f in stored.library.function for n in f.node_def]
         assert not [n.name for n in every_node if graph_lib.WEIGHT_KEY_ATTR in n.attr]
-        assert graph_lib._STORES == []  # pylint: disable=protected-access
+        assert graph_index._STORES == []  # pylint: disable=protected-access
 
 
 def pipeline_default():

@@ -16,7 +16,7 @@ from savedmodel_checks import compare_outputs
 from test_cli import assert_one_line_error, run_cli
 from tf_bnfuse import fold_graph_def
 from tf_bnfuse import fold_saved_model
-from tf_bnfuse import output_dir
+from tf_bnfuse.savedmodel import output_dir
 
 
 def build_tf1_saved_model(path, tags, signature_key):

@@ -7,17 +7,17 @@ from absl import logging
 
 from tf_bnfuse import config as config_lib
 from tf_bnfuse import errors
-from tf_bnfuse import output_dir as output_dir_lib
-from tf_bnfuse import pipeline as pipeline_lib
-from tf_bnfuse import preflight
+from tf_bnfuse.savedmodel import output_dir as output_dir_lib
+from tf_bnfuse.passes import runner as pipeline_lib
+from tf_bnfuse.savedmodel import preflight
 from tf_bnfuse import report as report_lib
-from tf_bnfuse import resources
-from tf_bnfuse import root_functions
-from tf_bnfuse import savedmodel
-from tf_bnfuse import verify as verify_lib
-from tf_bnfuse import verify_inputs as test_inputs_lib
+from tf_bnfuse.savedmodel import resources
+from tf_bnfuse.savedmodel import root_functions
+from tf_bnfuse.savedmodel import write as savedmodel
+from tf_bnfuse.verify import compare as verify_lib
+from tf_bnfuse.verify import test_inputs as test_inputs_lib
 from tf_bnfuse import timing
-from tf_bnfuse import tflite as tflite_lib
+from tf_bnfuse.verify import tflite as tflite_lib
 from tf_bnfuse.passes import promote_float16
 
 DEFAULT_TAGS = ("serve",)

@@ -26,7 +26,7 @@ from absl import logging  # noqa: E402
 import tf_bnfuse  # noqa: E402
 from tf_bnfuse import config as config_lib  # noqa: E402
 from tf_bnfuse import errors  # noqa: E402
-from tf_bnfuse import preflight  # noqa: E402
+from tf_bnfuse.savedmodel import preflight  # noqa: E402
 
 EXIT_INTERRUPTED = 130
 FLAGS = flags.FLAGS

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework import op_def_registry
 
-from tf_bnfuse import const_eval
+from tf_bnfuse.graph import const_eval
 from tf_bnfuse import graph as graph_lib
 from tf_bnfuse import report as report_lib
 

@@ -20,8 +20,8 @@ import tensorflow as tf
 
 from tf_bnfuse import errors
 from tf_bnfuse import graph as graph_lib
-from tf_bnfuse import resources
-from tf_bnfuse import verify as verify_lib
+from tf_bnfuse.savedmodel import resources
+from tf_bnfuse.verify import compare as verify_lib
 
 _FUNCTION_KINDS = (tf.types.experimental.GenericFunction, tf.types.experimental.ConcreteFunction)
 

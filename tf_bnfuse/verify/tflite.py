@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 import tensorflow as tf
 
 from tf_bnfuse import errors
-from tf_bnfuse import verify as verify_lib
+from tf_bnfuse.verify import compare as verify_lib
 
 LINEAR_TFLITE_OPS = frozenset({"CONV_2D", "CONV_3D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV",
                                "CONV_3D_TRANSPOSE"})

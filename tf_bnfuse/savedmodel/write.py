@@ -19,10 +19,10 @@ from tensorflow.python.saved_model import load as tf_load
 from tensorflow.python.saved_model import loader_impl
 
 from tf_bnfuse import errors
-from tf_bnfuse.preflight import check_saved_model_dir
+from tf_bnfuse.savedmodel.preflight import check_saved_model_dir
 from tf_bnfuse import graph as graph_lib
-from tf_bnfuse import resources
-from tf_bnfuse import root_functions
+from tf_bnfuse.savedmodel import resources
+from tf_bnfuse.savedmodel import root_functions
 
 
 @dataclasses.dataclass

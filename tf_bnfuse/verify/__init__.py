@@ -1,0 +1,1 @@
+"""Verification: test inputs, the comparison on every device, and the TFLite check."""
