@@ -12,7 +12,8 @@ import numpy as np
 import graphs
 from tf_bnfuse import fold_graph_def
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                "benchmarks"))
 import synthetic_graphs  # noqa: E402
 
 
