@@ -8,7 +8,7 @@ weights=None-style random weights and random batch-norm statistics), then:
 the TFLite converter on the original SavedModel; tf_bnfuse on it with
 --tflite_output (fold_saved_model(..., tflite_output=...)), which converts the
 folded SavedModel (float16 compute promoted to float32 first, if any). "BN ops left" counts the MUL/ADD a batch
-norm leaves next to a linear op in the .tflite model (tf_bnfuse.tflite's
+norm leaves next to a linear op in the .tflite model (tf_bnfuse.verify.tflite's
 count, also given for the original); MUL total counts every MUL in the
 .tflite model. The error is the folded .tflite model's outputs against the
 original SavedModel's (not the original .tflite), relative to the output's

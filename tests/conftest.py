@@ -26,6 +26,7 @@ import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "examples"))
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))  # keras_flavour: one batch-norm randomizer for all
 
 
 def tree_digest(path):
@@ -59,14 +60,14 @@ settings.load_profile("ci")
 @pytest.fixture(autouse=True, scope="module")
 def _every_weight_outside_the_proto(request):
     """A module that sets STORE_EVERY_WEIGHT = True builds graphs of tiny constants: run_pipeline
-    then holds every one of them in its WeightStore (graph.py), not only the big ones a real
+    then holds every one of them in its WeightStore (graph/weights.py), not only the big ones a real
     model has, so that the graph-level tests exercise that path on every pattern."""
     if not getattr(request.module, "STORE_EVERY_WEIGHT", False):
         yield
         return
-    from tf_bnfuse.graph import index as graph_index
-    saved, graph_index.STORED_MIN_BYTES = graph_index.STORED_MIN_BYTES, 1
+    from tf_bnfuse.graph import weights as weights_lib
+    saved, weights_lib.STORED_MIN_BYTES = weights_lib.STORED_MIN_BYTES, 1
     try:
         yield
     finally:
-        graph_index.STORED_MIN_BYTES = saved
+        weights_lib.STORED_MIN_BYTES = saved

@@ -33,9 +33,8 @@ def _words(shape):
 
 def _randomize_keras_batch_norms(model):
     import keras
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.set_weights(list(_random_bn(layer.gamma.shape[0])))
+    import keras_flavour  # benchmarks/, on the path from conftest: one randomizer for tests and benchmark
+    keras_flavour.randomize_batch_norms(keras, model, RNG)
 
 
 def static_hash_table(path):

@@ -132,7 +132,7 @@ def test_output_inside_the_input_is_refused(example_model):
         fold_saved_model(example_model, os.path.join(example_model, "folded"))
 
 
-def perturb_kernel(graph_def, outputs):
+def perturb_kernel(context, graph_def, outputs):  # pylint: disable=unused-argument
     """A test-only pass that makes a wrong fold: it scales one conv kernel by 1.01."""
     from tf_bnfuse import graph as graph_lib
     from tf_bnfuse import report as report_lib

@@ -107,8 +107,9 @@ def test_stale_scratch_of_a_dead_process_is_removed_and_a_live_ones_kept(example
 
 @pytest.fixture(scope="module")
 def resnet50(tmp_path_factory):
-    import keras3_models
-    path, _ = keras3_models.build("resnet50_small", str(tmp_path_factory.mktemp("resnet")))
+    import keras
+    import model_zoo
+    path, _ = model_zoo.build(keras, "resnet50_small", str(tmp_path_factory.mktemp("resnet")))
     return path
 
 

@@ -1,7 +1,7 @@
 """fold_saved_model on tf-keras (Keras 2) models saved as SavedModels.
 
 The models are built in one subprocess with TF_USE_LEGACY_KERAS=1 (see
-build_tf_keras_models.py). The reference is the original SavedModel, run here.
+model_zoo.py). The reference is the original SavedModel, run here.
 """
 
 import os
@@ -30,7 +30,7 @@ def tf_keras_models(tmp_path_factory):
     out = tmp_path_factory.mktemp("tf_keras")
     env = dict(os.environ, TF_USE_LEGACY_KERAS="1")
     names = SMALL + RECURRENT + OTHER + LARGE
-    subprocess.run([sys.executable, os.path.join(HERE, "build_tf_keras_models.py"), str(out)] + names,
+    subprocess.run([sys.executable, os.path.join(HERE, "model_zoo.py"), "tf_keras", str(out)] + names,
                    check=True, env=env, timeout=1200, capture_output=True)
     return {name: str(out / name) for name in names}
 
@@ -141,7 +141,7 @@ def test_tf_keras_input_that_grappler_misfuses_is_held_to_its_graph_as_written(t
     import tensorflow as tf
     from graphs import assert_same_outputs
     from savedmodel_checks import run_in_fresh_process
-    from tf_bnfuse.summary import format_run
+    from tf_bnfuse.report import format_run
     src, out = tf_keras_models["leaky_residual_then_bn"], str(tmp_path / "out")
     report = fold_saved_model(src, out, tflite_output=str(tmp_path / "model.tflite"))
     assert report.verification.ok and report.tflite.ok

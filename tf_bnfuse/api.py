@@ -1,24 +1,33 @@
-"""The Python API: fold a GraphDef in memory, or a SavedModel from disk to disk."""
+"""The Python API: fold a GraphDef in memory, or a SavedModel from disk to disk.
+
+fold_saved_model is a sequence of phases over one _Run: load, fold the signatures, make
+the test inputs, write, verify, TFLite, move into place. saved_model.pb is parsed once.
+"""
 
 import dataclasses
 import os
+from typing import Optional
 
 from absl import logging
 
 from tf_bnfuse import config as config_lib
 from tf_bnfuse import errors
-from tf_bnfuse.savedmodel import output_dir as output_dir_lib
-from tf_bnfuse.passes import runner as pipeline_lib
-from tf_bnfuse.savedmodel import preflight
 from tf_bnfuse import report as report_lib
+from tf_bnfuse.passes import promote_float16
+from tf_bnfuse.passes import runner
+from tf_bnfuse.passes.context import PassContext
+from tf_bnfuse.savedmodel import freeze as freeze_lib
+from tf_bnfuse.savedmodel import load as load_lib
+from tf_bnfuse.savedmodel import output_dir as output_dir_lib
+from tf_bnfuse.savedmodel import preflight
 from tf_bnfuse.savedmodel import resources
 from tf_bnfuse.savedmodel import root_functions
-from tf_bnfuse.savedmodel import write as savedmodel
+from tf_bnfuse.savedmodel import tf1
+from tf_bnfuse.savedmodel import write as write_lib
 from tf_bnfuse.verify import compare as verify_lib
+from tf_bnfuse.verify import root_functions as root_function_checks
 from tf_bnfuse.verify import test_inputs as test_inputs_lib
-from tf_bnfuse import timing
 from tf_bnfuse.verify import tflite as tflite_lib
-from tf_bnfuse.passes import promote_float16
 
 DEFAULT_TAGS = ("serve",)
 
@@ -43,31 +52,52 @@ def fold_graph_def(graph_def, outputs=None, config=None):
     """
     config = _resolve_config(config)
     if outputs is None:
-        outputs = pipeline_lib.default_outputs(graph_def)
-    new_graph_def, pass_reports = pipeline_lib.run_pipeline(graph_def, list(outputs), config["pipeline"])
+        outputs = runner.default_outputs(graph_def)
+    new_graph_def, pass_reports = runner.run_pipeline(graph_def, list(outputs), config["pipeline"])
     return new_graph_def, report_lib.GraphReport(len(graph_def.node), len(new_graph_def.node), pass_reports)
 
 
-def _promoted(folded):
-    """The folded signatures with float16 compute promoted to float32 (TFLite has no float16 convs)."""
-    promoted, by_graph = {}, {}
-    for key, sig in folded.items():
-        if id(sig.graph_def) not in by_graph:  # signatures sharing a graph keep sharing it
-            by_graph[id(sig.graph_def)] = promote_float16.run(sig.graph_def, sig.output_tensors)[0]
-        promoted[key] = dataclasses.replace(sig, graph_def=by_graph[id(sig.graph_def)])
-    return promoted
+@dataclasses.dataclass
+class _Run:
+    """What the phases of one fold_saved_model run share; each phase fills in its part."""
+    saved_model_dir: str
+    output_dir: str
+    signature_keys: Optional[list]
+    tags: tuple
+    config: dict
+    verify: bool
+    tflite_output: Optional[str]
+    verify_inputs: Optional[str]
+    model: load_lib.SavedModelFile
+    report: report_lib.RunReport
+    timeline: report_lib.Timeline = dataclasses.field(default_factory=report_lib.Timeline)
+    # load
+    loaded: object = None
+    functions: dict = None  # signature key -> ConcreteFunction
+    aliases: dict = None  # root function name -> [RootAlias]
+    pending_traces: dict = None
+    vocabulary: list = None
+    input_specs: dict = None  # signature -> {input: TensorSpecInfo}
+    given: dict = None  # signature -> {input: array} from --verify_inputs
+    # fold
+    folded: dict = dataclasses.field(default_factory=dict)  # signature -> FrozenSignature with the folded graph
+    bounds: dict = dataclasses.field(default_factory=dict)  # signature -> {input: IndexBound}
+    precisions: dict = dataclasses.field(default_factory=dict)  # signature -> {output: half precision}
+    output_specs: dict = None  # signature -> {output: TensorSpecInfo}
+    inputs: dict = None  # signature -> {input: array}: the test inputs
+    # write
+    scratch: Optional[str] = None
+    built: Optional[str] = None
+    tflite_scratch: Optional[str] = None
+    initializers: list = None
+    references: dict = None  # signature -> what its output is compared with
 
+    @property
+    def verify_config(self):
+        return self.config.get("verify", {})
 
-def _check_metagraphs(saved_model_dir, tags, drop_other_metagraphs):
-    """Refuses up front to drop MetaGraphs silently: the output holds one, for `tags`."""
-    others = [t for t in savedmodel.read_tag_sets(saved_model_dir) if t != sorted(tags)]
-    if others and not drop_other_metagraphs:
-        raise errors.BadInputError(
-            "SavedModel %s has %d other MetaGraph(s) (tags %s) besides %s; the output holds one MetaGraph, "
-            "so they would be dropped: fold each with --tags into its own output, or pass "
-            "--drop_other_metagraphs" % (saved_model_dir, len(others), "; ".join(",".join(t) or "(none)"
-                                                                            for t in others), ",".join(tags)))
-    return others
+    def phase(self, name):
+        return self.timeline.phase(name)
 
 
 def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFAULT_TAGS,
@@ -89,139 +119,199 @@ def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFA
     drop_other_metagraphs: allow an input with MetaGraphs for other tag sets
     (they are not in the output); without it such an input is refused.
     verify_inputs: a .npz of arrays named INPUT or SIGNATURE/INPUT to verify
-    on, instead of generated values (see verify_inputs.given_inputs).
+    on, instead of generated values (see verify/test_inputs.given_inputs).
     """
     config = _resolve_config(config)
     preflight.check_all(saved_model_dir, output_dir, overwrite, tflite_output, verify_inputs=verify_inputs)
     tags = tuple(tags) if tags else DEFAULT_TAGS
-    savedmodel.check_tags(saved_model_dir, tags)
-    run = report_lib.RunReport(saved_model_dir, output_dir, {})
-    run.dropped_metagraphs = [",".join(t) for t in _check_metagraphs(saved_model_dir, tags, drop_other_metagraphs)]
-    timeline = timing.Timeline()
+    model = load_lib.read(saved_model_dir)  # the one parse of saved_model.pb
+    model.check_tags(tags)
+    run = _Run(saved_model_dir, output_dir, signature_keys, tags, config, verify, tflite_output, verify_inputs,
+               model, report_lib.RunReport(saved_model_dir, output_dir, {}))
+    run.report.dropped_metagraphs = [",".join(t) for t in _check_metagraphs(model, tags, drop_other_metagraphs)]
     try:
-        _fold_saved_model(run, timeline, saved_model_dir, output_dir, signature_keys, tags, config, verify,
-                          tflite_output, verify_inputs)
+        _run_phases(run)
     except BaseException as e:  # KeyboardInterrupt too: the CLI reports what was done
-        run.phases = timeline.to_list()
-        e.run_report = run
+        run.report.phases = run.timeline.to_list()
+        e.run_report = run.report
         raise
-    run.phases = timeline.to_list()
-    return run
+    run.report.phases = run.timeline.to_list()
+    return run.report
 
 
-def _fold_saved_model(run, timeline, saved_model_dir, output_dir, signature_keys, tags, config, verify,
-                      tflite_output, verify_inputs):
-    """fold_saved_model's work; fills `run` (a RunReport) as it goes."""
-    phase = timeline.phase
-    verify_config = config.get("verify", {})
-    with phase("load"):
-        loaded = savedmodel.load(saved_model_dir, tags)
-        functions = savedmodel.select_signatures(loaded, signature_keys, saved_model_dir)
-        owners = resources.resource_owners(loaded)
-        aliases, run.dropped_functions, pending_traces = root_functions.find(loaded, functions)
-    input_specs = {k: savedmodel.signature_inputs(f) for k, f in functions.items()}
-    given = test_inputs_lib.given_inputs(verify_inputs, input_specs) if verify_inputs else {}
-    folded, reports = {}, run.signatures
-    bounds, precisions = {}, {}  # signature -> {input: IndexBound}, {output: half precision}
+def _check_metagraphs(model, tags, drop_other_metagraphs):
+    """Refuses up front to drop MetaGraphs silently: the output holds one, for `tags`."""
+    others = model.other_tag_sets(tags)
+    if others and not drop_other_metagraphs:
+        raise errors.BadInputError(
+            "SavedModel %s has %d other MetaGraph(s) (tags %s) besides %s; the output holds one MetaGraph, "
+            "so they would be dropped: fold each with --tags into its own output, or pass "
+            "--drop_other_metagraphs" % (model.path, len(others), "; ".join(",".join(t) or "(none)"
+                                                                          for t in others), ",".join(tags)))
+    return others
+
+
+def _run_phases(run):
+    _load(run)
+    _fold_signatures(run)
+    _make_test_inputs(run)
+    parent = os.path.dirname(os.path.realpath(run.output_dir))
+    output_dir_lib.remove_stale_scratch(parent)
+    run.scratch = output_dir_lib.make_scratch(parent)
+    try:
+        _write(run)
+        _verify(run)
+        if run.tflite_output:
+            _convert_to_tflite(run)
+        _move_into_place(run)
+    finally:
+        output_dir_lib.remove_scratch(run.scratch)
+        if run.tflite_scratch and os.path.exists(run.tflite_scratch):
+            os.remove(run.tflite_scratch)
+
+
+def _load(run):
+    with run.phase("load"):
+        # Before the load: it prunes the proto's function library.
+        run.vocabulary = test_inputs_lib.model_vocabulary(run.saved_model_dir, run.model.proto)
+        run.loaded = load_lib.load(run.model, run.tags)
+        run.functions = freeze_lib.select_signatures(run.loaded, run.signature_keys, run.saved_model_dir)
+        run.aliases, run.report.dropped_functions, run.pending_traces = root_functions.find(
+            run.loaded, run.functions)
+    run.input_specs = {k: freeze_lib.signature_inputs(f) for k, f in run.functions.items()}
+    run.given = test_inputs_lib.given_inputs(run.verify_inputs, run.input_specs) if run.verify_inputs else {}
+
+
+def _fold_signatures(run):
+    """Freezes and folds each signature; one that is the same function as an earlier one
+    (Keras 3's serve and serving_default) is folded once and shares its result."""
+    owners = resources.resource_owners(run.loaded)
     first_with = {}  # signature fingerprint -> the first signature key that has it
-    for key, function in functions.items():
-        fingerprint = savedmodel.signature_fingerprint(function)
-        if fingerprint in first_with:
-            first = first_with[fingerprint]
-            folded[key] = dataclasses.replace(folded[first], key=key)
+    reports = run.report.signatures
+    for key, function in run.functions.items():
+        fingerprint = freeze_lib.signature_fingerprint(function)
+        first = first_with.setdefault(fingerprint, key)
+        if first != key:
+            run.folded[key] = dataclasses.replace(run.folded[first], key=key)
             reports[key] = dataclasses.replace(reports[first], same_as=first)
-            bounds[key], precisions[key] = bounds[first], precisions[first]
+            run.bounds[key], run.precisions[key] = run.bounds[first], run.precisions[first]
             logging.info("signature %s is the same function as %s: folded once", key, first)
             continue
-        first_with[fingerprint] = key
-        with phase("freeze %s" % key):
-            frozen = savedmodel.freeze(key, function, owners)
-            bounds[key] = test_inputs_lib.index_bounds(frozen.graph_def, frozen.inputs)
-        with phase("passes %s" % key):
-            nodes_before = len(frozen.graph_def.node)
-            graph_def, pass_reports = pipeline_lib.run_pipeline(
-                frozen.release_graph_def(), frozen.output_tensors, config["pipeline"], owns_input=True)
-            precisions[key] = verify_lib.output_precisions(graph_def, frozen.outputs)
-        reports[key] = report_lib.GraphReport(nodes_before, len(graph_def.node), pass_reports)
-        folded[key] = dataclasses.replace(frozen, graph_def=graph_def)
-        del frozen, graph_def  # the frozen weights: only the folded ones are needed from here on
-    output_specs = {k: sig.outputs for k, sig in folded.items()}
-    inputs = test_inputs_lib.make_inputs(input_specs, verify_config, test_inputs_lib.model_vocabulary(saved_model_dir),
-                                         bounds, given)
+        reports[key] = _fold_signature(run, key, function, owners)
+    run.output_specs = {k: sig.outputs for k, sig in run.folded.items()}
 
-    if pending_traces:
-        with phase("match root functions"):
-            root_functions.match_by_value(loaded, functions, pending_traces, aliases, run.dropped_functions, inputs,
-                                          verify_config)
-    run.kept_functions = sorted(aliases)
 
-    parent = os.path.dirname(os.path.realpath(output_dir))
-    output_dir_lib.remove_stale_scratch(parent)
-    scratch = output_dir_lib.make_scratch(parent)
-    # The .tflite is written beside its final name, so that its rename cannot cross filesystems.
-    tflite_scratch = "%s.tf_bnfuse-%d.tmp" % (tflite_output, os.getpid()) if tflite_output else None
-    try:
-        built = os.path.join(scratch, "saved_model")
-        initializers = savedmodel.initializers_to_keep(loaded)  # a TF1 model's main op, rebuilt once
-        with phase("write"):
-            savedmodel.write(folded, built, tags, initializers, aliases)
-        if not tflite_output:
-            folded = None  # the written model holds the weights now
-        # A signature found to be the same function as another (same graph, same
-        # variables) is checked against that one's original: its own copy would
-        # compute the same values and only cost a first call.
-        # A signature that only wraps a kept root function is compared with the original's
-        # root function (root_functions.references).
-        wrapped = root_functions.references(loaded, aliases, input_specs)
-        references = {}
-        for key in functions:
-            reference_key = reports[key].same_as or key
-            references[key] = wrapped.get(reference_key) or functions[reference_key]
-        with phase("verify"):
-            # Even unverified, the output is loaded and run: a model that cannot run is never written.
-            reloaded = savedmodel.load(built, tags)
-            reloaded_functions = {k: reloaded.signatures[k] for k in functions}
-            if verify:
-                run.verification = verify_lib.verify(references, reloaded_functions, inputs, output_specs,
-                                                     verify_config, precisions)
-                run.verification.inputs = test_inputs_lib.describe_integer_inputs(input_specs, bounds, given)
-            else:
-                verify_lib.smoke_test(reloaded_functions, inputs)
-            _raise_if_failed(run.verification)  # the signatures first: a root function only calls one
-            root_functions.check(loaded, reloaded, aliases, inputs, verify_config if verify else None, precisions)
-        if not verify:
-            logging.warning("verification skipped: the output of %s ran on test inputs but was NOT "
-                            "compared with the input", output_dir)
-        elif not run.verification.compared:
-            logging.warning("verification compared NOTHING: every output is random (it differs between two "
-                            "calls of the original on the same input): %s", ", ".join(
-                                run.verification.random_outputs()))
-        if tflite_output:
-            with phase("tflite"):
-                convert_dir = built
-                if any(promote_float16.has_half(sig.graph_def) for sig in folded.values()):
-                    convert_dir = os.path.join(scratch, "float32_for_tflite")
-                    savedmodel.write(_promoted(folded), convert_dir, tags, initializers)
-                model_content, run.tflite = tflite_lib.build(
-                    saved_model_dir, convert_dir, tflite_output, list(functions), tags, references,
-                    inputs, verify_config)
-                run.tflite.promoted_float16 = convert_dir != built
-            if not run.tflite.ok:
-                bad = next(c for c in run.tflite.checks if not c.ok)
-                raise errors.VerificationError(
-                    "TFLite check failed: signature %s output %s: max abs error %.3g, max rel error %.3g "
-                    "(rtol %g, atol %g); nothing written" % (bad.signature, bad.output, bad.max_abs_error,
-                                                            bad.max_rel_error, bad.rtol, bad.atol))
-            with open(tflite_scratch, "wb") as f:
-                f.write(model_content)
-        with phase("move into place"):
-            output_dir_lib.move_into_place(built, output_dir, scratch)
-            if tflite_output:
-                os.replace(tflite_scratch, tflite_output)
-    finally:
-        output_dir_lib.remove_scratch(scratch)
-        if tflite_scratch and os.path.exists(tflite_scratch):
-            os.remove(tflite_scratch)
+def _fold_signature(run, key, function, owners):
+    """Freezes and folds one signature into run.folded; returns its GraphReport."""
+    with run.phase("freeze %s" % key):
+        frozen = freeze_lib.freeze(key, function, owners)
+        run.bounds[key] = test_inputs_lib.index_bounds(frozen.graph_def, frozen.inputs)
+    with run.phase("passes %s" % key):
+        nodes_before = len(frozen.graph_def.node)
+        graph_def, pass_reports = runner.run_pipeline(
+            frozen.release_graph_def(), frozen.output_tensors, run.config["pipeline"], owns_input=True)
+        run.precisions[key] = verify_lib.output_precisions(graph_def, frozen.outputs)
+    run.folded[key] = dataclasses.replace(frozen, graph_def=graph_def)
+    return report_lib.GraphReport(nodes_before, len(graph_def.node), pass_reports)
+
+
+def _make_test_inputs(run):
+    run.inputs = test_inputs_lib.make_inputs(run.input_specs, run.verify_config, run.vocabulary, run.bounds,
+                                             run.given)
+    if run.pending_traces:
+        with run.phase("match root functions"):
+            root_function_checks.match_by_value(run.loaded, run.functions, run.pending_traces, run.aliases,
+                                                run.report.dropped_functions, run.inputs, run.verify_config)
+    run.report.kept_functions = sorted(run.aliases)
+
+
+def _write(run):
+    run.built = os.path.join(run.scratch, "saved_model")
+    run.initializers = tf1.initializers_to_keep(run.loaded)  # a TF1 model's main op, rebuilt once
+    with run.phase("write"):
+        write_lib.write(run.folded, run.built, run.tags, run.initializers, run.aliases)
+    if not run.tflite_output:
+        run.folded = None  # the written model holds the weights now
+
+
+def _verify(run):
+    """Loads the written output and runs every signature and kept root function on the test
+    inputs, comparing them with the original's unless verification is off."""
+    run.references = _references(run)
+    with run.phase("verify"):
+        # Even unverified, the output is loaded and run: a model that cannot run is never written.
+        reloaded = load_lib.load(load_lib.read(run.built), run.tags)
+        reloaded_functions = {k: reloaded.signatures[k] for k in run.functions}
+        if run.verify:
+            run.report.verification = verify_lib.verify(
+                run.references, reloaded_functions, run.inputs, run.output_specs, run.verify_config,
+                run.precisions)
+            run.report.verification.inputs = test_inputs_lib.describe_integer_inputs(
+                run.input_specs, run.bounds, run.given)
+        else:
+            verify_lib.smoke_test(reloaded_functions, run.inputs)
+        _raise_if_failed(run.report.verification)  # the signatures first: a root function only calls one
+        root_function_checks.check(run.loaded, reloaded, run.aliases, run.inputs,
+                                   run.verify_config if run.verify else None, run.precisions)
+    if not run.verify:
+        logging.warning("verification skipped: the output of %s ran on test inputs but was NOT "
+                        "compared with the input", run.output_dir)
+    elif not run.report.verification.compared:
+        logging.warning("verification compared NOTHING: every output is random (it differs between two "
+                        "calls of the original on the same input): %s", ", ".join(
+                            run.report.verification.random_outputs()))
+
+
+def _references(run):
+    """{signature: what its outputs are compared with}. A signature found to be the same function
+    as another (same graph, same variables) is checked against that one's original: its own copy
+    would compute the same values and only cost a first call. A signature that only wraps a kept
+    root function is compared with the original's root function (root_functions.references)."""
+    wrapped = root_function_checks.references(run.loaded, run.aliases, run.input_specs)
+    references = {}
+    for key in run.functions:
+        reference_key = run.report.signatures[key].same_as or key
+        references[key] = wrapped.get(reference_key) or run.functions[reference_key]
+    return references
+
+
+def _convert_to_tflite(run):
+    with run.phase("tflite"):
+        convert_dir = run.built
+        if any(promote_float16.has_half(sig.graph_def) for sig in run.folded.values()):
+            convert_dir = os.path.join(run.scratch, "float32_for_tflite")
+            write_lib.write(_promoted(run.folded), convert_dir, run.tags, run.initializers)
+        model_content, run.report.tflite = tflite_lib.build(
+            run.saved_model_dir, convert_dir, run.tflite_output, list(run.functions), run.tags, run.references,
+            run.inputs, run.verify_config)
+        run.report.tflite.promoted_float16 = convert_dir != run.built
+    if not run.report.tflite.ok:
+        bad = next(c for c in run.report.tflite.checks if not c.ok)
+        raise errors.VerificationError(
+            "TFLite check failed: signature %s output %s: max abs error %.3g, max rel error %.3g "
+            "(rtol %g, atol %g); nothing written" % (bad.signature, bad.output, bad.max_abs_error,
+                                                    bad.max_rel_error, bad.rtol, bad.atol))
+    # Written beside its final name, so that its rename cannot cross filesystems.
+    run.tflite_scratch = "%s.tf_bnfuse-%d.tmp" % (run.tflite_output, os.getpid())
+    with open(run.tflite_scratch, "wb") as f:
+        f.write(model_content)
+
+
+def _promoted(folded):
+    """The folded signatures with float16 compute promoted to float32 (TFLite has no float16 convs)."""
+    promoted, by_graph = {}, {}
+    for key, sig in folded.items():
+        if id(sig.graph_def) not in by_graph:  # signatures sharing a graph keep sharing it
+            by_graph[id(sig.graph_def)] = promote_float16.run(PassContext(), sig.graph_def, sig.output_tensors)[0]
+        promoted[key] = dataclasses.replace(sig, graph_def=by_graph[id(sig.graph_def)])
+    return promoted
+
+
+def _move_into_place(run):
+    with run.phase("move into place"):
+        output_dir_lib.move_into_place(run.built, run.output_dir, run.scratch)
+        if run.tflite_output:
+            os.replace(run.tflite_scratch, run.tflite_output)
 
 
 def _raise_if_failed(verification):

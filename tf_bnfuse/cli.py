@@ -26,6 +26,7 @@ from absl import logging  # noqa: E402
 import tf_bnfuse  # noqa: E402
 from tf_bnfuse import config as config_lib  # noqa: E402
 from tf_bnfuse import errors  # noqa: E402
+from tf_bnfuse import report as report_lib  # noqa: E402
 from tf_bnfuse.savedmodel import preflight  # noqa: E402
 
 EXIT_INTERRUPTED = 130
@@ -211,27 +212,54 @@ def _freed_weights_back_to_the_os():
 
 def _main(argv):
     started = time.monotonic()
+    config, failure = _preflight(argv)
+    if failure is not None:
+        return failure
+    _set_up_logging(started)
+    _freed_weights_back_to_the_os()
+    run_report, code, message = _fold(config)
+    if "error log" in message:  # TF refers to its own log, which is silenced by default
+        message += " (TensorFlow's log lines show with --verbosity=1)"
+    if FLAGS.report_json:
+        _write_report(FLAGS.report_json, "ok" if code == errors.EXIT_OK else "failed", code, message, config,
+                      run_report)
+    if code != errors.EXIT_OK:
+        return _fail(message, code)
+    print(report_lib.format_run(run_report))
+    print(_closing_line(run_report, time.monotonic() - started))
+    if FLAGS.skip_verify:
+        sys.stderr.write("tf_bnfuse: WARNING: --skip_verify: the folded model ran on test inputs but was NOT "
+                         "compared with the input\n")
+    return errors.EXIT_OK
+
+
+def _preflight(argv):
+    """(config, None), or (config or None, the exit code of a failure already reported): every
+    flag, path and the config, checked before TensorFlow is imported."""
     if len(argv) > 1:
-        return _fail("unexpected arguments: %s" % " ".join(argv[1:]), errors.EXIT_BAD_INPUT)
+        return None, _fail("unexpected arguments: %s" % " ".join(argv[1:]), errors.EXIT_BAD_INPUT)
     for required in ("saved_model_dir", "output_dir"):
         if not FLAGS[required].value:
-            return _fail("--%s is required" % required, errors.EXIT_BAD_INPUT)
+            return None, _fail("--%s is required" % required, errors.EXIT_BAD_INPUT)
     try:  # the report's own path first: every later failure is reported there
         if FLAGS.report_json:
             preflight.check_report_json(FLAGS.report_json, FLAGS.saved_model_dir, FLAGS.output_dir)
     except errors.BnFuseError as e:
-        return _fail(e, e.exit_code)
+        return None, _fail(e, e.exit_code)
     config = None
-    try:  # every path and the config, before TensorFlow is imported
+    try:
         config = config_lib.load_config(FLAGS.config)
         preflight.check_all(FLAGS.saved_model_dir, FLAGS.output_dir, FLAGS.overwrite, FLAGS.tflite_output,
                             verify_inputs=FLAGS.verify_inputs)
     except errors.BnFuseError as e:
         if FLAGS.report_json:
             _write_report(FLAGS.report_json, "failed", e.exit_code, str(e), config, None)
-        return _fail(e, e.exit_code)
-    _set_up_logging(started)
-    _freed_weights_back_to_the_os()
+        return config, _fail(e, e.exit_code)
+    return config, None
+
+
+def _fold(config):
+    """(RunReport or None, exit code, message) of the run; SIGTERM ends it as SIGTERM means."""
     previous_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
     run_report, code, message = None, errors.EXIT_OK, ""
     try:
@@ -239,7 +267,6 @@ def _main(argv):
         import tensorflow as tf
         tf.get_logger().setLevel("ERROR")
         from tf_bnfuse import api
-        from tf_bnfuse import summary
         run_report = api.fold_saved_model(
             FLAGS.saved_model_dir, FLAGS.output_dir, signature_keys=FLAGS.signature_keys or None,
             tags=FLAGS.tags, config=FLAGS.config, overwrite=FLAGS.overwrite, verify=not FLAGS.skip_verify,
@@ -262,19 +289,7 @@ def _main(argv):
             type(e).__name__, errors.most_specific_line(e))
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
-    if "error log" in message:  # TF refers to its own log, which is silenced by default
-        message += " (TensorFlow's log lines show with --verbosity=1)"
-    if FLAGS.report_json:
-        _write_report(FLAGS.report_json, "ok" if code == errors.EXIT_OK else "failed", code, message, config,
-                      run_report)
-    if code != errors.EXIT_OK:
-        return _fail(message, code)
-    print(summary.format_run(run_report))
-    print(_closing_line(run_report, time.monotonic() - started))
-    if FLAGS.skip_verify:
-        sys.stderr.write("tf_bnfuse: WARNING: --skip_verify: the folded model ran on test inputs but was NOT "
-                         "compared with the input\n")
-    return errors.EXIT_OK
+    return run_report, code, message
 
 
 def run():

@@ -20,28 +20,9 @@ _VERIFY_INTEGERS = {"seed": 0, "batch_size": 1, "unknown_dim_size": 1}
 KNOWN_VERIFY_KEYS = set(_VERIFY_INTEGERS) | {"tolerance", "tflite_tolerance"}
 
 
-def pass_entries(pipeline):
-    """Normalizes config entries ("name" or {"pass": name, **options}) to (name, options)."""
-    entries = []
-    for entry in pipeline:
-        if isinstance(entry, str):
-            name, options = entry, {}
-        elif isinstance(entry, dict) and isinstance(entry.get("pass"), str):
-            options = dict(entry)
-            name = options.pop("pass")
-        else:
-            raise errors.BadInputError("pipeline entry %r is neither a pass name nor "
-                                       "{\"pass\": name, ...}" % (entry,))
-        if name not in passes_lib.REGISTRY:
-            raise errors.BadInputError("unknown pass %r; known passes: %s" % (
-                name, ", ".join(passes_lib.REGISTRY)))
-        entries.append((name, options))
-    return entries
-
-
 def check_pass_options(config, source="config"):
     """Each pipeline entry's options against its pass's run() (imports the passes, and so TF)."""
-    for name, options in pass_entries(config["pipeline"]):
+    for name, options in passes_lib.pass_entries(config["pipeline"]):
         accepted = passes_lib.option_names(name)
         unknown = sorted(set(options) - set(accepted)) if accepted is not None else []
         if unknown:
@@ -78,7 +59,7 @@ def validate_config(config, source="config"):
     if not isinstance(config.get("pipeline"), list):
         raise errors.BadInputError("%s: \"pipeline\" must be a list of pass names" % source)
     try:
-        pass_entries(config["pipeline"])
+        passes_lib.pass_entries(config["pipeline"])
     except errors.BadInputError as e:
         raise errors.BadInputError("%s: %s" % (source, e))
     verify = config.get("verify", {})

@@ -22,6 +22,12 @@ class VerificationError(BnFuseError):
     exit_code = EXIT_VERIFICATION_FAILED
 
 
+def first_line(exc):
+    """The first line of an exception's text (its type's name when it has none)."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
 # Lines of a TensorFlow error that say where, not what.
 _CONTEXT_PREFIXES = ("Graph execution error", "Detected at node", "Detected unsupported operations",
                      "File \"", "Traceback", "Stack trace", "[[", "Function call stack", "{{function_node")

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 import graphs
 from tf_bnfuse import fold_graph_def
+from tf_bnfuse.passes.context import PassContext
 from tf_bnfuse.passes import constant_folding
 
 STORE_EVERY_WEIGHT = True  # conftest: run_pipeline holds every Const outside the proto
@@ -204,7 +205,7 @@ def test_constant_folding_does_not_grow_a_small_constant_into_a_big_one():
     assert "Tile" in graphs.op_counts(folded)
     [skip] = report.passes[0].skips
     assert skip.node == "tiled" and "bigger than the constants" in skip.reason
-    small_limit, _ = constant_folding.run(graph_def, ["out"], always_fold_bytes=1 << 20)
+    small_limit, _ = constant_folding.run(PassContext(), graph_def, ["out"], always_fold_bytes=1 << 20)
     assert "Tile" not in graphs.op_counts(small_limit)
 
 

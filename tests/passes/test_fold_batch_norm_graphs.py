@@ -11,6 +11,7 @@ import tensorflow as tf
 
 import graphs
 from tf_bnfuse import fold_graph_def
+from tf_bnfuse.passes.context import PassContext
 from tf_bnfuse.passes import fold_batch_norm
 
 STORE_EVERY_WEIGHT = True  # conftest: run_pipeline holds every Const outside the proto
@@ -338,7 +339,7 @@ def test_default_outputs_are_the_unread_tensors():
 
 def test_pass_module_interface_runs_alone():
     graph_def = _conv_bn_graph()
-    new_graph_def, pass_report = fold_batch_norm.run(graph_def, ["out"])
+    new_graph_def, pass_report = fold_batch_norm.run(PassContext(), graph_def, ["out"])
     assert pass_report.pass_name == "fold_batch_norm" and len(pass_report.folds) == 1
     assert graphs.batch_norm_nodes(graph_def) == ["bn"]
 

@@ -5,6 +5,7 @@ import tensorflow as tf
 
 import graphs
 from tf_bnfuse.passes import promote_float16
+from tf_bnfuse.passes.context import PassContext
 
 
 def test_float16_graph_computes_in_float32_and_keeps_its_input_and_output_dtypes():
@@ -17,7 +18,7 @@ def test_float16_graph_computes_in_float32_and_keeps_its_input_and_output_dtypes
 
     graph_def, outputs = graphs.build(build)
     before = graph_def.SerializeToString(deterministic=True)
-    promoted, report = promote_float16.run(graph_def, outputs)
+    promoted, report = promote_float16.run(PassContext(), graph_def, outputs)
     assert graph_def.SerializeToString(deterministic=True) == before
     half = {n.name for n in promoted.node if promote_float16._has_half(n)}
     # Only the input placeholder, its Cast to float32 and the Casts back to float16 at the outputs

@@ -8,7 +8,8 @@ import tensorflow as tf
 
 import graphs
 from tf_bnfuse import graph as graph_lib
-from tf_bnfuse.graph import index as graph_index
+from tf_bnfuse.graph import weights as weights_lib
+from tf_bnfuse.passes.context import PassContext
 from tf_bnfuse.passes import runner as pipeline
 
 
@@ -24,16 +25,17 @@ def _conv_bn_graph():
 
 def test_the_index_is_shared_only_while_the_graph_is_unchanged_and_dropped_after():
     graph_def, outputs = _conv_bn_graph()
-    assert graph_lib.index_of(graph_def, outputs) is not graph_lib.index_of(graph_def, outputs)  # not shared outside
-    with graph_lib.sharing_indexes() as shared:
-        first = graph_lib.index_of(graph_def, outputs)
-        assert graph_lib.index_of(graph_def, outputs) is first
-        assert graph_lib.index_of(graph_def, outputs[:0]) is not first  # other outputs: another index
-        shared.forget()
-        again = graph_lib.index_of(graph_def, outputs)
-        assert again is not first
-        kept = weakref.ref(again)
-    del again
+    assert PassContext().index(graph_def, outputs) is not PassContext().index(graph_def, outputs)  # one per context
+    context = PassContext()
+    first = context.index(graph_def, outputs)
+    assert context.index(graph_def, outputs) is first
+    assert context.index(graph_def, outputs[:0]) is not first  # other outputs: another index
+    context.graph_changed()
+    again = context.index(graph_def, outputs)
+    assert again is not first
+    kept = weakref.ref(again)
+    del again, first
+    pipeline.run_pipeline(graph_def, outputs, ["cleanup"], context=context)
     gc.collect()
     assert kept() is None, "the shared index outlived the pipeline"
 
@@ -58,16 +60,15 @@ def _loop_graph():
 def test_weights_held_outside_the_proto_give_the_same_graph_and_leave_nothing_behind(monkeypatch):
     for graph_def, outputs in [_conv_bn_graph(), _loop_graph()]:
         before = graph_def.SerializeToString(deterministic=True)
-        monkeypatch.setattr(graph_index, "STORED_MIN_BYTES", 1 << 40)
+        monkeypatch.setattr(weights_lib, "STORED_MIN_BYTES", 1 << 40)
         plain, _ = pipeline.run_pipeline(graph_def, outputs, pipeline_default())
-        monkeypatch.setattr(graph_index, "STORED_MIN_BYTES", 1)
+        monkeypatch.setattr(weights_lib, "STORED_MIN_BYTES", 1)
         stored, reports = pipeline.run_pipeline(graph_def, outputs, pipeline_default())
         assert any(r.folds for r in reports)
         assert stored.SerializeToString(deterministic=True) == plain.SerializeToString(deterministic=True)
         assert graph_def.SerializeToString(deterministic=True) == before  # the argument is untouched
         every_node = list(stored.node) + [n for f in stored.library.function for n in f.node_def]
         assert not [n.name for n in every_node if graph_lib.WEIGHT_KEY_ATTR in n.attr]
-        assert graph_index._STORES == []  # pylint: disable=protected-access
 
 
 def pipeline_default():

@@ -4,17 +4,11 @@ The benchmark times the passes on these graphs up to 100k nodes; its figures
 only mean something if every batch norm in them really folds.
 """
 
-import os
-import sys
-
 import numpy as np
 
 import graphs
+import synthetic_graphs  # benchmarks/, on the path from conftest
 from tf_bnfuse import fold_graph_def
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                                "benchmarks"))
-import synthetic_graphs  # noqa: E402
 
 
 def test_every_block_of_a_synthetic_chain_folds_and_outputs_match():

@@ -17,7 +17,7 @@ import io_models
 from savedmodel_checks import compare_in_fresh_process, data_path_op_counts, signature_defs, xla_functions_with
 from tf_bnfuse import errors
 from tf_bnfuse import fold_saved_model
-from tf_bnfuse.summary import format_run
+from tf_bnfuse.report import format_run
 
 import conftest
 
@@ -188,7 +188,7 @@ def test_skip_verify_still_refuses_a_model_that_cannot_run(tmp_path, monkeypatch
     """A pass that breaks the graph: unverified, the output is still run, and nothing is written."""
     from tf_bnfuse import passes
 
-    def break_graph(graph_def, outputs):
+    def break_graph(context, graph_def, outputs):
         """Makes the first output wait for an Assert that always fails: it imports, and cannot run."""
         broken = tf.compat.v1.GraphDef()
         broken.CopyFrom(graph_def)
@@ -199,7 +199,7 @@ def test_skip_verify_still_refuses_a_model_that_cannot_run(tmp_path, monkeypatch
         check.attr["T"].list.type.append(tf.bool.as_datatype_enum)
         output_node = outputs[0].split(":")[0]
         next(n for n in broken.node if n.name == output_node).input.append("^always_fails")
-        return broken, passes.REGISTRY["cleanup"](broken, outputs)[1]
+        return broken, passes.REGISTRY["cleanup"](context, broken, outputs)[1]
 
     monkeypatch.setitem(passes.REGISTRY, "break_graph", break_graph)
     src = str(tmp_path / "src")
@@ -281,18 +281,17 @@ def _alternative_implementations_module(path):
                                    _custom_gradient_module, _alternative_implementations_module],
                          ids=lambda b: b.__name__)
 def test_load_leaves_out_only_the_checkpoint_functions_and_loads_the_same_model(build, tmp_path):
-    from tensorflow.python.saved_model import loader_impl
-    from tf_bnfuse.savedmodel import write as savedmodel
+    from tf_bnfuse.savedmodel import load as load_lib
 
     path = str(tmp_path / "model")
     inputs = build(path)
-    meta_graph = loader_impl.parse_saved_model(path).meta_graphs[0]
+    meta_graph = load_lib.read(path).proto.meta_graphs[0]
     library = {f.signature.name for f in meta_graph.graph_def.library.function}
-    left_out = library - savedmodel._functions_the_object_graph_calls(meta_graph)
+    left_out = library - load_lib._functions_the_object_graph_calls(meta_graph)
     assert sorted(re.sub(r"_\d+$", "", name) for name in left_out) == [
         "__inference__traced_restore", "__inference__traced_save"]
 
-    ours, theirs = savedmodel.load(path, ["serve"]), tf.saved_model.load(path)
+    ours, theirs = load_lib.load(load_lib.read(path), ["serve"]), tf.saved_model.load(path)
     assert sorted(ours.signatures) == sorted(theirs.signatures)
     for key, calls in inputs.items():
         for feeds in calls:  # the counter's second call sees the state its first call left
@@ -306,7 +305,7 @@ def test_load_leaves_out_only_the_checkpoint_functions_and_loads_the_same_model(
 
 
 def test_load_falls_back_to_tensorflows_own_when_the_pruned_load_fails(tmp_path, monkeypatch):
-    from tf_bnfuse.savedmodel import write as savedmodel
+    from tf_bnfuse.savedmodel import load as load_lib
 
     path = str(tmp_path / "model")
     feeds = io_models.two_input_functions(path)["serving_default"][0]
@@ -314,8 +313,8 @@ def test_load_falls_back_to_tensorflows_own_when_the_pruned_load_fails(tmp_path,
     def changed_proto(meta_graph):
         raise AttributeError("a TensorFlow whose SavedModel proto changed")
 
-    monkeypatch.setattr(savedmodel, "_functions_the_object_graph_calls", changed_proto)
-    loaded = savedmodel.load(path, ["serve"])
+    monkeypatch.setattr(load_lib, "_functions_the_object_graph_calls", changed_proto)
+    loaded = load_lib.load(load_lib.read(path), ["serve"])
     assert hasattr(loaded, "scale_only")
     outputs = loaded.signatures["serving_default"](**{k: tf.constant(v) for k, v in feeds.items()})
     expected = tf.saved_model.load(path).signatures["serving_default"](**{k: tf.constant(v) for k, v in feeds.items()})

@@ -14,7 +14,8 @@ import pytest
 import tensorflow as tf
 
 import graphs
-import keras3_models
+import keras
+import model_zoo
 from tf_bnfuse import fold_saved_model
 from test_properties import save_graph_def
 
@@ -45,10 +46,10 @@ def assert_tflite_matches_original(tflite_path, saved_model, rtol=1e-3, seed=7):
 @pytest.fixture(scope="module")
 def keras3_exported(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("keras3_tflite"))
-    return lambda name: keras3_models.build(name, root)[0]
+    return lambda name: model_zoo.build(keras, name, root)[0]
 
 
-@pytest.mark.parametrize("name,linear_op", [("dilated_conv_bn", "CONV_2D"), ("conv3d_bn", "CONV_3D"),
+@pytest.mark.parametrize("name,linear_op", [("dilated_conv_bn", "CONV_2D"), ("conv3d_no_bias_bn", "CONV_3D"),
                                             ("dilated_depthwise_bn", "DEPTHWISE_CONV_2D"),
                                             ("pool_bn_conv", "CONV_2D")])
 def test_batch_norms_the_converter_keeps_are_gone_from_the_tflite_model(keras3_exported, name, linear_op,

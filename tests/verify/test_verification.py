@@ -9,7 +9,8 @@ import pytest
 import tensorflow as tf
 
 import io_models
-import keras3_models
+import keras
+import model_zoo
 from savedmodel_checks import assert_same_outputs
 from tf_bnfuse import fold_saved_model
 
@@ -17,7 +18,7 @@ from tf_bnfuse import fold_saved_model
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("verification"))
-    return lambda name: keras3_models.build(name, root)
+    return lambda name: model_zoo.build(keras, name, root)
 
 
 def test_mixed_precision_with_float32_output_verifies_at_float16_tolerance(exported, tmp_path):

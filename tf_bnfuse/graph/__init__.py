@@ -1,3 +1,65 @@
-"""The graph layer: GraphDef plumbing shared by the passes, the SavedModel I/O and verification."""
+"""The graph layer: GraphDef plumbing shared by the passes, the SavedModel I/O and verification.
 
-from tf_bnfuse.graph.index import *  # noqa: F401,F403  (split into modules in the next commits)
+    names     tensor names, node inputs and attributes, new GraphDefs
+    weights   the WeightStore: big Consts held outside the proto while passes run
+    index     GraphIndex: nodes by name, consumers by tensor, Const values
+    editor    GraphEditor: a pass's edits collected into a new GraphDef
+    walks     through Identities, what outputs need, cleanup
+    library   function calls, their arguments and closure
+    const_eval  numpy evaluation of small constant subgraphs
+
+The names below are the layer's interface; `from tf_bnfuse import graph as graph_lib`.
+"""
+
+from tf_bnfuse.graph.editor import GraphEditor
+from tf_bnfuse.graph.index import GraphIndex
+from tf_bnfuse.graph.library import (CALL_ARGUMENTS, CALL_OPS, IF_OPS, WHILE_OPS, body_source, call_counts,
+                                     called_function_names, called_functions, function_closure,
+                                     functions_by_name)
+from tf_bnfuse.graph.names import (IDENTITY_OPS, attr_string, canonical_tensor, control_inputs, copy_graph_def,
+                                   data_inputs, data_positions, is_control, new_graph_def, node_dtype,
+                                   parse_input, set_inputs, string_attr, tensor_name, type_attr)
+from tf_bnfuse.graph.walks import (cleanup, cone, constant_only_nodes, drop_dangling_colocation, forwarded_input,
+                                   live_nodes, qualifying_nodes)
+from tf_bnfuse.graph.weights import WEIGHT_KEY_ATTR, WeightStore, const_array, const_nbytes
+
+__all__ = [
+    "CALL_ARGUMENTS",
+    "CALL_OPS",
+    "GraphEditor",
+    "GraphIndex",
+    "IDENTITY_OPS",
+    "IF_OPS",
+    "WEIGHT_KEY_ATTR",
+    "const_nbytes",
+    "const_array",
+    "WeightStore",
+    "WHILE_OPS",
+    "attr_string",
+    "body_source",
+    "call_counts",
+    "called_function_names",
+    "called_functions",
+    "canonical_tensor",
+    "cleanup",
+    "cone",
+    "constant_only_nodes",
+    "control_inputs",
+    "copy_graph_def",
+    "data_inputs",
+    "data_positions",
+    "drop_dangling_colocation",
+    "forwarded_input",
+    "function_closure",
+    "functions_by_name",
+    "is_control",
+    "live_nodes",
+    "new_graph_def",
+    "node_dtype",
+    "parse_input",
+    "qualifying_nodes",
+    "set_inputs",
+    "string_attr",
+    "tensor_name",
+    "type_attr",
+]

@@ -11,7 +11,7 @@ TensorFlow.
 import numpy as np
 import tensorflow as tf
 
-from tf_bnfuse import graph as graph_lib
+from tf_bnfuse.graph import names
 
 _FLOAT = (np.float32, np.float64)
 _NUMERIC = _FLOAT + (np.int32, np.int64)
@@ -33,7 +33,7 @@ def _squeeze(node, x):
 
 def _apply(node, args):
     """The numpy value of one node, or None when it is not one numpy handles exactly."""
-    if node.op in graph_lib.IDENTITY_OPS and node.op != "IdentityN" and len(args) == 1:
+    if node.op in names.IDENTITY_OPS and node.op != "IdentityN" and len(args) == 1:
         return args[0]
     if node.op in _ELEMENTWISE:
         function, dtypes = _ELEMENTWISE[node.op]
@@ -52,10 +52,10 @@ def _apply(node, args):
 def evaluate(index, tensor):
     """The numpy value of `tensor` ("name:port"), or None if numpy cannot compute its cone.
 
-    index: a graph.GraphIndex. Values are cached on it across calls.
+    index: a graph.GraphIndex. Values are cached in its numpy_values across calls.
     """
-    cache = index.__dict__.setdefault("_numpy_values", {})
-    root, port, _ = graph_lib.parse_input(tensor)
+    cache = index.numpy_values
+    root, port, _ = names.parse_input(tensor)
     if port != 0:
         return None
     stack = [root]
@@ -73,7 +73,7 @@ def evaluate(index, tensor):
             continue
         sources = []
         for input_str in node.input:
-            source, source_port, is_control = graph_lib.parse_input(input_str)
+            source, source_port, is_control = names.parse_input(input_str)
             if is_control:
                 continue
             if source_port != 0:
@@ -94,7 +94,7 @@ def evaluate(index, tensor):
                     value = _apply(node, args)
             except (ValueError, TypeError):
                 value = None
-        if value is not None and graph_lib.node_dtype(node) not in (None, tf.as_dtype(value.dtype)):
+        if value is not None and names.node_dtype(node) not in (None, tf.as_dtype(value.dtype)):
             value = None
         cache[name] = value
         stack.pop()

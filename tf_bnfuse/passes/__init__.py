@@ -1,12 +1,14 @@
-"""The pass registry: name -> run(graph_def, outputs, **options) -> (graph_def, PassReport).
+"""The pass registry: name -> run(context, graph_def, outputs, **options) -> (graph_def, PassReport).
 
-A pass is a module with NAME and run(); registering it is one line here. The
-modules load on first use, so that a config can be checked against the pass
-names before TensorFlow is imported.
+A pass is a module with NAME and run(); registering it is one line here. context is
+the run's PassContext (passes/context.py). The modules load on first use, so that a
+config can be checked against the pass names before TensorFlow is imported.
 """
 
 import importlib
 import inspect
+
+from tf_bnfuse import errors
 
 _MODULES = {
     "constant_folding": "tf_bnfuse.passes.constant_folding",
@@ -46,9 +48,27 @@ class _Registry(dict):
 REGISTRY = _Registry()
 
 
+def pass_entries(pipeline):
+    """Normalizes pipeline entries ("name" or {"pass": name, **options}) to (name, options)."""
+    entries = []
+    for entry in pipeline:
+        if isinstance(entry, str):
+            name, options = entry, {}
+        elif isinstance(entry, dict) and isinstance(entry.get("pass"), str):
+            options = dict(entry)
+            name = options.pop("pass")
+        else:
+            raise errors.BadInputError("pipeline entry %r is neither a pass name nor "
+                                       "{\"pass\": name, ...}" % (entry,))
+        if name not in REGISTRY:
+            raise errors.BadInputError("unknown pass %r; known passes: %s" % (name, ", ".join(REGISTRY)))
+        entries.append((name, options))
+    return entries
+
+
 def option_names(name):
-    """The keyword options a pass's run() takes besides (graph_def, outputs); None for **kwargs."""
-    parameters = list(inspect.signature(REGISTRY[name]).parameters.values())[2:]
+    """The keyword options a pass's run() takes besides (context, graph_def, outputs); None for **kwargs."""
+    parameters = list(inspect.signature(REGISTRY[name]).parameters.values())[3:]
     if any(p.kind == p.VAR_KEYWORD for p in parameters):
         return None
     return [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]

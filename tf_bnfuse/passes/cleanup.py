@@ -6,7 +6,7 @@ from tf_bnfuse import report as report_lib
 NAME = "cleanup"
 
 
-def run(graph_def, outputs):
+def run(context, graph_def, outputs):  # pylint: disable=unused-argument
     result = graph_lib.cleanup(graph_def, outputs)
     removed = len(graph_def.node) - len(result.node)
     return result, report_lib.PassReport(

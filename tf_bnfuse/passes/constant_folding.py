@@ -17,10 +17,10 @@ a bigger Const.
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.python.framework import op_def_registry
 
-from tf_bnfuse.graph import const_eval
 from tf_bnfuse import graph as graph_lib
+from tf_bnfuse.graph import const_eval
+from tf_bnfuse.graph import tf_internal
 from tf_bnfuse import report as report_lib
 
 NAME = "constant_folding"
@@ -35,37 +35,14 @@ UNMATERIALIZABLE_DTYPES = (tf.resource, tf.variant)
 
 def _evaluable(graph_def):
     """Names of the nodes whose value is fixed by constants alone."""
-    nodes = {node.name: node for node in graph_def.node}
-    result = {}
-    for start in nodes:
-        stack = [start]
-        on_stack = {start}
-        while stack:
-            name = stack[-1]
-            node = nodes.get(name)
-            if node is None or name in result:
-                result.setdefault(name, False)
-                stack.pop()
-                on_stack.discard(name)
-                continue
-            op_def = op_def_registry.get(node.op)
-            if node.op == "Const":
-                result[name] = True
-            elif node.op in NEVER_EVALUATED or op_def is None or op_def.is_stateful:
-                result[name] = False
-            else:
-                sources = {graph_lib.parse_input(i)[0] for i in node.input}
-                # (Not `sources - result.keys()`: that walks all of result each time.)
-                pending = {s for s in sources if s not in result and s not in on_stack}
-                if pending:
-                    stack.extend(pending)
-                    on_stack |= pending
-                    continue
-                # A cycle (a loop) back onto the stack is not constant.
-                result[name] = bool(node.input) and all(result.get(s, False) for s in sources)
-            stack.pop()
-            on_stack.discard(name)
-    return {name for name, ok in result.items() if ok}
+    def decide(node):
+        if node.op == "Const":
+            return True
+        op_def = tf_internal.op_def(node.op)
+        if node.op in NEVER_EVALUATED or op_def is None or op_def.is_stateful or not node.input:
+            return False
+        return None  # when all of its inputs are
+    return graph_lib.qualifying_nodes(graph_def, decide)
 
 
 def _cone_const_bytes(index, name):
@@ -78,22 +55,9 @@ def _cone_const_bytes(index, name):
         seen.add(current)
         node = index.node(current)
         if node.op == "Const":
-            total += graph_lib.const_nbytes(node)
+            total += graph_lib.const_nbytes(node, index.weights)
         stack.extend(graph_lib.parse_input(i)[0] for i in node.input)
     return total
-
-
-def _cone(index, tensors):
-    """Names of the nodes the given tensors are computed from (control inputs included)."""
-    seen = set()
-    stack = [graph_lib.parse_input(t)[0] for t in tensors]
-    while stack:
-        name = stack.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        stack.extend(graph_lib.parse_input(i)[0] for i in index.node(name).input)
-    return seen
 
 
 def _evaluate(graph_def, index, tensors):
@@ -102,20 +66,16 @@ def _evaluate(graph_def, index, tensors):
     Only the cone of `tensors` is copied into the session's graph: the other
     constants (the weights, mostly) would cost time and memory for nothing.
     """
-    cone = _cone(index, tensors)
-    sub = tf.compat.v1.GraphDef()
-    sub.versions.CopyFrom(graph_def.versions)
-    sub.library.CopyFrom(graph_def.library)
+    cone = graph_lib.cone(index.node, tensors)
+    sub = graph_lib.new_graph_def(graph_def)
     for node in graph_def.node:
         if node.name in cone:
             copy = sub.node.add()
             copy.CopyFrom(node)
             copy.device = ""
             if graph_lib.WEIGHT_KEY_ATTR in copy.attr:  # TensorFlow reads the bytes from the proto
-                graph_lib.restore_node(copy)
-            data_inputs = [i for i in node.input if not i.startswith("^")]
-            del copy.input[:]
-            copy.input.extend(data_inputs)
+                index.weights.restore_node(copy)
+            graph_lib.set_inputs(copy, graph_lib.data_inputs(node))
     graph = tf.Graph()
     with graph.as_default():
         tf.compat.v1.import_graph_def(sub, name="")
@@ -136,8 +96,8 @@ def _evaluate(graph_def, index, tensors):
     return results
 
 
-def run(graph_def, outputs, always_fold_bytes=4096):
-    index = graph_lib.index_of(graph_def, outputs)
+def run(context, graph_def, outputs, always_fold_bytes=4096):
+    index = context.index(graph_def, outputs)
     report = report_lib.PassReport(NAME, nodes_before=len(graph_def.node))
     evaluable = _evaluable(graph_def)
 
@@ -151,7 +111,7 @@ def run(graph_def, outputs, always_fold_bytes=4096):
         if ports:
             frontier.append((node.name, ports))
 
-    editor = graph_lib.GraphEditor(graph_def)
+    editor = context.editor(graph_def)
     materialized = 0
     if frontier:
         tensors = ["%s:%d" % (name, p) for name, ports in frontier for p in ports]

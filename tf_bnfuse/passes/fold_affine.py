@@ -19,11 +19,11 @@ Left alone, with the reason in the report: a constant that varies along a non-ch
 a Mul or RealDiv after anything that is not a linear op.
 """
 
-from tf_bnfuse.passes import chain
+from tf_bnfuse.passes import drivers
 from tf_bnfuse.passes import grammar
 
 NAME = "fold_affine"
 
 
-def run(graph_def, outputs):
-    return chain.fold_backward(graph_def, outputs, NAME, grammar.ARITHMETIC_OPS, report_every_root=False)
+def run(context, graph_def, outputs):
+    return drivers.fold_backward(context, graph_def, outputs, NAME, grammar.ARITHMETIC_OPS, report_every_root=False)

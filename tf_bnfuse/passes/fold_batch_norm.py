@@ -12,11 +12,11 @@ and the batch norm node becomes that bias, or an Identity of the last op kept, u
 name. Every batch norm that does not fold is reported with the reason.
 """
 
-from tf_bnfuse.passes import chain
+from tf_bnfuse.passes import drivers
 from tf_bnfuse.passes import grammar
 
 NAME = "fold_batch_norm"
 
 
-def run(graph_def, outputs):
-    return chain.fold_backward(graph_def, outputs, NAME, grammar.BATCH_NORM_OPS, report_every_root=True)
+def run(context, graph_def, outputs):
+    return drivers.fold_backward(context, graph_def, outputs, NAME, grammar.BATCH_NORM_OPS, report_every_root=True)

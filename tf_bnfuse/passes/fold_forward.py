@@ -18,10 +18,10 @@ non-per-channel parameter. A bias alone (Add/Sub) right after another linear op 
 source: it belongs to that op.
 """
 
-from tf_bnfuse.passes import chain
+from tf_bnfuse.passes import drivers
 
 NAME = "fold_forward"
 
 
-def run(graph_def, outputs):
-    return chain.fold_forward(graph_def, outputs, NAME)
+def run(context, graph_def, outputs):
+    return drivers.fold_forward(context, graph_def, outputs, NAME)

@@ -15,40 +15,32 @@ name before the node's: `<function>/<node>`.
 """
 
 import tensorflow as tf
-from tensorflow.core.framework import function_pb2
-from tensorflow.core.framework import node_def_pb2
-from tensorflow.python.framework import function_def_to_graph
-from tensorflow.python.framework import op_def_registry
 
 from tf_bnfuse import graph as graph_lib
 from tf_bnfuse import report as report_lib
-from tf_bnfuse import passes as passes_lib
-from tf_bnfuse.config import pass_entries
+from tf_bnfuse.graph import tf_internal
+from tf_bnfuse.passes import runner
 
 NAME = "fold_in_functions"
 INNER_PIPELINE = ["constant_folding", "simplify_arithmetic", "fold_batch_norm", "fold_affine", "fold_forward",
                   "lower_batch_norm"]
-# op -> (function attributes, offset of argument 0 among the node's inputs, loop)
-_CONTROL_FLOW = {
-    "While": (("body",), 0, True),
-    "StatelessWhile": (("body",), 0, True),
-    "If": (("then_branch", "else_branch"), 1, False),
-    "StatelessIf": (("then_branch", "else_branch"), 1, False),
-}
+# op -> (the function attributes folded: a While's body, an If's branches; whether it loops)
+_CONTROL_FLOW = {**{op: (("body",), True) for op in graph_lib.WHILE_OPS},
+                 **{op: (("then_branch", "else_branch"), False) for op in graph_lib.IF_OPS}}
 
 
-def run(graph_def, outputs, passes=None):
+def run(context, graph_def, outputs, passes=None):
     inner = passes if passes is not None else INNER_PIPELINE
     report = report_lib.PassReport(NAME, nodes_before=len(graph_def.node))
-    index = graph_lib.index_of(graph_def, outputs)
-    callers = _callers(graph_def)
-    library = {f.signature.name: f for f in graph_def.library.function}
+    index = context.index(graph_def, outputs)
+    callers = graph_lib.call_counts(graph_def)
+    library = graph_lib.functions_by_name(graph_def)
     rewritten = {}
     for node in graph_def.node:
         if node.op not in _CONTROL_FLOW or node.name not in index.live:
             continue
-        attrs, offset, loop = _CONTROL_FLOW[node.op]
-        inputs = [i for i in node.input if not i.startswith("^")][offset:]
+        attrs, loop = _CONTROL_FLOW[node.op]
+        inputs = graph_lib.data_inputs(node)[graph_lib.CALL_ARGUMENTS[node.op][1]:]
         for attr in attrs:
             name = node.attr[attr].func.name
             function = index.function(name)
@@ -56,17 +48,11 @@ def run(graph_def, outputs, passes=None):
                 continue
             constants = {k: index.const_value(i) for k, i in enumerate(inputs)}
             try:
-                folded, reports = _fold_function(function, constants, loop, inner, library)
+                folded, reports = _fold_function(context, function, constants, loop, inner, library)
             except (ValueError, KeyError, TypeError) as e:  # a body this pass cannot read as a graph
                 report.skips.append(report_lib.Skip(name, node.op, "body not folded: %s" % e))
                 continue
-            for pass_report in reports:
-                report.folds += [report_lib.Fold("%s/%s" % (name, f.node), f.op, "%s/%s" % (name, f.linear_node),
-                                                 f.linear_op, ["%s/%s" % (name, a) for a in f.absorbed])
-                                 for f in pass_report.folds]
-                report.skips += [report_lib.Skip("%s/%s" % (name, s.node), s.op, s.reason) for s in pass_report.skips]
-                report.lowered += [report_lib.Lowered("%s/%s" % (name, x.node), x.op, x.into)
-                                   for x in pass_report.lowered]
+            _add_inner_reports(report, name, reports)
             if folded is not None:
                 rewritten[name] = folded
     if not rewritten:
@@ -80,19 +66,20 @@ def run(graph_def, outputs, passes=None):
     return result, report
 
 
-def _callers(graph_def):
-    """function name -> how many nodes (in the graph and in library functions) name it."""
-    counts = {}
-    nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
-    for node in nodes:
-        for name in graph_lib.called_function_names(node):
-            counts[name] = counts.get(name, 0) + 1
-    return counts
+def _add_inner_reports(report, name, reports):
+    """Adds the folds, skips and lowered batch norms of a body's passes, named `<function>/<node>`."""
+    for pass_report in reports:
+        report.folds += [report_lib.Fold("%s/%s" % (name, f.node), f.op, "%s/%s" % (name, f.linear_node),
+                                         f.linear_op, ["%s/%s" % (name, a) for a in f.absorbed])
+                         for f in pass_report.folds]
+        report.skips += [report_lib.Skip("%s/%s" % (name, s.node), s.op, s.reason) for s in pass_report.skips]
+        report.lowered += [report_lib.Lowered("%s/%s" % (name, x.node), x.op, x.into)
+                           for x in pass_report.lowered]
 
 
-def _fold_function(function, constants, loop, inner, library):
+def _fold_function(context, function, constants, loop, inner, library):
     """(the folded FunctionDef or None if nothing folded, [PassReport])."""
-    graph_def, nested_to_flat = function_def_to_graph.function_def_to_graph_def(function)
+    graph_def, nested_to_flat = tf_internal.function_def_to_graph_def(function)
     arguments = [a.name for a in function.signature.input_arg]
     by_name = {n.name: n for n in graph_def.node}
     returned = {a.name: nested_to_flat[function.ret[a.name]] for a in function.signature.output_arg}
@@ -113,12 +100,9 @@ def _fold_function(function, constants, loop, inner, library):
     stateful = [n.name for n in graph_def.node if _is_stateful(n)]
     control = [function.control_ret[k] for k in function.control_ret]
     keep = list(returned.values()) + control + stateful
-    current, reports = graph_def, []
-    with graph_lib.weights_outside_proto() as weights:  # the body's own store, written back below
-        for name, options in pass_entries(inner + ["cleanup"]):
-            current, pass_report = passes_lib.REGISTRY[name](current, keep, **options)
-            reports.append(pass_report)
-        weights.restore(current)  # current is this function's (graph_def is its own conversion)
+    # The same runner as the pipeline's, with a store of the body's own (written back at its end).
+    current, reports = runner.run_pipeline(graph_def, keep, inner + ["cleanup"], owns_input=True,
+                                           context=context.nested())
     if not any(r.folds or r.lowered for r in reports):
         return None, reports
     return _to_function_def(function, current, arguments, returned, library), reports
@@ -128,14 +112,12 @@ def _passed_on(by_name, returned, output_args, k, argument):
     """Whether a While body returns argument k unchanged as its output k (loop-invariant)."""
     if k >= len(output_args):
         return False
-    name, port, _ = graph_lib.parse_input(returned[output_args[k].name])
-    while name in by_name and by_name[name].op == "Identity" and port == 0:
-        name, port, _ = graph_lib.parse_input(by_name[name].input[0])
-    return name == argument and port == 0
+    source = graph_lib.forwarded_input(returned[output_args[k].name], by_name.get, ops=("Identity",))
+    return graph_lib.parse_input(source)[:2] == (argument, 0)
 
 
 def _is_stateful(node):
-    op_def = op_def_registry.get(node.op)
+    op_def = tf_internal.op_def(node.op)
     return op_def is None or op_def.is_stateful  # a call of a library function counts as stateful
 
 
@@ -150,7 +132,7 @@ def _to_function_def(original, graph_def, arguments, returned, library):
         if name in arguments:
             return name
         op = nodes[name].op
-        op_def = library[op].signature if op in library else op_def_registry.get(op)
+        op_def = library[op].signature if op in library else tf_internal.op_def(op)
         position = 0
         for output in op_def.output_arg:
             count = 1
@@ -163,13 +145,13 @@ def _to_function_def(original, graph_def, arguments, returned, library):
             position += count
         raise ValueError("%s has no output %d" % (name, port))
 
-    result = function_pb2.FunctionDef()
+    result = type(original)()  # a FunctionDef (no public class)
     result.CopyFrom(original)
     del result.node_def[:]
     for node in graph_def.node:
         if node.name in arguments:
             continue
-        new = node_def_pb2.NodeDef()
+        new = tf.compat.v1.NodeDef()
         new.CopyFrom(node)
         del new.input[:]
         new.input.extend(nested(i) for i in node.input)

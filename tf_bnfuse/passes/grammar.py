@@ -61,8 +61,7 @@ class Layout:
         return dataclasses.replace(self, **changes)
 
 
-def data_inputs(node):
-    return [i for i in node.input if not i.startswith("^")]
+data_inputs = graph_lib.data_inputs
 
 
 def _data_format_axis(node, rank):

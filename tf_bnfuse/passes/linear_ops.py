@@ -29,19 +29,15 @@ def _called_linear(index, node):
 
     def source(input_str):
         """The node or argument a function-body input reads, through Identities; None off port 0."""
-        name, _, rest = input_str.partition(":")
-        while name in by_name and by_name[name].op == "Identity":
-            if rest not in ("", "output:0"):
-                return None
-            name, _, rest = by_name[name].input[0].partition(":")
-        return name if rest in ("", "output:0") else None
+        name, output = graph_lib.body_source(by_name, input_str)
+        return name if output in ("", "output:0") else None
 
     linear = by_name.get(source(function.ret[function.signature.output_arg[0].name]))
     if linear is None or linear.op not in LINEAR_OPS:
         return None
     if any(n.op not in _CALL_PLUMBING for n in function.node_def if n is not linear):
         return None
-    data = [i for i in linear.input if not i.startswith("^")]
+    data = graph_lib.data_inputs(linear)
     kernel_argument = arguments.get(source(data[LINEAR_OPS[linear.op].kernel_input]))
     if kernel_argument is None or source(data[0]) not in arguments:
         return None
@@ -116,7 +112,7 @@ def linear_match(index, node):
     """The LinearMatch of a linear op or call (linear_op_of must have found it)."""
     spec, attrs = linear_op_of(index, node)
     transposed = attrs.op == "MatMul" and attrs.attr["transpose_b"].b
-    kernel_input = [i for i in node.input if not i.startswith("^")][spec.kernel_input]
+    kernel_input = graph_lib.data_inputs(node)[spec.kernel_input]
     kernel_const = index.const_node(kernel_input)
     return LinearMatch(
         index=index, linear=node, spec=spec, attrs=attrs, kernel_input=kernel_input,
@@ -139,7 +135,7 @@ def misfused_by_remapper(index, node_name, channel_first):
     carry LeakyRelu's alpha over: the kernel computes with 0.2. Folding a
     batch norm creates exactly that chain from conv -> BN -> residual add ->
     LeakyReLU(0.1). The same bias written as AddV2 of a constant is not
-    fused that way (tests/test_remapper_guard.py checks both). Only
+    fused that way (the residual_leaky_relu model tests check both). Only
     channel-last data: there AddV2 of a [C] vector is what BiasAdd computes.
     """
     if index is None or channel_first:

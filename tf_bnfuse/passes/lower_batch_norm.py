@@ -13,7 +13,7 @@ Runtimes that prefer the fused op keep it with a pipeline without this pass
 from tf_bnfuse import graph as graph_lib
 from tf_bnfuse import report as report_lib
 from tf_bnfuse.passes import grammar
-from tf_bnfuse.passes.chain import check_representable
+from tf_bnfuse.passes.emit import check_representable
 
 NAME = "lower_batch_norm"
 
@@ -28,9 +28,9 @@ def _layout(index, node):
     return grammar.Layout(rank=None, channel=-1, channels=channels, dtype=dtype)
 
 
-def run(graph_def, outputs):
-    index = graph_lib.index_of(graph_def, outputs)
-    editor = graph_lib.GraphEditor(graph_def)
+def run(context, graph_def, outputs):
+    index = context.index(graph_def, outputs)
+    editor = context.editor(graph_def)
     report = report_lib.PassReport(NAME, nodes_before=len(graph_def.node))
     for node in graph_def.node:
         if node.op not in grammar.BATCH_NORM_OPS or node.name not in index.live:

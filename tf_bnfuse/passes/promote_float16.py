@@ -13,13 +13,13 @@ rewrite.
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.framework import types_pb2
 
 from tf_bnfuse import graph as graph_lib
 from tf_bnfuse import report as report_lib
 
 NAME = "promote_float16"
-HALF_TYPES = frozenset({types_pb2.DT_HALF, types_pb2.DT_BFLOAT16})
+HALF_TYPES = frozenset({tf.float16.as_datatype_enum, tf.bfloat16.as_datatype_enum})
+_FLOAT = tf.float32.as_datatype_enum
 
 
 def has_half(graph_def):
@@ -40,20 +40,20 @@ def _output_dtypes(graph_def, tensors):
     return {t: graph.get_tensor_by_name("%s:%d" % graph_lib.canonical_tensor(t)).dtype for t in tensors}
 
 
-def run(graph_def, outputs):
+def run(context, graph_def, outputs):
     report = report_lib.PassReport(NAME, nodes_before=len(graph_def.node), nodes_after=len(graph_def.node))
     if not any(_has_half(node) for node in graph_def.node):
         return graph_def, report
     if graph_def.library.function:
         report.note = "not promoted: the graph has a function library"
         return graph_def, report
-    index = graph_lib.index_of(graph_def, outputs)
+    index = context.index(graph_def, outputs)
     half_outputs = {graph_lib.canonical_tensor(t): dtype for t, dtype in _output_dtypes(graph_def, outputs).items()
                     if dtype.as_datatype_enum in HALF_TYPES}
     if any(port != 0 for _, port in half_outputs):
         report.note = "not promoted: a float16 output is not the first output of its op"
         return graph_def, report
-    editor = graph_lib.GraphEditor(graph_def)
+    editor = context.editor(graph_def)
     promoted = 0
     for original in graph_def.node:
         if not _has_half(original):
@@ -68,14 +68,14 @@ def run(graph_def, outputs):
                 "SrcT": graph_lib.type_attr(node.attr["dtype"].type), "DstT": graph_lib.type_attr(tf.float32)})
             continue
         if node.op == "Const":
-            value = graph_lib.const_array(node).astype(np.float32)
+            value = index.const_array(node).astype(np.float32)
             node.attr.pop(graph_lib.WEIGHT_KEY_ATTR, None)
             node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(value))
         for value in node.attr.values():
             if value.type in HALF_TYPES:
-                value.type = types_pb2.DT_FLOAT
+                value.type = _FLOAT
             if any(t in HALF_TYPES for t in value.list.type):
-                types = [types_pb2.DT_FLOAT if t in HALF_TYPES else t for t in value.list.type]
+                types = [_FLOAT if t in HALF_TYPES else t for t in value.list.type]
                 del value.list.type[:]
                 value.list.type.extend(types)
     # A float16 output becomes a Cast of the float32 value under the op's name;

@@ -19,12 +19,12 @@ NAME = "prune_identities"
 _MAX_ANCESTOR_WALK = 10000
 
 
-def run(graph_def, outputs):
-    index = graph_lib.index_of(graph_def, outputs)
+def run(context, graph_def, outputs):
+    index = context.index(graph_def, outputs)
     protected = {name for name, _ in index.output_tensors}
     identities = {n.name: n for n in graph_def.node
                   if n.op == "Identity" and n.name not in protected and len(n.input) == 1
-                  and not n.input[0].startswith("^")}
+                  and not graph_lib.is_control(n.input[0])}
     noops = {n.name: n for n in graph_def.node if n.op == "NoOp" and n.name not in protected}
     report = report_lib.PassReport(NAME, nodes_before=len(graph_def.node))
     if not identities and not noops:
@@ -33,7 +33,7 @@ def run(graph_def, outputs):
 
     control_sources = {}
 
-    editor = graph_lib.GraphEditor(graph_def)
+    editor = context.editor(graph_def)
     bypassed = set()
     for node in graph_def.node:
         if node.name not in index.live or node.name in identities or node.name in noops:
@@ -46,16 +46,14 @@ def run(graph_def, outputs):
             if replacement != [input_str]:
                 bypassed.add(name)
             new_inputs.extend(replacement)
-        data = [i for i in new_inputs if not i.startswith("^")]
+        data = graph_lib.data_inputs(new_inputs)
         # A control edge from a node the data already waits for, or a repeated one, orders nothing.
-        control = list(dict.fromkeys(i for i in new_inputs if i.startswith("^")))
+        control = list(dict.fromkeys(graph_lib.control_inputs(new_inputs)))
         if control:
             waited_for = _data_ancestors(index, data, {i[1:] for i in control})
             control = [i for i in control if i[1:] not in waited_for]
         if data + control != list(node.input):
-            target = editor.node(node.name)
-            del target.input[:]
-            target.input.extend(data + control)
+            graph_lib.set_inputs(editor.node(node.name), data + control)
     report.nodes_after = len(editor.graph_def.node)
     report.note = "%d Identity/NoOp nodes bypassed" % len(bypassed & (set(identities) | set(noops)))
     return editor.graph_def, report
@@ -63,13 +61,7 @@ def run(graph_def, outputs):
 
 def _source(input_str, identities):
     """The tensor an input reads once Identity chains are bypassed."""
-    seen = set()
-    name, port, _ = graph_lib.parse_input(input_str)
-    while name in identities and port == 0 and name not in seen:
-        seen.add(name)
-        input_str = identities[name].input[0]
-        name, port, _ = graph_lib.parse_input(input_str)
-    return input_str
+    return graph_lib.forwarded_input(input_str, identities.get)
 
 
 def _controls(name, identities, noops, memo):

@@ -1,4 +1,7 @@
-"""Runs a list of passes over a GraphDef; the argument is never modified."""
+"""The one pass runner: a list of passes over a GraphDef, for the pipeline and for function bodies.
+
+The argument is never modified.
+"""
 
 import contextlib
 import gc
@@ -6,9 +9,9 @@ import time
 
 from absl import logging
 
-from tf_bnfuse.config import pass_entries
 from tf_bnfuse import graph as graph_lib
 from tf_bnfuse import passes as passes_lib
+from tf_bnfuse.passes.context import PassContext
 
 
 def default_outputs(graph_def):
@@ -20,30 +23,34 @@ def default_outputs(graph_def):
             and not index.control_consumers(node.name)]
 
 
-def run_pipeline(graph_def, outputs, pipeline, owns_input=False):
+def run_pipeline(graph_def, outputs, pipeline, owns_input=False, context=None):
     """Returns (new graph_def, [PassReport]) after every pass in `pipeline`.
 
     A pass never modifies the GraphDef it is given, and returns that same
     object when it changes nothing. owns_input=True says the caller gives
     graph_def away, so it may come back as the result uncopied. While the
-    passes run, big weights are held outside the proto (graph.WeightStore).
+    passes run, big weights are held outside the proto (context.weights).
+    context: the PassContext to run in (a new one by default).
     """
+    context = context if context is not None else PassContext()
+    weights = context.weights
     reports = []
-    with _cyclic_gc_paused(), graph_lib.sharing_indexes() as shared, graph_lib.weights_outside_proto() as weights:
+    with _cyclic_gc_paused():
         current = weights.strip(graph_def)
         if owns_input:
             graph_def = None  # so the input is freed as soon as it has been replaced
-        for name, options in pass_entries(pipeline):
+        for name, options in passes_lib.pass_entries(pipeline):
             started = time.perf_counter()
-            result, report = passes_lib.REGISTRY[name](current, outputs, **options)
+            result, report = passes_lib.REGISTRY[name](context, current, outputs, **options)
             if result is not current:
-                shared.forget()  # and with it the last reference to the replaced graph
+                context.graph_changed()  # and with it the last reference to the replaced graph
                 weights.retain(result)
             current = result
             logging.debug("pass %s: %d -> %d nodes, %d folded, %d skipped (%.3f s)", name,
-                         report.nodes_before, report.nodes_after, len(report.folds),
-                         len(report.skips), time.perf_counter() - started)
+                          report.nodes_before, report.nodes_after, len(report.folds),
+                          len(report.skips), time.perf_counter() - started)
             reports.append(report)
+        context.graph_changed()
         if current is graph_def:  # the result is never the caller's argument itself
             current = graph_lib.copy_graph_def(graph_def)
         weights.restore(current)  # current is this function's own graph by now

@@ -32,7 +32,7 @@ _IDENTITY_ELEMENTS = {
 def _passed_input(index, node):
     """The data input that the node returns unchanged, or None."""
     identity, positions = _IDENTITY_ELEMENTS[node.op]
-    data = [i for i in node.input if not i.startswith("^")]
+    data = graph_lib.data_inputs(node)
     if len(data) != 2:
         return None
     dtype = graph_lib.node_dtype(node)
@@ -48,9 +48,9 @@ def _passed_input(index, node):
     return None
 
 
-def run(graph_def, outputs):
-    index = graph_lib.index_of(graph_def, outputs)
-    editor = graph_lib.GraphEditor(graph_def)
+def run(context, graph_def, outputs):
+    index = context.index(graph_def, outputs)
+    editor = context.editor(graph_def)
     report = report_lib.PassReport(NAME, nodes_before=len(graph_def.node))
     simplified = 0
     for node in graph_def.node:

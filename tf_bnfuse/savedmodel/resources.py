@@ -15,44 +15,17 @@ from tf_bnfuse import graph as graph_lib
 _WRITE_OP_PREFIXES = ("ResourceApply", "ResourceSparseApply", "ResourceScatter")
 _WRITE_OPS = frozenset({"AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp",
                         "ResourceStridedSliceAssign", "DestroyResourceOp"})
-# Call-like ops: node input i is argument (i - offset) of each function attr named here.
-_CALL_OPS = {
-    "PartitionedCall": (("f",), 0),
-    "StatefulPartitionedCall": (("f",), 0),
-    "While": (("body", "cond"), 0),
-    "StatelessWhile": (("body", "cond"), 0),
-    "If": (("then_branch", "else_branch"), 1),
-    "StatelessIf": (("then_branch", "else_branch"), 1),
-    "Case": (("branches",), 1),
-    "StatelessCase": (("branches",), 1),
-}
 
 
 def is_write_op(op):
     return op in _WRITE_OPS or op.startswith(_WRITE_OP_PREFIXES)
 
 
-def _called_functions(node, library):
-    """(function names, argument offset) a node calls, or ((), 0)."""
-    if node.op in library:  # a function called by its own name
-        return (node.op,), 0
-    if node.op not in _CALL_OPS:
-        return (), 0
-    attrs, offset = _CALL_OPS[node.op]
-    names = []
-    for attr in attrs:
-        value = node.attr[attr]
-        if value.HasField("func"):
-            names.append(value.func.name)
-        names.extend(f.name for f in value.list.func)
-    return tuple(names), offset
-
-
 class _WriteAnalysis:
     """Which placeholders (or function arguments) reach a write op's variable input."""
 
     def __init__(self, library):
-        self.library = {f.signature.name: f for f in library.function}
+        self.library = {f.signature.name: f for f in library.function}  # (a FunctionDefLibrary)
         self._written_args = {}  # function name -> set of written argument indices
 
     def written_sources(self, nodes, source_of):
@@ -63,12 +36,12 @@ class _WriteAnalysis:
         """
         written = set()
         for node in nodes:
-            data_inputs = [i for i in node.input if not i.startswith("^")]
+            data_inputs = graph_lib.data_inputs(node)
             if is_write_op(node.op) and data_inputs:
                 source = source_of(data_inputs[0])
                 if source is not None:
                     written.add(source)
-            functions, offset = _called_functions(node, self.library)
+            functions, offset = graph_lib.called_functions(node, self.library)
             for function in functions:
                 for arg in self.written_args(function):
                     if 0 <= arg + offset < len(data_inputs):
@@ -88,12 +61,7 @@ class _WriteAnalysis:
         by_name = {node.name: node for node in function.node_def}
 
         def source_of(input_str):
-            # Function bodies name tensors "node:output:index" or an argument's bare name.
-            name = input_str.split(":")[0]
-            seen = set()
-            while name in by_name and by_name[name].op == "Identity" and name not in seen:
-                seen.add(name)
-                name = by_name[name].input[0].split(":")[0]
+            name, _ = graph_lib.body_source(by_name, input_str)
             return name if name in arg_index else None
 
         written = self.written_sources(function.node_def, source_of)

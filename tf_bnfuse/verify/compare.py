@@ -1,6 +1,6 @@
 """Proves a folded SavedModel computes what the original does, on every visible device.
 
-Both models get the same inputs (verify_inputs.py). An output passes when
+Both models get the same inputs (test_inputs.py). An output passes when
 
     max |folded - original| <= atol + rtol * max |original|
 
@@ -167,26 +167,25 @@ def output_precisions(graph_def, outputs):
     and into the functions those call (loop bodies, XLA clusters).
     """
     index = graph_lib.GraphIndex(graph_def)
-    functions = {f.signature.name: f for f in graph_def.library.function}
+    functions = graph_lib.functions_by_name(graph_def)
     half = {tf.as_dtype(p).as_datatype_enum: p for p in HALF_PRECISIONS}
 
-    def precisions_of(node_defs, seen_functions):
+    def precisions_of(node_defs):
         found = set()
         for node in node_defs:
             for attr in node.attr.values():
                 if attr.type in half:
                     found.add(half[attr.type])
                 found.update(half[t] for t in attr.list.type if t in half)
-            for name in graph_lib.called_function_names(node):
-                if name in functions and name not in seen_functions:
-                    seen_functions.add(name)
-                    found |= precisions_of(functions[name].node_def, seen_functions)
         return found
 
     result = {}
     for key, spec in outputs.items():
-        ancestors = graph_lib.live_nodes(graph_def, [spec.tensor], keep_ops=())
-        found = precisions_of([index.node(n) for n in ancestors if index.node(n) is not None], set())
+        ancestors = [index.node(n) for n in graph_lib.live_nodes(graph_def, [spec.tensor], keep_ops=())
+                     if index.node(n) is not None]
+        called = graph_lib.function_closure(
+            functions, [f for n in ancestors for f in graph_lib.called_function_names(n)])
+        found = precisions_of(ancestors + [n for name in called for n in functions[name].node_def])
         if found:
             result[key] = next(p for p in HALF_PRECISIONS if p in found)
     return result
@@ -213,7 +212,7 @@ def verify(original, folded, inputs, output_specs, verify_config, precisions=Non
     """Runs every signature of both models on every device, twice, and compares outputs.
 
     original, folded: dicts signature key -> callable(**inputs) -> dict of tensors.
-    inputs: {signature: {input: array}} (verify_inputs.make_inputs).
+    inputs: {signature: {input: array}} (test_inputs.make_inputs).
     output_specs: {signature: {output: TensorSpecInfo}}, for the dtypes.
     precisions: {signature: {output: half precision computing it}} (output_precisions).
     """

@@ -41,9 +41,9 @@ class IndexBound:
         return "[0, %d) from %s" % (self.high, self.source)
 
 
-def model_vocabulary(saved_model_dir):
+def model_vocabulary(saved_model_dir, proto):
     """Words the model knows: lines of its text assets (first tab-separated field), then the
-    string constants of its graph and functions.
+    string constants of its graph and functions (proto: its parsed saved_model.pb).
 
     Lookup tables are built from these; test strings drawn from them reach the
     table's real entries, not only its default value.
@@ -57,18 +57,11 @@ def model_vocabulary(saved_model_dir):
             except (UnicodeDecodeError, OSError):
                 continue  # a binary asset holds no words
     if not words:
-        words = _string_constants(os.path.join(saved_model_dir, "saved_model.pb"))
+        words = _string_constants(proto)
     return words[:_MAX_VOCABULARY]
 
 
-def _string_constants(pb_path):
-    from tensorflow.core.protobuf import saved_model_pb2
-    proto = saved_model_pb2.SavedModel()
-    try:
-        with open(pb_path, "rb") as f:
-            proto.ParseFromString(f.read())
-    except (OSError, ValueError):
-        return []
+def _string_constants(proto):
     words = []
     for meta_graph in proto.meta_graphs:
         graph_def = meta_graph.graph_def
@@ -109,7 +102,7 @@ def index_bounds(graph_def, inputs):
             seen.add(tensor)
             for consumer_name, position in index.data_consumers(*tensor):
                 node = index.node(consumer_name)
-                data = [i for i in node.input if not i.startswith("^")]
+                data = graph_lib.data_inputs(node)
                 if position in _INDEX_PASS_THROUGH.get(node.op, ()):
                     stack.append((node.name, 0))
                 elif node.op in ("GatherV2", "Gather", "ResourceGather") and position == 1:

@@ -14,6 +14,7 @@ from typing import Dict, List, Optional
 import tensorflow as tf
 
 from tf_bnfuse import errors
+from tf_bnfuse.graph import tf_internal
 from tf_bnfuse.verify import compare as verify_lib
 
 LINEAR_TFLITE_OPS = frozenset({"CONV_2D", "CONV_3D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV",
@@ -46,7 +47,7 @@ def convert(saved_model_dir, signature_keys, tags):
 
 
 def _ops(interpreter):
-    return interpreter._get_ops_details()  # the one API that lists a model's ops and their tensors
+    return tf_internal.tflite_ops(interpreter)
 
 
 def op_counts(model_content):

@@ -1,0 +1,80 @@
+"""The function library: which functions a node calls, with which arguments, and their closure."""
+
+from tf_bnfuse.graph import walks
+
+# The ops that call one function by their `f` attr, with the node's inputs as its arguments.
+CALL_OPS = frozenset({"PartitionedCall", "StatefulPartitionedCall"})
+# Call-like ops: node input i is argument (i - offset) of each function attr named here.
+CALL_ARGUMENTS = {
+    "PartitionedCall": (("f",), 0),
+    "StatefulPartitionedCall": (("f",), 0),
+    "While": (("body", "cond"), 0),
+    "StatelessWhile": (("body", "cond"), 0),
+    "If": (("then_branch", "else_branch"), 1),
+    "StatelessIf": (("then_branch", "else_branch"), 1),
+    "Case": (("branches",), 1),
+    "StatelessCase": (("branches",), 1),
+}
+WHILE_OPS = frozenset({"While", "StatelessWhile"})
+IF_OPS = frozenset({"If", "StatelessIf"})
+
+
+def called_function_names(node):
+    """The names of the library functions a node's attributes name (a call's `f`, a While's
+    `body` and `cond`, an If's branches, a Case's `branches`)."""
+    found = [value.func.name for value in node.attr.values() if value.HasField("func")]
+    return found + [f.name for value in node.attr.values() for f in value.list.func]
+
+
+def called_functions(node, functions):
+    """(function names, argument offset) of the functions a node calls with its inputs as
+    arguments: a call op's, a control-flow op's, or the function named by its op; ((), 0)."""
+    if node.op in functions:  # a function called by its own name
+        return (node.op,), 0
+    if node.op not in CALL_ARGUMENTS:
+        return (), 0
+    attrs, offset = CALL_ARGUMENTS[node.op]
+    found = []
+    for attr in attrs:
+        value = node.attr[attr]
+        if value.HasField("func"):
+            found.append(value.func.name)
+        found.extend(f.name for f in value.list.func)
+    return tuple(found), offset
+
+
+def functions_by_name(graph_def):
+    return {f.signature.name: f for f in graph_def.library.function}
+
+
+def function_closure(functions, names):
+    """The names of `functions` ({name: FunctionDef}) among `names` and every function they
+    call, directly or through calls inside them (by a func attr, or by a function's name as
+    the op)."""
+    def called(name):
+        if name not in functions:
+            return None
+        return [f for node in functions[name].node_def for f in [node.op] + called_function_names(node)]
+    return walks.reachable(names, called)
+
+
+def call_counts(graph_def):
+    """function name -> how many nodes (in the graph and in library functions) name it."""
+    counts = {}
+    nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
+    for node in nodes:
+        for name in called_function_names(node):
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def body_source(by_name, input_str):
+    """(node or argument name, output) that a function-body input reads through Identity
+    nodes; function bodies name tensors "node:output:index" or an argument's bare name, and
+    output is "" for an argument. by_name: the body's {name: NodeDef}."""
+    name, _, output = input_str.partition(":")
+    seen = set()
+    while name in by_name and by_name[name].op == "Identity" and name not in seen:
+        seen.add(name)
+        name, _, output = by_name[name].input[0].partition(":")
+    return name, output

@@ -1,0 +1,118 @@
+"""Every TensorFlow internal tf_bnfuse uses: `tensorflow.python` modules and private attributes.
+
+Nothing else in the package imports `tensorflow.python` or touches a private attribute of a
+TensorFlow object (tests/test_architecture.py checks the imports), so a TensorFlow upgrade
+breaks here or nowhere. Each entry says why it is needed and what public API would replace
+it, where one exists. It sits in the graph layer, the lowest that imports TensorFlow, so
+that every layer above may use it.
+"""
+
+import os
+
+import tensorflow as tf
+# The SavedModel proto has no public class (tf.compat.v1 has MetaGraphDef, not SavedModel).
+from tensorflow.core.protobuf.saved_model_pb2 import SavedModel as SavedModelProto  # noqa: F401  (re-exported)
+from tensorflow.core.framework.graph_debug_info_pb2 import GraphDebugInfo as _GraphDebugInfo
+from tensorflow.python.eager import wrap_function as _wrap_function
+from tensorflow.python.framework import convert_to_constants as _convert_to_constants
+from tensorflow.python.framework import function_def_to_graph as _function_def_to_graph
+from tensorflow.python.framework import op_def_registry as _op_def_registry
+from tensorflow.python.saved_model import load as _tf_load
+
+
+def op_def(op_type):
+    """The registered OpDef of an op type, or None. Why: whether an op is stateful, and how many
+    outputs it has, by name; no public API looks an OpDef up."""
+    return _op_def_registry.get(op_type)
+
+
+def function_def_to_graph_def(function_def):
+    """(GraphDef of a FunctionDef's body, {nested tensor name: flat name}). Why: fold_in_functions
+    runs the passes on a body; no public API converts a FunctionDef with its name map."""
+    return _function_def_to_graph.function_def_to_graph_def(function_def)
+
+
+def frozen_graph_def(function, keep):
+    """(GraphDef with read-only variables as constants, output tensors) of a ConcreteFunction.
+
+    Why: there is no public TF2 freezing API. convert_variables_to_constants_v2 spends most
+    of its time (and a second copy of every weight) wrapping the frozen GraphDef into a new
+    ConcreteFunction that we would only turn back into a GraphDef; its two private steps
+    before that are called directly when this TensorFlow has them. keep: names of capture
+    placeholders to leave as placeholders (variables the function writes). Control flow
+    stays functional (While/If with body functions).
+    """
+    converter_data = getattr(_convert_to_constants, "_FunctionConverterDataInEager", None)
+    replace = getattr(_convert_to_constants, "_replace_variables_by_constants", None)
+    if converter_data is not None and replace is not None:
+        data = converter_data(func=function, lower_control_flow=False, aggressive_inlining=False,
+                              variable_names_denylist=set(keep) or None)
+        graph_def, _ = replace(converter_data=data)
+        return graph_def, list(function.outputs)
+    if keep:
+        raise ValueError("this TensorFlow's converter cannot keep written variables as variables")
+    frozen = _convert_to_constants.convert_variables_to_constants_v2(function, lower_control_flow=False)
+    return frozen.graph.as_graph_def(), list(frozen.outputs)
+
+
+def read_debug_info(path):
+    """The GraphDebugInfo TF's Loader takes, read as loader_impl reads it (empty where the folder has
+    none). Why: the proto class is not public."""
+    debug_info = _GraphDebugInfo()
+    debug_path = os.path.join(path, "debug", "saved_model_debug_info.pb")
+    if os.path.isfile(debug_path):
+        with open(debug_path, "rb") as f:
+            debug_info.ParseFromString(f.read())
+    return debug_info
+
+
+def load_object_graph(proto, meta_graph, path, debug_info):
+    """The root object TF's Loader restores from a (pruned) SavedModel proto. Why: this is what
+    tf.saved_model.load does after parsing, and load_partial uses the same Loader; no public
+    API loads from a proto in memory."""
+    with tf.init_scope():
+        loader = _tf_load.Loader(meta_graph.object_graph_def, proto, path, tf.train.CheckpointOptions(),
+                                 tf.saved_model.LoadOptions(), None)
+        root = loader.get(0)
+        root.graph_debug_info = loader.adjust_debug_info_func_names(debug_info)
+    return root
+
+
+def function_from_graph_def(graph_def, inputs, outputs, captures):
+    """A WrappedFunction of a GraphDef that captures the given tensors. Why: rebuilding a TF1
+    init function without the captures it does not read; tf.compat.v1.wrap_function cannot
+    take captures."""
+    return _wrap_function.function_from_graph_def(graph_def, inputs, outputs, captures)
+
+
+def set_call_signature(function, keywords):
+    """Records the argument names a wrapped function is called with, as TF-TRT does. Why: a
+    WrappedFunction does not record them, and a signature is called by keyword."""
+    function._arg_keywords = list(keywords)  # pylint: disable=protected-access
+    function._num_positional_args = len(keywords)  # pylint: disable=protected-access
+
+
+def tf1_initializer_parts(initializer):
+    """(init function, asset paths) of the initializer tf.saved_model.load gives a TF1 model
+    (load_v1_in_v2._Initializer), or (None, None) where this TensorFlow's has other fields.
+    Why: the init function is rebuilt without the unfolded weights it captures; no public API."""
+    return getattr(initializer, "_init_fn", None), getattr(initializer, "_asset_paths", None)
+
+
+def track(resource, trackable, name):
+    """Makes `resource` track `trackable` under `name`. Why: a TrackableResource does not track
+    its attributes, and its assets must be saved with it; public alternative: hold them in a
+    tf.Module attribute beside it."""
+    resource._track_trackable(trackable, name=name)  # pylint: disable=protected-access
+
+
+def concrete_functions(function):
+    """The ConcreteFunctions a restored tf.function was traced with. Why: a restored function lists
+    them only through this private method (public: experimental_get_tracing_count, no list)."""
+    return list(function._list_all_concrete_functions_for_serialization())  # pylint: disable=protected-access
+
+
+def tflite_ops(interpreter):
+    """Each op of a TFLite model with its name and input and output tensors. Why: the one API
+    that lists them; public alternative: tf.lite.experimental.Analyzer, which only prints."""
+    return interpreter._get_ops_details()  # pylint: disable=protected-access

@@ -1,0 +1,150 @@
+"""The weight store: big Consts held outside the protobuf while the passes run.
+
+Every pass that changes a graph writes a new GraphDef, and protobuf copies each node it
+keeps, weights included (100 MB per pass on ResNet50). While the passes run, each big
+Const's bytes live instead in a WeightStore as a read-only numpy array, and the node
+keeps its dtype and shape and names its array in WEIGHT_KEY_ATTR: copying the node copies a
+key. Weights are read from the proto once, kernels scaled into new arrays, and written
+back once at the end. The store is handed to passes in their PassContext; nothing here
+is module state.
+"""
+
+import itertools
+
+import numpy as np
+import tensorflow as tf
+
+from tf_bnfuse.graph import names
+
+WEIGHT_KEY_ATTR = "_tf_bnfuse_weight"
+STORED_MIN_BYTES = 1 << 14
+
+
+class WeightStore:
+    """{key: read-only numpy array} of the Consts a pipeline holds outside the proto.
+
+    min_bytes: Consts this big or bigger are held here (None: STORED_MIN_BYTES as it is
+    when the store is made; the graph-level tests lower it to hold every Const).
+    """
+
+    def __init__(self, min_bytes=None):
+        self.arrays = {}
+        self.min_bytes = STORED_MIN_BYTES if min_bytes is None else min_bytes
+        self._keys = itertools.count(1)
+
+    def put(self, array):
+        key = "w%d" % next(self._keys)
+        array = array.view()
+        array.setflags(write=False)
+        self.arrays[key] = array
+        return key
+
+    def holds(self, array, dtype):
+        """Whether a new Const of this value and TF dtype goes into the store."""
+        return dtype.is_numeric and array.nbytes >= self.min_bytes
+
+    def array(self, node):
+        """The array a stored Const names."""
+        key = node.attr[WEIGHT_KEY_ATTR].s.decode()
+        if key not in self.arrays:
+            raise KeyError("Const %s names weight %s, which this store does not hold" % (node.name, key))
+        return self.arrays[key]
+
+    def strip(self, graph_def):
+        """A copy of graph_def whose big Consts name arrays in this store; graph_def itself when
+        it has none (it is not modified either way)."""
+        if not any(self._storable(node) for node in graph_def.node):
+            return graph_def
+        stripped = names.new_graph_def(graph_def)
+        for node in graph_def.node:
+            tensor = node.attr["value"].tensor if self._storable(node) else None
+            content = tensor.tensor_content if tensor is not None else b""  # protobuf's one copy
+            if not content:  # small, or a splat held as one value
+                stripped.node.add().CopyFrom(node)
+                continue
+            new = stripped.node.add(name=node.name, op=node.op, device=node.device)
+            new.input.extend(node.input)
+            for key, value in node.attr.items():
+                if key != "value":
+                    new.attr[key].CopyFrom(value)
+            new_tensor = new.attr["value"].tensor
+            new_tensor.dtype = tensor.dtype
+            new_tensor.tensor_shape.CopyFrom(tensor.tensor_shape)
+            new.attr[WEIGHT_KEY_ATTR].s = self.put(content_view(tensor, content)).encode()
+        return stripped
+
+    def retain(self, graph_def):
+        """Forgets the arrays no node of graph_def names (a folded kernel's old weights)."""
+        named = {node.attr[WEIGHT_KEY_ATTR].s.decode() for node in graph_def.node
+                 if node.op == "Const" and WEIGHT_KEY_ATTR in node.attr}
+        for key in [k for k in self.arrays if k not in named]:
+            del self.arrays[key]
+
+    def restore(self, graph_def):
+        """Writes the stored arrays back into graph_def's Consts, in place; returns graph_def."""
+        for node in graph_def.node:
+            if node.op == "Const" and WEIGHT_KEY_ATTR in node.attr:
+                self.restore_node(node)
+        return graph_def
+
+    def restore_node(self, node):
+        """Puts a stored Const's bytes back into its proto (in place)."""
+        array = self.array(node)
+        # A weight no pass changed is a view of the bytes it was read from: those go back as they are.
+        unchanged = isinstance(array.base, bytes) and len(array.base) == array.nbytes
+        node.attr["value"].tensor.tensor_content = array.base if unchanged else np.ascontiguousarray(array).tobytes()
+        del node.attr[WEIGHT_KEY_ATTR]
+
+    def _storable(self, node):
+        """A Const big enough to hold outside the proto, judged by its shape (reading its
+        tensor_content would copy it)."""
+        if node.op != "Const" or WEIGHT_KEY_ATTR in node.attr:
+            return False
+        tensor = node.attr["value"].tensor
+        dtype = tf.as_dtype(tensor.dtype)
+        if not dtype.is_numeric:
+            return False
+        elements = 1
+        for dim in tensor.tensor_shape.dim:
+            elements *= max(dim.size, 0)
+        return elements * dtype.size >= self.min_bytes
+
+
+def const_array(node, weights=None):
+    """The numpy value of a Const node, held in `weights` (a WeightStore) or not (read-only)."""
+    if WEIGHT_KEY_ATTR in node.attr:
+        return _store_of(node, weights).array(node)
+    return ndarray(node.attr["value"].tensor)
+
+
+def const_nbytes(node, weights=None):
+    """Bytes of a Const's value, without reading it."""
+    if WEIGHT_KEY_ATTR in node.attr:
+        return _store_of(node, weights).array(node).nbytes
+    tensor = node.attr["value"].tensor
+    return len(tensor.tensor_content) or tensor.ByteSize()
+
+
+def _store_of(node, weights):
+    if weights is None:
+        raise KeyError("Const %s names a stored weight, and no WeightStore was given" % node.name)
+    return weights
+
+
+def ndarray(tensor_proto):
+    """tf.make_ndarray, but a tensor_content is read as a read-only view of the one bytes
+    copy protobuf hands out, instead of copied once more (a kernel is megabytes)."""
+    if tf.as_dtype(tensor_proto.dtype).is_numeric:
+        content = tensor_proto.tensor_content
+        value = content_view(tensor_proto, content) if content else None
+        if value is not None:
+            return value
+    return tf.make_ndarray(tensor_proto)
+
+
+def content_view(tensor_proto, content):
+    """A read-only array over `content`, the tensor_content bytes of a numeric tensor_proto;
+    None when their size does not match its shape."""
+    shape = [d.size for d in tensor_proto.tensor_shape.dim]
+    value = np.frombuffer(content, dtype=tf.as_dtype(tensor_proto.dtype).as_numpy_dtype)
+    return value.reshape(shape) if value.size == int(np.prod(shape)) else None

@@ -1,0 +1,152 @@
+"""Freezing: each signature's ConcreteFunction to a GraphDef, its read-only variables as constants."""
+
+import dataclasses
+import hashlib
+from typing import Dict, List, Optional
+
+import tensorflow as tf
+
+from tf_bnfuse import errors
+from tf_bnfuse.graph import tf_internal
+from tf_bnfuse.savedmodel import resources
+
+
+@dataclasses.dataclass
+class TensorSpecInfo:
+    """A signature input or output: its tensor in the frozen graph, dtype and shape."""
+    tensor: str
+    dtype: tf.DType
+    shape: Optional[List[Optional[int]]]  # None: unknown rank
+
+
+@dataclasses.dataclass
+class KeptResource:
+    """A capture freezing leaves alone: a written variable or a table, fed its original's handle."""
+    handle: object  # the captured eager resource tensor
+    owner: object  # the trackable that holds it (saved with the output, with its assets)
+
+
+@dataclasses.dataclass
+class FrozenSignature:
+    key: str
+    graph_def: object  # a GraphDef
+    inputs: Dict[str, TensorSpecInfo]
+    outputs: Dict[str, TensorSpecInfo]
+    # placeholder name in graph_def -> the resource it stands for
+    resources: Dict[str, KeptResource] = dataclasses.field(default_factory=dict)
+
+    def release_graph_def(self):
+        """Hands the GraphDef over, so that the caller's pipeline holds the only reference."""
+        graph_def, self.graph_def = self.graph_def, None
+        return graph_def
+
+    @property
+    def output_tensors(self):
+        return [spec.tensor for spec in self.outputs.values()]
+
+
+def select_signatures(loaded, keys, path):
+    available = sorted(loaded.signatures.keys())
+    if not available:
+        raise errors.BadInputError("SavedModel %s has no signatures" % path)
+    keys = list(keys) if keys else available
+    unknown = [k for k in keys if k not in loaded.signatures]
+    if unknown:
+        raise errors.BadInputError("SavedModel %s has no signature %s; available: %s" % (
+            path, ", ".join(unknown), ", ".join(available)))
+    return {k: loaded.signatures[k] for k in keys}
+
+
+def signature_fingerprint(function):
+    """A key equal for two signatures that compute the same thing from the same variables.
+
+    Keras 3's model.export writes "serve" and "serving_default" as two
+    signatures calling one function; freezing and folding it once is enough.
+    Their graphs differ only in the _user_specified_name of capture
+    placeholders, which names nothing the graph computes.
+    """
+    graph_def = function.graph.as_graph_def()
+    for node in graph_def.node:
+        if "_user_specified_name" in node.attr:
+            del node.attr["_user_specified_name"]
+    digest = hashlib.sha256(graph_def.SerializeToString(deterministic=True)).hexdigest()
+    captures = tuple(id(t) for t in function.captured_inputs)  # the same variable objects
+    return (digest, captures, repr(function.structured_input_signature), repr(function.structured_outputs))
+
+
+def signature_inputs(function):
+    """{input key: TensorSpecInfo} of a signature's ConcreteFunction.
+
+    A signature's inputs and outputs are dicts; the function's own input list
+    follows their flattening, which sorts by key.
+    """
+    input_keys = sorted(function.structured_input_signature[1])
+    return {k: TensorSpecInfo(placeholder.name, function.structured_input_signature[1][k].dtype,
+                              _shape_list(function.structured_input_signature[1][k].shape))
+            for k, placeholder in zip(input_keys, function.inputs)}
+
+
+def _shape_list(shape):
+    return None if shape.rank is None else shape.as_list()
+
+
+def _kept_resources(key, function, graph_def, input_names, owners):
+    """{placeholder name: KeptResource} for the captures freezing left as placeholders.
+
+    Raises BadInputError naming a capture that is no resource of the
+    SavedModel's object graph: the written model could not hold it.
+    """
+    outer_of = {inner.name.split(":")[0]: outer for outer, inner in function.graph.captures}
+    kept = {}
+    for node in graph_def.node:
+        if node.op != "Placeholder" or node.name in input_names:
+            continue
+        outer = outer_of.get(node.name)
+        owner = owners.get(id(outer)) if outer is not None else None
+        if owner is None:
+            raise errors.BadInputError(
+                "signature %s reads %s, a %s that is not a variable or resource of the SavedModel's "
+                "objects, so the output could not keep it" % (
+                    key, node.name, tf.as_dtype(node.attr["dtype"].type).name))
+        kept[node.name] = KeptResource(outer, owner)
+    return kept
+
+
+def freeze(key, function, owners):
+    """Freezes a signature's ConcreteFunction into a FrozenSignature.
+
+    Variables the signature only reads become constants; variables it writes
+    and other resources (lookup tables) stay placeholders, recorded with the
+    trackable in `owners` ({id(handle): trackable}, resources.resource_owners)
+    that holds them. The caller keeps the loaded SavedModel alive meanwhile:
+    freezing reads its variables.
+    """
+    written = resources.written_placeholders(function.graph.as_graph_def())
+    # A TF1 signature is pruned from the whole MetaGraph and keeps its table-initializer
+    # collection, naming ops the pruning removed; Grappler refuses such a graph. The
+    # tables are initialized by the objects that own them, not by this graph.
+    function.graph.clear_collection(tf.compat.v1.GraphKeys.TABLE_INITIALIZERS)
+    try:
+        graph_def, output_tensors = tf_internal.frozen_graph_def(function, written)
+    except Exception as e:
+        raise errors.BadInputError("cannot freeze signature %s: %s" % (key, errors.first_line(e)))
+    # A signature's inputs and outputs are dicts; the function's own input and
+    # output lists follow their flattening, which sorts by key. (The restored
+    # structured_outputs are TensorSpecs, not graph tensors, so position is all
+    # there is to go by.)
+    inputs = signature_inputs(function)
+    output_keys = sorted(function.structured_outputs)
+    if len(output_tensors) != len(output_keys):
+        raise errors.BadInputError("signature %s: %d outputs but %d output keys" % (
+            key, len(output_tensors), len(output_keys)))
+    outputs = {}
+    for output_key, tensor in zip(output_keys, output_tensors):
+        outputs[output_key] = TensorSpecInfo(tensor.name, tensor.dtype, _shape_list(tensor.shape))
+    kept = _kept_resources(key, function, graph_def, {t.tensor.split(":")[0] for t in inputs.values()}, owners)
+    # Device pins from the exporting machine would stop the model running elsewhere.
+    for node in graph_def.node:
+        node.device = ""
+    for function_def in graph_def.library.function:
+        for node in function_def.node_def:
+            node.device = ""
+    return FrozenSignature(key, graph_def, inputs, outputs, kept)

@@ -1,0 +1,172 @@
+"""The checks of the root functions the output keeps (savedmodel/root_functions.py).
+
+A trace no signature calls is kept when, on the signature's test inputs, it computes the
+signature's outputs (match_by_value); every kept function of the written output is called
+and compared with the original's before anything is moved into place (check).
+"""
+
+import numpy as np
+import tensorflow as tf
+
+from tf_bnfuse import errors
+from tf_bnfuse.savedmodel import root_functions
+from tf_bnfuse.verify import compare as verify_lib
+
+
+def match_by_value(loaded, signatures, pending, aliases, dropped, inputs, verify_config):
+    """Keeps a pending trace that computes what a signature computes, by value.
+
+    For each signature whose inputs the trace's tensor arguments are (by name,
+    or the one input of each), both run on the signature's test inputs; each of
+    the trace's outputs must equal one signature output within that output's
+    tolerance. The trace then calls that signature in the output, like a
+    wrapped one; check() compares it with the original again after writing.
+    Updates aliases and dropped in place.
+    """
+    for name, traces in sorted(pending.items()):
+        parameters = root_functions.parameters_of(getattr(loaded, name))
+        for concrete in traces:
+            alias = None
+            for key, signature in sorted(signatures.items()):
+                alias = _alias_by_value(loaded, name, concrete, key, signature, inputs[key], verify_config)
+                if alias is not None:
+                    break
+            if alias is None:
+                root_functions.not_kept(dropped, name, concrete, "no folded signature computes it")
+                continue
+            alias.parameters = parameters
+            aliases.setdefault(name, []).append(alias)
+
+
+def _alias_by_value(loaded, name, concrete, key, signature, feeds, verify_config):
+    specs = [s for s in tf.nest.flatten(concrete.structured_input_signature) if isinstance(s, tf.TensorSpec)]
+    signature_specs = signature.structured_input_signature[1]
+    if all(s.name in signature_specs for s in specs):
+        arg_keys = [s.name for s in specs]
+    elif len(specs) == len(signature_specs) == 1:
+        arg_keys = list(signature_specs)
+    else:
+        return None
+    if sorted(set(arg_keys)) != sorted(signature_specs) or len(set(arg_keys)) != len(arg_keys):
+        return None
+    if any(s.dtype != signature_specs[k].dtype or not s.shape.is_compatible_with(signature_specs[k].shape)
+           for s, k in zip(specs, arg_keys)):
+        return None
+    tensors = {k: tf.constant(v) for k, v in feeds.items()}
+    probe = root_functions.RootAlias(name, concrete.structured_input_signature, key, arg_keys, [],
+                                     concrete.structured_outputs, {})
+
+    def output_keys_by_value():
+        flat = [np.asarray(v) for v in root_functions.call_tensors(getattr(loaded, name), probe, tensors)]
+        expected = {k: np.asarray(v) for k, v in signature(**tensors).items()}
+        return _matching_outputs(flat, expected, verify_config)
+    try:
+        # Grappler can compute two graphs of one model differently (a TensorFlow bug,
+        # compare.py); as written, both compute what the model says.
+        output_keys, _ = verify_lib.unless_accepted_as_written(output_keys_by_value(), output_keys_by_value,
+                                                               lambda keys: keys is not None)
+    except (tf.errors.OpError, ValueError, TypeError):
+        return None
+    if output_keys is None:
+        return None
+    ports = {k: i for i, k in reversed(list(enumerate(output_keys)))}
+    return root_functions.RootAlias(name, concrete.structured_input_signature, key, arg_keys, output_keys,
+                     concrete.structured_outputs, ports, by_value=True)
+
+
+def _matching_outputs(flat, expected, verify_config):
+    """For each value of flat, the key of an expected output it equals within tolerance; None if
+    one has none."""
+    output_keys = []
+    for value in flat:
+        match = None
+        for output_key, reference in sorted(expected.items()):
+            if reference.dtype != value.dtype or reference.shape != value.shape:
+                continue
+            tolerance, _ = verify_lib.tolerance_for(tf.as_dtype(reference.dtype), verify_config or {})
+            if verify_lib.compare(reference, value, tolerance)[2]:
+                match = output_key
+                break
+        if match is None:
+            return None
+        output_keys.append(match)
+    return output_keys
+
+
+def references(original, aliases, input_specs):
+    """{signature key: callable(**inputs) -> {output: tensor}} that runs the original's root
+    function a signature wraps, for the signatures whose every input it takes.
+
+    Verification then compares each such signature with the root function (what the
+    signature computes, by its graph), so the original's function is made ready to run once,
+    for the signature and for check() (a first call costs a third of a second on MobileNetV2).
+    input_specs: {signature key: {input key: ...}}, the signatures verified.
+    """
+    found = {}
+    for name, group in sorted(aliases.items()):
+        for alias in group:
+            if alias.by_value or alias.signature in found or alias.signature not in input_specs:
+                continue  # a by-value alias is checked against the original, not used as its stand-in
+            if sorted(set(alias.arg_keys)) != sorted(input_specs[alias.signature]):
+                continue
+            found[alias.signature] = _reference(getattr(original, name), alias)
+    return found
+
+
+def _reference(function, alias):
+    def call(**feeds):
+        flat = root_functions.call_tensors(function, alias, feeds)
+        return {k: flat[port] for k, port in alias.output_ports.items()}
+    return call
+
+
+def _call_flat(function, alias, feeds):
+    """Calls a root function with a signature's test inputs in its own positional structure."""
+    return [np.asarray(v) for v in root_functions.call_tensors(function, alias, feeds)]
+
+
+def check(original, reloaded, aliases, inputs, verify_config=None, precisions=None):
+    """Calls each kept root function of the reloaded output on its signature's test inputs.
+
+    With verify_config (verification on), compares each output with the
+    original's root function, at the tolerance its signature output has;
+    an output that changes between two calls of the original (a counter, a
+    random op) is not compared. Without, the call must only succeed.
+    Raises VerificationError.
+    """
+    for name, group in sorted(aliases.items()):
+        for alias in group:
+            feeds = {k: tf.constant(v) for k, v in inputs[alias.signature].items()}
+            described = name + root_functions.describe(alias.input_signature)
+            try:
+                actual = _call_flat(getattr(reloaded, name), alias, feeds)
+            except (tf.errors.OpError, ValueError, TypeError) as e:
+                raise errors.VerificationError("the folded model cannot run: %s fails on test inputs: %s; "
+                                               "nothing written" % (described, errors.most_specific_line(e)))
+            if verify_config is None:
+                continue
+
+            def mismatch_with_original():
+                return _first_mismatch(getattr(original, name), alias, feeds, actual, verify_config, precisions)
+            mismatch, _ = verify_lib.unless_accepted_as_written(mismatch_with_original(), mismatch_with_original,
+                                                                lambda found: found is None)
+            if mismatch is not None:
+                raise errors.VerificationError(
+                    "verification failed: %s output %d differs from the input's (max abs error %.3g); "
+                    "nothing written" % ((described,) + mismatch))
+
+
+def _first_mismatch(original_function, alias, feeds, actual, verify_config, precisions):
+    """(output index, max abs error) of the first output of `actual` outside its tolerance of the
+    original's, or None; outputs that change between two calls of the original are not compared."""
+    first = _call_flat(original_function, alias, feeds)
+    second = _call_flat(original_function, alias, feeds)
+    for i, (expected, again, value) in enumerate(zip(first, second, actual)):
+        if not np.array_equal(expected, again):
+            continue
+        precision = (precisions or {}).get(alias.signature, {}).get(alias.output_keys[i])
+        tolerance, _ = verify_lib.tolerance_for(expected.dtype, verify_config, precision)
+        max_abs, _, ok = verify_lib.compare(expected, value, tolerance)
+        if not ok:
+            return i, max_abs
+    return None
