@@ -1,0 +1,159 @@
+"""The package's architecture, checked from its source (README "Design").
+
+Layers, lowest first; a module imports only from its own layer and those listed for it:
+
+    fold_math                 pure numpy, no TensorFlow
+    errors, report            shared records, import nothing of tf_bnfuse
+    graph/                    GraphDef plumbing                       <- fold_math
+    passes/                   pass context, runner, grammar, passes   <- graph, fold_math
+    savedmodel/               SavedModel I/O                          <- graph
+    verify/                   test inputs, comparison, TFLite         <- savedmodel, graph
+    api, cli, config          on top                                  <- everything
+"""
+
+import ast
+import os
+
+import pytest
+
+PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tf_bnfuse")
+SHARED = {"errors", "report"}
+ALLOWED = {  # layer -> the layers it may import (besides itself and SHARED)
+    "fold_math": set(),
+    "shared": set(),
+    "graph": {"fold_math"},
+    "passes": {"graph", "fold_math"},
+    "savedmodel": {"graph"},
+    "verify": {"savedmodel", "graph"},
+    "top": {"fold_math", "graph", "passes", "savedmodel", "verify"},
+}
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 60
+MAX_TOP_LEVEL_MODULES = 8
+TF_INTERNAL = "graph/tf_internal.py"
+
+
+def _modules():
+    """{path relative to the package: source} of every module of the package."""
+    found = {}
+    for root, _, files in os.walk(PACKAGE):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(root, name)
+                with open(path) as f:
+                    found[os.path.relpath(path, PACKAGE)] = f.read()
+    return found
+
+
+MODULES = _modules()
+
+
+def _layer(relative):
+    """The layer of a module path ("graph/index.py") or dotted name below tf_bnfuse ("graph.index")."""
+    first = relative.replace("\\", "/").replace(".", "/").split("/")[0]
+    if first in ("graph", "passes", "savedmodel", "verify", "fold_math"):
+        return first
+    return "shared" if first in SHARED else "top"
+
+
+def _imports(source):
+    """(module names imported, with their dotted paths) of a source."""
+    names = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names += [node.module] + ["%s.%s" % (node.module, alias.name) for alias in node.names]
+    return names
+
+
+def _package_imports(source):
+    """The tf_bnfuse modules a source imports, as names below tf_bnfuse ("graph.index", "errors")."""
+    found = set()
+    for name in _imports(source):
+        if name == "tf_bnfuse" or not name.startswith("tf_bnfuse."):
+            continue
+        parts = name.split(".")[1:]
+        # "from tf_bnfuse.graph import names" names a module; "from tf_bnfuse.graph import GraphIndex" a name in one
+        found.add(".".join(parts))
+    return found
+
+
+@pytest.mark.parametrize("relative", sorted(MODULES))
+def test_each_module_imports_only_from_the_layers_below_it(relative):
+    layer = _layer(relative)
+    wrong = sorted(name for name in _package_imports(MODULES[relative])
+                   if _layer(name) not in ALLOWED[layer] | {layer, "shared"})
+    assert wrong == [], "%s (layer %s) imports %s" % (relative, layer, wrong)
+
+
+def test_the_fold_math_imports_no_tensorflow():
+    assert not [n for n in _imports(MODULES["fold_math.py"]) if n.split(".")[0] in ("tensorflow", "keras")]
+
+
+PYTHON_PRIVATE_USES = {"os._exit", "atexit._run_exitfuncs"}  # the CLI's exit without teardown: Python's, not TF's
+
+
+def _private_attributes(source):
+    """The private attributes a source reads off objects other than self and cls ("obj._name",
+    and getattr(obj, "_name"))."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            if ast.unparse(node.value) not in ("self", "cls"):
+                found.append("%s.%s" % (ast.unparse(node.value), node.attr))
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr")
+              and len(node.args) > 1 and isinstance(node.args[1], ast.Constant)
+              and str(node.args[1].value).startswith("_") and not str(node.args[1].value).startswith("__")):
+            found.append("%s(..., %r)" % (node.func.id, node.args[1].value))
+    return found
+
+
+def test_tensorflow_internals_are_used_from_one_module():
+    users = sorted(path for path, source in MODULES.items()
+                   if any(n.startswith("tensorflow.python") for n in _imports(source)))
+    assert users == [TF_INTERNAL]
+    private = {path: uses for path, source in MODULES.items() if path != TF_INTERNAL
+               for uses in [sorted(set(_private_attributes(source)) - PYTHON_PRIVATE_USES)] if uses}
+    assert private == {}, "private attributes used outside %s" % TF_INTERNAL
+
+
+def test_sizes():
+    too_long = {path: source.count("\n") for path, source in MODULES.items()
+                if source.count("\n") > MAX_MODULE_LINES}
+    assert too_long == {}
+    long_functions = []
+    for path, source in MODULES.items():
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    long_functions.append("%s:%s (%d lines)" % (path, node.name, length))
+    assert long_functions == []
+    assert len([p for p in MODULES if "/" not in p]) <= MAX_TOP_LEVEL_MODULES
+
+
+@pytest.mark.parametrize("relative", sorted(p for p in MODULES if _layer(p) in ("graph", "passes")))
+def test_graph_and_passes_keep_no_module_state(relative):
+    """What a pass depends on comes in its PassContext: module-level names in these layers are
+    constants (UPPER_CASE), aliases of a module's functions, or functions and classes."""
+    tree = ast.parse(MODULES[relative])
+    assert not [n for n in ast.walk(tree) if isinstance(n, (ast.Global, ast.Nonlocal))]
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+            node, ast.AnnAssign) else []
+        for target in targets:
+            name = target.id if isinstance(target, ast.Name) else None
+            if name is None or name.lstrip("_").isupper() or name == "__all__":
+                continue
+            assert isinstance(node.value, (ast.Name, ast.Attribute)), (
+                "%s: module-level %s = %s" % (relative, name, ast.unparse(node.value)))
+
+
+def test_one_helper_per_graph_primitive():
+    """Control inputs are told apart, and new GraphDefs made, in graph/names.py alone."""
+    for path, source in MODULES.items():
+        if path == "graph/names.py":
+            continue
+        assert 'startswith("^")' not in source, path
+        assert "GraphDef()" not in source, path
