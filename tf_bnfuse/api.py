@@ -68,7 +68,7 @@ class _Run:
     verify: bool
     tflite_output: Optional[str]
     verify_inputs: Optional[str]
-    model: load_lib.SavedModelFile
+    model: Optional[load_lib.SavedModelFile]  # until the load phase is done
     report: report_lib.RunReport
     timeline: report_lib.Timeline = dataclasses.field(default_factory=report_lib.Timeline)
     # load
@@ -178,6 +178,7 @@ def _load(run):
         run.functions = freeze_lib.select_signatures(run.loaded, run.signature_keys, run.saved_model_dir)
         run.aliases, run.report.dropped_functions, run.pending_traces = root_functions.find(
             run.loaded, run.functions)
+    run.model = None  # the parsed saved_model.pb: nothing reads it past the load
     run.input_specs = {k: freeze_lib.signature_inputs(f) for k, f in run.functions.items()}
     run.given = test_inputs_lib.given_inputs(run.verify_inputs, run.input_specs) if run.verify_inputs else {}
 
