@@ -12,6 +12,7 @@ import tensorflow as tf
 
 import conftest
 import graphs
+from tf_bnfuse import cli
 
 
 def run_cli(*args):
@@ -203,28 +204,72 @@ def _scratch_folders(folder):
     return [p for p in os.listdir(folder) if p.startswith(".tf_bnfuse-")]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupt_and_terminate_leave_nothing_behind(example_model, tmp_path, sig):
-    out = tmp_path / "o"
-    process = subprocess.Popen([sys.executable, "-m", "tf_bnfuse", "--saved_model_dir", example_model,
-                                "--output_dir", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+def _signalled_run(model, out, sig, wait_for, env=None):
+    """Starts the CLI, waits until a stderr line contains wait_for (an event, not a time), sends
+    sig; returns (exit code, stdout, stderr)."""
+    process = subprocess.Popen([sys.executable, "-m", "tf_bnfuse", "--saved_model_dir", model, "--output_dir",
+                                str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, **(env or {})))
     seen = []
-    for line in process.stderr:  # wait until the scratch folder exists: the write has begun
+    for line in process.stderr:
         seen.append(line)
-        if "write ..." in line:
+        if wait_for in line:
             break
     process.send_signal(sig)
-    _, rest = process.communicate(timeout=300)
-    stderr = "".join(seen) + rest
+    stdout, rest = process.communicate(timeout=300)
+    return process.returncode, stdout, "".join(seen) + rest
+
+
+def _assert_nothing_written(code, stderr, sig, out):
     if sig == signal.SIGINT:
-        assert process.returncode == 130, stderr
-        assert error_lines(stderr) == ["tf_bnfuse: error: interrupted; nothing written"], stderr
+        assert code == 130, stderr
+        lines = [line for line in error_lines(stderr) if "(%s)" % cli.PAUSE_ENV not in line]  # the hook's own
+        assert lines == ["tf_bnfuse: error: interrupted; nothing written"], stderr
         assert "Traceback" not in stderr
     else:
-        assert process.returncode == -signal.SIGTERM, stderr
+        assert code == -signal.SIGTERM, stderr
     assert not out.exists()
+    assert _scratch_folders(out.parent) == []
+
+
+BOUNDARIES = ["load", "freeze", "passes", "write", "verify", "move into place"]
+
+
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+def test_a_signal_at_any_phase_boundary_ends_the_run_even_when_swallowed(example_model, tmp_path, boundary):
+    """The test hook pauses the run at the boundary and swallows the KeyboardInterrupt there, as
+    TensorFlow code may: the recorded signal still ends the run, with nothing written."""
+    out = tmp_path / "o"
+    code, _, stderr = _signalled_run(example_model, out, signal.SIGINT, "paused at " + boundary,
+                                     {cli.PAUSE_ENV: boundary})
+    _assert_nothing_written(code, stderr, signal.SIGINT, out)
+
+
+def test_sigterm_at_a_phase_boundary_ends_the_run_as_sigterm(example_model, tmp_path):
+    out = tmp_path / "o"
+    code, _, stderr = _signalled_run(example_model, out, signal.SIGTERM, "paused at write", {cli.PAUSE_ENV: "write"})
+    _assert_nothing_written(code, stderr, signal.SIGTERM, out)
+
+
+def test_a_signal_after_the_output_is_in_place_finishes_and_says_so(example_model, tmp_path):
+    out = tmp_path / "o"
+    code, stdout, stderr = _signalled_run(example_model, out, signal.SIGINT, "paused at moved into place",
+                                          {cli.PAUSE_ENV: "moved into place"})
+    assert code == 0, stderr
+    assert "SIGINT arrived after the output was moved into place: the output is complete and verified" in stdout
+    assert tf.saved_model.load(str(out)).signatures["serving_default"] is not None
     assert _scratch_folders(tmp_path) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_the_write_leaves_nothing_or_a_finished_run(example_model, tmp_path, sig):
+    out = tmp_path / "o"
+    code, stdout, stderr = _signalled_run(example_model, out, sig, "write ...")
+    if code == 0:  # only when the signal came once the output was in place
+        assert "arrived after the output was moved into place" in stdout, stderr
+        assert out.exists()
+    else:
+        _assert_nothing_written(code, stderr, sig, out)
 
 
 def test_verify_inputs_are_used_and_wrong_shapes_refused(example_model, tmp_path):

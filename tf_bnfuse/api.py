@@ -70,6 +70,7 @@ class _Run:
     verify_inputs: Optional[str]
     model: Optional[load_lib.SavedModelFile]  # until the load phase is done
     report: report_lib.RunReport
+    checkpoint: object  # called at each phase boundary; may raise to end the run
     timeline: report_lib.Timeline = dataclasses.field(default_factory=report_lib.Timeline)
     # load
     loaded: object = None
@@ -97,12 +98,13 @@ class _Run:
         return self.config.get("verify", {})
 
     def phase(self, name):
+        self.checkpoint(name)
         return self.timeline.phase(name)
 
 
 def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFAULT_TAGS,
                      config=None, overwrite=False, verify=True, tflite_output=None,
-                     drop_other_metagraphs=False, verify_inputs=None):
+                     drop_other_metagraphs=False, verify_inputs=None, checkpoint=None):
     """Folds every (or each named) signature of a SavedModel into a new SavedModel.
 
     The output is built in a temporary folder beside output_dir, verified
@@ -120,6 +122,10 @@ def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFA
     (they are not in the output); without it such an input is refused.
     verify_inputs: a .npz of arrays named INPUT or SIGNATURE/INPUT to verify
     on, instead of generated values (see verify/test_inputs.given_inputs).
+    checkpoint: called with the name of each phase before it starts, then with "moved into
+    place"; it may raise to end the run there (the CLI ends on a SIGINT or SIGTERM it
+    recorded, so that one TensorFlow swallowed is not lost). After "move into place" the
+    output is complete.
     """
     config = _resolve_config(config)
     preflight.check_all(saved_model_dir, output_dir, overwrite, tflite_output, verify_inputs=verify_inputs)
@@ -127,7 +133,7 @@ def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFA
     model = load_lib.read(saved_model_dir)  # the one parse of saved_model.pb
     model.check_tags(tags)
     run = _Run(saved_model_dir, output_dir, signature_keys, tags, config, verify, tflite_output, verify_inputs,
-               model, report_lib.RunReport(saved_model_dir, output_dir, {}))
+               model, report_lib.RunReport(saved_model_dir, output_dir, {}), checkpoint or (lambda boundary: None))
     run.report.dropped_metagraphs = [",".join(t) for t in _check_metagraphs(model, tags, drop_other_metagraphs)]
     try:
         _run_phases(run)
@@ -313,6 +319,7 @@ def _move_into_place(run):
         output_dir_lib.move_into_place(run.built, run.output_dir, run.scratch)
         if run.tflite_output:
             os.replace(run.tflite_scratch, run.tflite_output)
+    run.checkpoint("moved into place")
 
 
 def _raise_if_failed(verification):

@@ -155,8 +155,58 @@ class _Terminated(BaseException):
     """SIGTERM, raised in the main thread so that `finally` blocks remove the scratch folder."""
 
 
-def _on_sigterm(signum, frame):
-    raise _Terminated()
+# Set in a test to pause the run at a phase boundary until a signal arrives (see _Signals.checkpoint).
+PAUSE_ENV = "TF_BNFUSE_TEST_PAUSE_AT"
+
+
+class _Signals:
+    """SIGINT and SIGTERM during a run, recorded so that they cannot be lost.
+
+    The handler raises KeyboardInterrupt or _Terminated at once for the first signal, as
+    Python does, and records it: TensorFlow code that runs Python callbacks can swallow the exception,
+    and the run's next phase boundary (checkpoint) raises it again from the record. Once the
+    move into place begins, a signal is only recorded: the output is then complete, and the
+    run finishes with exit 0 and says so.
+    """
+
+    def __init__(self):
+        self.received = None  # the first signal number, once one arrived
+        self.output_in_place = False
+        self.swallowing = False  # the test hook's pause: record, raise nothing
+
+    def handle(self, signum, frame):  # pylint: disable=unused-argument
+        if self.received is not None:
+            return  # the run is ending already: a second Ctrl-C must not cut its clean-up short
+        self.received = signum
+        if not (self.output_in_place or self.swallowing):
+            raise self._exception(signum)
+
+    @staticmethod
+    def _exception(signum):
+        return KeyboardInterrupt() if signum == signal.SIGINT else _Terminated()
+
+    def checkpoint(self, boundary):
+        """Called by the run at each phase boundary ("load", ..., "move into place", "moved into place")."""
+        if boundary.startswith(os.environ.get(PAUSE_ENV) or "\0"):
+            self._pause(boundary)
+        if self.received is not None and not self.output_in_place:
+            raise self._exception(self.received)
+        if boundary == "move into place":
+            self.output_in_place = True  # from here on the output is complete: signals are only recorded
+
+    def _pause(self, boundary):
+        """Waits for SIGINT or SIGTERM and records it with its exception swallowed, as TensorFlow
+        code may swallow it: only the record can end the run then. (Polled: the signal may be
+        delivered to one of TensorFlow's threads, and Python runs its handler in the main
+        thread only between bytecodes.)"""
+        self.swallowing = True
+        try:
+            sys.stderr.write("tf_bnfuse: paused at %s (%s)\n" % (boundary, PAUSE_ENV))
+            sys.stderr.flush()
+            while self.received is None:
+                time.sleep(0.05)
+        finally:
+            self.swallowing = False
 
 
 def _flags_dict():
@@ -217,7 +267,17 @@ def _main(argv):
         return failure
     _set_up_logging(started)
     _freed_weights_back_to_the_os()
-    run_report, code, message = _fold(config)
+    signals = _Signals()
+    previous = {s: signal.signal(s, signals.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _fold_and_report(config, signals, started)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _fold_and_report(config, signals, started):
+    run_report, code, message = _fold(config, signals)
     if "error log" in message:  # TF refers to its own log, which is silenced by default
         message += " (TensorFlow's log lines show with --verbosity=1)"
     if FLAGS.report_json:
@@ -258,9 +318,8 @@ def _preflight(argv):
     return config, None
 
 
-def _fold(config):
+def _fold(config, signals):
     """(RunReport or None, exit code, message) of the run; SIGTERM ends it as SIGTERM means."""
-    previous_sigterm = signal.signal(signal.SIGTERM, _on_sigterm)
     run_report, code, message = None, errors.EXIT_OK, ""
     try:
         logging.info("importing TensorFlow ...")
@@ -271,7 +330,9 @@ def _fold(config):
             FLAGS.saved_model_dir, FLAGS.output_dir, signature_keys=FLAGS.signature_keys or None,
             tags=FLAGS.tags, config=FLAGS.config, overwrite=FLAGS.overwrite, verify=not FLAGS.skip_verify,
             tflite_output=FLAGS.tflite_output, drop_other_metagraphs=FLAGS.drop_other_metagraphs,
-            verify_inputs=FLAGS.verify_inputs)
+            verify_inputs=FLAGS.verify_inputs, checkpoint=signals.checkpoint)
+        if signals.received is not None:
+            run_report.interrupted_after_output = signal.Signals(signals.received).name
     except errors.BnFuseError as e:
         run_report, code, message = getattr(e, "run_report", None), e.exit_code, str(e)
     except KeyboardInterrupt as e:
@@ -287,8 +348,6 @@ def _fold(config):
         run_report, code = getattr(e, "run_report", None), errors.EXIT_INTERNAL
         message = "internal error: %s: %s (run with --verbosity=1 for details)" % (
             type(e).__name__, errors.most_specific_line(e))
-    finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
     return run_report, code, message
 
 

@@ -91,6 +91,8 @@ class RunReport:
     # signature that wraps them), and not kept {name: why}
     kept_functions: list = dataclasses.field(default_factory=list)
     dropped_functions: dict = dataclasses.field(default_factory=dict)
+    # The signal (SIGINT, SIGTERM) that arrived once the output was being moved into place, if any
+    interrupted_after_output: Optional[str] = None
 
     def to_dict(self):
         return {
@@ -103,6 +105,7 @@ class RunReport:
             "dropped_metagraphs": self.dropped_metagraphs,
             "kept_functions": self.kept_functions,
             "dropped_functions": self.dropped_functions,
+            "interrupted_after_output": self.interrupted_after_output,
         }
 
 
@@ -159,6 +162,9 @@ def format_run(report):
     lines += _verification_lines(report.verification)
     if report.tflite is not None:
         lines += _tflite_lines(report.tflite)
+    if report.interrupted_after_output:
+        lines.append("%s arrived after the output was moved into place: the output is complete and verified"
+                     % report.interrupted_after_output)
     return "\n".join(lines)
 
 
