@@ -73,7 +73,7 @@ def build_cases(flavour, root):
             return x, tf.raw_ops.FusedBatchNormV2(x=y, scale=g, offset=b, mean=m, variance=v, is_training=False)[0]
 
         save("FusedBatchNormV2 after Conv2D (raw ops)", fbn_v2)
-        save("Conv2D -> Relu -> FusedBatchNormV2 (raw ops; cannot fold, lowered)", relu_fbn_v2)
+        save("Conv2D -> Relu -> FusedBatchNormV2 (raw ops; cannot fold, rewritten as V3)", relu_fbn_v2)
         save("MatMul -> Reshape to rank 4 -> FusedBatchNormV3 -> Reshape back (raw ops)", matmul_reshape_bn)
         return paths
 
@@ -180,7 +180,7 @@ def main():
         folded = ("fails: %s" % row["fold_error"]) if "fold_error" in row else "%d folded, %d left alone" % (
             row["folded"], row["left"])
         if row.get("lowered"):
-            folded += " (%d lowered to Mul + AddV2)" % row["lowered"]
+            folded += " (%d rewritten as FusedBatchNormV3)" % row["lowered"]
         after = describe(row.get("after_ops"), row.get("after_bn_left"), None) if "fold_error" not in row else "-"
         if row.get("promoted"):
             after += ", float16 compute promoted to float32"

@@ -136,6 +136,15 @@ def branch_bn(keras):
     return keras.Model(inputs, L.Concatenate()([L.BatchNormalization()(conv), L.ReLU()(conv)]))
 
 
+def preactivation_concat_bn(keras):
+    """DenseNet's pre-activation block: concat(input, conv) -> batch norm -> ReLU -> conv. The batch
+    norm can fold neither back (the concat joins the input) nor forward (the ReLU): it stays."""
+    L = keras.layers
+    inputs = keras.Input((8, 8, 4), name="image")
+    x = L.Concatenate()([inputs, L.Conv2D(4, 3, padding="same")(inputs)])
+    return keras.Model(inputs, L.Conv2D(6, 1)(L.ReLU()(L.BatchNormalization()(x))))
+
+
 def residual_leaky_relu(keras):
     """conv -> batch norm -> residual add -> LeakyReLU(0.1): folded naively, TF's oneDNN
     remapper fuses it with the default alpha 0.2 (see linear_ops.misfused_by_remapper)."""
@@ -237,7 +246,7 @@ def mobilenet_v2(keras):
 MODELS = {f.__name__: f for f in (
     conv_bn, conv_no_bias_bn, conv_bn_swish, dilated_conv_bn, dilated_depthwise_bn, dense_rank3_bn, pool_bn_conv,
     mixed_float16_conv_bn, depthwise_bn, separable_bn, conv_transpose_bn, conv1d_bn, dense_bn, conv3d_bn,
-    conv3d_no_bias_bn, channels_first_bn, branch_bn, residual_leaky_relu, leaky_residual_then_bn, lstm_dense_bn,
+    conv3d_no_bias_bn, channels_first_bn, branch_bn, preactivation_concat_bn, residual_leaky_relu, leaky_residual_then_bn, lstm_dense_bn,
     gru_dense_bn, grouped_conv_bn, mixed_float16_float32_output, dropout_training, embedding4_conv_bn,
     embedding1000_conv_bn, mobilenet_v2_small, resnet50_small, resnet50, mobilenet_v2)}
 

@@ -50,12 +50,14 @@ def test_example_model_folds_keeps_signatures_and_matches(example_model, tmp_pat
         for name in expected:
             np.testing.assert_allclose(actual[name], expected[name], rtol=1e-4, atol=1e-5)
 
-    # serving_default: three folds; the two-consumer batch norm does not fold and is lowered.
+    # serving_default: three folds; the two-consumer batch norm (a FusedBatchNorm, V1) does not fold
+    # and becomes the one form every runtime takes, a FusedBatchNormV3: still one op.
     serving = report.signatures["serving_default"]
     assert sorted(f.linear_op for f in serving.folds) == ["Conv2D", "Conv2DBackpropInput", "DepthwiseConv2dNative"]
     assert [s.op for s in serving.skips] == ["FusedBatchNorm"]
-    assert [x.node for x in serving.lowered] == [serving.skips[0].node]
-    assert not [op for op in saved_model_ops(out, "serving_default") if op.startswith("FusedBatchNorm")]
+    assert [(x.node, x.into) for x in serving.lowered] == [(serving.skips[0].node, "FusedBatchNormV3")]
+    assert [op for op in saved_model_ops(out, "serving_default") if op.startswith("FusedBatchNorm")] == [
+        "FusedBatchNormV3"]
     assert not [op for op in saved_model_ops(out, "embedding") if op.startswith("FusedBatchNorm")]
     assert serving.nodes_after < serving.nodes_before
 

@@ -109,6 +109,16 @@ def test_keras3_conv_feeding_batch_norm_and_relu(exported, tmp_path):
     assert skip.op == "Mul" and "2 consumers" in skip.reason
 
 
+@pytest.mark.parametrize("name", ["branch_bn", "preactivation_concat_bn"])
+def test_keras3_a_batch_norm_that_cannot_fold_adds_no_op(exported, name, tmp_path):
+    src, _ = exported(name)
+    out = str(tmp_path / "out")
+    report = fold_saved_model(src, out)
+    compare_outputs(src, out)
+    assert report.signatures["serving_default"].folds == []
+    assert len(data_path_ops(out)) <= len(data_path_ops(src))
+
+
 def _folder_bytes(folder):
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files)
 

@@ -18,7 +18,8 @@ from tf_bnfuse import fold_saved_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SMALL = ["conv_bn", "pool_bn_conv", "dense_rank3_bn", "conv_no_bias_bn", "dilated_conv_bn", "dilated_depthwise_bn", "depthwise_bn", "separable_bn", "conv_transpose_bn", "conv3d_bn",
-         "channels_first_bn", "conv1d_bn", "dense_bn", "branch_bn", "mobilenet_v2_small", "residual_leaky_relu"]
+         "channels_first_bn", "conv1d_bn", "dense_bn", "branch_bn", "preactivation_concat_bn", "mobilenet_v2_small",
+         "residual_leaky_relu"]
 RECURRENT = ["lstm_dense_bn", "gru_dense_bn"]
 OTHER = ["grouped_conv_bn", "leaky_residual_then_bn"]
 LARGE = ["resnet50", "mobilenet_v2"]
@@ -58,11 +59,12 @@ def test_small_tf_keras_model(tf_keras_models, name, tmp_path):
         assert len(graph.folds) == 1 and graph.skips == []
         assert not {"FusedBatchNormV3", "BiasAdd", "Rsqrt"} & set(data_path_ops(out))
         return
-    if name == "branch_bn":
-        assert graph.folds == [] and len(graph.skips) == 1 and "2 consumers" in graph.skips[0].reason
-        # Not folded, so lowered to a constant Mul + AddV2 (TFLite converts that; it fails on FusedBatchNormV3).
-        assert [x.node for x in graph.lowered] == [graph.skips[0].node]
-        assert "FusedBatchNormV3" not in data_path_ops(out) and "Mul" in data_path_ops(out)
+    if name in ("branch_bn", "preactivation_concat_bn"):
+        assert graph.folds == [] and len(graph.skips) == 1
+        assert ("2 consumers" if name == "branch_bn" else "not from a supported linear op") in graph.skips[0].reason
+        # Not folded: the FusedBatchNormV3 stays one op (TFLite converts it), and nothing is added.
+        assert graph.lowered == [] and data_path_ops(out).count("FusedBatchNormV3") == 1
+        assert len(data_path_ops(out)) <= len(data_path_ops(src))
         return
     assert batch_norm_like_left(out) == [] and graph.skips == []
     assert len(graph.folds) >= 1

@@ -31,7 +31,7 @@ class Skip:
 
 @dataclasses.dataclass
 class Lowered:
-    """A batch norm that did not fold, rewritten as simpler ops (lower_batch_norm)."""
+    """A batch norm that did not fold, rewritten as the one form every runtime takes (lower_batch_norm)."""
     node: str
     op: str
     into: str
@@ -189,7 +189,7 @@ def _signature_lines(key, graph):
     lines = ["signature %s: %d -> %d nodes, %d folded, %d left alone" % (
         key, graph.nodes_before, graph.nodes_after, len(graph.folds), len(graph.skips))]
     for pass_report in graph.passes:
-        extra = "; %d lowered" % len(pass_report.lowered) if pass_report.lowered else ""
+        extra = "; %d rewritten" % len(pass_report.lowered) if pass_report.lowered else ""
         extra += "; " + pass_report.note if pass_report.note else ""
         lines.append("  pass %s: %d folded, %d left alone%s" % (
             pass_report.pass_name, len(pass_report.folds), len(pass_report.skips), extra))
@@ -198,7 +198,7 @@ def _signature_lines(key, graph):
         for skip in pass_report.skips:
             lines.append("    left    %s (%s): %s" % (skip.node, skip.op, skip.reason))
         for lowered in pass_report.lowered:
-            lines.append("    lowered %s (%s) to a constant per-channel %s" % (lowered.node, lowered.op, lowered.into))
+            lines.append("    rewritten %s (%s) as %s, not folded" % (lowered.node, lowered.op, lowered.into))
     return lines
 
 

@@ -344,8 +344,13 @@ def test_a_scale_on_a_non_constant_kernel_is_left_with_the_reason():
 
 # --- lowering what does not fold -------------------------------------------------------------
 
-@pytest.mark.parametrize("version,data_format", [("", "NHWC"), ("V2", "NHWC"), ("V3", "NCHW")])
-def test_a_batch_norm_that_cannot_fold_is_lowered_to_mul_add(version, data_format):
+def compute_ops(graph_def):
+    """Ops on the data path: what runs, not constants and plumbing."""
+    return sum(count for op, count in ops_of(graph_def).items() if op not in ("Const", "Identity", "Placeholder"))
+
+
+@pytest.mark.parametrize("version,data_format", [("", "NHWC"), ("V2", "NHWC"), ("V2", "NCHW")])
+def test_a_v1_or_v2_batch_norm_that_cannot_fold_becomes_one_fused_batch_norm_v3(version, data_format):
     def build():
         shape = [None, 3, 5, 5] if data_format == "NCHW" else [None, 5, 5, 3]
         bn = graphs.fused_batch_norm(tf.nn.relu(placeholder(shape)), 3, "bn", version=version,
@@ -356,11 +361,36 @@ def test_a_batch_norm_that_cannot_fold_is_lowered_to_mul_add(version, data_forma
     folded, report = fold_and_compare(graph_def, {"x": graphs.random(shape)})
     assert report.folds == [] and "not from a supported linear op" in report.skips[0].reason
     [lowered] = report.lowered
-    assert lowered.node == "bn" and not graphs.batch_norm_nodes(folded)
-    assert {n.name: n for n in folded.node}["bn"].op == "AddV2"
+    assert lowered.node == "bn" and lowered.into == "FusedBatchNormV3"
+    bn = {n.name: n for n in folded.node}["bn"]
+    assert bn.op == "FusedBatchNormV3" and not bn.attr["is_training"].b
+    assert graphs.batch_norm_nodes(folded) == ["bn"] and compute_ops(folded) == compute_ops(graph_def)
 
     kept, kept_report = fold_and_compare(graph_def, {"x": graphs.random(shape)}, pipeline=NO_LOWERING)
-    assert kept_report.lowered == [] and graphs.batch_norm_nodes(kept) == ["bn"]
+    assert kept_report.lowered == [] and {n.name: n for n in kept.node}["bn"].op == "FusedBatchNorm" + version
+
+
+def test_a_fused_batch_norm_v3_that_cannot_fold_stays_as_it_is():
+    def build():
+        bn = graphs.fused_batch_norm(tf.nn.relu(placeholder([None, 5, 5, 3])), 3, "bn", version="V3")[0]
+        tf.identity(bn, name="out")
+    graph_def, _ = graphs.build(build)
+    folded, report = fold_and_compare(graph_def, {"x": graphs.random((2, 5, 5, 3))})
+    assert report.lowered == [] and report.folds == []
+    before, after = ({n.name: n for n in g.node}["bn"] for g in (graph_def, folded))
+    assert after.SerializeToString(deterministic=True) == before.SerializeToString(deterministic=True)
+    assert compute_ops(folded) == compute_ops(graph_def)
+
+
+@pytest.mark.parametrize("scale_after_normalization", [True, False])
+def test_a_global_normalization_that_cannot_fold_becomes_one_fused_batch_norm_v3(scale_after_normalization):
+    """The old op cannot be imported into a graph of GraphDef version 9 or later (the written
+    model's), so it is rewritten; fold_and_compare runs both graphs and compares."""
+    graph_def = global_normalization_graph("Conv2D", scale_after_normalization, second_consumer=True)
+    folded, report = fold_and_compare(graph_def, {"x": graphs.random((2, 6, 6, 3))}, ["out", "side"])
+    assert report.folds == [] and [x.node for x in report.lowered] == ["bn"]
+    assert "BatchNormWithGlobalNormalization" not in ops_of(folded) and ops_of(folded)["FusedBatchNormV3"] == 1
+    assert compute_ops(folded) == compute_ops(graph_def)
 
 
 def test_a_training_mode_batch_norm_is_not_lowered():

@@ -17,6 +17,7 @@ import graphs
 import keras
 import model_zoo
 from tf_bnfuse import fold_saved_model
+from savedmodel_checks import data_path_ops
 from test_properties import save_graph_def
 
 LINEAR = {"CONV_2D", "CONV_3D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV"}
@@ -83,6 +84,26 @@ def test_fused_batch_norm_v2_graph_converts_only_after_folding(tmp_path):
     assert report.tflite.ops_before is None and report.tflite.before_error
     ops = tflite_ops(tflite_path)
     assert "CONV_2D" in ops and "MUL" not in ops and "ADD" not in ops
+    assert_tflite_matches_original(tflite_path, src)
+
+
+def test_an_unfoldable_fused_batch_norm_v2_converts_as_one_fused_batch_norm_v3(tmp_path):
+    """Conv2D -> Relu -> FusedBatchNormV2 cannot fold; the converter fails on the input's V2, and the
+    output's one FusedBatchNormV3 (no more ops than the input) converts and computes the same."""
+    def build():
+        x = tf.compat.v1.placeholder(tf.float32, [None, 8, 8, 3], name="x")
+        y = tf.nn.relu(tf.nn.conv2d(x, graphs.const(graphs.random((3, 3, 3, 4)), "w"), 1, "SAME"))
+        return tf.identity(graphs.fused_batch_norm(y, 4, "bn", version="V2")[0], name="out").op.name
+
+    graph_def, output = graphs.build(build)
+    src, out = str(tmp_path / "src"), str(tmp_path / "out")
+    save_graph_def(graph_def, ["x"], [output], src)
+    tflite_path = str(tmp_path / "model.tflite")
+    report = fold_saved_model(src, out, tflite_output=tflite_path)
+    assert report.tflite.ops_before is None and "FusedBatchNormV2" in report.tflite.before_error
+    assert [x.into for x in report.signatures["serving_default"].lowered] == ["FusedBatchNormV3"]
+    assert [op for op in data_path_ops(out) if op.startswith("FusedBatchNorm")] == ["FusedBatchNormV3"]
+    assert len(data_path_ops(out)) <= len(data_path_ops(src))
     assert_tflite_matches_original(tflite_path, src)
 
 

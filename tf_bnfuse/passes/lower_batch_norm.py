@@ -1,31 +1,31 @@
-"""lower_batch_norm: an inference batch norm no fold took -> a constant per-channel Mul + AddV2.
+"""lower_batch_norm: a batch norm no fold took stays one op, in the one form every runtime takes.
 
-A FusedBatchNorm that cannot fold (after a ReLU, say) makes the TFLite converter fail
-outright; as `x * scale + shift` with constant vectors it converts, and every runtime
-runs it. Taken: inference mode, constant finite parameters, statistics outputs unused
-(the same conditions as a fold, grammar.STEPS). The batch norm's name goes to the AddV2,
-so its consumers and any signature output are unchanged. Reported as "lowered".
+Measured on TensorFlow 2.21 (README "What is folded"): the TFLite converter converts an
+inference FusedBatchNormV3 (and V1) that cannot fold, and fails outright on FusedBatchNormV2;
+BatchNormWithGlobalNormalization cannot even be imported into a graph of GraphDef version 9 or
+later, which the written model is. On TensorFlow's CPU kernels FusedBatchNormV3 is as fast as
+a constant Mul + AddV2, or faster (oneDNN). So:
 
-Runtimes that prefer the fused op keep it with a pipeline without this pass
+- FusedBatchNormV3 stays as it is;
+- FusedBatchNorm and FusedBatchNormV2 in inference mode become FusedBatchNormV3 with the same
+  inputs and attributes (the same outputs at the same ports; V3 adds one it does not read);
+- BatchNormWithGlobalNormalization with constant parameters becomes FusedBatchNormV3 of new
+  float32 constants (gamma, or ones without scale_after_normalization; beta; mean; variance).
+
+The node keeps its name, so its consumers and any signature output are unchanged. Reported
+as "rewritten". Runtimes that want the input's op keep it with a pipeline without this pass
 (configs/keep_batch_norm.json).
 """
 
+import numpy as np
+import tensorflow as tf
+
 from tf_bnfuse import graph as graph_lib
 from tf_bnfuse import report as report_lib
-from tf_bnfuse.passes import grammar
-from tf_bnfuse.passes.emit import check_representable
 
 NAME = "lower_batch_norm"
-
-
-def _layout(index, node):
-    """The Layout a batch norm's own attributes give its input."""
-    channels = int(index.const_shape(grammar.data_inputs(node)[1])[0])
-    dtype = graph_lib.node_dtype(node)
-    if graph_lib.attr_string(node, "data_format", "NHWC").startswith("NC"):
-        rank = len(graph_lib.attr_string(node, "data_format"))
-        return grammar.Layout(rank=rank, channel=1, channels=channels, dtype=dtype)
-    return grammar.Layout(rank=None, channel=-1, channels=channels, dtype=dtype)
+TARGET = "FusedBatchNormV3"
+_FUSED_ATTRS = ("T", "U", "epsilon", "data_format", "exponential_avg_factor")
 
 
 def run(context, graph_def, outputs):
@@ -33,24 +33,49 @@ def run(context, graph_def, outputs):
     editor = context.editor(graph_def)
     report = report_lib.PassReport(NAME, nodes_before=len(graph_def.node))
     for node in graph_def.node:
-        if node.op not in grammar.BATCH_NORM_OPS or node.name not in index.live:
+        if node.name not in index.live or node.op not in ("FusedBatchNorm", "FusedBatchNormV2",
+                                                           "BatchNormWithGlobalNormalization"):
             continue
-        try:
-            if index.const_shape(grammar.data_inputs(node)[1]) is None:
-                raise grammar.NoMatch("its scale is not constant")
-            layout = _layout(index, node)
-            scale, shift = grammar.STEPS[node.op].affine(index, node, layout)
-            check_representable(scale, layout.dtype, "scale of " + node.name)
-            check_representable(shift, layout.dtype, "shift of " + node.name)
-        except grammar.NoMatch:
-            continue  # stays as it is; fold_batch_norm has reported why it did not fold
-        shape = [-1] if layout.rank is None else [-1] + [1] * (layout.rank - 2)
-        t = {"T": graph_lib.type_attr(layout.dtype)}
-        scale_const = editor.add_const(node.name + "/scale_lowered", scale.reshape(shape), layout.dtype)
-        shift_const = editor.add_const(node.name + "/shift_lowered", shift.reshape(shape), layout.dtype)
-        mul = editor.add_node(editor.unique_name(node.name + "/mul_lowered"), "Mul",
-                              [grammar.data_inputs(node)[0], scale_const], t)
-        editor.replace_node(node.name, "AddV2", [mul.name, shift_const], t)
-        report.lowered.append(report_lib.Lowered(node.name, node.op, "Mul + AddV2"))
+        if node.op == "BatchNormWithGlobalNormalization":
+            rewritten = _from_global_normalization(index, editor, node)
+        else:
+            rewritten = _from_fused(editor, node)
+        if rewritten:
+            report.lowered.append(report_lib.Lowered(node.name, node.op, TARGET))
     report.nodes_after = len(editor.graph_def.node)
     return editor.graph_def, report
+
+
+def _is_training(node):
+    return "is_training" not in node.attr or node.attr["is_training"].b  # true when the attr is absent
+
+
+def _from_fused(editor, node):
+    """FusedBatchNorm / V2 in inference mode -> V3 under the same name; False when left alone."""
+    if _is_training(node):
+        return False
+    attrs = {key: node.attr[key] for key in _FUSED_ATTRS if key in node.attr}
+    attrs.setdefault("U", graph_lib.type_attr(tf.float32))  # V1 has float32 parameters and no U
+    attrs["is_training"] = tf.compat.v1.AttrValue(b=False)
+    editor.replace_node(node.name, TARGET, graph_lib.data_inputs(node), attrs)
+    return True
+
+
+def _from_global_normalization(index, editor, node):
+    """BatchNormWithGlobalNormalization (inputs t, m, v, beta, gamma) with constant parameters -> V3
+    of float32 constants; False when its parameters are not constant."""
+    inputs = graph_lib.data_inputs(node)
+    values = [index.const_value(i) for i in inputs[1:5]]
+    if any(v is None for v in values):
+        return False
+    mean, variance, beta, gamma = (np.asarray(v, np.float32) for v in values)
+    if not node.attr["scale_after_normalization"].b:
+        gamma = np.ones_like(gamma)
+    params = [editor.add_const("%s/%s_rewritten" % (node.name, name), value, tf.float32)
+              for name, value in (("scale", gamma), ("offset", beta), ("mean", mean), ("variance", variance))]
+    attrs = {"T": node.attr["T"], "U": graph_lib.type_attr(tf.float32),
+             "epsilon": tf.compat.v1.AttrValue(f=node.attr["variance_epsilon"].f),
+             "data_format": graph_lib.string_attr("NHWC"), "is_training": tf.compat.v1.AttrValue(b=False)}
+    editor.replace_node(node.name, TARGET, [inputs[0]] + params, attrs)
+    return True
+
