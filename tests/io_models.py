@@ -64,6 +64,42 @@ def static_hash_table(path):
     return {"serving_default": [{"words": _words((7,))}]}
 
 
+def integer_table(path, initializer="key_value", dtype=tf.int64):
+    """A tf.Module whose signature maps integer ids through a StaticHashTable of integer keys and
+    values (from a KeyValueTensorInitializer, or a TextFileInitializer with integer columns), then
+    runs an embedding, a Conv1D and a batch norm's scale and shift."""
+    keys, values = np.array([3, 7, 11, 20], np.int64), np.array([0, 1, 2, 3], np.int64)
+    if initializer == "key_value":
+        init = tf.lookup.KeyValueTensorInitializer(tf.constant(keys, dtype), tf.constant(values, dtype))
+    else:
+        os.makedirs(path + "_src", exist_ok=True)
+        table_file = os.path.join(path + "_src", "ids.tsv")
+        with open(table_file, "w") as f:
+            f.write("".join("%d\t%d\n" % kv for kv in zip(keys, values)))
+        init = tf.lookup.TextFileInitializer(table_file, tf.int64, 0, tf.int64, 1, delimiter="\t")
+        dtype = tf.int64  # a text file's integer columns are int64
+
+    class IdModel(tf.Module):
+        def __init__(self):
+            self.table = tf.lookup.StaticHashTable(init, tf.constant(-1, dtype))
+            self.embedding = tf.Variable(RNG.standard_normal((5, 4)).astype(np.float32))
+            self.kernel = tf.Variable(RNG.standard_normal((3, 4, 6)).astype(np.float32))
+            gamma, beta, mean, variance = _random_bn(6)
+            self.scale = tf.Variable(gamma / np.sqrt(variance + 1e-3))
+            self.shift = tf.Variable(beta - mean * gamma / np.sqrt(variance + 1e-3))
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 8], dtype, name="ids")])
+        def serve(self, ids):
+            mapped = self.table.lookup(ids)
+            y = tf.nn.conv1d(tf.gather(self.embedding, mapped + 1), self.kernel, 1, "SAME")
+            return {"y": y * self.scale + self.shift, "mapped": mapped}
+
+    module = IdModel()
+    tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
+    ids = RNG.choice(np.concatenate([keys, [0, 5, 99]]), (3, 8)).astype(dtype.as_numpy_dtype)
+    return {"serving_default": [{"ids": ids}]}
+
+
 def counter(path):
     """A signature that increments a variable on every call (and folds a conv + scale)."""
 

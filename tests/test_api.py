@@ -157,6 +157,24 @@ def test_a_wrong_fold_fails_verification_and_writes_nothing(example_model, tmp_p
     assert os.listdir(tmp_path) == [], "a failed run left files behind"
 
 
+def test_an_output_that_does_not_load_is_an_internal_error_and_nothing_is_written(example_model, tmp_path,
+                                                                                   monkeypatch):
+    """The written model failing to load is tf_bnfuse's fault: exit 3, never 2 ("bad input")."""
+    from tf_bnfuse.savedmodel import write as write_lib
+    written = write_lib.write
+
+    def write_then_truncate(signatures, path, *args, **kwargs):
+        written(signatures, path, *args, **kwargs)
+        with open(os.path.join(path, "saved_model.pb"), "r+b") as f:
+            f.truncate(100)
+    monkeypatch.setattr(write_lib, "write", write_then_truncate)
+    for verify in (True, False):
+        with pytest.raises(errors.BnFuseError, match="the folded model does not load") as raised:
+            fold_saved_model(example_model, str(tmp_path / "out"), verify=verify)
+        assert raised.value.exit_code == errors.EXIT_INTERNAL
+        assert os.listdir(tmp_path) == []
+
+
 def test_skip_verify_writes_without_checking(example_model, tmp_path):
     report = fold_saved_model(example_model, str(tmp_path / "out"), verify=False)
     assert report.verification is None and os.path.isfile(tmp_path / "out" / "saved_model.pb")

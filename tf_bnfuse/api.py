@@ -247,7 +247,7 @@ def _verify(run):
     run.references = _references(run)
     with run.phase("verify"):
         # Even unverified, the output is loaded and run: a model that cannot run is never written.
-        reloaded = load_lib.load(load_lib.read(run.built), run.tags)
+        reloaded = _load_written(run)
         reloaded_functions = {k: reloaded.signatures[k] for k in run.functions}
         if run.verify:
             run.report.verification = verify_lib.verify(
@@ -267,6 +267,15 @@ def _verify(run):
         logging.warning("verification compared NOTHING: every output is random (it differs between two "
                         "calls of the original on the same input): %s", ", ".join(
                             run.report.verification.random_outputs()))
+
+
+def _load_written(run):
+    """The written output, loaded as a user loads it. It failing is tf_bnfuse's fault, not the
+    input's: an internal error (exit 3), never "bad input" (exit 2)."""
+    try:
+        return load_lib.load(load_lib.read(run.built), run.tags)
+    except errors.BadInputError as e:
+        raise errors.BnFuseError("the folded model does not load, a tf_bnfuse bug (nothing written): %s" % e)
 
 
 def _references(run):

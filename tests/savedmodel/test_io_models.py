@@ -56,6 +56,17 @@ def test_static_hash_table_from_asset(tmp_path):
     assert "Mul" not in _ops(out, "serving_default")
 
 
+@pytest.mark.parametrize("initializer,dtype", [("key_value", tf.int64), ("key_value", tf.int32),
+                                               ("text_file", tf.int64)])
+def test_integer_tables_come_through_and_serve_the_same_ids(tmp_path, initializer, dtype):
+    src, out, inputs, report = _fold(lambda path: io_models.integer_table(path, initializer, dtype), tmp_path)
+    assert signature_defs(out) == signature_defs(src)
+    outputs = compare_in_fresh_process(src, out, inputs)
+    mapped = outputs["serving_default"][0]["mapped"]
+    assert set(mapped.ravel().tolist()) - {-1} and -1 in mapped, "test ids must hit the table and miss it"
+    assert report.signatures["serving_default"].folds
+
+
 def test_written_variable_stays_a_variable(tmp_path):
     src, out, inputs, report = _fold(io_models.counter, tmp_path)
     # `loaded.serve`, the function the signature wraps, is kept: it runs the folded signature
