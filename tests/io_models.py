@@ -100,6 +100,31 @@ def integer_table(path, initializer="key_value", dtype=tf.int64):
     return {"serving_default": [{"ids": ids}]}
 
 
+def unknown_rank(path, consumer="conv"):
+    """A signature whose input has unknown rank (TensorSpec(None)); it feeds a Conv2D (which needs
+    rank 4 with 3 channels) then a batch norm's scale and shift, or a reduction (which takes any
+    rank). Returns valid inputs."""
+
+    class AnyRank(tf.Module):
+        def __init__(self):
+            self.kernel = tf.Variable(RNG.standard_normal((3, 3, 3, 4)).astype(np.float32))
+            gamma, beta, mean, variance = _random_bn(4)
+            self.scale = tf.Variable(gamma / np.sqrt(variance + 1e-3))
+            self.shift = tf.Variable(beta - mean * gamma / np.sqrt(variance + 1e-3))
+
+        @tf.function(input_signature=[tf.TensorSpec(None, tf.float32, name="x")])
+        def serve(self, x):
+            if consumer == "conv":
+                y = tf.nn.conv2d(x, self.kernel, 1, "SAME")
+            else:
+                y = tf.reduce_sum(x) * self.kernel
+            return {"y": y * self.scale + self.shift}
+
+    module = AnyRank()
+    tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
+    return {"serving_default": [{"x": RNG.standard_normal((2, 6, 6, 3)).astype(np.float32)}]}
+
+
 def counter(path):
     """A signature that increments a variable on every call (and folds a conv + scale)."""
 

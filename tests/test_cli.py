@@ -272,6 +272,34 @@ def test_a_signal_during_the_write_leaves_nothing_or_a_finished_run(example_mode
         _assert_nothing_written(code, stderr, sig, out)
 
 
+@pytest.mark.parametrize("skip_verify", [False, True])
+def test_an_input_of_unknown_rank_gets_test_inputs_of_the_rank_its_conv_needs(tmp_path, skip_verify):
+    import io_models
+    from savedmodel_checks import compare_in_fresh_process, signature_defs
+    src, out = str(tmp_path / "src"), str(tmp_path / "out")
+    inputs = io_models.unknown_rank(src, "conv")
+    result = run_cli("--saved_model_dir", src, "--output_dir", out, *(["--skip_verify"] if skip_verify else []))
+    assert result.returncode == 0, result.stderr
+    assert "1 folded" in result.stdout and ("verified" in result.stdout) != skip_verify
+    assert signature_defs(out) == signature_defs(src)
+    compare_in_fresh_process(src, out, inputs)
+
+
+def test_an_input_of_unknown_rank_nothing_explains_needs_verify_inputs(tmp_path):
+    import io_models
+    src = str(tmp_path / "src")
+    inputs = io_models.unknown_rank(src, "reduce")
+    for extra in ([], ["--skip_verify"]):  # the output must run on test inputs even unverified
+        result = run_cli("--saved_model_dir", src, "--output_dir", str(tmp_path / "out"), *extra)
+        assert_one_line_error(result, 2, "input x has unknown rank", "pass --verify_inputs")
+        assert "--skip_verify" not in error_lines(result.stderr)[0]
+        assert not (tmp_path / "out").exists()
+    given = tmp_path / "inputs.npz"
+    np.savez(given, x=inputs["serving_default"][0]["x"])
+    result = run_cli("--saved_model_dir", src, "--output_dir", str(tmp_path / "out"), "--verify_inputs", str(given))
+    assert result.returncode == 0, result.stderr
+
+
 def test_verify_inputs_are_used_and_wrong_shapes_refused(example_model, tmp_path):
     images = graphs.random((3, 16, 16, 3))
     given = tmp_path / "inputs.npz"

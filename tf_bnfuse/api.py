@@ -83,6 +83,7 @@ class _Run:
     # fold
     folded: dict = dataclasses.field(default_factory=dict)  # signature -> FrozenSignature with the folded graph
     bounds: dict = dataclasses.field(default_factory=dict)  # signature -> {input: IndexBound}
+    shapes: dict = dataclasses.field(default_factory=dict)  # signature -> {input of unknown rank: shape}
     precisions: dict = dataclasses.field(default_factory=dict)  # signature -> {output: half precision}
     output_specs: dict = None  # signature -> {output: TensorSpecInfo}
     inputs: dict = None  # signature -> {input: array}: the test inputs
@@ -202,6 +203,7 @@ def _fold_signatures(run):
             run.folded[key] = dataclasses.replace(run.folded[first], key=key)
             reports[key] = dataclasses.replace(reports[first], same_as=first)
             run.bounds[key], run.precisions[key] = run.bounds[first], run.precisions[first]
+            run.shapes[key] = run.shapes[first]
             logging.info("signature %s is the same function as %s: folded once", key, first)
             continue
         reports[key] = _fold_signature(run, key, function, owners)
@@ -213,6 +215,7 @@ def _fold_signature(run, key, function, owners):
     with run.phase("freeze %s" % key):
         frozen = freeze_lib.freeze(key, function, owners)
         run.bounds[key] = test_inputs_lib.index_bounds(frozen.graph_def, frozen.inputs)
+        run.shapes[key] = test_inputs_lib.input_shapes(frozen.graph_def, frozen.inputs)
     with run.phase("passes %s" % key):
         nodes_before = len(frozen.graph_def.node)
         graph_def, pass_reports = runner.run_pipeline(
@@ -224,7 +227,7 @@ def _fold_signature(run, key, function, owners):
 
 def _make_test_inputs(run):
     run.inputs = test_inputs_lib.make_inputs(run.input_specs, run.verify_config, run.vocabulary, run.bounds,
-                                             run.given)
+                                             run.given, run.shapes)
     if run.pending_traces:
         with run.phase("match root functions"):
             root_function_checks.match_by_value(run.loaded, run.functions, run.pending_traces, run.aliases,

@@ -166,22 +166,68 @@ def _checked(path, key, value, spec):
     return value.astype(bytes) if dtype == tf.string else value.astype(dtype.as_numpy_dtype)
 
 
-def random_inputs(input_specs, rng, batch_size, unknown_dim_size, vocabulary=(), bounds=None):
+# The rank an op needs of its data input (input 0), and the dim of its input 1's constant shape
+# that gives the channel count (None: no channel count); the channel axis is the last, or 1
+# where data_format starts with "NC". A MatMul's is read from transpose_b.
+_SHAPE_OF_DATA_INPUT = {
+    "Conv2D": (4, 2), "DepthwiseConv2dNative": (4, 2), "Conv3D": (5, 3), "MatMul": (2, 0),
+    "MaxPool": (4, None), "AvgPool": (4, None),
+    "FusedBatchNorm": (4, 0), "FusedBatchNormV2": (4, 0), "FusedBatchNormV3": (4, 0),
+}
+
+
+def input_shapes(graph_def, inputs):
+    """{input key: [dim or None, ...]} for the inputs of unknown rank whose first consumer (through
+    Identities) needs a rank: a Conv2D's input is [N, H, W, C] with C from its kernel, a MatMul's
+    [N, K]. inputs: {key: TensorSpecInfo} of a signature, in the (frozen) graph_def."""
+    index = graph_lib.GraphIndex(graph_def)
+    shapes = {}
+    for key, spec in inputs.items():
+        if spec.shape is not None:
+            continue
+        name, port = graph_lib.canonical_tensor(spec.tensor)
+        consumers = index.data_consumers(name, port)
+        while len(consumers) == 1 and index.node(consumers[0][0]).op in ("Identity", "StopGradient"):
+            consumers = index.data_consumers(consumers[0][0])
+        found = [_shape_needed(index, index.node(c), position) for c, position in consumers]
+        found = [s for s in found if s is not None]
+        if found:
+            shapes[key] = found[0]
+    return shapes
+
+
+def _shape_needed(index, node, position):
+    """The shape (None for free dims) a node needs of its data input, or None."""
+    if node.op not in _SHAPE_OF_DATA_INPUT or position != 0 or (node.op == "MatMul" and node.attr["transpose_a"].b):
+        return None
+    rank, dim = _SHAPE_OF_DATA_INPUT[node.op]
+    if node.op == "MatMul" and node.attr["transpose_b"].b:
+        dim = 1
+    shape = [None] * rank
+    source = index.const_shape(graph_lib.data_inputs(node)[1]) if dim is not None else None
+    if source is not None and len(source) > dim:
+        channel = 1 if graph_lib.attr_string(node, "data_format", "NHWC").startswith("NC") else rank - 1
+        shape[channel] = int(source[dim])
+    return shape
+
+
+def random_inputs(input_specs, rng, batch_size, unknown_dim_size, vocabulary=(), bounds=None, shapes=None):
     """Seeded values for each signature input; unknown dims get small sizes.
 
     bounds: {input key: IndexBound} for inputs that index something; an
     integer (or float-cast-to-index) input draws its values below the bound.
+    shapes: {input key: [dim or None, ...]} for inputs of unknown rank (input_shapes).
     """
-    bounds = bounds or {}
+    bounds, shapes = bounds or {}, shapes or {}
     values = {}
     for key in sorted(input_specs):
         spec = input_specs[key]
-        if spec.shape is None:
+        known = spec.shape if spec.shape is not None else shapes.get(key)
+        if known is None:
             raise errors.BadInputError(
-                "input %s has unknown rank, so no test input can be made; pass --verify_inputs or "
-                "--skip_verify" % key)
+                "input %s has unknown rank, and no op it feeds says which: pass --verify_inputs" % key)
         shape = [(batch_size if i == 0 else unknown_dim_size) if d is None else d
-                 for i, d in enumerate(spec.shape)]
+                 for i, d in enumerate(known)]
         dtype = spec.dtype
         bound: Optional[IndexBound] = bounds.get(key)
         if (dtype.is_integer or dtype.is_floating) and bound is not None:
@@ -198,27 +244,28 @@ def random_inputs(input_specs, rng, batch_size, unknown_dim_size, vocabulary=(),
         elif dtype == tf.string:
             raise errors.BadInputError(
                 "input %s is a string, and the SavedModel has no vocabulary (text asset or string "
-                "constant) to draw test words from; pass --verify_inputs or --skip_verify" % key)
+                "constant) to draw test words from; pass --verify_inputs" % key)
         else:
             raise errors.BadInputError(
-                "input %s has dtype %s, for which no test input can be made; pass --verify_inputs or "
-                "--skip_verify" % (key, dtype.name))
+                "input %s has dtype %s, for which no test input can be made; pass --verify_inputs"
+                % (key, dtype.name))
         values[key] = value
     return values
 
 
-def make_inputs(input_specs, verify_config, vocabulary=(), bounds=None, given=None):
+def make_inputs(input_specs, verify_config, vocabulary=(), bounds=None, given=None, shapes=None):
     """{signature: {input: array}}: the given arrays, seeded values for the rest.
 
-    The same for every run with the same config and model. bounds and given
-    are {signature: {input: ...}}.
+    The same for every run with the same config and model. bounds, given and shapes
+    (input_shapes) are {signature: {input: ...}}.
     """
     rng = np.random.default_rng(verify_config.get("seed", 0))
-    bounds, given = bounds or {}, given or {}
+    bounds, given, shapes = bounds or {}, given or {}, shapes or {}
     result = {}
     for key in sorted(input_specs):
-        made = random_inputs(input_specs[key], rng, verify_config.get("batch_size", 2),
-                             verify_config.get("unknown_dim_size", 16), vocabulary, bounds.get(key))
+        drawn = {k: s for k, s in input_specs[key].items() if k not in given.get(key, {})}
+        made = random_inputs(drawn, rng, verify_config.get("batch_size", 2), verify_config.get("unknown_dim_size", 16),
+                             vocabulary, bounds.get(key), shapes.get(key))
         made.update(given.get(key, {}))
         result[key] = made
     return result
