@@ -149,3 +149,17 @@ def xla_functions_with(path, op, key="serving_default"):
     graph_def = tf.saved_model.load(path).signatures[key].graph.as_graph_def()
     return [f.signature.name for f in graph_def.library.function
             if f.attr["_XlaMustCompile"].b and any(n.op == op for n in f.node_def)]
+
+
+def save_graph_def(graph_def, inputs, outputs, path):
+    """Writes a GraphDef as a TF1 SavedModel (Builder) with one serving_default signature."""
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.compat.v1.import_graph_def(graph_def, name="")
+        with tf.compat.v1.Session(graph=graph) as session:
+            signature = tf.compat.v1.saved_model.signature_def_utils.predict_signature_def(
+                {n: graph.get_tensor_by_name(n + ":0") for n in inputs},
+                {n: graph.get_tensor_by_name(n + ":0") for n in outputs})
+            builder = tf.compat.v1.saved_model.Builder(path)
+            builder.add_meta_graph_and_variables(session, ["serve"], signature_def_map={"serving_default": signature})
+            builder.save()

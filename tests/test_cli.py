@@ -12,26 +12,8 @@ import tensorflow as tf
 
 import conftest
 import graphs
+from cli_checks import assert_one_line_error, error_lines, run_cli
 from tf_bnfuse import cli
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "tf_bnfuse", *args], capture_output=True, text=True,
-                          timeout=600)
-
-
-def error_lines(stderr):
-    """stderr without the progress lines ("tf_bnfuse [  1.2 s] ...")."""
-    return [line for line in stderr.strip().splitlines() if not line.startswith("tf_bnfuse [")]
-
-
-def assert_one_line_error(result, code, *fragments):
-    assert result.returncode == code, result.stderr
-    lines = error_lines(result.stderr)
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("tf_bnfuse: error: ") and "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0]
 
 
 def test_cli_folds_the_example_and_prints_a_summary(example_model, tmp_path):

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import conftest
 import graphs
-from savedmodel_checks import compare_outputs, output_graph_def
+from savedmodel_checks import compare_outputs, output_graph_def, save_graph_def
 from tf_bnfuse import fold_saved_model
 
 STORE_EVERY_WEIGHT = True  # conftest: run_pipeline holds every Const outside the proto
@@ -125,19 +125,6 @@ def build_graph(specs):
 
     graph_def, (inputs, outputs) = graphs.build(build)
     return graph_def, inputs, outputs, expectations
-
-
-def save_graph_def(graph_def, inputs, outputs, path):
-    graph = tf.Graph()
-    with graph.as_default():
-        tf.compat.v1.import_graph_def(graph_def, name="")
-        with tf.compat.v1.Session(graph=graph) as session:
-            signature = tf.compat.v1.saved_model.signature_def_utils.predict_signature_def(
-                {n: graph.get_tensor_by_name(n + ":0") for n in inputs},
-                {n: graph.get_tensor_by_name(n + ":0") for n in outputs})
-            builder = tf.compat.v1.saved_model.Builder(path)
-            builder.add_meta_graph_and_variables(session, ["serve"], signature_def_map={"serving_default": signature})
-            builder.save()
 
 
 def kernel_value(graph_def, linear_name):

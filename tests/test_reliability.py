@@ -13,7 +13,7 @@ import tensorflow as tf
 import conftest
 import graphs
 from savedmodel_checks import compare_outputs
-from test_cli import assert_one_line_error, run_cli
+from cli_checks import assert_one_line_error, run_cli
 from tf_bnfuse import fold_graph_def
 from tf_bnfuse import fold_saved_model
 from tf_bnfuse.savedmodel import output_dir

@@ -17,8 +17,7 @@ import graphs
 import keras
 import model_zoo
 from tf_bnfuse import fold_saved_model
-from savedmodel_checks import data_path_ops
-from test_properties import save_graph_def
+from savedmodel_checks import data_path_ops, save_graph_def
 
 LINEAR = {"CONV_2D", "CONV_3D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV"}
 
