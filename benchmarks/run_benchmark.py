@@ -229,11 +229,17 @@ def main():
     parser.add_argument("--work_dir", default=os.path.join(ROOT, "build", "bench"))
     parser.add_argument("--rounds", type=int, default=30, help="interleaved latency runs per batch size")
     parser.add_argument("--replot", action="store_true", help="only redraw the plot from results.json")
+    parser.add_argument("--big", action="store_true",
+                        help="only the big-model rows (benchmarks/big_models.py): tf_bnfuse against a plain "
+                             "load + save and the TFLite converter, per size of weights")
+    parser.add_argument("--big_sizes_gb", nargs="+", type=float, default=[0.5, 1, 2, 3])
     parser.add_argument("--plot", default=None,
                         help="where the PNG goes (default docs/benchmark.png, which the README shows; "
                              "build/bench/benchmark_quick.png with --quick)")
     args = parser.parse_args()
 
+    if args.big:
+        return main_big(args)
     default_plot = ("build/bench/benchmark_quick.png" if args.quick else "docs/benchmark.png")
     if args.replot:
         with open(os.path.join(args.work_dir, "results.json")) as f:
@@ -273,6 +279,21 @@ def main():
     print()
     print("figures written to", os.path.join(args.work_dir, "results.json"))
     plot(results, args.plot or os.path.join(ROOT, default_plot))
+
+
+def main_big(args):
+    import big_models
+    work_dir = os.path.join(args.work_dir, "big")
+    os.makedirs(work_dir, exist_ok=True)
+    rows = []
+    for size in args.big_sizes_gb:
+        print("big model, %g GB of weights ..." % size, flush=True)
+        rows.append(big_models.bench_big(size, work_dir, measured_run_rss, TFLITE_CONVERT))
+        print(big_models.markdown(rows[-1:]).splitlines()[-1], flush=True)
+    with open(os.path.join(args.work_dir, "results_big.json"), "w") as f:
+        json.dump({"machine": machine(), "big": rows}, f, indent=2)
+    print()
+    print(big_models.markdown(rows))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,99 @@
+"""Big models for the benchmark (issue 17): cost against the weights, beside the floor.
+
+    scripts/benchmark.sh --big                      # 0.5, 1, 2 and 3 GB of weights
+    scripts/benchmark.sh --big --big_sizes_gb 0.5 1
+
+Each model is a tf.Module saved with tf.saved_model.save: five 3x3 convolutions of C -> C
+channels, each followed by FusedBatchNormV3 and ReLU, C chosen for the size asked (3 GB:
+C = 4096), on a 1x8x8xC input, random batch-norm statistics. For each size, each in a fresh
+process and measured side by side: the floor for SavedModel in, SavedModel out (a plain
+tf.saved_model.load + tf.saved_model.save), the TFLite converter, and the tf_bnfuse CLI
+(verification included), with tf_bnfuse's phases from --report_json.
+"""
+
+import json
+import math
+import os
+import shutil
+import sys
+
+LAYERS = 5
+BUILD = """
+import sys, numpy as np, tensorflow as tf
+path, channels, layers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+rng = np.random.default_rng(0)
+
+class Big(tf.Module):
+    def __init__(self):
+        self.kernels, self.stats = [], []
+        for _ in range(layers):
+            kernel = rng.standard_normal((3, 3, channels, channels), dtype=np.float32)
+            kernel /= np.float32(np.sqrt(9 * channels))
+            self.kernels.append(tf.Variable(kernel))
+            del kernel
+            self.stats.append([tf.Variable(v.astype(np.float32)) for v in (
+                rng.uniform(0.5, 1.5, channels), rng.normal(0, 0.5, channels), rng.normal(0, 0.5, channels),
+                rng.uniform(0.2, 2.0, channels))])
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 8, 8, channels], tf.float32, name="x")])
+    def serve(self, x):
+        for kernel, (gamma, beta, mean, variance) in zip(self.kernels, self.stats):
+            y = tf.nn.conv2d(x, kernel, 1, "SAME")
+            x = tf.nn.relu(tf.raw_ops.FusedBatchNormV3(x=y, scale=gamma, offset=beta, mean=mean, variance=variance,
+                                                       epsilon=1e-3, is_training=False)[0])
+        return {"y": x}
+
+module = Big()
+tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
+"""
+ROUND_TRIP = """
+import sys, tensorflow as tf
+loaded = tf.saved_model.load(sys.argv[1])
+tf.saved_model.save(loaded, sys.argv[2], signatures={k: f for k, f in loaded.signatures.items()})
+"""
+
+
+def channels_for(size_gb):
+    """The channel count whose five 3x3 C -> C kernels hold size_gb of float32 weights."""
+    return int(round(math.sqrt(size_gb * (1 << 30) / (LAYERS * 9 * 4))))
+
+
+def bench_big(size_gb, work_dir, measured_run_rss, tflite_convert):
+    channels = channels_for(size_gb)
+    path = os.path.join(work_dir, "big_%gGB" % size_gb)
+    if not os.path.isfile(os.path.join(path, "saved_model.pb")):
+        measured_run_rss([sys.executable, "-c", BUILD, path + ".partial", str(channels),
+                          str(LAYERS)])
+        os.replace(path + ".partial", path)
+    row = {"size_gb": size_gb, "channels": channels}
+    out = os.path.join(work_dir, "big_out")
+    for name, argv in [
+            ("round_trip", [sys.executable, "-c", ROUND_TRIP, path, out]),
+            ("tflite_converter", [sys.executable, "-c", tflite_convert, path, out + ".tflite"]),
+            ("tf_bnfuse", [sys.executable, "-m", "tf_bnfuse", "--saved_model_dir", path, "--output_dir", out,
+                           "--overwrite", "--report_json", out + ".json"])]:
+        wall, rss, _ = measured_run_rss(argv)
+        row[name] = {"wall_s": wall, "peak_rss_mb": rss}
+        if name == "tf_bnfuse":
+            with open(out + ".json") as f:
+                phases = json.load(f)["phases"]
+            row[name]["phases"] = {p["name"].split(" ")[0]: (p["seconds"], p["peak_rss_mb"]) for p in phases}
+        shutil.rmtree(out, ignore_errors=True)
+        if os.path.exists(out + ".tflite"):
+            os.remove(out + ".tflite")
+    return row
+
+
+def markdown(rows):
+    lines = ["| weights | round trip (load + save) | TFLite converter | tf_bnfuse | tf_bnfuse / round trip "
+             "(wall, RSS) | tf_bnfuse / converter (wall, RSS) | tf_bnfuse phases: s (peak GB) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        floor, conv, ours = r["round_trip"], r["tflite_converter"], r["tf_bnfuse"]
+        phases = ", ".join("%s %.1f (%.1f)" % (k, s, peak / 1024) for k, (s, peak) in ours["phases"].items())
+        lines.append("| %g GB (C=%d) | %.1f s, %.1f GB | %.1f s, %.1f GB | %.1f s, %.1f GB | %.2f, %.2f | %.2f, %.2f | %s |"
+                     % (r["size_gb"], r["channels"], floor["wall_s"], floor["peak_rss_mb"] / 1024, conv["wall_s"],
+                        conv["peak_rss_mb"] / 1024, ours["wall_s"], ours["peak_rss_mb"] / 1024,
+                        ours["wall_s"] / floor["wall_s"], ours["peak_rss_mb"] / floor["peak_rss_mb"],
+                        ours["wall_s"] / conv["wall_s"], ours["peak_rss_mb"] / conv["peak_rss_mb"], phases))
+    return "\n".join(lines)
