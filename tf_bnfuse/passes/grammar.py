@@ -165,9 +165,13 @@ def _constant_params(index, node, names, inputs):
     return params
 
 
+def is_training(node):
+    """Whether a fused batch norm runs in training mode (is_training defaults to true when absent)."""
+    return "is_training" not in node.attr or node.attr["is_training"].b
+
+
 def _fused_batch_norm_affine(index, node, layout):
-    # is_training defaults to true when the attr is absent.
-    if "is_training" not in node.attr or node.attr["is_training"].b:
+    if is_training(node):
         raise NoMatch("training mode (is_training=true)")
     used_side_outputs = sorted(p for p in index.ports_in_use(node.name) if p != 0)
     if used_side_outputs:

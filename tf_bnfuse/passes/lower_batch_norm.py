@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from tf_bnfuse import graph as graph_lib
 from tf_bnfuse import report as report_lib
+from tf_bnfuse.passes import grammar
 
 NAME = "lower_batch_norm"
 TARGET = "FusedBatchNormV3"
@@ -46,13 +47,9 @@ def run(context, graph_def, outputs):
     return editor.graph_def, report
 
 
-def _is_training(node):
-    return "is_training" not in node.attr or node.attr["is_training"].b  # true when the attr is absent
-
-
 def _from_fused(editor, node):
     """FusedBatchNorm / V2 in inference mode -> V3 under the same name; False when left alone."""
-    if _is_training(node):
+    if grammar.is_training(node):
         return False
     attrs = {key: node.attr[key] for key in _FUSED_ATTRS if key in node.attr}
     attrs.setdefault("U", graph_lib.type_attr(tf.float32))  # V1 has float32 parameters and no U
