@@ -180,11 +180,12 @@ def input_shapes(graph_def, inputs):
     """{input key: [dim or None, ...]} for the inputs of unknown rank whose first consumer (through
     Identities) needs a rank: a Conv2D's input is [N, H, W, C] with C from its kernel, a MatMul's
     [N, K]. inputs: {key: TensorSpecInfo} of a signature, in the (frozen) graph_def."""
+    unknown = {key: spec for key, spec in inputs.items() if spec.shape is None}
+    if not unknown:
+        return {}  # the common case, without indexing the frozen graph a second time (index_bounds does)
     index = graph_lib.GraphIndex(graph_def)
     shapes = {}
-    for key, spec in inputs.items():
-        if spec.shape is not None:
-            continue
+    for key, spec in unknown.items():
         name, port = graph_lib.canonical_tensor(spec.tensor)
         consumers = index.data_consumers(name, port)
         while len(consumers) == 1 and index.node(consumers[0][0]).op in ("Identity", "StopGradient"):
