@@ -228,7 +228,8 @@ def while_and_cond(path):
 
 
 def tf1_builder(path):
-    """TF1 Builder: a vocabulary asset, a table, a main_op, and two MetaGraphs (serve; gpu,serve)."""
+    """TF1 Builder: a vocabulary asset, a table, a main_op, and two MetaGraphs (serve; gpu,serve with
+    one more signature). Returns {tag set: {signature: [inputs]}}."""
     vocabulary = _write_vocabulary(path + "_src")
     graph = tf.Graph()
     with graph.as_default():
@@ -256,11 +257,13 @@ def tf1_builder(path):
                                                  main_op=main_op, assets_collection=v1.get_collection(
                                                      v1.GraphKeys.ASSET_FILEPATHS))
             # The main op is in the graph's collection now: the second MetaGraph has it too.
-            builder.add_meta_graph(["serve", "gpu"], {"serving_default": signature},
+            features = v1.saved_model.predict_signature_def({"images": images}, {"features": y})
+            builder.add_meta_graph(["serve", "gpu"], {"serving_default": signature, "features": features},
                                    assets_collection=v1.get_collection(v1.GraphKeys.ASSET_FILEPATHS))
             builder.save()
-    return {"serving_default": [{"words": _words((5,)),
-                                 "images": RNG.standard_normal((2, 6, 6, 2)).astype(np.float32)}]}
+    both = {"words": _words((5,)), "images": RNG.standard_normal((2, 6, 6, 2)).astype(np.float32)}
+    return {"serve": {"serving_default": [both]},
+            "gpu,serve": {"serving_default": [both], "features": [{"images": both["images"]}]}}
 
 
 def keras3_string_lookup(path):

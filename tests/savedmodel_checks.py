@@ -102,16 +102,29 @@ def compare_in_fresh_process(original, folded, inputs_by_signature, tags=None, r
     return out
 
 
+def tag_sets(path):
+    """The tag sets `saved_model_cli show` lists, sorted ("gpu, serve" is its spelling)."""
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    text = subprocess.run([cli, "show", "--dir", path], capture_output=True, text=True, timeout=300,
+                          check=True).stdout
+    return sorted(re.findall(r"^'([^']*)'$", text, re.MULTILINE))
+
+
 def signature_defs(path, tag_set="serve"):
-    """What `saved_model_cli show --all` says of each SignatureDef, minus graph tensor names.
+    """What `saved_model_cli show --all` says of each SignatureDef of the MetaGraph with tag_set,
+    minus graph tensor names.
 
     The tensor names are the graph's own; keys, dtypes, shapes and method
     names are the SignatureDef a server sees.
     """
     cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
-    text = subprocess.run([cli, "show", "--dir", path, "--tag_set", tag_set, "--all"], capture_output=True,
+    text = subprocess.run([cli, "show", "--dir", path, "--all"], capture_output=True,
                           text=True, timeout=300, check=True).stdout
-    blocks = re.findall(r"signature_def\['([^']+)'\]:\n(.*?Method name is: \S*)", text, re.DOTALL)
+    sections = re.split(r"^MetaGraphDef with tag-set: '([^']*)' contains the following SignatureDefs:$", text,
+                        flags=re.MULTILINE)
+    wanted = set(tag_set.replace(" ", "").split(","))
+    [section] = [body for tags, body in zip(sections[1::2], sections[2::2]) if set(tags.split(", ")) == wanted]
+    blocks = re.findall(r"signature_def\['([^']+)'\]:\n(.*?Method name is: \S*)", section, re.DOTALL)
     # __saved_model_init_op is how a TF2 SavedModel runs its initializers, not a signature to serve.
     return {key: re.sub(r"\n\s*name: \S+", "", body) for key, body in blocks if not key.startswith("__")}
 

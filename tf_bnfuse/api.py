@@ -72,6 +72,10 @@ class _Run:
     report: report_lib.RunReport
     checkpoint: object  # called at each phase boundary; may raise to end the run
     timeline: report_lib.Timeline = dataclasses.field(default_factory=report_lib.Timeline)
+    # The input's other MetaGraphs, each a _Run of its own sharing the timeline and output;
+    # in them, metagraph is their tag set ("gpu,serve"), None in the --tags one.
+    others: list = dataclasses.field(default_factory=list)
+    metagraph: Optional[str] = None
     # load
     loaded: object = None
     functions: dict = None  # signature key -> ConcreteFunction
@@ -99,8 +103,13 @@ class _Run:
         return self.config.get("verify", {})
 
     def phase(self, name):
+        if self.metagraph:
+            name = "%s [%s]" % (name, self.metagraph)
         self.checkpoint(name)
         return self.timeline.phase(name)
+
+    def all_metagraphs(self):
+        return [self] + self.others
 
 
 def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFAULT_TAGS,
@@ -119,8 +128,9 @@ def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFA
     SavedModel (a failed check writes nothing, SavedModel included).
     verify=False skips the comparison, not the check that the output loads
     and runs every signature on test inputs.
-    drop_other_metagraphs: allow an input with MetaGraphs for other tag sets
-    (they are not in the output); without it such an input is refused.
+    tags: the MetaGraph whose signatures are named by signature_keys and converted to TFLite.
+    drop_other_metagraphs: write only that MetaGraph; without it every MetaGraph of the
+    input is folded into the output, under its own tags.
     verify_inputs: a .npz of arrays named INPUT or SIGNATURE/INPUT to verify
     on, instead of generated values (see verify/test_inputs.given_inputs).
     checkpoint: called with the name of each phase before it starts, then with "moved into
@@ -133,9 +143,18 @@ def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFA
     tags = tuple(tags) if tags else DEFAULT_TAGS
     model = load_lib.read(saved_model_dir)  # the one parse of saved_model.pb
     model.check_tags(tags)
+    tags = model.stored_tags(tags)  # the output keeps the input's order
     run = _Run(saved_model_dir, output_dir, signature_keys, tags, config, verify, tflite_output, verify_inputs,
                model, report_lib.RunReport(saved_model_dir, output_dir, {}), checkpoint or (lambda boundary: None))
-    run.report.dropped_metagraphs = [",".join(t) for t in _check_metagraphs(model, tags, drop_other_metagraphs)]
+    others = model.other_tag_sets(tags)
+    if drop_other_metagraphs:
+        run.report.dropped_metagraphs, others = [",".join(sorted(t)) for t in others], []
+    for other_tags in others:
+        label = ",".join(sorted(other_tags))
+        run.others.append(_Run(saved_model_dir, output_dir, signature_keys, tuple(other_tags), config, verify, None,
+                               verify_inputs, model, report_lib.RunReport(saved_model_dir, output_dir, {}),
+                               run.checkpoint, run.timeline, metagraph=label))
+        run.report.other_metagraphs[label] = run.others[-1].report
     try:
         _run_phases(run)
     except BaseException as e:  # KeyboardInterrupt too: the CLI reports what was done
@@ -146,28 +165,18 @@ def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFA
     return run.report
 
 
-def _check_metagraphs(model, tags, drop_other_metagraphs):
-    """Refuses up front to drop MetaGraphs silently: the output holds one, for `tags`."""
-    others = model.other_tag_sets(tags)
-    if others and not drop_other_metagraphs:
-        raise errors.BadInputError(
-            "SavedModel %s has %d other MetaGraph(s) (tags %s) besides %s; the output holds one MetaGraph, "
-            "so they would be dropped: fold each with --tags into its own output, or pass "
-            "--drop_other_metagraphs" % (model.path, len(others), "; ".join(",".join(t) or "(none)"
-                                                                          for t in others), ",".join(tags)))
-    return others
-
-
 def _run_phases(run):
-    _load(run)
-    _fold_signatures(run)
-    _make_test_inputs(run)
+    for each in run.all_metagraphs():
+        _load(each)
+        _fold_signatures(each)
+        _make_test_inputs(each)
     parent = os.path.dirname(os.path.realpath(run.output_dir))
     output_dir_lib.remove_stale_scratch(parent)
     run.scratch = output_dir_lib.make_scratch(parent)
     try:
         _write(run)
-        _verify(run)
+        for each in run.all_metagraphs():
+            _verify(each)
         if run.tflite_output:
             _convert_to_tflite(run)
         _move_into_place(run)
@@ -182,7 +191,8 @@ def _load(run):
         # Before the load: it prunes the proto's function library.
         run.vocabulary = test_inputs_lib.model_vocabulary(run.saved_model_dir, run.model.proto)
         run.loaded = load_lib.load(run.model, run.tags)
-        run.functions = freeze_lib.select_signatures(run.loaded, run.signature_keys, run.saved_model_dir)
+        run.functions = freeze_lib.select_signatures(run.loaded, run.signature_keys, run.saved_model_dir,
+                                                     run.metagraph)
         run.aliases, run.report.dropped_functions, run.pending_traces = root_functions.find(
             run.loaded, run.functions)
     run.model = None  # the parsed saved_model.pb: nothing reads it past the load
@@ -236,12 +246,17 @@ def _make_test_inputs(run):
 
 
 def _write(run):
+    """Writes every MetaGraph's folded signatures into one SavedModel."""
     run.built = os.path.join(run.scratch, "saved_model")
-    run.initializers = tf1.initializers_to_keep(run.loaded)  # a TF1 model's main op, rebuilt once
+    for each in run.all_metagraphs():
+        each.built = run.built
+        each.initializers = tf1.initializers_to_keep(each.loaded)  # a TF1 model's main op, rebuilt once
     with run.phase("write"):
-        write_lib.write(run.folded, run.built, run.tags, run.initializers, run.aliases)
-    if not run.tflite_output:
-        run.folded = None  # the written model holds the weights now
+        write_lib.write([write_lib.MetaGraphToWrite(each.tags, each.folded, each.initializers, each.aliases)
+                         for each in run.all_metagraphs()], run.built)
+    for each in run.all_metagraphs():
+        if not each.tflite_output:
+            each.folded = None  # the written model holds the weights now
 
 
 def _verify(run):
@@ -299,7 +314,8 @@ def _convert_to_tflite(run):
         convert_dir = run.built
         if any(promote_float16.has_half(sig.graph_def) for sig in run.folded.values()):
             convert_dir = os.path.join(run.scratch, "float32_for_tflite")
-            write_lib.write(_promoted(run.folded), convert_dir, run.tags, run.initializers)
+            write_lib.write([write_lib.MetaGraphToWrite(run.tags, _promoted(run.folded), run.initializers)],
+                            convert_dir)
         model_content, run.report.tflite = tflite_lib.build(
             run.saved_model_dir, convert_dir, run.tflite_output, list(run.functions), run.tags, run.references,
             run.inputs, run.verify_config)

@@ -34,7 +34,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("saved_model_dir", None, "SavedModel folder to read (never modified).")
 flags.DEFINE_string("output_dir", None, "Folder for the folded SavedModel.")
 flags.DEFINE_list("signature_keys", [], "Signatures to fold and keep (default: all).")
-flags.DEFINE_list("tags", ["serve"], "MetaGraph tags to load and write.")
+flags.DEFINE_list("tags", ["serve"], "The MetaGraph that --signature_keys names and --tflite_output converts; "
+                  "the others are kept too.")
 flags.DEFINE_string("config", None, "Pipeline/verification config JSON (default: configs/default.json).")
 flags.DEFINE_bool("overwrite", False, "Replace a non-empty --output_dir (and an existing --tflite_output).")
 flags.DEFINE_bool("skip_verify", False, "Do not compare the output with the input; it is still loaded and "
@@ -44,8 +45,8 @@ flags.DEFINE_string("verify_inputs", None, "Verify on these inputs: a .npz with 
 flags.DEFINE_string("report_json", None, "Also write a JSON report to this file, on every exit.")
 flags.DEFINE_string("tflite_output", None, "Also convert the folded model to this .tflite file, checked "
                     "against the original's outputs.")
-flags.DEFINE_bool("drop_other_metagraphs", False, "Allow an input whose other MetaGraphs (other tag sets) "
-                  "the output will not have.")
+flags.DEFINE_bool("drop_other_metagraphs", False, "Write only the --tags MetaGraph; by default every MetaGraph "
+                  "of the input is folded and kept under its own tags.")
 flags.DEFINE_bool("quiet", False, "No progress lines on stderr; errors and warnings still show.")
 OWN_FLAGS = ["saved_model_dir", "output_dir", "signature_keys", "tags", "config", "overwrite", "skip_verify",
              "verify_inputs", "report_json", "tflite_output", "drop_other_metagraphs", "quiet"]

@@ -87,6 +87,8 @@ class RunReport:
     tflite: object = None  # tflite.TfliteReport with --tflite_output, else None
     # Tag sets of the input's other MetaGraphs, not in the output (--drop_other_metagraphs)
     dropped_metagraphs: list = dataclasses.field(default_factory=list)
+    # The input's other MetaGraphs, kept: tag set ("gpu,serve") -> its RunReport (signatures, verification)
+    other_metagraphs: dict = dataclasses.field(default_factory=dict)
     # tf.functions of the input's root object besides its signatures: kept (calling the folded
     # signature that wraps them), and not kept {name: why}
     kept_functions: list = dataclasses.field(default_factory=list)
@@ -103,6 +105,7 @@ class RunReport:
             "phases": self.phases,
             "tflite": dataclasses.asdict(self.tflite) if self.tflite else None,
             "dropped_metagraphs": self.dropped_metagraphs,
+            "other_metagraphs": {k: v.to_dict() for k, v in self.other_metagraphs.items()},
             "kept_functions": self.kept_functions,
             "dropped_functions": self.dropped_functions,
             "interrupted_after_output": self.interrupted_after_output,
@@ -160,6 +163,12 @@ def format_run(report):
     for key, graph in report.signatures.items():
         lines += _signature_lines(key, graph)
     lines += _verification_lines(report.verification)
+    for tags, other in report.other_metagraphs.items():
+        lines.append("MetaGraph %s, kept beside the --tags one:" % tags)
+        lines += ["  " + line for line in _kept_and_dropped_lines(other)]
+        for key, graph in other.signatures.items():
+            lines += ["  " + line for line in _signature_lines(key, graph)]
+        lines += ["  " + line for line in _verification_lines(other.verification)]
     if report.tflite is not None:
         lines += _tflite_lines(report.tflite)
     if report.interrupted_after_output:

@@ -14,7 +14,8 @@ import pytest
 import tensorflow as tf
 
 import io_models
-from savedmodel_checks import compare_in_fresh_process, data_path_op_counts, signature_defs, xla_functions_with
+from savedmodel_checks import compare_in_fresh_process, data_path_op_counts, signature_defs, tag_sets, \
+    xla_functions_with
 from tf_bnfuse import errors
 from tf_bnfuse import fold_saved_model
 from tf_bnfuse.report import format_run
@@ -149,20 +150,34 @@ def test_while_and_cond_stay_functional(tmp_path):
 def test_tf1_builder_with_asset_table_and_main_op(tmp_path):
     src = str(tmp_path / "src")
     inputs = io_models.tf1_builder(src)
-    with pytest.raises(errors.BadInputError, match="gpu,serve"):
-        fold_saved_model(src, str(tmp_path / "refused"))
-    assert not os.path.exists(tmp_path / "refused")
     out = str(tmp_path / "out")
-    report = fold_saved_model(src, out, drop_other_metagraphs=True)
-    assert report.dropped_metagraphs == ["gpu,serve"]
+    report = fold_saved_model(src, out)
     src = _moved(src)
-    assert signature_defs(out) == signature_defs(src)
-    outputs = compare_in_fresh_process(src, out, inputs, tags=["serve"])
-    assert set(outputs["serving_default"][0]["ids"].tolist()) - {-1}
+    # Every MetaGraph is kept, under its own tags and with its own SignatureDefs.
+    assert tag_sets(out) == tag_sets(src) == ["gpu, serve", "serve"]
+    for tags, by_signature in inputs.items():
+        assert signature_defs(out, tags) == signature_defs(src, tags) and len(signature_defs(out, tags)) == len(
+            by_signature)
+        outputs = compare_in_fresh_process(src, out, by_signature, tags=tags.split(","))
+        assert set(outputs["serving_default"][0]["ids"].tolist()) - {-1}
+    assert report.dropped_metagraphs == [] and list(report.other_metagraphs) == ["gpu,serve"]
+    gpu = report.other_metagraphs["gpu,serve"]
+    assert sorted(gpu.signatures) == ["features", "serving_default"] and gpu.verification.ok
+    assert [f.op for f in gpu.signatures["features"].folds] == ["FusedBatchNormV3"]
     # The second logical CPU has no initialized copy of a TF1 table: said, not hidden.
     assert list(report.verification.not_run) == ["serving_default on /device:CPU:1"]
     assert [f.op for f in report.signatures["serving_default"].folds] == ["FusedBatchNormV3"]
 
+    # --drop_other_metagraphs keeps the --tags one alone; --signature_keys names signatures in every MetaGraph.
+    dropped = str(tmp_path / "dropped")
+    report = fold_saved_model(src, dropped, drop_other_metagraphs=True)
+    assert report.dropped_metagraphs == ["gpu,serve"] and tag_sets(dropped) == ["serve"]
+    named = str(tmp_path / "named")
+    fold_saved_model(src, named, signature_keys=["serving_default"])
+    assert [sorted(signature_defs(named, tags)) for tags in tag_sets(named)] == [["serving_default"]] * 2
+    with pytest.raises(errors.BadInputError, match=r"MetaGraph serve\).*features.*--drop_other_metagraphs"):
+        fold_saved_model(src, str(tmp_path / "refused"), tags=["gpu", "serve"], signature_keys=["features"])
+    assert not os.path.exists(tmp_path / "refused")
 
 def test_keras3_string_lookup_embedding_conv1d_bn(tmp_path):
     src, out, inputs, report = _fold(io_models.keras3_string_lookup, tmp_path)

@@ -45,15 +45,24 @@ class FrozenSignature:
         return [spec.tensor for spec in self.outputs.values()]
 
 
-def select_signatures(loaded, keys, path):
+def select_signatures(loaded, keys, path, other_metagraph=None):
+    """{key: ConcreteFunction} of the signatures named by keys (all of them without keys).
+
+    other_metagraph: the tag set of a MetaGraph besides the --tags one; it keeps
+    those of the named signatures it has, and must have one of them.
+    """
     available = sorted(loaded.signatures.keys())
+    where = path if other_metagraph is None else "%s (MetaGraph %s)" % (path, other_metagraph)
     if not available:
-        raise errors.BadInputError("SavedModel %s has no signatures" % path)
+        raise errors.BadInputError("SavedModel %s has no signatures" % where)
     keys = list(keys) if keys else available
+    if other_metagraph is not None and any(k in loaded.signatures for k in keys):
+        keys = [k for k in keys if k in loaded.signatures]
     unknown = [k for k in keys if k not in loaded.signatures]
     if unknown:
-        raise errors.BadInputError("SavedModel %s has no signature %s; available: %s" % (
-            path, ", ".join(unknown), ", ".join(available)))
+        hint = "" if other_metagraph is None else " (or pass --drop_other_metagraphs)"
+        raise errors.BadInputError("SavedModel %s has no signature %s; available: %s%s" % (
+            where, ", ".join(unknown), ", ".join(available), hint))
     return {k: loaded.signatures[k] for k in keys}
 
 

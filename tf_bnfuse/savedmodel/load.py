@@ -28,8 +28,14 @@ class SavedModelFile:
         return [sorted(m.meta_info_def.tags) for m in self.proto.meta_graphs]
 
     def other_tag_sets(self, tags):
-        """The tag sets of the MetaGraphs besides the one for `tags`."""
-        return [t for t in self.tag_sets if t != sorted(tags)]
+        """The tag sets of the MetaGraphs besides the one for `tags`, each in its stored order."""
+        return [list(m.meta_info_def.tags) for m in self.proto.meta_graphs
+                if sorted(m.meta_info_def.tags) != sorted(tags)]
+
+    def stored_tags(self, tags):
+        """`tags` in the order the MetaGraph for them stores them (the output keeps it)."""
+        return next(tuple(m.meta_info_def.tags) for m in self.proto.meta_graphs
+                    if sorted(m.meta_info_def.tags) == sorted(tags))
 
     def check_tags(self, tags):
         if tags and sorted(tags) not in self.tag_sets:

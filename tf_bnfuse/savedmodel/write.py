@@ -1,5 +1,6 @@
 """Writing the folded signatures as one TF2 SavedModel."""
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -18,6 +19,7 @@ from tf_bnfuse.savedmodel import root_functions
 # function. Small and integer constants (shapes, axes) stay constants, because
 # shape inference and some kernels need their values at graph build time.
 MIN_VARIABLE_BYTES = 1024
+_INIT_OP_KEY = "__saved_model_init_op"  # TF's constants.INIT_OP_SIGNATURE_KEY, which has no public name
 _FLOAT_TYPES = {tf.float16.as_datatype_enum, tf.bfloat16.as_datatype_enum, tf.float32.as_datatype_enum,
                 tf.float64.as_datatype_enum}
 
@@ -126,30 +128,17 @@ def _signature_function(sig, graph_def, weights):
     return function
 
 
-def _set_tags(path, tags):
-    """tf.saved_model.save always tags its MetaGraph "serve"; give it the input's tags."""
-    pb_path = os.path.join(path, "saved_model.pb")
-    proto = tf_internal.SavedModelProto()
-    with open(pb_path, "rb") as f:
-        proto.ParseFromString(f.read())
-    del proto.meta_graphs[0].meta_info_def.tags[:]
-    proto.meta_graphs[0].meta_info_def.tags.extend(tags)
-    with open(pb_path, "wb") as f:
-        f.write(proto.SerializeToString())
+@dataclasses.dataclass
+class MetaGraphToWrite:
+    """One MetaGraph of the output: its tag set and folded signatures, with what they need at load."""
+    tags: tuple
+    signatures: dict  # key -> FrozenSignature
+    initializers: list = dataclasses.field(default_factory=list)  # initializers_to_keep
+    root_aliases: dict = dataclasses.field(default_factory=dict)  # root_functions.find's
 
 
-def write(signatures, path, tags, initializers=(), root_aliases=None):
-    """Writes frozen signatures as one TF2 SavedModel at `path` (which must not exist).
-
-    Each signature is a function that imports its folded GraphDef; big float
-    constants are variables, saved once in variables/ and shared between
-    signatures whose weights are equal. Written variables and tables the
-    signatures capture are saved with their owners (and assets);
-    initializers (initializers_to_keep) run when the output loads.
-    root_aliases: root functions to keep, as root_functions.find gives them.
-    """
-    module = tf.Module()
-    variables = {}
+def _signature_functions(signatures, variables):
+    """{key: wrapped function} of one MetaGraph's folded signatures; variables: the shared weight cache."""
     split = {}  # id(folded GraphDef) -> (its GraphDef without weights, weights); signatures may share one
     functions = {}
     written = {}  # what a function computes -> the function; signatures folded once share one
@@ -163,19 +152,94 @@ def write(signatures, path, tags, initializers=(), root_aliases=None):
         if same not in written:
             written[same] = _signature_function(sig, *split[id(sig.graph_def)])
         functions[key] = written[same]
+    return functions
+
+
+def _saved_key(index, key):
+    """The key a signature of the index-th MetaGraph is saved under: tf.saved_model.save writes one
+    MetaGraph, so the keys of several are made distinct, then split off again (_split_metagraphs)."""
+    return "__tf_bnfuse_metagraph_%d__%s" % (index, key)
+
+
+def write(metagraphs, path):
+    """Writes folded MetaGraphs as one TF2 SavedModel at `path` (which must not exist).
+
+    Each signature is a function that imports its folded GraphDef; big float
+    constants are variables, saved once in variables/ and shared between
+    signatures (of any MetaGraph) whose weights are equal. Written variables and
+    tables the signatures capture are saved with their owners (and assets);
+    initializers (initializers_to_keep) run when the output loads. Every
+    MetaGraph of the output holds the whole object graph and function library,
+    and its own tags and SignatureDefs.
+    """
+    module = tf.Module()
+    variables = {}
+    saved = {}  # the key each signature is saved under -> its function
+    for index, metagraph in enumerate(metagraphs):
+        functions = _signature_functions(metagraph.signatures, variables)
+        if metagraph.root_aliases:
+            root_functions.attach(module, metagraph.root_aliases, functions)
+        saved.update(functions if len(metagraphs) == 1 else
+                     {_saved_key(index, k): f for k, f in functions.items()})
     module.weights = list(variables.values())  # tracked, so they are saved
     # Written variables and tables, with their initializers and assets.
-    owners = {id(r.owner): r.owner for sig in signatures.values() for r in sig.resources.values()}
+    owners = {id(r.owner): r.owner for m in metagraphs for sig in m.signatures.values() for r in sig.resources.values()}
     module.kept_resources = list(owners.values())
-    module.initializers = list(initializers)
-    root_functions.attach(module, root_aliases or {}, functions)
+    module.initializers = [i for m in metagraphs for i in m.initializers]
     # The folded model is for inference: the gradient functions of ops made
     # with tf.custom_gradient (Keras 3's swish) are not saved, and could not
     # be, since the import cut them from the captures they were traced with.
     options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
     try:
-        tf.saved_model.save(module, path, signatures=functions, options=options)
+        tf.saved_model.save(module, path, signatures=saved, options=options)
     except (ValueError, TypeError) as e:
         raise errors.BnFuseError("cannot write the folded SavedModel: %s" % errors.first_line(e))
-    if sorted(tags) != ["serve"]:
-        _set_tags(path, tags)
+    if len(metagraphs) > 1 or sorted(metagraphs[0].tags) != ["serve"]:
+        _split_metagraphs(path, metagraphs)
+
+
+def _split_metagraphs(path, metagraphs):
+    """Turns the one MetaGraph tf.saved_model.save wrote (tagged "serve") into one per tag set.
+
+    Each copy keeps its own signatures, under their own keys, in both the
+    SignatureDefs (what TF Serving and saved_model_cli read) and the object
+    graph's signature map (what tf.saved_model.load reads); the rest (graph,
+    library, object graph, saver, init op) is shared and copied as it is.
+    """
+    pb_path = os.path.join(path, "saved_model.pb")
+    proto = tf_internal.SavedModelProto()
+    with open(pb_path, "rb") as f:
+        proto.ParseFromString(f.read())
+    written = type(proto.meta_graphs[0])()
+    written.CopyFrom(proto.meta_graphs[0])
+    del proto.meta_graphs[:]
+    for index, metagraph in enumerate(metagraphs):
+        renamed = ({k: k for k in metagraph.signatures} if len(metagraphs) == 1 else
+                   {_saved_key(index, k): k for k in metagraph.signatures})
+        copy = proto.meta_graphs.add()
+        copy.CopyFrom(written)
+        del copy.meta_info_def.tags[:]
+        copy.meta_info_def.tags.extend(metagraph.tags)
+        copy.signature_def.clear()
+        for key, signature_def in written.signature_def.items():
+            if key in renamed:
+                copy.signature_def[renamed[key]].CopyFrom(signature_def)
+        if _INIT_OP_KEY in written.signature_def and len(metagraphs) == 1:
+            copy.signature_def[_INIT_OP_KEY].CopyFrom(written.signature_def[_INIT_OP_KEY])
+        # With several MetaGraphs, tf.saved_model.load reads the output as TF1 (load_v1_in_v2),
+        # which takes every SignatureDef for a signature and fails on the init op's unfed asset
+        # placeholders. The init op is also in the TF1 main op collection (tf.saved_model.save
+        # writes it there too), where that loader, TF Serving and the C++ loader look next.
+        main_op = copy.collection_def[tf.compat.v1.saved_model.MAIN_OP_KEY].node_list.value
+        if _INIT_OP_KEY in written.signature_def and len(metagraphs) > 1 and not main_op:
+            main_op.append(written.signature_def[_INIT_OP_KEY].outputs[_INIT_OP_KEY].name.split(":")[0])
+        nodes = copy.object_graph_def.nodes
+        [signature_map] = [c.node_id for c in nodes[0].children if c.local_name == "signatures"]
+        kept = []
+        for child in nodes[signature_map].children:
+            if child.local_name in renamed:
+                kept.append(type(child)(node_id=child.node_id, local_name=renamed[child.local_name]))
+        del nodes[signature_map].children[:]
+        nodes[signature_map].children.extend(kept)
+    with open(pb_path, "wb") as f:
+        f.write(proto.SerializeToString())
