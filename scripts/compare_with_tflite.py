@@ -158,20 +158,26 @@ def describe(ops, bn_left, error):
     return "%s (BN ops left: %d)" % (listed, bn_left)
 
 
-def main():
-    if len(sys.argv) == 3 and sys.argv[1] == "--flavour":
-        return run_flavour(sys.argv[2])
+def rows_of_flavours(script, flavours):
+    """The rows `script --flavour F` prints ("ROWS [...]"), each flavour in a process of its own."""
     rows = []
-    for flavour in FLAVOURS:
+    for flavour in flavours:
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
         if flavour == "tf_keras":
             env["TF_USE_LEGACY_KERAS"] = "1"
-        result = subprocess.run([sys.executable, os.path.abspath(__file__), "--flavour", flavour],
+        result = subprocess.run([sys.executable, os.path.abspath(script), "--flavour", flavour],
                                 capture_output=True, text=True, env=env)
         lines = [line for line in result.stdout.splitlines() if line.startswith("ROWS ")]
         if result.returncode != 0 or not lines:
             sys.exit("%s failed:\n%s" % (flavour, result.stderr[-3000:]))
         rows += json.loads(lines[-1][5:])
+    return rows
+
+
+def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--flavour":
+        return run_flavour(sys.argv[2])
+    rows = rows_of_flavours(__file__, FLAVOURS)
     names = {"keras3": "Keras 3", "tf_keras": "tf-keras", "raw": "raw ops"}
     print("| case | model | TFLite converter on the original | tf_bnfuse | TFLite converter on the folded model "
           "| .tflite vs original, max rel error |")

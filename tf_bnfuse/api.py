@@ -12,6 +12,7 @@ from absl import logging
 
 from tf_bnfuse import config as config_lib
 from tf_bnfuse import errors
+from tf_bnfuse import graph as graph_lib
 from tf_bnfuse import report as report_lib
 from tf_bnfuse.passes import promote_float16
 from tf_bnfuse.passes import runner
@@ -25,6 +26,8 @@ from tf_bnfuse.savedmodel import root_functions
 from tf_bnfuse.savedmodel import tf1
 from tf_bnfuse.savedmodel import write as write_lib
 from tf_bnfuse.verify import compare as verify_lib
+from tf_bnfuse.verify import culprit as culprit_lib
+from tf_bnfuse.verify import quantize as quantize_lib
 from tf_bnfuse.verify import root_functions as root_function_checks
 from tf_bnfuse.verify import test_inputs as test_inputs_lib
 from tf_bnfuse.verify import tflite as tflite_lib
@@ -76,6 +79,11 @@ class _Run:
     # in them, metagraph is their tag set ("gpu,serve"), None in the --tags one.
     others: list = dataclasses.field(default_factory=list)
     metagraph: Optional[str] = None
+    # --tflite_quantize and what goes with it (preflight.check_tflite_options)
+    tflite_quantize: str = "none"
+    tflite_io: str = "float"
+    calibration_inputs: Optional[str] = None
+    tflite_max_error: Optional[float] = None
     # load
     loaded: object = None
     functions: dict = None  # signature key -> ConcreteFunction
@@ -114,7 +122,8 @@ class _Run:
 
 def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFAULT_TAGS,
                      config=None, overwrite=False, verify=True, tflite_output=None,
-                     drop_other_metagraphs=False, verify_inputs=None, checkpoint=None):
+                     drop_other_metagraphs=False, verify_inputs=None, checkpoint=None, tflite_quantize="none",
+                     tflite_io="float", calibration_inputs=None, tflite_max_error=None):
     """Folds every (or each named) signature of a SavedModel into a new SavedModel.
 
     The output is built in a temporary folder beside output_dir, verified
@@ -133,6 +142,11 @@ def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFA
     input is folded into the output, under its own tags.
     verify_inputs: a .npz of arrays named INPUT or SIGNATURE/INPUT to verify
     on, instead of generated values (see verify/test_inputs.given_inputs).
+    tflite_quantize: none, float16, dynamic or int8 (full-integer, calibrated on
+    calibration_inputs, a .npz like verify_inputs with samples along axis 0, else on seeded
+    random inputs); tflite_io int8 gives the int8 model integer inputs and outputs. A
+    quantized model is measured on held-out inputs beside the converter quantizing the input
+    alone; tflite_max_error (relative L2) fails the run when an output is worse.
     checkpoint: called with the name of each phase before it starts, then with "moved into
     place"; it may raise to end the run there (the CLI ends on a SIGINT or SIGTERM it
     recorded, so that one TensorFlow swallowed is not lost). After "move into place" the
@@ -140,12 +154,15 @@ def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFA
     """
     config = _resolve_config(config)
     preflight.check_all(saved_model_dir, output_dir, overwrite, tflite_output, verify_inputs=verify_inputs)
+    preflight.check_tflite_options(tflite_output, tflite_quantize, tflite_io, calibration_inputs, tflite_max_error)
     tags = tuple(tags) if tags else DEFAULT_TAGS
     model = load_lib.read(saved_model_dir)  # the one parse of saved_model.pb
     model.check_tags(tags)
     tags = model.stored_tags(tags)  # the output keeps the input's order
     run = _Run(saved_model_dir, output_dir, signature_keys, tags, config, verify, tflite_output, verify_inputs,
-               model, report_lib.RunReport(saved_model_dir, output_dir, {}), checkpoint or (lambda boundary: None))
+               model, report_lib.RunReport(saved_model_dir, output_dir, {}), checkpoint or (lambda boundary: None),
+               tflite_quantize=tflite_quantize, tflite_io=tflite_io, calibration_inputs=calibration_inputs,
+               tflite_max_error=tflite_max_error)
     others = model.other_tag_sets(tags)
     if drop_other_metagraphs:
         run.report.dropped_metagraphs, others = [",".join(sorted(t)) for t in others], []
@@ -204,6 +221,7 @@ def _fold_signatures(run):
     """Freezes and folds each signature; one that is the same function as an earlier one
     (Keras 3's serve and serving_default) is folded once and shares its result."""
     owners = resources.resource_owners(run.loaded)
+    written = freeze_lib.written_handles(run.functions.values())
     first_with = {}  # signature fingerprint -> the first signature key that has it
     reports = run.report.signatures
     for key, function in run.functions.items():
@@ -216,20 +234,21 @@ def _fold_signatures(run):
             run.shapes[key] = run.shapes[first]
             logging.info("signature %s is the same function as %s: folded once", key, first)
             continue
-        reports[key] = _fold_signature(run, key, function, owners)
+        reports[key] = _fold_signature(run, key, function, owners, written)
     run.output_specs = {k: sig.outputs for k, sig in run.folded.items()}
 
 
-def _fold_signature(run, key, function, owners):
+def _fold_signature(run, key, function, owners, written):
     """Freezes and folds one signature into run.folded; returns its GraphReport."""
     with run.phase("freeze %s" % key):
-        frozen = freeze_lib.freeze(key, function, owners)
+        frozen = freeze_lib.freeze(key, function, owners, graph_lib.WeightStore(), written)
         run.bounds[key] = test_inputs_lib.index_bounds(frozen.graph_def, frozen.inputs)
         run.shapes[key] = test_inputs_lib.input_shapes(frozen.graph_def, frozen.inputs)
     with run.phase("passes %s" % key):
         nodes_before = len(frozen.graph_def.node)
         graph_def, pass_reports = runner.run_pipeline(
-            frozen.release_graph_def(), frozen.output_tensors, run.config["pipeline"], owns_input=True)
+            frozen.release_graph_def(), frozen.output_tensors, run.config["pipeline"], owns_input=True,
+            context=PassContext(frozen.weights), weights_out=True)
         run.precisions[key] = verify_lib.output_precisions(graph_def, frozen.outputs)
     run.folded[key] = dataclasses.replace(frozen, graph_def=graph_def)
     return report_lib.GraphReport(nodes_before, len(graph_def.node), pass_reports)
@@ -252,8 +271,9 @@ def _write(run):
         each.built = run.built
         each.initializers = tf1.initializers_to_keep(each.loaded)  # a TF1 model's main op, rebuilt once
     with run.phase("write"):
+        # Without TFLite nothing writes the folded signatures again: each kernel leaves them as it is saved.
         write_lib.write([write_lib.MetaGraphToWrite(each.tags, each.folded, each.initializers, each.aliases)
-                         for each in run.all_metagraphs()], run.built)
+                         for each in run.all_metagraphs()], run.built, release_weights=not run.tflite_output)
     for each in run.all_metagraphs():
         if not each.tflite_output:
             each.folded = None  # the written model holds the weights now
@@ -275,6 +295,8 @@ def _verify(run):
                 run.input_specs, run.bounds, run.given)
         else:
             verify_lib.smoke_test(reloaded_functions, run.inputs)
+        if run.report.verification is not None and not run.report.verification.ok:
+            run.report.verification.culprit = _find_culprit(run, run.report.verification.failures()[0])
         _raise_if_failed(run.report.verification)  # the signatures first: a root function only calls one
         root_function_checks.check(run.loaded, reloaded, run.aliases, run.inputs,
                                    run.verify_config if run.verify else None, run.precisions)
@@ -316,10 +338,20 @@ def _convert_to_tflite(run):
             convert_dir = os.path.join(run.scratch, "float32_for_tflite")
             write_lib.write([write_lib.MetaGraphToWrite(run.tags, _promoted(run.folded), run.initializers)],
                             convert_dir)
+        quantization = _quantization(run)
         model_content, run.report.tflite = tflite_lib.build(
             run.saved_model_dir, convert_dir, run.tflite_output, list(run.functions), run.tags, run.references,
-            run.inputs, run.verify_config)
+            run.inputs, run.verify_config, quantization, run.inputs)
         run.report.tflite.promoted_float16 = convert_dir != run.built
+        if quantization is not None:
+            run.report.tflite.quantization.max_error = run.tflite_max_error
+    quantized = run.report.tflite.quantization
+    if quantized is not None and not quantized.ok:
+        worst = quantized.worst
+        raise errors.VerificationError(
+            "TFLite %s model: signature %s output %s has relative L2 error %.3g against the original, above "
+            "--tflite_max_error %g; nothing written" % (quantized.mode, worst.signature, worst.output,
+                                                        worst.relative_l2_error, quantized.max_error))
     if not run.report.tflite.ok:
         bad = next(c for c in run.report.tflite.checks if not c.ok)
         raise errors.VerificationError(
@@ -332,13 +364,58 @@ def _convert_to_tflite(run):
         f.write(model_content)
 
 
+CALIBRATION_SAMPLES = 16  # per signature, when no --calibration_inputs are given
+
+
+def _quantization(run):
+    """The quantize.Quantization of --tflite_quantize, None for a float model. The metrics are
+    measured on the verification's test inputs; int8 calibrates on --calibration_inputs, else on
+    seeded random inputs drawn apart from them (another seed), with a warning."""
+    if run.tflite_quantize == "none":
+        return None
+    quantization = quantize_lib.Quantization(run.tflite_quantize, run.tflite_io,
+                                             held_out_source=_held_out_source(run))
+    if run.tflite_quantize != "int8":
+        return quantization
+    # The converter writes a signature that is the same function as another once (Keras 3's serve
+    # and serving_default come out as serving_default alone): calibrated once, by whichever key.
+    distinct = [k for k in run.functions if not run.report.signatures[k].same_as]
+    if run.calibration_inputs:
+        quantization.calibration = test_inputs_lib.given_inputs(run.calibration_inputs, run.input_specs,
+                                                                "--calibration_inputs")
+        test_inputs_lib.check_complete(quantization.calibration, run.input_specs,
+                                       "--calibration_inputs %s" % run.calibration_inputs)
+        quantization.calibration = {k: quantization.calibration[k] for k in distinct}
+        counts = {k: quantize_lib.sample_count(a) for k, a in quantization.calibration.items()}
+        quantization.calibration_source = "--calibration_inputs %s (%s samples)" % (
+            run.calibration_inputs, ", ".join("%s %d" % kv for kv in sorted(counts.items())))
+        return quantization
+    config = dict(run.verify_config, seed=run.verify_config.get("seed", 0) + 1, batch_size=CALIBRATION_SAMPLES)
+    quantization.calibration = test_inputs_lib.make_inputs({k: run.input_specs[k] for k in distinct}, config,
+                                                           run.vocabulary, run.bounds, None, run.shapes)
+    quantization.calibration_source = ("%d seeded random samples per signature (no --calibration_inputs): NOT "
+                                       "representative of real data" % CALIBRATION_SAMPLES)
+    logging.warning("int8 calibration on random inputs, which are not representative of real data: pass "
+                    "--calibration_inputs with samples of real inputs for a model worth deploying")
+    return quantization
+
+
+def _held_out_source(run):
+    what = "--verify_inputs %s" % run.verify_inputs if run.verify_inputs else "the verification's seeded test inputs"
+    return "%s (batch %d), not used for calibration" % (what, min(
+        (a.shape[0] for inputs in run.inputs.values() for a in inputs.values() if a.ndim), default=1))
+
+
 def _promoted(folded):
     """The folded signatures with float16 compute promoted to float32 (TFLite has no float16 convs)."""
     promoted, by_graph = {}, {}
     for key, sig in folded.items():
         if id(sig.graph_def) not in by_graph:  # signatures sharing a graph keep sharing it
-            by_graph[id(sig.graph_def)] = promote_float16.run(PassContext(), sig.graph_def, sig.output_tensors)[0]
-        promoted[key] = dataclasses.replace(sig, graph_def=by_graph[id(sig.graph_def)])
+            weights = sig.weights.copy()  # the pass retains only what it names; the folded graph names more
+            by_graph[id(sig.graph_def)] = (promote_float16.run(PassContext(weights), sig.graph_def,
+                                                               sig.output_tensors)[0], weights)
+        graph_def, weights = by_graph[id(sig.graph_def)]
+        promoted[key] = dataclasses.replace(sig, graph_def=graph_def, weights=weights)
     return promoted
 
 
@@ -350,12 +427,35 @@ def _move_into_place(run):
     run.checkpoint("moved into place")
 
 
+def _find_culprit(run, failed):
+    """The culprit.Culprit of a failed check: its signature's pipeline runs again with folds left
+    out, by halves, each result called in memory as the written model would be."""
+    key = run.report.signatures[failed.signature].same_as or failed.signature
+    with run.phase("find the failing fold"):
+        frozen = freeze_lib.freeze(key, run.functions[key], resources.resource_owners(run.loaded),
+                                   graph_lib.WeightStore(), freeze_lib.written_handles(run.functions.values()))
+
+        def check_without(left_out):
+            names = [name for fold in left_out for name in [fold.node] + list(fold.absorbed)]
+            weights = frozen.weights.copy()  # each re-run retains its own: the frozen graph names them all
+            graph_def, _ = runner.run_pipeline(frozen.graph_def, frozen.output_tensors, run.config["pipeline"],
+                                               context=PassContext(weights, left_out=names), weights_out=True)
+            function = write_lib.signature_callable(dataclasses.replace(frozen, graph_def=graph_def, weights=weights))
+            return culprit_lib.recheck(function, run.references[failed.signature], run.inputs[failed.signature],
+                                       failed)
+
+        found, (_, error), checks = culprit_lib.bisect(run.report.signatures[key].folds, check_without)
+    return culprit_lib.Culprit(failed.signature, failed.output, failed.device, [dataclasses.asdict(f) for f in found],
+                               failed.max_rel_error, error, checks)
+
+
 def _raise_if_failed(verification):
     if verification is None or verification.ok:
         return
     bad = verification.failures()[0]
+    cause = "; %s" % verification.culprit.describe() if verification.culprit is not None else ""
     raise errors.VerificationError(
         "verification failed: signature %s output %s on %s: max abs error %.3g, max rel error %.3g "
-        "(rtol %g, atol %g, set by %s); nothing written" % (
+        "(rtol %g, atol %g, set by %s)%s; nothing written" % (
             bad.signature, bad.output, bad.device, bad.max_abs_error, bad.max_rel_error, bad.rtol, bad.atol,
-            bad.precision))
+            bad.precision, cause))

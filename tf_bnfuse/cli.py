@@ -47,9 +47,18 @@ flags.DEFINE_string("tflite_output", None, "Also convert the folded model to thi
                     "against the original's outputs.")
 flags.DEFINE_bool("drop_other_metagraphs", False, "Write only the --tags MetaGraph; by default every MetaGraph "
                   "of the input is folded and kept under its own tags.")
+flags.DEFINE_enum("tflite_quantize", "none", list(preflight.QUANTIZE_MODES), "With --tflite_output: quantize "
+                  "the .tflite model (int8: full-integer), measured against the original and the converter alone.")
+flags.DEFINE_enum("tflite_io", "float", list(preflight.TFLITE_IO), "With --tflite_quantize int8: the model's input "
+                  "and output type.")
+flags.DEFINE_string("calibration_inputs", None, "With --tflite_quantize int8: a .npz of calibration samples along "
+                    "axis 0, named like --verify_inputs (default: seeded random inputs, not representative).")
+flags.DEFINE_float("tflite_max_error", None, "With --tflite_quantize: fail (exit 1, nothing written) when an output's "
+                   "relative L2 error against the original is above this.")
 flags.DEFINE_bool("quiet", False, "No progress lines on stderr; errors and warnings still show.")
 OWN_FLAGS = ["saved_model_dir", "output_dir", "signature_keys", "tags", "config", "overwrite", "skip_verify",
-             "verify_inputs", "report_json", "tflite_output", "drop_other_metagraphs", "quiet"]
+             "verify_inputs", "report_json", "tflite_output", "tflite_quantize", "tflite_io", "calibration_inputs",
+             "tflite_max_error", "drop_other_metagraphs", "quiet"]
 
 HELP_EPILOG = """\
   --verbosity=1: also TensorFlow's own log lines, and tracebacks of internal errors
@@ -312,6 +321,8 @@ def _preflight(argv):
         config = config_lib.load_config(FLAGS.config)
         preflight.check_all(FLAGS.saved_model_dir, FLAGS.output_dir, FLAGS.overwrite, FLAGS.tflite_output,
                             verify_inputs=FLAGS.verify_inputs)
+        preflight.check_tflite_options(FLAGS.tflite_output, FLAGS.tflite_quantize, FLAGS.tflite_io,
+                                       FLAGS.calibration_inputs, FLAGS.tflite_max_error)
     except errors.BnFuseError as e:
         if FLAGS.report_json:
             _write_report(FLAGS.report_json, "failed", e.exit_code, str(e), config, None)
@@ -331,7 +342,9 @@ def _fold(config, signals):
             FLAGS.saved_model_dir, FLAGS.output_dir, signature_keys=FLAGS.signature_keys or None,
             tags=FLAGS.tags, config=FLAGS.config, overwrite=FLAGS.overwrite, verify=not FLAGS.skip_verify,
             tflite_output=FLAGS.tflite_output, drop_other_metagraphs=FLAGS.drop_other_metagraphs,
-            verify_inputs=FLAGS.verify_inputs, checkpoint=signals.checkpoint)
+            verify_inputs=FLAGS.verify_inputs, checkpoint=signals.checkpoint, tflite_quantize=FLAGS.tflite_quantize,
+            tflite_io=FLAGS.tflite_io, calibration_inputs=FLAGS.calibration_inputs,
+            tflite_max_error=FLAGS.tflite_max_error)
         if signals.received is not None:
             run_report.interrupted_after_output = signal.Signals(signals.received).name
     except errors.BnFuseError as e:

@@ -103,13 +103,21 @@ class RunReport:
             "signatures": {k: v.to_dict() for k, v in self.signatures.items()},
             "verification": self.verification.to_dict() if self.verification else None,
             "phases": self.phases,
-            "tflite": dataclasses.asdict(self.tflite) if self.tflite else None,
+            "tflite": _tflite_dict(self.tflite) if self.tflite else None,
             "dropped_metagraphs": self.dropped_metagraphs,
             "other_metagraphs": {k: v.to_dict() for k, v in self.other_metagraphs.items()},
             "kept_functions": self.kept_functions,
             "dropped_functions": self.dropped_functions,
             "interrupted_after_output": self.interrupted_after_output,
         }
+
+
+def _tflite_dict(tflite):
+    result = dataclasses.asdict(tflite)
+    result["ok"] = tflite.ok
+    if tflite.quantization is not None:
+        result["quantization"]["ok"] = tflite.quantization.ok
+    return result
 
 
 # --- Phases: time and memory, logged and kept for the report ---------------------------------
@@ -232,6 +240,9 @@ def _verification_lines(verification):
         lines.append("  WARNING: %s: TensorFlow's Grappler computes the INPUT otherwise than its graph says (a "
                      "TensorFlow bug, such as oneDNN's LeakyRelu fusion); the output computes the graph as "
                      "written, and differs from the input as TensorFlow runs it by up to %.3g" % (where, difference))
+    if verification.culprit is not None:
+        lines.append("  the first failed output: %s (%d pipeline re-runs)" % (verification.culprit.describe(),
+                                                                           verification.culprit.checks))
     if verification.checks and not verification.compared:
         lines.append("  WARNING: every output is random: nothing could be compared")
     return lines
@@ -247,15 +258,50 @@ def _tflite_lines(tflite):
     if tflite.promoted_float16:
         lines.append("  float16 compute promoted to float32 for TFLite (it has no float16 conv kernels); "
                      "signature dtypes kept")
-    lines.append("  batch-norm MUL/ADD left after a conv or fully connected op: %d" % tflite.batch_norm_ops_after)
+    lines.append("  batch-norm MUL/ADD left next to a conv or fully connected op: %d" % tflite.batch_norm_ops_after)
     if tflite.ops_before is not None:
-        lines.append("  converting the input directly: %d ops: %s; batch-norm MUL/ADD left after a conv or "
+        lines.append("  converting the input directly: %d ops: %s; batch-norm MUL/ADD left next to a conv or "
                      "fully connected op: %d" % (sum(tflite.ops_before.values()), _op_list(tflite.ops_before),
                                                  tflite.batch_norm_ops_before))
     else:
         lines.append("  converting the input directly fails: %s" % tflite.before_error)
+    if tflite.quantization is not None:
+        lines += _quantization_lines(tflite)
     for c in tflite.checks:
         lines.append("  %s/%s in the TFLite interpreter: max abs error %.3g, max rel error %.3g "
                      "(rtol %g, atol %g) %s" % (c.signature, c.output, c.max_abs_error, c.max_rel_error,
                                                 c.rtol, c.atol, "ok" if c.ok else "FAILED"))
+    return lines
+
+
+def _quantization_lines(tflite):
+    """The quantized model beside the converter quantizing the input alone, as one table."""
+    q = tflite.quantization
+    lines = ["  quantized %s%s; calibration: %s; measured on %s" % (
+        q.mode, " with int8 input and output" if q.io == "int8" else "", q.calibration or "none needed", q.held_out)]
+    alone = {(m.signature, m.output): m for m in q.converter_alone_metrics}
+
+    def cell(metric):
+        if metric is None:
+            return "-"
+        top1 = "" if metric.top1_agreement is None else ", top-1 agree %.2f" % metric.top1_agreement
+        return "rel L2 %.3g, SNR %.1f dB%s" % (metric.relative_l2_error, metric.snr_db, top1)
+
+    rows = [("", "tf_bnfuse", "converter alone"),
+            ("size", "%d bytes" % tflite.size_bytes,
+             "-" if tflite.size_bytes_before is None else "%d bytes" % tflite.size_bytes_before),
+            ("ops", str(sum(tflite.ops_after.values())),
+             "-" if tflite.ops_before is None else str(sum(tflite.ops_before.values()))),
+            ("batch-norm MUL/ADD", str(tflite.batch_norm_ops_after),
+             "-" if tflite.batch_norm_ops_before is None else str(tflite.batch_norm_ops_before))]
+    rows += [("%s/%s" % (m.signature, m.output), cell(m), cell(alone.get((m.signature, m.output))))
+             for m in q.metrics]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines += ["  | %s |" % " | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    if tflite.before_error:
+        lines.append("  the converter alone fails: %s" % tflite.before_error)
+    if q.max_error is not None:
+        worst = q.worst
+        lines.append("  --tflite_max_error %g: %s (worst: %s/%s, %.3g)" % (
+            q.max_error, "ok" if q.ok else "EXCEEDED", worst.signature, worst.output, worst.relative_l2_error))
     return lines

@@ -83,6 +83,8 @@ def test_data_and_control_inputs_and_set_data_input_keep_control_edges_in_place(
 
 
 def test_a_nested_context_has_a_store_of_its_own_with_the_same_threshold():
-    outer = PassContext(graph_lib.WeightStore(min_bytes=4))
-    inner = outer.nested()
+    outer = PassContext(graph_lib.WeightStore(min_bytes=4), left_out=["body/bn", "other/bn", "bn"])
+    inner = outer.nested("body")
     assert inner.weights is not outer.weights and inner.weights.min_bytes == 4
+    # What the outer report names "body/bn" is "bn" inside the body.
+    assert inner.left_out == {"bn"}

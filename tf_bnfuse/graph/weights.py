@@ -7,6 +7,11 @@ keeps its dtype and shape and names its array in WEIGHT_KEY_ATTR: copying the no
 key. Weights are read from the proto once, kernels scaled into new arrays, and written
 back once at the end. The store is handed to passes in their PassContext; nothing here
 is module state.
+
+A stored weight may also be a variable of the loaded SavedModel, not yet read (freezing
+puts the variables it can there, savedmodel/freeze.py): its value is read the first time
+a pass asks for it, and one no pass asks for is never copied; the writer saves the
+variable itself.
 """
 
 import itertools
@@ -27,13 +32,40 @@ class WeightStore:
     when the store is made; the graph-level tests lower it to hold every Const).
     """
 
-    def __init__(self, min_bytes=None):
+    def __init__(self, min_bytes=None, key_prefix="w"):
         self.arrays = {}
+        self.variables = {}  # key -> the tf.Variable whose value the key stands for (read lazily)
         self.min_bytes = STORED_MIN_BYTES if min_bytes is None else min_bytes
+        self._prefix = key_prefix
         self._keys = itertools.count(1)
+        self._copies = itertools.count(1)
+
+    def copy(self):
+        """A store holding the same entries (not copies of them), with keys of its own to come:
+        a pipeline run from the same graph again retains and adds in its own store."""
+        other = WeightStore(self.min_bytes, "%s%d_" % (self._prefix, next(self._copies)))
+        other.arrays.update(self.arrays)
+        other.variables.update(self.variables)
+        return other
+
+    def put_variable(self, variable):
+        """A key for a variable's value, read when a pass first asks for it."""
+        key = "%sv%d" % (self._prefix, next(self._keys))
+        self.variables[key] = variable
+        return key
+
+    def forget_read_variables(self):
+        """Drops the arrays read from variables: a variable no fold changed is written as the
+        variable it is, and its copy would only hold memory."""
+        for key in self.variables:
+            self.arrays.pop(key, None)
+
+    def variable_of(self, node):
+        """The variable a stored Const stands for, or None (its value is an array of this store)."""
+        return self.variables.get(node.attr[WEIGHT_KEY_ATTR].s.decode())
 
     def put(self, array):
-        key = "w%d" % next(self._keys)
+        key = "%s%d" % (self._prefix, next(self._keys))
         array = array.view()
         array.setflags(write=False)
         self.arrays[key] = array
@@ -44,10 +76,14 @@ class WeightStore:
         return dtype.is_numeric and array.nbytes >= self.min_bytes
 
     def array(self, node):
-        """The array a stored Const names."""
+        """The array a stored Const names (a variable's is read here, once)."""
         key = node.attr[WEIGHT_KEY_ATTR].s.decode()
         if key not in self.arrays:
-            raise KeyError("Const %s names weight %s, which this store does not hold" % (node.name, key))
+            if key not in self.variables:
+                raise KeyError("Const %s names weight %s, which this store does not hold" % (node.name, key))
+            array = self.variables[key].numpy()
+            array.setflags(write=False)
+            self.arrays[key] = array
         return self.arrays[key]
 
     def strip(self, graph_def):
@@ -79,6 +115,8 @@ class WeightStore:
                  if node.op == "Const" and WEIGHT_KEY_ATTR in node.attr}
         for key in [k for k in self.arrays if k not in named]:
             del self.arrays[key]
+        for key in [k for k in self.variables if k not in named]:
+            del self.variables[key]
 
     def restore(self, graph_def):
         """Writes the stored arrays back into graph_def's Consts, in place; returns graph_def."""
@@ -119,9 +157,12 @@ def const_array(node, weights=None):
 
 def const_nbytes(node, weights=None):
     """Bytes of a Const's value, without reading it."""
-    if WEIGHT_KEY_ATTR in node.attr:
-        return _store_of(node, weights).array(node).nbytes
     tensor = node.attr["value"].tensor
+    if WEIGHT_KEY_ATTR in node.attr:  # a stored Const keeps its dtype and shape
+        elements = 1
+        for dim in tensor.tensor_shape.dim:
+            elements *= max(dim.size, 0)
+        return elements * tf.as_dtype(tensor.dtype).size
     return len(tensor.tensor_content) or tensor.ByteSize()
 
 

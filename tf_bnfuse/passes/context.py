@@ -11,9 +11,16 @@ from tf_bnfuse import graph as graph_lib
 
 class PassContext:
 
-    def __init__(self, weights=None):
+    def __init__(self, weights=None, left_out=()):
         self.weights = weights if weights is not None else graph_lib.WeightStore()
         self._indexed = None  # (graph_def, frozenset of outputs, GraphIndex)
+        # Names of affine nodes whose folds the fold passes leave alone: a failed verification
+        # is traced to its fold by running the pipeline again without some (verify/culprit).
+        self.left_out = frozenset(left_out)
+
+    def leaves_out(self, chain_nodes):
+        """Whether a chain of these NodeDefs is left unfolded (one of them is named in left_out)."""
+        return bool(self.left_out) and any(n.name in self.left_out for n in chain_nodes)
 
     def index(self, graph_def, outputs=()):
         """GraphIndex(graph_def, outputs), the one already built when the previous pass left the
@@ -35,6 +42,9 @@ class PassContext:
         """A pass returned a new graph: the kept index no longer describes what the next pass reads."""
         self._indexed = None
 
-    def nested(self):
-        """A context for a pipeline over another graph (a function body), with its own store."""
-        return PassContext(graph_lib.WeightStore(self.weights.min_bytes))
+    def nested(self, function_name):
+        """A context for a pipeline over a function body, with its own store; its folds are
+        reported as "<function>/<node>", which is how left_out names them."""
+        prefix = function_name + "/"
+        return PassContext(graph_lib.WeightStore(self.weights.min_bytes),
+                           [n[len(prefix):] for n in self.left_out if n.startswith(prefix)])

@@ -10,6 +10,8 @@ from tf_bnfuse.passes import linear_ops
 from tf_bnfuse.passes.emit import emit, fold_weights
 from tf_bnfuse.passes.grammar import NoMatch
 
+LEFT_OUT = "left out (PassContext.left_out), to find which fold a failed verification comes from"
+
 
 def fold_backward(context, graph_def, outputs, pass_name, root_ops, report_every_root):
     """Folds every chain `linear op -> ... -> root` whose root op is in root_ops; returns
@@ -38,6 +40,9 @@ def fold_backward(context, graph_def, outputs, pass_name, root_ops, report_every
                 longest[found.key] = found
     covered = {n.name for found in longest.values() for n in found.nodes}
     for found in longest.values():
+        if context.leaves_out(found.nodes):
+            report.skips.append(report_lib.Skip(found.root.name, found.root.op, LEFT_OUT))
+            continue
         try:
             folded = fold_weights(found)
         except NoMatch as reason:
@@ -129,6 +134,8 @@ def fold_forward(context, graph_def, outputs, pass_name):
                     report.skips.append(report_lib.Skip(stop[0].name, stop[0].op, str(stop[1])))
                 continue
             head = found.near_linear
+            if context.leaves_out(found.nodes):
+                raise NoMatch(LEFT_OUT)
             _check_forward(found)
             folded = fold_weights(found)
         except NoMatch as reason:

@@ -102,7 +102,7 @@ def _fold_function(context, function, constants, loop, inner, library):
     keep = list(returned.values()) + control + stateful
     # The same runner as the pipeline's, with a store of the body's own (written back at its end).
     current, reports = runner.run_pipeline(graph_def, keep, inner + ["cleanup"], owns_input=True,
-                                           context=context.nested())
+                                           context=context.nested(function.signature.name))
     if not any(r.folds or r.lowered for r in reports):
         return None, reports
     return _to_function_def(function, current, arguments, returned, library), reports

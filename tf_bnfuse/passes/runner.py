@@ -23,14 +23,17 @@ def default_outputs(graph_def):
             and not index.control_consumers(node.name)]
 
 
-def run_pipeline(graph_def, outputs, pipeline, owns_input=False, context=None):
+def run_pipeline(graph_def, outputs, pipeline, owns_input=False, context=None, weights_out=False):
     """Returns (new graph_def, [PassReport]) after every pass in `pipeline`.
 
     A pass never modifies the GraphDef it is given, and returns that same
     object when it changes nothing. owns_input=True says the caller gives
     graph_def away, so it may come back as the result uncopied. While the
     passes run, big weights are held outside the proto (context.weights).
-    context: the PassContext to run in (a new one by default).
+    context: the PassContext to run in (a new one by default; graph_def may name weights
+    of its store). weights_out=True leaves them there: the result's stored Consts name
+    context.weights (the writer takes them from it), and what the passes read of a
+    variable is forgotten.
     """
     context = context if context is not None else PassContext()
     weights = context.weights
@@ -53,7 +56,10 @@ def run_pipeline(graph_def, outputs, pipeline, owns_input=False, context=None):
         context.graph_changed()
         if current is graph_def:  # the result is never the caller's argument itself
             current = graph_lib.copy_graph_def(graph_def)
-        weights.restore(current)  # current is this function's own graph by now
+        if weights_out:
+            weights.forget_read_variables()
+        else:
+            weights.restore(current)  # current is this function's own graph by now
     _drop_skips_folded_later(reports)
     return current, reports
 

@@ -7,6 +7,7 @@ from typing import Dict, List, Optional
 import tensorflow as tf
 
 from tf_bnfuse import errors
+from tf_bnfuse import graph as graph_lib
 from tf_bnfuse.graph import tf_internal
 from tf_bnfuse.savedmodel import resources
 
@@ -34,6 +35,8 @@ class FrozenSignature:
     outputs: Dict[str, TensorSpecInfo]
     # placeholder name in graph_def -> the resource it stands for
     resources: Dict[str, KeptResource] = dataclasses.field(default_factory=dict)
+    # The WeightStore that graph_def's stored Consts name (variables not yet read, folded arrays)
+    weights: Optional[graph_lib.WeightStore] = None
 
     def release_graph_def(self):
         """Hands the GraphDef over, so that the caller's pipeline holds the only reference."""
@@ -99,6 +102,96 @@ def _shape_list(shape):
     return None if shape.rank is None else shape.as_list()
 
 
+def _frozen(function, written, weights):
+    """(frozen GraphDef, output tensors): TensorFlow's freezing, except that big variables the
+    graph only reads (every consumer a ReadVariableOp, once calls are inlined) are left to
+    `weights`; freezing would copy each into a Const through numpy and protobuf."""
+    stored = {} if weights is None else _big_variables(function, written, weights.min_bytes)
+    if not stored:
+        return tf_internal.frozen_graph_def(function, written)
+    try:
+        graph_def, outputs = tf_internal.frozen_graph_def(function, written | set(stored))
+    except ValueError:  # this TensorFlow's converter cannot leave variables out: it freezes them all
+        return tf_internal.frozen_graph_def(function, written)
+    only_read = _only_read(graph_def, stored)
+    if len(only_read) < len(stored):  # the others (read in a call or loop body, gathered) frozen by TF
+        graph_def, outputs = tf_internal.frozen_graph_def(function, written | only_read)
+    return _reads_as_stored_consts(graph_def, {n: stored[n] for n in only_read}, weights), outputs
+
+
+def _big_variables(function, written, min_bytes):
+    """{capture placeholder name: tf.Variable} of the variables of at least min_bytes that the
+    function captures and does not write."""
+    by_handle = {id(v.handle): v for v in function.graph.variables}
+    found = {}
+    for outer, inner in function.graph.captures:
+        variable = by_handle.get(id(outer))
+        name = inner.op.name
+        if variable is None or name in written or not variable.shape.is_fully_defined():
+            continue
+        if variable.shape.num_elements() * variable.dtype.size >= min_bytes and variable.dtype.is_numeric:
+            found[name] = variable
+    return found
+
+
+def _resource_sources(graph_def, placeholders):
+    """{node name: the placeholder it forwards} for the placeholders and the Identities that pass
+    one on (inlining a call leaves one per argument)."""
+    nodes = {n.name: n for n in graph_def.node}
+    sources = {}
+    for node in graph_def.node:
+        if node.name in placeholders:
+            sources[node.name] = node.name
+        elif node.op == "Identity":
+            source = graph_lib.parse_input(graph_lib.forwarded_input(node.name, nodes.get, ops=("Identity",)))[0]
+            if source in placeholders:
+                sources[node.name] = source
+    return sources
+
+
+def _only_read(graph_def, placeholders):
+    """The names among `placeholders` whose value every data consumer in graph_def reads with a
+    ReadVariableOp (through Identities)."""
+    sources = _resource_sources(graph_def, placeholders)
+    readers = {}
+    for node in graph_def.node:
+        if node.name in sources:
+            continue  # an Identity passing one on
+        for position, input_name in enumerate(graph_lib.data_inputs(node)):
+            source = sources.get(graph_lib.parse_input(input_name)[0])
+            if source is not None:
+                readers.setdefault(source, set()).add(node.op == "ReadVariableOp" and position == 0)
+    return {name for name in placeholders if readers.get(name) == {True}}
+
+
+def _reads_as_stored_consts(graph_def, variables, weights):
+    """graph_def with each ReadVariableOp of these placeholders a Const that names its variable in
+    `weights` (same name, dtype and shape; no value), and the placeholders (and the Identities
+    that pass them on) gone."""
+    keys = {name: weights.put_variable(variable) for name, variable in variables.items()}
+    sources = _resource_sources(graph_def, keys)
+    frozen = graph_lib.new_graph_def(graph_def)
+    for node in graph_def.node:
+        if node.name in sources:
+            continue
+        data = graph_lib.data_inputs(node)
+        control = [c for c in graph_lib.control_inputs(node) if c[1:] not in sources]
+        source = sources.get(graph_lib.parse_input(data[0])[0]) if node.op == "ReadVariableOp" and data else None
+        if source is None:
+            new = frozen.node.add()
+            new.CopyFrom(node)
+            graph_lib.set_inputs(new, data + control)
+            continue
+        const = frozen.node.add(name=node.name, op="Const", device=node.device)
+        graph_lib.set_inputs(const, control)
+        const.attr["dtype"].type = node.attr["dtype"].type
+        tensor = const.attr["value"].tensor
+        tensor.dtype = node.attr["dtype"].type
+        tensor.tensor_shape.CopyFrom(variables[source].shape.as_proto())
+        const.attr[graph_lib.WEIGHT_KEY_ATTR].s = keys[source].encode()
+    return frozen
+
+
 def _kept_resources(key, function, graph_def, input_names, owners):
     """{placeholder name: KeptResource} for the captures freezing left as placeholders.
 
@@ -121,22 +214,36 @@ def _kept_resources(key, function, graph_def, input_names, owners):
     return kept
 
 
-def freeze(key, function, owners):
+def written_handles(functions):
+    """ids of the capture handles some of these functions write. Such a variable stays a variable
+    in every signature, readers too: frozen there, a reader would not see what a writer wrote."""
+    handles = set()
+    for function in functions:
+        written = resources.written_placeholders(function.graph.as_graph_def())
+        handles |= {id(outer) for outer, inner in function.graph.captures if inner.op.name in written}
+    return handles
+
+
+def freeze(key, function, owners, weights=None, written_elsewhere=frozenset()):
     """Freezes a signature's ConcreteFunction into a FrozenSignature.
 
     Variables the signature only reads become constants; variables it writes
     and other resources (lookup tables) stay placeholders, recorded with the
     trackable in `owners` ({id(handle): trackable}, resources.resource_owners)
     that holds them. The caller keeps the loaded SavedModel alive meanwhile:
-    freezing reads its variables.
+    freezing reads its variables, and with `weights` (a WeightStore) the big
+    ones the graph only reads are Consts naming the variable in that store,
+    read when a pass needs the value: no weight is copied by freezing.
+    written_elsewhere: written_handles of the other signatures; those stay variables here.
     """
     written = resources.written_placeholders(function.graph.as_graph_def())
+    written |= {inner.op.name for outer, inner in function.graph.captures if id(outer) in written_elsewhere}
     # A TF1 signature is pruned from the whole MetaGraph and keeps its table-initializer
     # collection, naming ops the pruning removed; Grappler refuses such a graph. The
     # tables are initialized by the objects that own them, not by this graph.
     function.graph.clear_collection(tf.compat.v1.GraphKeys.TABLE_INITIALIZERS)
     try:
-        graph_def, output_tensors = tf_internal.frozen_graph_def(function, written)
+        graph_def, output_tensors = _frozen(function, written, weights)
     except Exception as e:
         raise errors.BadInputError("cannot freeze signature %s: %s" % (key, errors.first_line(e)))
     # A signature's inputs and outputs are dicts; the function's own input and
@@ -158,4 +265,4 @@ def freeze(key, function, owners):
     for function_def in graph_def.library.function:
         for node in function_def.node_def:
             node.device = ""
-    return FrozenSignature(key, graph_def, inputs, outputs, kept)
+    return FrozenSignature(key, graph_def, inputs, outputs, kept, weights)

@@ -9,6 +9,9 @@ import zipfile
 
 from tf_bnfuse import errors
 
+QUANTIZE_MODES = ("none", "float16", "dynamic", "int8")  # --tflite_quantize
+TFLITE_IO = ("float", "int8")  # --tflite_io: the int8 model's input and output type
+
 
 def _folder_problem(path, what):
     """Why `path` is not an existing folder, or None."""
@@ -75,13 +78,35 @@ def check_report_json(path, saved_model_dir, output_dir):
     _check_file_target(path, "--report_json", saved_model_dir, output_dir)
 
 
-def check_verify_inputs(path):
+def check_npz(path, flag="--verify_inputs"):
     """The file exists and is a .npz archive (its arrays are checked against the signatures later)."""
     if not os.path.isfile(path):
-        raise errors.BadInputError("--verify_inputs %s %s" % (
-            path, "is a folder, not a file" if os.path.isdir(path) else "does not exist"))
+        raise errors.BadInputError("%s %s %s" % (
+            flag, path, "is a folder, not a file" if os.path.isdir(path) else "does not exist"))
     if not zipfile.is_zipfile(path):
-        raise errors.BadInputError("--verify_inputs %s is not a .npz file (numpy.savez)" % path)
+        raise errors.BadInputError("%s %s is not a .npz file (numpy.savez)" % (flag, path))
+
+
+def check_tflite_options(tflite_output, quantize, io, calibration_inputs, max_error):
+    """The quantization flags only with --tflite_output, and with each other where they need it."""
+    if quantize not in QUANTIZE_MODES:
+        raise errors.BadInputError("--tflite_quantize %s: one of %s" % (quantize, ", ".join(QUANTIZE_MODES)))
+    if io not in TFLITE_IO:
+        raise errors.BadInputError("--tflite_io %s: one of %s" % (io, ", ".join(TFLITE_IO)))
+    given = [flag for flag, value in (("--tflite_quantize", quantize != "none"), ("--tflite_io", io != "float"),
+                                      ("--calibration_inputs", calibration_inputs),
+                                      ("--tflite_max_error", max_error is not None)) if value]
+    if given and not tflite_output:
+        raise errors.BadInputError("%s need --tflite_output" % ", ".join(given))
+    if max_error is not None and quantize == "none":
+        raise errors.BadInputError("--tflite_max_error is for --tflite_quantize float16, dynamic or int8 (a float "
+                                   ".tflite model is checked within tolerance of the original)")
+    if (io != "float" or calibration_inputs) and quantize != "int8":
+        raise errors.BadInputError("--tflite_io and --calibration_inputs are for --tflite_quantize int8")
+    if max_error is not None and not max_error > 0:
+        raise errors.BadInputError("--tflite_max_error %s: a relative L2 error above 0" % max_error)
+    if calibration_inputs:
+        check_npz(calibration_inputs, "--calibration_inputs")
 
 
 def check_all(saved_model_dir, output_dir, overwrite=False, tflite_output=None, report_json=None,
@@ -93,4 +118,4 @@ def check_all(saved_model_dir, output_dir, overwrite=False, tflite_output=None, 
     if report_json:
         check_report_json(report_json, saved_model_dir, output_dir)
     if verify_inputs:
-        check_verify_inputs(verify_inputs)
+        check_npz(verify_inputs)

@@ -5,6 +5,7 @@ import hashlib
 import os
 import re
 
+import numpy as np
 import tensorflow as tf
 
 from tf_bnfuse import errors
@@ -42,23 +43,41 @@ def _tensor_digest(tensor_proto):
     return digest.digest()
 
 
-def _split_weights(graph_def, variables):
+def _split_weights(graph_def, variables, store=None, release=False):
     """(graph_def with big float Consts turned into Placeholders, {node name: tf.Variable}).
 
-    variables: a cache {(node name, content digest): tf.Variable} shared by all
-    signatures, so equal weights are stored once.
+    variables: a cache shared by all signatures, so equal weights are stored once:
+    {(node name, content digest): tf.Variable}, and {("variable", id): tf.Variable} for a
+    variable of the input that a stored Const stands for (store: the WeightStore its
+    Consts name), which is written as it is, never copied here. release: drop each
+    array from the store once its variable holds the value (nothing reads it again).
     """
     stripped = graph_lib.new_graph_def(graph_def)
     weights = {}
     for node in graph_def.node:
         tensor = node.attr["value"].tensor if node.op == "Const" else None
-        if tensor is None or tensor.dtype not in _FLOAT_TYPES or _tensor_nbytes(tensor) < MIN_VARIABLE_BYTES:
+        stored = tensor is not None and graph_lib.WEIGHT_KEY_ATTR in node.attr
+        variable = store.variable_of(node) if stored else None
+        big_float = tensor is not None and tensor.dtype in _FLOAT_TYPES and (
+            stored or _tensor_nbytes(tensor) >= MIN_VARIABLE_BYTES)
+        if variable is None and not big_float:
             stripped.node.add().CopyFrom(node)
+            if stored:  # a big integer constant a pass made: a constant again
+                store.restore_node(stripped.node[-1])
             continue
-        key = (node.name, _tensor_digest(tensor))
-        if key not in variables:
-            value = tf.make_ndarray(tensor)
-            variables[key] = tf.Variable(value, trainable=False, name=re.sub(r"[^A-Za-z0-9_.\-]", "_", node.name))
+        if variable is not None:
+            key = ("variable", id(variable))
+            variables.setdefault(key, variable)
+        else:
+            array = store.array(node) if stored else None
+            key = (node.name, (array.dtype.str, array.shape, hashlib.sha256(np.ascontiguousarray(array)).digest())
+                   if stored else _tensor_digest(tensor))
+            if key not in variables:
+                value = array if stored else tf.make_ndarray(tensor)
+                variables[key] = tf.Variable(value, trainable=False, name=re.sub(r"[^A-Za-z0-9_.\-]", "_", node.name))
+                if stored and release:
+                    del value, array
+                    store.arrays.pop(node.attr[graph_lib.WEIGHT_KEY_ATTR].s.decode(), None)
         weights[node.name] = variables[key]
         placeholder = stripped.node.add(name=node.name, op="Placeholder")
         placeholder.attr["dtype"].type = tensor.dtype
@@ -128,6 +147,12 @@ def _signature_function(sig, graph_def, weights):
     return function
 
 
+def signature_callable(sig):
+    """A function that computes one folded signature in memory as the written model will, without
+    writing it (keyword arguments, a dict of outputs); its weights are variables of its own."""
+    return _signature_function(sig, *_split_weights(sig.graph_def, {}, sig.weights))
+
+
 @dataclasses.dataclass
 class MetaGraphToWrite:
     """One MetaGraph of the output: its tag set and folded signatures, with what they need at load."""
@@ -137,14 +162,14 @@ class MetaGraphToWrite:
     root_aliases: dict = dataclasses.field(default_factory=dict)  # root_functions.find's
 
 
-def _signature_functions(signatures, variables):
+def _signature_functions(signatures, variables, release):
     """{key: wrapped function} of one MetaGraph's folded signatures; variables: the shared weight cache."""
     split = {}  # id(folded GraphDef) -> (its GraphDef without weights, weights); signatures may share one
     functions = {}
     written = {}  # what a function computes -> the function; signatures folded once share one
     for key, sig in signatures.items():
         if id(sig.graph_def) not in split:
-            split[id(sig.graph_def)] = _split_weights(sig.graph_def, variables)
+            split[id(sig.graph_def)] = _split_weights(sig.graph_def, variables, sig.weights, release)
         # Keras 3's "serve" and "serving_default" are one function: written once, the
         # SavedModel holds one copy of the graph, and loading and the first call cost half.
         same = (id(sig.graph_def), tuple(sorted((k, v.tensor) for k, v in sig.inputs.items())),
@@ -161,7 +186,7 @@ def _saved_key(index, key):
     return "__tf_bnfuse_metagraph_%d__%s" % (index, key)
 
 
-def write(metagraphs, path):
+def write(metagraphs, path, release_weights=False):
     """Writes folded MetaGraphs as one TF2 SavedModel at `path` (which must not exist).
 
     Each signature is a function that imports its folded GraphDef; big float
@@ -170,13 +195,15 @@ def write(metagraphs, path):
     tables the signatures capture are saved with their owners (and assets);
     initializers (initializers_to_keep) run when the output loads. Every
     MetaGraph of the output holds the whole object graph and function library,
-    and its own tags and SignatureDefs.
+    and its own tags and SignatureDefs. release_weights: the folded arrays leave the
+    signatures' weight stores as they become variables (so a kernel is held once, not twice);
+    the signatures cannot be written again.
     """
     module = tf.Module()
     variables = {}
     saved = {}  # the key each signature is saved under -> its function
     for index, metagraph in enumerate(metagraphs):
-        functions = _signature_functions(metagraph.signatures, variables)
+        functions = _signature_functions(metagraph.signatures, variables, release_weights)
         if metagraph.root_aliases:
             root_functions.attach(module, metagraph.root_aliases, functions)
         saved.update(functions if len(metagraphs) == 1 else

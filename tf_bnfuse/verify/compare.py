@@ -65,6 +65,8 @@ class VerificationReport:
     # TensorFlow runs it, where the folded model matched only the original as written (a
     # TensorFlow bug in Grappler; module docstring)
     grappler_differs: Dict[str, float] = dataclasses.field(default_factory=dict)
+    # The fold that explains the first failed check (verify/culprit.Culprit), when one failed
+    culprit: object = None
 
     @property
     def ok(self):

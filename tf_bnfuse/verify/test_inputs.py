@@ -122,7 +122,7 @@ def index_bounds(graph_def, inputs):
     return bounds
 
 
-def given_inputs(path, input_specs):
+def given_inputs(path, input_specs, flag="--verify_inputs"):
     """{signature: {input: array}} from a .npz of arrays named INPUT or SIGNATURE/INPUT.
 
     A SIGNATURE/INPUT array is for that signature only; an INPUT array for
@@ -134,7 +134,7 @@ def given_inputs(path, input_specs):
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
     except (OSError, ValueError) as e:
-        raise errors.BadInputError("--verify_inputs %s cannot be read: %s" % (path, errors.most_specific_line(e)))
+        raise errors.BadInputError("%s %s cannot be read: %s" % (flag, path, errors.most_specific_line(e)))
     given, used = {}, set()
     for signature, specs in input_specs.items():
         for name, spec in specs.items():
@@ -142,27 +142,35 @@ def given_inputs(path, input_specs):
             if key is None:
                 continue
             used.add(key)
-            given.setdefault(signature, {})[name] = _checked(path, key, arrays[key], spec)
+            given.setdefault(signature, {})[name] = _checked(flag, path, key, arrays[key], spec)
     unused = sorted(set(arrays) - used)
     if unused:
         known = sorted({"%s/%s" % (s, n) for s, specs in input_specs.items() for n in specs})
-        raise errors.BadInputError("--verify_inputs %s: %s names no signature input; the inputs are %s" % (
-            path, ", ".join(unused), ", ".join(known)))
+        raise errors.BadInputError("%s %s: %s names no signature input; the inputs are %s" % (
+            flag, path, ", ".join(unused), ", ".join(known)))
     return given
 
 
-def _checked(path, key, value, spec):
+def check_complete(given, input_specs, flag):
+    """BadInputError unless `given` has an array for every input of every signature."""
+    missing = sorted("%s/%s" % (s, n) for s, specs in input_specs.items() for n in specs
+                     if n not in given.get(s, {}))
+    if missing:
+        raise errors.BadInputError("%s has no array for %s (name one INPUT or SIGNATURE/INPUT)" % (
+            flag, ", ".join(missing)))
+
+
+def _checked(flag, path, key, value, spec):
     dtype = spec.dtype
     kind = value.dtype.kind
     accepted = (dtype.is_floating and kind == "f") or (dtype.is_integer and kind in "iu") or \
         (dtype == tf.bool and kind == "b") or (dtype == tf.string and kind in "SU")
     if not accepted:
-        raise errors.BadInputError("--verify_inputs %s: %s is %s, the input takes %s" % (
-            path, key, value.dtype, dtype.name))
+        raise errors.BadInputError("%s %s: %s is %s, the input takes %s" % (flag, path, key, value.dtype, dtype.name))
     if spec.shape is not None and (value.ndim != len(spec.shape) or any(
             d is not None and d != n for d, n in zip(spec.shape, value.shape))):
-        raise errors.BadInputError("--verify_inputs %s: %s has shape %s, the input takes %s" % (
-            path, key, tuple(value.shape), tuple(-1 if d is None else d for d in spec.shape)))
+        raise errors.BadInputError("%s %s: %s has shape %s, the input takes %s" % (
+            flag, path, key, tuple(value.shape), tuple(-1 if d is None else d for d in spec.shape)))
     return value.astype(bytes) if dtype == tf.string else value.astype(dtype.as_numpy_dtype)
 
 

@@ -7,8 +7,10 @@ TFLite kernels sum in another order than TensorFlow's).
 """
 
 import collections
+import contextlib
 import dataclasses
 import re
+import warnings
 from typing import Dict, List, Optional
 
 import tensorflow as tf
@@ -16,10 +18,14 @@ import tensorflow as tf
 from tf_bnfuse import errors
 from tf_bnfuse.graph import tf_internal
 from tf_bnfuse.verify import compare as verify_lib
+from tf_bnfuse.verify import quantize as quantize_lib
 
 LINEAR_TFLITE_OPS = frozenset({"CONV_2D", "CONV_3D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV",
                                "CONV_3D_TRANSPOSE"})
-SHAPE_ONLY_TFLITE_OPS = frozenset({"BATCH_TO_SPACE_ND", "RESHAPE", "SQUEEZE", "EXPAND_DIMS"})
+# Ops between a linear op and its batch norm that change no value's meaning: shapes, and the
+# (de)quantization around a linear op that a quantized model runs in float (CONV_3D in int8).
+SHAPE_ONLY_TFLITE_OPS = frozenset({"BATCH_TO_SPACE_ND", "RESHAPE", "SQUEEZE", "EXPAND_DIMS", "QUANTIZE",
+                                   "DEQUANTIZE"})
 
 
 @dataclasses.dataclass
@@ -27,23 +33,40 @@ class TfliteReport:
     path: str
     size_bytes: int
     ops_after: Dict[str, int]
-    batch_norm_ops_after: int  # batch_norm_ops_after_linear of the folded .tflite
+    batch_norm_ops_after: int  # batch_norm_ops_next_to_linear of the folded .tflite
     ops_before: Optional[Dict[str, int]] = None  # converting the input SavedModel directly
     batch_norm_ops_before: Optional[int] = None
+    size_bytes_before: Optional[int] = None
     before_error: Optional[str] = None  # why converting the input directly failed
     checks: List[verify_lib.OutputCheck] = dataclasses.field(default_factory=list)
     promoted_float16: bool = False  # float16 compute was promoted to float32 before converting
+    quantization: Optional[quantize_lib.QuantizationReport] = None  # --tflite_quantize other than none
 
     @property
     def ok(self):
-        return all(c.ok for c in self.checks)
+        return all(c.ok for c in self.checks) and (self.quantization is None or self.quantization.ok)
 
 
-def convert(saved_model_dir, signature_keys, tags):
-    """The TFLite flatbuffer of a SavedModel (float, no quantization)."""
+@contextlib.contextmanager
+def _without_interpreter_deprecation():
+    """Keeps tf.lite.Interpreter's deprecation warning off the user's stderr (it points to
+    ai_edge_litert, which tf_bnfuse does not depend on); int8 calibration makes one too."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated", category=UserWarning)
+        yield
+
+
+def interpreter_of(model_content):
+    with _without_interpreter_deprecation():
+        return tf.lite.Interpreter(model_content=model_content)
+
+
+def convert(saved_model_dir, signature_keys, tags, quantization=None):
+    """The TFLite flatbuffer of a SavedModel: float, or quantized as a quantize.Quantization says."""
     converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir, signature_keys=list(signature_keys),
                                                          tags=set(tags))
-    return converter.convert()
+    with _without_interpreter_deprecation():
+        return quantize_lib.configure(converter, quantization).convert()
 
 
 def _ops(interpreter):
@@ -51,23 +74,27 @@ def _ops(interpreter):
 
 
 def op_counts(model_content):
-    interpreter = tf.lite.Interpreter(model_content=model_content)
+    interpreter = interpreter_of(model_content)
     return dict(collections.Counter(op["op_name"] for op in _ops(interpreter)))
 
 
-def batch_norm_ops_after_linear(model_content):
-    """MUL/ADD/SUB/DIV a batch norm left after a conv or fully connected op in a .tflite model.
+def batch_norm_ops_next_to_linear(model_content):
+    """MUL/ADD/SUB/DIV a batch norm left next to a conv or fully connected op in a .tflite model.
 
-    From each linear op's output, follows single consumers through shape-only
-    ops (a dilated conv's BATCH_TO_SPACE_ND, reshapes) and affine ops. Every
-    MUL/DIV counts; of the ADD/SUB, the first is the op's own bias and the rest
-    count.
+    After each linear op: follows single consumers from its output through shape-only
+    ops (a dilated conv's BATCH_TO_SPACE_ND, reshapes, (de)quantization) and affine ops; every MUL/DIV
+    counts, and of the ADD/SUB, the first is the op's own bias and the rest count.
+    Before it: follows producers from its data input through shape-only ops and affine
+    ops by a constant (a batch norm between a pool and a conv), each of whose output
+    only that path reads; each counts.
     """
-    ops = _ops(tf.lite.Interpreter(model_content=model_content))
-    consumers = collections.defaultdict(list)
+    ops = _ops(interpreter_of(model_content))
+    consumers, producer = collections.defaultdict(list), {}
     for op in ops:
         for t in op["inputs"]:
             consumers[t].append(op)
+        for t in op["outputs"]:
+            producer[t] = op
     count = 0
     for op in ops:
         if op["op_name"] not in LINEAR_TFLITE_OPS or len(op["outputs"]) != 1:
@@ -82,7 +109,25 @@ def batch_norm_ops_after_linear(model_content):
             elif consumer["op_name"] not in SHAPE_ONLY_TFLITE_OPS:
                 break
             tensor = consumer["outputs"][0]
-        count += scales + max(0, adds - 1)
+        count += scales + max(0, adds - 1) + _affine_ops_feeding(op["inputs"][0], producer, consumers)
+    return count
+
+
+def _affine_ops_feeding(tensor, producer, consumers):
+    """How many affine ops by a constant (an input no op produces) feed `tensor`, on a path of
+    single consumers through shape-only ops."""
+    count = 0
+    while tensor in producer and len(consumers[tensor]) == 1:
+        op = producer[tensor]
+        if op["op_name"] in SHAPE_ONLY_TFLITE_OPS:
+            tensor = op["inputs"][0]
+            continue
+        if op["op_name"] not in ("MUL", "DIV", "ADD", "SUB"):
+            break
+        data = [t for t in op["inputs"] if t in producer]
+        if len(data) != 1:
+            break
+        count, tensor = count + 1, data[0]
     return count
 
 
@@ -100,22 +145,27 @@ def converter_error(exc):
     return lines[0] if lines else type(exc).__name__
 
 
+def _runner(interpreter, key):
+    """The signature runner of `key`; a single-signature SavedModel may come out of the converter
+    under another key."""
+    available = set(interpreter.get_signature_list())
+    tflite_key = key if key in available else (next(iter(available)) if len(available) == 1 else None)
+    if tflite_key is None:
+        raise errors.BnFuseError("the .tflite model has no signature %s" % key)
+    return interpreter.get_signature_runner(tflite_key)
+
+
 def check(model_content, original, test_inputs, verify_config):
     """Runs every signature of the .tflite model against the original's functions; [OutputCheck].
 
     test_inputs: {signature: {input: array}}, the ones the SavedModel verification uses.
     """
-    interpreter = tf.lite.Interpreter(model_content=model_content)
-    available = set(interpreter.get_signature_list())
+    interpreter = interpreter_of(model_content)
     tflite_tolerance = verify_config.get("tflite_tolerance", {"rtol": 1e-3, "atol": 1e-5})
     checks = []
     for key in sorted(original):
         inputs = test_inputs[key]
-        # A single-signature SavedModel may come out of the converter under another key.
-        tflite_key = key if key in available else (next(iter(available)) if len(available) == 1 else None)
-        if tflite_key is None:
-            raise errors.BnFuseError("the .tflite model has no signature %s" % key)
-        actual = interpreter.get_signature_runner(tflite_key)(**inputs)
+        actual = _runner(interpreter, key)(**inputs)
         with tf.device("/device:CPU:0"):
             def against_original():
                 expected = original[key](**{k: tf.constant(v) for k, v in inputs.items()})
@@ -143,19 +193,55 @@ def _checks(key, expected, actual, tflite_tolerance, verify_config):
     return checks
 
 
-def build(input_dir, folded_dir, tflite_path, signature_keys, tags, original, test_inputs, verify_config):
-    """Converts folded_dir to tflite_path's content (not written here); compares; returns (bytes, report)."""
+def quantization_metrics(model_content, references, held_out):
+    """[OutputMetric] of a quantized .tflite model against the original's outputs on held_out inputs.
+
+    references: {signature: {output: array}}, the original SavedModel's outputs on held_out.
+    """
+    interpreter = interpreter_of(model_content)
+    metrics = []
+    for key in sorted(references):
+        actual = quantize_lib.run_signature(_runner(interpreter, key), held_out[key])
+        for output in sorted(references[key]):
+            metrics.append(quantize_lib.output_metric(key, output, references[key][output], actual[output]))
+    return metrics
+
+
+def reference_outputs(original, inputs):
+    """{signature: {output: array}}: the original SavedModel's functions on `inputs`, on the CPU."""
+    with tf.device("/device:CPU:0"):
+        return {key: {k: v.numpy() for k, v in original[key](**{n: tf.constant(a) for n, a in inputs[key].items()}
+                                                              ).items()} for key in sorted(original)}
+
+
+def build(input_dir, folded_dir, tflite_path, signature_keys, tags, original, test_inputs, verify_config,
+          quantization=None, held_out=None):
+    """Converts folded_dir to tflite_path's content (not written here); compares; returns (bytes, report).
+
+    Float (quantization None): each output within tolerance of the original on test_inputs.
+    Quantized: per-output metrics on held_out inputs, for the folded model and for the input
+    converted alone with the same settings (report.quantization).
+    """
     try:
-        model_content = convert(folded_dir, signature_keys, tags)
+        model_content = convert(folded_dir, signature_keys, tags, quantization)
     except Exception as e:  # the converter raises many types; the user needs the first line
         raise errors.BadInputError("the TFLite converter cannot convert the folded model: %s" % converter_error(e))
     report = TfliteReport(tflite_path, len(model_content), op_counts(model_content),
-                          batch_norm_ops_after_linear(model_content))
+                          batch_norm_ops_next_to_linear(model_content))
+    before = None
     try:
-        before = convert(input_dir, signature_keys, tags)
-        report.ops_before = op_counts(before)
-        report.batch_norm_ops_before = batch_norm_ops_after_linear(before)
+        before = convert(input_dir, signature_keys, tags, quantization)
+        report.ops_before, report.size_bytes_before = op_counts(before), len(before)
+        report.batch_norm_ops_before = batch_norm_ops_next_to_linear(before)
     except Exception as e:  # converting the input directly may fail: that is worth reporting, not fatal
         report.before_error = converter_error(e)
-    report.checks = check(model_content, original, test_inputs, verify_config)
+    if quantization is None:
+        report.checks = check(model_content, original, test_inputs, verify_config)
+        return model_content, report
+    references = reference_outputs(original, held_out)
+    report.quantization = quantize_lib.QuantizationReport(quantization.mode, quantization.io,
+                                                          quantization.calibration_source, quantization.held_out_source)
+    report.quantization.metrics = quantization_metrics(model_content, references, held_out)
+    if before is not None:
+        report.quantization.converter_alone_metrics = quantization_metrics(before, references, held_out)
     return model_content, report

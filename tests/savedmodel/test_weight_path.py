@@ -1,0 +1,108 @@
+"""The weight path (issue 17): variables the graph only reads stay variables of the input until a
+fold needs their value; the rest are written as they are. Each case against the original model
+as users run it: a fresh process loads both and calls every signature in order."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from savedmodel_checks import compare_in_fresh_process
+from tf_bnfuse import fold_saved_model
+from tf_bnfuse import graph as graph_lib
+from tf_bnfuse.savedmodel import freeze as freeze_lib
+from tf_bnfuse.savedmodel import load as load_lib
+from tf_bnfuse.savedmodel import resources
+
+C = 32  # a 3x3 C -> C kernel is 36 KB: above the store's threshold, so it takes the stored path
+RNG = np.random.default_rng(3)
+
+
+def _bn(channels):
+    return [tf.constant(v.astype(np.float32)) for v in (
+        RNG.uniform(0.5, 1.5, channels), RNG.normal(0, 0.5, channels), RNG.normal(0, 0.5, channels),
+        RNG.uniform(0.2, 2.0, channels))]
+
+
+def _batch_norm(y, stats):
+    gamma, beta, mean, variance = stats
+    return tf.raw_ops.FusedBatchNormV3(x=y, scale=gamma, offset=beta, mean=mean, variance=variance, epsilon=1e-3,
+                                       is_training=False)[0]
+
+
+class Shared(tf.Module):
+    """One kernel read by two signatures, by two convs (one with a batch norm) and by a
+    non-linear op; a big state variable one signature writes and two others read."""
+
+    def __init__(self):
+        self.kernel = tf.Variable(RNG.standard_normal((3, 3, C, C)).astype(np.float32) / 10)
+        self.other = tf.Variable(RNG.standard_normal((3, 3, C, C)).astype(np.float32) / 10)
+        self.state = tf.Variable(RNG.standard_normal((64, 64)).astype(np.float32))  # 16 KB
+        self.stats, self.stats_b = _bn(C), _bn(C)
+
+    def _read(self, x):
+        return {"y": tf.reduce_sum(x) * self.state[:2, :2]}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 6, 6, C], tf.float32)])
+    def a_fold(self, x):
+        folded = tf.nn.relu(_batch_norm(tf.nn.conv2d(x, self.kernel, 1, "SAME"), self.stats))
+        plain = tf.nn.conv2d(x, self.kernel, 1, "SAME")  # the same kernel, no batch norm
+        return {"folded": folded, "plain": plain, "tanh": tf.reduce_sum(tf.tanh(self.kernel)) + tf.zeros([1])}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 6, 6, C], tf.float32)])
+    def b_fold_again(self, x):
+        return {"y": _batch_norm(tf.nn.conv2d(x, self.kernel, 1, "SAME"), self.stats_b)
+                + tf.nn.conv2d(x, self.other, 1, "SAME")}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 6, 6, C], tf.float32)])
+    def c_read(self, x):
+        return self._read(x)
+
+    @tf.function(input_signature=[tf.TensorSpec([], tf.float32)])
+    def d_write(self, step):
+        self.state.assign_add(tf.fill([64, 64], step))
+        return {"sum": tf.reduce_sum(self.state)}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 6, 6, C], tf.float32)])
+    def e_read_again(self, x):
+        return self._read(x)
+
+
+@pytest.fixture(scope="module")
+def shared_model(tmp_path_factory):
+    module = Shared()
+    path = str(tmp_path_factory.mktemp("weights") / "shared")
+    signatures = {name: getattr(module, name) for name in ("a_fold", "b_fold_again", "c_read", "d_write",
+                                                         "e_read_again")}
+    tf.saved_model.save(module, path, signatures=signatures)
+    return path
+
+
+def test_only_read_variables_are_not_copied_by_freezing(shared_model):
+    loaded = load_lib.load(load_lib.read(shared_model), ("serve",))
+    owners = resources.resource_owners(loaded)
+    written = freeze_lib.written_handles(loaded.signatures.values())
+    store = graph_lib.WeightStore()
+    frozen = freeze_lib.freeze("a_fold", loaded.signatures["a_fold"], owners, store, written)
+    stored = [n for n in frozen.graph_def.node if graph_lib.WEIGHT_KEY_ATTR in n.attr]
+    assert stored and all(not n.attr["value"].tensor.tensor_content for n in stored)
+    assert store.variables and not store.arrays  # nothing read yet
+    assert {id(store.variable_of(n)) for n in stored} == {id(loaded.kernel)}
+    # The state another signature writes stays a variable here (a placeholder fed its handle).
+    reader = freeze_lib.freeze("c_read", loaded.signatures["c_read"], owners, graph_lib.WeightStore(), written)
+    assert [r.owner for r in reader.resources.values()] == [loaded.state]
+
+
+def test_shared_kernels_and_state_through_the_stored_path(shared_model, tmp_path):
+    out = str(tmp_path / "out")
+    report = fold_saved_model(shared_model, out)
+    assert len(report.signatures["a_fold"].folds) == 1 and len(report.signatures["b_fold_again"].folds) == 1
+    x = RNG.standard_normal((2, 6, 6, C)).astype(np.float32)
+    # Sorted: the readers before and after the writer see the state as the original's readers do.
+    compare_in_fresh_process(shared_model, out, {
+        "a_fold": [{"x": x}], "b_fold_again": [{"x": x}], "c_read": [{"x": x}],
+        "d_write": [{"step": np.float32(1.5)}, {"step": np.float32(-0.5)}], "e_read_again": [{"x": x}]})
+    # Written once each: the kernel as it is (for the plain conv and the tanh), the other kernel,
+    # and the two folded kernels; the state is a variable the signatures share, not a weight.
+    reloaded = tf.saved_model.load(out)
+    assert sorted(tuple(v.shape.as_list()) for v in reloaded.weights) == [(3, 3, C, C)] * 4
+    assert [tuple(r.shape.as_list()) for r in reloaded.kept_resources] == [(64, 64)]

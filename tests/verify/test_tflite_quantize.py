@@ -1,0 +1,141 @@
+"""--tflite_quantize: the quantized .tflite model is what was asked for, and its reported metrics
+are the ones the test computes itself, with TFLite's interpreter against the original SavedModel.
+
+The CLI runs in a subprocess, as a user runs it; each Keras flavour builds its models in a
+process of its own (tf-keras through model_zoo.py).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras
+import model_zoo
+from cli_checks import assert_one_line_error, run_cli
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LINEAR = {"CONV_2D", "CONV_3D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quantize")
+    paths = {"keras3": model_zoo.build(keras, "dilated_conv_bn", str(root))[0]}
+    subprocess.run([sys.executable, os.path.join(HERE, "model_zoo.py"), "tf_keras", str(root / "tf_keras"),
+                    "pool_bn_conv"], check=True, env=dict(os.environ, TF_USE_LEGACY_KERAS="1"), timeout=600,
+                   capture_output=True)
+    paths["tf_keras"] = str(root / "tf_keras" / "pool_bn_conv")
+    return paths
+
+
+def write_samples(src, path, count, seed, shape_change=0):
+    """A .npz of `count` samples per input of serving_default, named INPUT; returns the arrays."""
+    function = tf.saved_model.load(src).signatures["serving_default"]
+    rng = np.random.default_rng(seed)
+    arrays = {k: rng.standard_normal([count] + s.shape.as_list()[1:-1] + [s.shape[-1] + shape_change]).astype(
+        np.float32) for k, s in function.structured_input_signature[1].items()}
+    np.savez(path, **arrays)
+    return arrays
+
+
+def tflite_outputs(model_path, inputs, key="serving_default"):
+    """The .tflite model's outputs, its int8 inputs quantized and int8 outputs dequantized here."""
+    interpreter = tf.lite.Interpreter(model_path=model_path)
+    runner = interpreter.get_signature_runner(key)
+    fed = {}
+    for name, value in inputs.items():
+        detail = runner.get_input_details()[name]
+        scale, zero_point = detail["quantization"]
+        fed[name] = (np.clip(np.rint(value / scale) + zero_point, -128, 127).astype(np.int8)
+                     if detail["dtype"] == np.int8 else value)
+    outputs = runner(**fed)
+    result = {}
+    for name, value in outputs.items():
+        scale, zero_point = runner.get_output_details()[name]["quantization"]
+        result[name] = (value.astype(np.float64) - zero_point) * scale if value.dtype == np.int8 else value
+    return result, runner
+
+
+def linear_weight_dtypes(model_path):
+    interpreter = tf.lite.Interpreter(model_path=model_path)
+    dtypes = {t["index"]: t["dtype"] for t in interpreter.get_tensor_details()}
+    ops = interpreter._get_ops_details()
+    return [dtypes[op["inputs"][1]] for op in ops if op["op_name"] in LINEAR], [op["op_name"] for op in ops]
+
+
+@pytest.mark.parametrize("flavour,io", [("keras3", "float"), ("tf_keras", "int8")])
+def test_int8_is_full_integer_folded_and_its_reported_error_checks_out(models, flavour, io, tmp_path):
+    src = models[flavour]
+    held_out = write_samples(src, tmp_path / "held_out.npz", 4, seed=1)
+    write_samples(src, tmp_path / "calibration.npz", 8, seed=2)
+    model_path, report_path = str(tmp_path / "m.tflite"), tmp_path / "r.json"
+    result = run_cli("--saved_model_dir", src, "--output_dir", str(tmp_path / "out"), "--tflite_output", model_path,
+                     "--tflite_quantize", "int8", "--tflite_io", io, "--verify_inputs", str(tmp_path / "held_out.npz"),
+                     "--calibration_inputs", str(tmp_path / "calibration.npz"), "--report_json", str(report_path))
+    assert result.returncode == 0, result.stderr
+    weights, ops = linear_weight_dtypes(model_path)
+    assert weights and all(d == np.int8 for d in weights), (weights, ops)  # full-integer: int8 kernels
+    assert "MUL" not in ops and "ADD" not in ops, ops  # the batch norm folded, no quantized MUL/ADD
+    report = json.loads(report_path.read_text())["tflite"]
+    assert report["batch_norm_ops_after"] == 0 and report["batch_norm_ops_before"] >= 1
+
+    actual, runner = tflite_outputs(model_path, held_out)
+    [in_dtype] = {d["dtype"] for d in runner.get_input_details().values()}
+    [out_dtype] = {d["dtype"] for d in runner.get_output_details().values()}
+    assert (in_dtype, out_dtype) == ((np.int8, np.int8) if io == "int8" else (np.float32, np.float32))
+    expected = tf.saved_model.load(src).signatures["serving_default"](**held_out)
+    quantization = report["quantization"]
+    assert "--calibration_inputs" in quantization["calibration"] and "8 samples" in quantization["calibration"]
+    reported = {(m["signature"], m["output"]): m for m in quantization["metrics"]}
+    for name, value in expected.items():
+        reference = value.numpy().astype(np.float64)
+        error = np.linalg.norm(actual[name] - reference) / np.linalg.norm(reference)
+        metric = reported["serving_default", name]
+        assert metric["relative_l2_error"] == pytest.approx(error, rel=1e-4, abs=1e-7)
+        assert 0 < error < 0.1  # quantized, so not exact; still close to the original
+    assert {(m["signature"], m["output"]) for m in quantization["converter_alone_metrics"]} == set(reported)
+    assert "converter alone" in result.stdout and "rel L2" in result.stdout
+
+
+@pytest.mark.parametrize("mode", ["float16", "dynamic"])
+def test_float16_and_dynamic_are_measured(models, mode, tmp_path):
+    src, model_path = models["keras3"], str(tmp_path / "m.tflite")
+    report_path = tmp_path / "r.json"
+    result = run_cli("--saved_model_dir", src, "--output_dir", str(tmp_path / "out"), "--tflite_output", model_path,
+                     "--tflite_quantize", mode, "--report_json", str(report_path))
+    assert result.returncode == 0, result.stderr
+    interpreter = tf.lite.Interpreter(model_path=model_path)
+    if mode == "float16":  # the weights are stored as float16
+        assert any(t["dtype"] == np.float16 for t in interpreter.get_tensor_details())
+    _, ops = linear_weight_dtypes(model_path)
+    assert "MUL" not in ops, ops
+    quantization = json.loads(report_path.read_text())["tflite"]["quantization"]
+    assert quantization["mode"] == mode and quantization["metrics"]
+    assert all(0 <= m["relative_l2_error"] < 1e-2 for m in quantization["metrics"])
+
+
+def test_bad_calibration_inputs_and_options_exit_2_with_one_line(models, tmp_path):
+    src = models["keras3"]
+    write_samples(src, tmp_path / "wrong.npz", 4, seed=1, shape_change=1)
+    base = ["--saved_model_dir", src, "--output_dir", str(tmp_path / "out"), "--tflite_output", str(tmp_path / "m.tflite")]
+    result = run_cli(*base, "--tflite_quantize", "int8", "--calibration_inputs", str(tmp_path / "wrong.npz"))
+    assert_one_line_error(result, 2, "--calibration_inputs", "has shape")
+    assert_one_line_error(run_cli(*base, "--calibration_inputs", str(tmp_path / "wrong.npz")), 2, "int8")
+    assert_one_line_error(run_cli(*base[:4], "--tflite_quantize", "int8"), 2, "--tflite_output")
+    assert_one_line_error(run_cli(*base, "--tflite_quantize", "int4"), 2, "int4")
+    assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "m.tflite")
+
+
+def test_tflite_max_error_exceeded_exits_1_with_nothing_written(models, tmp_path):
+    src, model_path = models["tf_keras"], str(tmp_path / "m.tflite")
+    result = run_cli("--saved_model_dir", src, "--output_dir", str(tmp_path / "out"), "--tflite_output", model_path,
+                     "--tflite_quantize", "int8", "--tflite_max_error", "1e-9")
+    assert_one_line_error(result, 1, "--tflite_max_error", "relative L2 error")
+    assert "not representative" in result.stderr  # calibrated on random inputs: said so
+    assert not os.path.exists(tmp_path / "out") and not os.path.exists(model_path)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]

@@ -1,0 +1,85 @@
+"""Which fold made a verification fail: leave folds out by halves until one (or the smallest set
+found) explains the difference.
+
+Tools that cross-check a converted model (Polygraphy, OpenVINO's) compare layer by layer; here
+the suspects are the folds themselves, each of which tf_bnfuse can undo by running its
+pipeline again with that fold left out.
+"""
+
+import dataclasses
+import math
+from typing import List, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from tf_bnfuse.verify import compare as verify_lib
+
+
+@dataclasses.dataclass
+class Culprit:
+    """The folds that explain a failed check, and the failed output's error with and without them."""
+    signature: str
+    output: str
+    device: str
+    folds: List[dict]  # report.Fold as dicts: node, op, linear_node, linear_op; [] when no fold explains it
+    error_before: float  # max rel error of the failed output, every fold in place
+    error_without: Optional[float]  # the same with `folds` left out (None: not found)
+    checks: int  # pipeline re-runs spent
+
+    def describe(self):
+        if not self.folds:
+            return "not caused by a fold: with every fold left out the output still differs (max rel error %.3g)" % (
+                self.error_without)
+        what = " and ".join("the fold of %s (%s) into %s (%s)" % (f["node"], f["op"], f["linear_node"],
+                                                                  f["linear_op"]) for f in self.folds)
+        return "caused by %s: max rel error %.3g with it, %.3g without" % (what, self.error_before,
+                                                                          self.error_without)
+
+
+def max_checks(count):
+    """The most re-checks bisect spends on `count` folds: 2 * log2(count) + 2."""
+    return 2 * math.ceil(math.log2(max(count, 1))) + 2
+
+
+def bisect(folds, check_without):
+    """(the folds that explain the failure, (passes, error) with them left out, checks spent), by
+    halving; ([], that check, 1) if leaving every fold out does not make it pass.
+
+    check_without(folds left out) -> (passes, error). Assumes one culprit, as a broken fold
+    usually is; when each half alone still fails, the culprits span both halves and the
+    smallest set found so far is returned. At most max_checks(len(folds)) calls.
+    """
+    calls = [0]
+
+    def check(left_out):
+        calls[0] += 1
+        return check_without(left_out)
+
+    passed, error = check(folds)
+    if not passed or not folds:
+        return [], (passed, error), calls[0]
+    candidates, found = list(folds), (passed, error)
+    while len(candidates) > 1:
+        first, second = candidates[:len(candidates) // 2], candidates[len(candidates) // 2:]
+        result = check(first)
+        if result[0]:
+            candidates, found = first, result
+            continue
+        result = check(second)
+        if result[0]:
+            candidates, found = second, result
+            continue
+        break
+    return candidates, found, calls[0]
+
+
+def recheck(function, reference, inputs, failed):
+    """(passes, max rel error) of one output of `function` against the original's, as the failed
+    check compared it (same device, same tolerance)."""
+    tolerance = {"rtol": failed.rtol, "atol": failed.atol}
+    with tf.device(failed.device):
+        expected = reference(**{k: tf.constant(v) for k, v in inputs.items()})[failed.output].numpy()
+        actual = function(**{k: tf.constant(v) for k, v in inputs.items()})[failed.output].numpy()
+    _, max_rel, ok = verify_lib.compare(np.asarray(expected), np.asarray(actual), tolerance)
+    return ok, max_rel

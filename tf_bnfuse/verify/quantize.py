@@ -1,0 +1,128 @@
+"""Quantized TFLite: the converter's settings per mode, calibration data, and the metrics a
+quantized model is judged by (it is not within float tolerance of the original, by design).
+
+Both sides of the comparison, tf_bnfuse's output and the original SavedModel, are converted
+with the same settings and calibration samples and measured on the same held-out inputs.
+"""
+
+import dataclasses
+import math
+from typing import Dict, List, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from tf_bnfuse import errors
+
+
+@dataclasses.dataclass
+class Quantization:
+    """How to quantize: mode (float16, dynamic, int8), the int8 model's I/O type, and the
+    calibration samples {signature: {input: array with samples along axis 0}}."""
+    mode: str
+    io: str = "float"
+    calibration: Optional[dict] = None
+    calibration_source: str = ""  # for the report: where the samples came from, and how many
+    held_out_source: str = ""  # for the report: what the metrics are measured on
+
+
+@dataclasses.dataclass
+class OutputMetric:
+    """How far one output of a quantized model is from the original SavedModel's."""
+    signature: str
+    output: str
+    relative_l2_error: float  # ||quantized - original|| / ||original||
+    snr_db: float  # 10 log10(||original||^2 / ||quantized - original||^2); inf when equal
+    top1_agreement: Optional[float] = None  # rank-2 outputs with more than one class
+
+
+@dataclasses.dataclass
+class QuantizationReport:
+    """The quantized model against the original SavedModel, beside the converter quantizing the
+    original alone with the same settings and calibration (TfliteReport has both sides' ops)."""
+    mode: str
+    io: str
+    calibration: str  # where the calibration samples came from, and how many
+    held_out: str  # what the metrics are measured on
+    metrics: List[OutputMetric] = dataclasses.field(default_factory=list)  # tf_bnfuse's .tflite
+    converter_alone_metrics: List[OutputMetric] = dataclasses.field(default_factory=list)
+    max_error: Optional[float] = None  # --tflite_max_error
+
+    @property
+    def worst(self):
+        """The OutputMetric with the largest relative L2 error, or None."""
+        return max(self.metrics, key=lambda m: m.relative_l2_error, default=None)
+
+    @property
+    def ok(self):
+        return self.max_error is None or self.worst is None or self.worst.relative_l2_error <= self.max_error
+
+
+def configure(converter, quantization):
+    """Sets the converter up for quantization.mode; None leaves it a float conversion."""
+    if quantization is None:
+        return converter
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if quantization.mode == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    elif quantization.mode == "int8":
+        converter.representative_dataset = lambda: _samples(quantization.calibration)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        if quantization.io == "int8":
+            converter.inference_input_type = tf.int8
+            converter.inference_output_type = tf.int8
+    return converter
+
+
+def _samples(calibration):
+    """The representative dataset: one sample (batch of 1) at a time, each signature in turn."""
+    several = len(calibration) > 1
+    for key in sorted(calibration):
+        arrays = calibration[key]
+        count = sample_count(arrays)
+        for i in range(count):
+            sample = {name: (a[i:i + 1] if a.ndim else a) for name, a in arrays.items()}
+            yield (key, sample) if several else sample
+
+
+def sample_count(arrays):
+    """The number of samples along axis 0 of one signature's arrays (scalars go with every one)."""
+    counts = {a.shape[0] for a in arrays.values() if a.ndim}
+    if len(counts) > 1:
+        raise errors.BadInputError("--calibration_inputs: the inputs of one signature differ in their number of "
+                                   "samples (axis 0): %s" % ", ".join(
+                                       "%s %d" % (k, a.shape[0]) for k, a in sorted(arrays.items()) if a.ndim))
+    return counts.pop() if counts else 1
+
+
+def run_signature(runner, inputs):
+    """Calls a TFLite signature runner with float inputs, quantizing those the model takes as int8
+    and dequantizing its int8 outputs: the caller compares floats either way."""
+    details = runner.get_input_details()
+    fed = {}
+    for name, value in inputs.items():
+        dtype = details[name]["dtype"]
+        scale, zero_point = details[name]["quantization"]
+        if np.issubdtype(dtype, np.integer) and scale and np.issubdtype(np.asarray(value).dtype, np.floating):
+            info = np.iinfo(dtype)
+            value = np.clip(np.round(value / scale + zero_point), info.min, info.max)
+        fed[name] = np.asarray(value).astype(dtype)
+    outputs = runner(**fed)
+    result = {}
+    for name, value in outputs.items():
+        scale, zero_point = runner.get_output_details()[name]["quantization"]
+        result[name] = (value.astype(np.float32) - zero_point) * scale if scale else value
+    return result
+
+
+def output_metric(key, output, reference, actual):
+    reference = np.asarray(reference, dtype=np.float64)
+    actual = np.asarray(actual, dtype=np.float64).reshape(reference.shape)
+    noise = float(np.sum((actual - reference) ** 2))
+    signal = float(np.sum(reference ** 2))
+    relative = math.sqrt(noise / signal) if signal else (0.0 if noise == 0 else math.inf)
+    snr = math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal else -math.inf)
+    top1 = None
+    if reference.ndim == 2 and reference.shape[-1] > 1:
+        top1 = float(np.mean(np.argmax(reference, -1) == np.argmax(actual, -1)))
+    return OutputMetric(key, output, relative, snr, top1)
