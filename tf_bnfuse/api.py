@@ -287,10 +287,11 @@ def _verify(run):
         # Even unverified, the output is loaded and run: a model that cannot run is never written.
         reloaded = _load_written(run)
         reloaded_functions = {k: reloaded.signatures[k] for k in run.functions}
+        seen = {}  # signature -> the original's outputs, for the kept root functions that run it
         if run.verify:
             run.report.verification = verify_lib.verify(
                 run.references, reloaded_functions, run.inputs, run.output_specs, run.verify_config,
-                run.precisions)
+                run.precisions, seen=seen)
             run.report.verification.inputs = test_inputs_lib.describe_integer_inputs(
                 run.input_specs, run.bounds, run.given)
         else:
@@ -299,7 +300,7 @@ def _verify(run):
             run.report.verification.culprit = _find_culprit(run, run.report.verification.failures()[0])
         _raise_if_failed(run.report.verification)  # the signatures first: a root function only calls one
         root_function_checks.check(run.loaded, reloaded, run.aliases, run.inputs,
-                                   run.verify_config if run.verify else None, run.precisions)
+                                   run.verify_config if run.verify else None, run.precisions, seen)
     if not run.verify:
         logging.warning("verification skipped: the output of %s ran on test inputs but was NOT "
                         "compared with the input", run.output_dir)

@@ -15,6 +15,9 @@ where "W * scale" multiplies every kernel entry that produces output channel c
 by scale[c].
 """
 
+import concurrent.futures
+import os
+
 import numpy as np
 
 
@@ -61,12 +64,17 @@ def _along_channels(kernel, scale, out_channel_axes):
 SLICE_ELEMENTS = 1 << 16
 
 
-def scale_kernel_as(kernel, scale, out_channel_axes, dtype):
+# Kernels at least this big are scaled by several threads (numpy's multiply and casts release
+# the GIL), each on its own run of the leading axis: the multiply is most of a big fold's time.
+PARALLEL_MIN_ELEMENTS = 1 << 22
+
+
+def scale_kernel_as(kernel, scale, out_channel_axes, dtype, workers=None):
     """scale_kernel(kernel, scale, out_channel_axes) rounded to the numpy `dtype`, and
     (max, min) of the float64 products before rounding (NaN when one is NaN).
 
     The same numbers as rounding scale_kernel's result, computed in slices along the
-    leading axes.
+    leading axes; a big kernel's slices by `workers` threads (default: the CPUs).
     """
     kernel = np.asarray(kernel)
     scale = _along_channels(kernel, scale, out_channel_axes)
@@ -74,6 +82,23 @@ def scale_kernel_as(kernel, scale, out_channel_axes, dtype):
         products = np.multiply(kernel, scale, dtype=np.float64)
         return products.astype(dtype), (float(products), float(products))
     out = np.empty(kernel.shape, dtype)
+    workers = min(workers or os.cpu_count() or 1, kernel.shape[0])
+    if kernel.size < PARALLEL_MIN_ELEMENTS or workers < 2:
+        extremes = [_scale_into(kernel, scale, out)]
+    else:
+        bounds = np.linspace(0, kernel.shape[0], workers + 1).astype(int)
+        runs = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        with concurrent.futures.ThreadPoolExecutor(len(runs)) as pool:
+            extremes = list(pool.map(lambda run: _scale_into(
+                kernel[run], scale[run] if scale.shape[0] > 1 else scale, out[run]), runs))
+    if any(np.isnan(high) for high, _ in extremes):
+        return out, (np.nan, np.nan)
+    return out, (max(high for high, _ in extremes), min(low for _, low in extremes))
+
+
+def _scale_into(kernel, scale, out):
+    """Writes kernel * scale (float64 products, in cache-sized slices) rounded into `out`;
+    returns (max, min) of the products, (NaN, NaN) when one is NaN."""
     seen = {"max": -np.inf, "min": np.inf, "nan": False}
     buffer = [np.empty(0, np.float64)]  # one float64 slice, reused: a fresh one per slice costs page faults
 
@@ -102,7 +127,7 @@ def scale_kernel_as(kernel, scale, out_channel_axes, dtype):
                 seen["max"], seen["min"] = max(seen["max"], high), min(seen["min"], low)
 
     fill(kernel, scale, out)
-    return out, ((np.nan, np.nan) if seen["nan"] else (seen["max"], seen["min"]))
+    return (np.nan, np.nan) if seen["nan"] else (seen["max"], seen["min"])
 
 
 def fold_affine_into_linear(kernel, bias, scale, shift, out_channel_axes):

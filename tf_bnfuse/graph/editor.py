@@ -37,6 +37,11 @@ class GraphEditor:
         self._outputs = None if outputs is None else {names.canonical_tensor(t)[0] for t in outputs}
         self._names = {node.name for node in graph_def.node}
 
+    def forget_read(self, node):
+        """WeightStore.forget_read for a stored Const of the source graph (none without a store)."""
+        if self._weights is not None and node is not None and WEIGHT_KEY_ATTR in node.attr:
+            self._weights.forget_read(node)
+
     @property
     def graph_def(self):
         """The edited GraphDef, or the original itself when nothing was edited."""

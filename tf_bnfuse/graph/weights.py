@@ -54,6 +54,13 @@ class WeightStore:
         self.variables[key] = variable
         return key
 
+    def forget_read(self, node):
+        """Drops the copy read so far of the variable a stored Const stands for (a folded kernel's
+        old value, once its fold is emitted): it is read again should another consumer need it."""
+        key = node.attr[WEIGHT_KEY_ATTR].s.decode()
+        if key in self.variables:
+            self.arrays.pop(key, None)
+
     def forget_read_variables(self):
         """Drops the arrays read from variables: a variable no fold changed is written as the
         variable it is, and its copy would only hold memory."""

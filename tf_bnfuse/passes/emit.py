@@ -91,6 +91,8 @@ def _emit_kernel(editor, chain, folded):
         kernel = editor.add_const(match.kernel_const + ("_forward_folded" if chain.forward else "_bn_folded"),
                                   folded.kernel, match.dtype)
         editor.set_data_input(match.linear.name, match.spec.kernel_input, kernel)
+        # The old kernel's copy goes now, not at the pass's end: one kernel is held twice at a time.
+        editor.forget_read(match.index.node(match.kernel_const))
 
 
 def _write_path(editor, chain, nodes, folded, bias_written_here):
