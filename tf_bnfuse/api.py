@@ -5,6 +5,7 @@ the test inputs, write, verify, TFLite, move into place. saved_model.pb is parse
 """
 
 import dataclasses
+import gc
 import os
 from typing import Optional
 
@@ -277,6 +278,9 @@ def _write(run):
     for each in run.all_metagraphs():
         if not each.tflite_output:
             each.folded = None  # the written model holds the weights now
+    # The written module's functions and graphs hold one another in cycles, and with them the
+    # folded kernels' variables: freed now, not in the verification, beside the reloaded copy.
+    gc.collect()
 
 
 def _verify(run):
