@@ -224,7 +224,7 @@ def written_handles(functions):
     return handles
 
 
-def freeze(key, function, owners, weights=None, written_elsewhere=frozenset()):
+def freeze(key, function, owners, weights=None, written=None):
     """Freezes a signature's ConcreteFunction into a FrozenSignature.
 
     Variables the signature only reads become constants; variables it writes
@@ -234,10 +234,13 @@ def freeze(key, function, owners, weights=None, written_elsewhere=frozenset()):
     freezing reads its variables, and with `weights` (a WeightStore) the big
     ones the graph only reads are Consts naming the variable in that store,
     read when a pass needs the value: no weight is copied by freezing.
-    written_elsewhere: written_handles of the other signatures; those stay variables here.
+    written: written_handles of every signature, this one included (those stay variables here);
+    None: this function's own writes only.
     """
-    written = resources.written_placeholders(function.graph.as_graph_def())
-    written |= {inner.op.name for outer, inner in function.graph.captures if id(outer) in written_elsewhere}
+    if written is None:
+        written = resources.written_placeholders(function.graph.as_graph_def())
+    else:  # the graph was read for its writes once, by written_handles
+        written = {inner.op.name for outer, inner in function.graph.captures if id(outer) in written}
     # A TF1 signature is pruned from the whole MetaGraph and keeps its table-initializer
     # collection, naming ops the pruning removed; Grappler refuses such a graph. The
     # tables are initialized by the objects that own them, not by this graph.
