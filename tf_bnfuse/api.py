@@ -382,8 +382,8 @@ def _quantization(run):
                                              held_out_source=_held_out_source(run))
     if run.tflite_quantize != "int8":
         return quantization
-    # The converter writes a signature that is the same function as another once (Keras 3's serve
-    # and serving_default come out as serving_default alone): calibrated once, by whichever key.
+    # A signature that is the same function as another is calibrated once (tflite keys the samples
+    # by the signatures the converter writes).
     distinct = [k for k in run.functions if not run.report.signatures[k].same_as]
     if run.calibration_inputs:
         quantization.calibration = test_inputs_lib.given_inputs(run.calibration_inputs, run.input_specs,

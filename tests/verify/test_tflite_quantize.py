@@ -139,3 +139,18 @@ def test_tflite_max_error_exceeded_exits_1_with_nothing_written(models, tmp_path
     assert "not representative" in result.stderr  # calibrated on random inputs: said so
     assert not os.path.exists(tmp_path / "out") and not os.path.exists(model_path)
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
+
+def test_int8_of_signatures_the_converter_writes_as_one(example_model, tmp_path):
+    """The example's "embedding" signature returns one of serving_default's outputs: the converter
+    writes serving_default alone, and calibration must follow its keys, not the SavedModel's."""
+    model_path, report_path = str(tmp_path / "m.tflite"), tmp_path / "r.json"
+    result = run_cli("--saved_model_dir", example_model, "--output_dir", str(tmp_path / "out"), "--tflite_output",
+                     model_path, "--tflite_quantize", "int8", "--report_json", str(report_path))
+    assert result.returncode == 0, result.stderr
+    assert list(tf.lite.Interpreter(model_path=model_path).get_signature_list()) == ["serving_default"]
+    weights, _ = linear_weight_dtypes(model_path)
+    assert weights and all(d == np.int8 for d in weights)
+    metrics = json.loads(report_path.read_text())["tflite"]["quantization"]["metrics"]
+    assert {m["signature"] for m in metrics} == {"embedding", "serving_default"}
+    assert all(0 < m["relative_l2_error"] < 0.2 for m in metrics)

@@ -75,14 +75,12 @@ def configure(converter, quantization):
 
 
 def _samples(calibration):
-    """The representative dataset: one sample (batch of 1) at a time, each signature in turn."""
-    several = len(calibration) > 1
-    for key in sorted(calibration):
-        arrays = calibration[key]
-        count = sample_count(arrays)
-        for i in range(count):
+    """The representative dataset: one sample (batch of 1) at a time, each signature in turn
+    (calibration keyed None: the model's one signature)."""
+    for key, arrays in calibration.items():
+        for i in range(sample_count(arrays)):
             sample = {name: (a[i:i + 1] if a.ndim else a) for name, a in arrays.items()}
-            yield (key, sample) if several else sample
+            yield sample if key is None else (key, sample)
 
 
 def sample_count(arrays):

@@ -63,10 +63,29 @@ def interpreter_of(model_content):
 
 def convert(saved_model_dir, signature_keys, tags, quantization=None):
     """The TFLite flatbuffer of a SavedModel: float, or quantized as a quantize.Quantization says."""
-    converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir, signature_keys=list(signature_keys),
-                                                         tags=set(tags))
+    def converter():
+        return tf.lite.TFLiteConverter.from_saved_model(saved_model_dir, signature_keys=list(signature_keys),
+                                                        tags=set(tags))
+    if quantization is not None and quantization.calibration is not None:
+        quantization = _keyed_as_converted(quantization, converter)
     with _without_interpreter_deprecation():
-        return quantize_lib.configure(converter, quantization).convert()
+        return quantize_lib.configure(converter(), quantization).convert()
+
+
+def _keyed_as_converted(quantization, converter):
+    """quantization with its calibration keyed by the signatures the converter writes. It may write
+    fewer than it is given (Keras 3's serve and serving_default as one; a signature whose outputs
+    another returns too): a float conversion tells which; one signature is keyed None."""
+    with _without_interpreter_deprecation():
+        available = list(interpreter_of(converter().convert()).get_signature_list())
+    calibration = {}
+    for key, arrays in sorted(quantization.calibration.items()):
+        target = key if key in available else (available[0] if len(available) == 1 else None)
+        if target is None:
+            raise errors.BnFuseError("the TFLite converter wrote no signature %s (it wrote %s): cannot "
+                                     "calibrate it" % (key, ", ".join(available)))
+        calibration.setdefault(None if len(available) == 1 else target, arrays)
+    return dataclasses.replace(quantization, calibration=calibration)
 
 
 def _ops(interpreter):
