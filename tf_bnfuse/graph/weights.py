@@ -61,6 +61,10 @@ class WeightStore:
         if key in self.variables:
             self.arrays.pop(key, None)
 
+    def release(self, node):
+        """Drops the array a stored Const names (the writer, once a variable holds its value)."""
+        self.arrays.pop(node.attr[WEIGHT_KEY_ATTR].s.decode(), None)
+
     def forget_read_variables(self):
         """Drops the arrays read from variables: a variable no fold changed is written as the
         variable it is, and its copy would only hold memory."""

@@ -77,7 +77,7 @@ def _split_weights(graph_def, variables, store=None, release=False):
                 variables[key] = tf.Variable(value, trainable=False, name=re.sub(r"[^A-Za-z0-9_.\-]", "_", node.name))
                 if stored and release:
                     del value, array
-                    store.arrays.pop(node.attr[graph_lib.WEIGHT_KEY_ATTR].s.decode(), None)
+                    store.release(node)
         weights[node.name] = variables[key]
         placeholder = stripped.node.add(name=node.name, op="Placeholder")
         placeholder.attr["dtype"].type = tensor.dtype
