@@ -139,7 +139,8 @@ def machine():
 
 def markdown(results):
     lines = [
-        "| model | tf_bnfuse wall (load / freeze / passes / write / verify / startup) | TFLite converter wall "
+        "| model | tf_bnfuse wall (load / freeze / reference / passes / write / verify / startup) "
+        "| TFLite converter wall "
         "| wall ratio | tf_bnfuse peak RSS | TFLite peak RSS | RSS ratio | passes share "
         "| latency b1 orig -> folded (ratio) | latency b8 orig -> folded (ratio) | nodes | max rel error |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -147,9 +148,10 @@ def markdown(results):
         t, p = r["tf_bnfuse"], r["tf_bnfuse"]["phases_s"]
         lat = r["latency"]
         lines.append(
-            "| %s | %.1f s (%.1f / %.1f / %.2f / %.1f / %.1f / %.1f) | %.1f s | %.2f | %.2f GB | %.2f GB | %.2f "
+            "| %s | %.1f s (%.1f / %.1f / %.1f / %.2f / %.1f / %.1f / %.1f) | %.1f s | %.2f | %.2f GB | %.2f GB | %.2f "
             "| %.1f%% | %.1f -> %.1f ms (%.2f) | %.1f -> %.1f ms (%.2f) | %d -> %d | %.1e |" % (
-                r["model"], t["wall_s"], p.get("load", 0), p.get("freeze", 0), p.get("passes", 0),
+                r["model"], t["wall_s"], p.get("load", 0), p.get("freeze", 0), p.get("reference", 0),
+                p.get("passes", 0),
                 p.get("write", 0), p.get("verify", 0), p.get("startup", 0), r["tflite_converter"]["wall_s"],
                 r["wall_ratio"], t["peak_rss_mb"] / 1024, r["tflite_converter"]["peak_rss_mb"] / 1024,
                 r["rss_ratio"], 100 * t["passes_share"], lat["1"]["original_ms"], lat["1"]["folded_ms"],

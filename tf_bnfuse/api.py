@@ -1,7 +1,9 @@
 """The Python API: fold a GraphDef in memory, or a SavedModel from disk to disk.
 
-fold_saved_model is a sequence of phases over one _Run: load, fold the signatures, make
-the test inputs, write, verify, TFLite, move into place. saved_model.pb is parsed once.
+fold_saved_model is a sequence of phases over one _Run: load, freeze the signatures, make
+the test inputs, run the original on them, fold, write, verify, TFLite, move into place.
+saved_model.pb is parsed once (a failed verification's search for its fold loads it again:
+the passes may have released the original's folded kernels, WeightStore.releases).
 """
 
 import dataclasses
@@ -93,7 +95,10 @@ class _Run:
     vocabulary: list = None
     input_specs: dict = None  # signature -> {input: TensorSpecInfo}
     given: dict = None  # signature -> {input: array} from --verify_inputs
-    # fold
+    # freeze and fold
+    state: list = None  # the variables the signatures write; the output saves them from the original
+    same_as: dict = dataclasses.field(default_factory=dict)  # signature -> the same function's first signature
+    frozen: dict = None  # signature (the first of its function) -> FrozenSignature, until folded
     folded: dict = dataclasses.field(default_factory=dict)  # signature -> FrozenSignature with the folded graph
     bounds: dict = dataclasses.field(default_factory=dict)  # signature -> {input: IndexBound}
     shapes: dict = dataclasses.field(default_factory=dict)  # signature -> {input of unknown rank: shape}
@@ -106,6 +111,15 @@ class _Run:
     tflite_scratch: Optional[str] = None
     initializers: list = None
     references: dict = None  # signature -> what its output is compared with
+    expected: object = None  # compare.Expected: the original's outputs on the test inputs
+    expected_roots: dict = None  # root_functions.expected_outputs
+    reloaded_original: tuple = None  # (loaded, functions), loaded again after a release (_original)
+
+    @property
+    def releases(self):
+        """Whether the passes may shrink the original's folded kernels (WeightStore.releases): the
+        TFLite phase converts and calls the original after them."""
+        return not self.tflite_output
 
     @property
     def verify_config(self):
@@ -186,8 +200,11 @@ def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFA
 def _run_phases(run):
     for each in run.all_metagraphs():
         _load(each)
+        _freeze_signatures(each)
+        with resources.values_restored(each.state):  # calling the original advances them
+            _make_test_inputs(each)
+            _run_original(each)
         _fold_signatures(each)
-        _make_test_inputs(each)
     parent = os.path.dirname(os.path.realpath(run.output_dir))
     output_dir_lib.remove_stale_scratch(parent)
     run.scratch = output_dir_lib.make_scratch(parent)
@@ -218,41 +235,52 @@ def _load(run):
     run.given = test_inputs_lib.given_inputs(run.verify_inputs, run.input_specs) if run.verify_inputs else {}
 
 
-def _fold_signatures(run):
-    """Freezes and folds each signature; one that is the same function as an earlier one
-    (Keras 3's serve and serving_default) is folded once and shares its result."""
+def _freeze_signatures(run):
+    """Freezes each signature; one that is the same function as an earlier one (Keras 3's serve and
+    serving_default) is frozen and folded once and shares the result."""
     owners = resources.resource_owners(run.loaded)
     written = freeze_lib.written_handles(run.functions.values())
+    run.state = resources.variables_of(owners, written)
     first_with = {}  # signature fingerprint -> the first signature key that has it
-    reports = run.report.signatures
     for key, function in run.functions.items():
-        fingerprint = freeze_lib.signature_fingerprint(function)
-        first = first_with.setdefault(fingerprint, key)
+        first = first_with.setdefault(freeze_lib.signature_fingerprint(function), key)
         if first != key:
-            run.folded[key] = dataclasses.replace(run.folded[first], key=key)
-            reports[key] = dataclasses.replace(reports[first], same_as=first)
-            run.bounds[key], run.precisions[key] = run.bounds[first], run.precisions[first]
-            run.shapes[key] = run.shapes[first]
+            run.same_as[key] = first
             logging.info("signature %s is the same function as %s: folded once", key, first)
-            continue
-        reports[key] = _fold_signature(run, key, function, owners, written)
-    run.output_specs = {k: sig.outputs for k, sig in run.folded.items()}
+    distinct = list(first_with.values())
+    # What more than one signature reads stays whole in the original (WeightStore.releases).
+    shared = freeze_lib.shared_variables([run.functions[k] for k in distinct]) if run.releases else None
+    run.frozen = {}
+    for key in distinct:
+        with run.phase("freeze %s" % key):
+            frozen = freeze_lib.freeze(key, run.functions[key], owners, graph_lib.WeightStore(), written, shared)
+            run.bounds[key] = test_inputs_lib.index_bounds(frozen.graph_def, frozen.inputs)
+            run.shapes[key] = test_inputs_lib.input_shapes(frozen.graph_def, frozen.inputs)
+        run.frozen[key] = frozen
+    for key, first in run.same_as.items():
+        run.bounds[key], run.shapes[key] = run.bounds[first], run.shapes[first]
+    run.output_specs = {k: run.frozen[run.same_as.get(k, k)].outputs for k in run.functions}
 
 
-def _fold_signature(run, key, function, owners, written):
-    """Freezes and folds one signature into run.folded; returns its GraphReport."""
-    with run.phase("freeze %s" % key):
-        frozen = freeze_lib.freeze(key, function, owners, graph_lib.WeightStore(), written)
-        run.bounds[key] = test_inputs_lib.index_bounds(frozen.graph_def, frozen.inputs)
-        run.shapes[key] = test_inputs_lib.input_shapes(frozen.graph_def, frozen.inputs)
-    with run.phase("passes %s" % key):
-        nodes_before = len(frozen.graph_def.node)
-        graph_def, pass_reports = runner.run_pipeline(
-            frozen.release_graph_def(), frozen.output_tensors, run.config["pipeline"], owns_input=True,
-            context=PassContext(frozen.weights), weights_out=True)
-        run.precisions[key] = verify_lib.output_precisions(graph_def, frozen.outputs)
-    run.folded[key] = dataclasses.replace(frozen, graph_def=graph_def)
-    return report_lib.GraphReport(nodes_before, len(graph_def.node), pass_reports)
+def _fold_signatures(run):
+    """Runs the passes over each frozen signature into run.folded."""
+    reports = {}
+    for key, frozen in run.frozen.items():
+        frozen.weights.releases = run.releases  # the original's outputs are known by now
+        with run.phase("passes %s" % key):
+            nodes_before = len(frozen.graph_def.node)
+            graph_def, pass_reports = runner.run_pipeline(
+                frozen.release_graph_def(), frozen.output_tensors, run.config["pipeline"], owns_input=True,
+                context=PassContext(frozen.weights), weights_out=True)
+            run.precisions[key] = verify_lib.output_precisions(graph_def, frozen.outputs)
+        run.folded[key] = dataclasses.replace(frozen, graph_def=graph_def)
+        reports[key] = report_lib.GraphReport(nodes_before, len(graph_def.node), pass_reports)
+    run.frozen = None
+    for key, first in run.same_as.items():
+        run.folded[key] = dataclasses.replace(run.folded[first], key=key)
+        reports[key] = dataclasses.replace(reports[first], same_as=first)
+        run.precisions[key] = run.precisions[first]
+    run.report.signatures.update((k, reports[k]) for k in run.functions)
 
 
 def _make_test_inputs(run):
@@ -263,6 +291,31 @@ def _make_test_inputs(run):
             root_function_checks.match_by_value(run.loaded, run.functions, run.pending_traces, run.aliases,
                                                 run.report.dropped_functions, run.inputs, run.verify_config)
     run.report.kept_functions = sorted(run.aliases)
+
+
+def _run_original(run):
+    """The original's outputs on the test inputs, which verification compares the output with:
+    computed before the passes, which may release its folded kernels."""
+    if not run.verify:
+        return
+    with run.phase("reference outputs"):
+        run.references = _references(run, run.loaded, run.functions)
+        run.expected = verify_lib.expected_outputs(run.references, run.inputs)
+        run.expected_roots = root_function_checks.expected_outputs(run.loaded, run.aliases, run.inputs,
+                                                                   run.expected.seen)
+
+
+def _original(run):
+    """(loaded, signature functions) of the input, for what runs it after the passes (a check as
+    written, the culprit search): the run's own load, or, where the passes may have released
+    folded kernels of it, the input loaded again."""
+    if not run.releases:
+        return run.loaded, run.functions
+    if run.reloaded_original is None:
+        loaded = load_lib.load(load_lib.read(run.saved_model_dir), run.tags)
+        functions = freeze_lib.select_signatures(loaded, run.signature_keys, run.saved_model_dir, run.metagraph)
+        run.reloaded_original = (loaded, functions)
+    return run.reloaded_original
 
 
 def _write(run):
@@ -286,25 +339,26 @@ def _write(run):
 def _verify(run):
     """Loads the written output and runs every signature and kept root function on the test
     inputs, comparing them with the original's unless verification is off."""
-    run.references = _references(run)
+    if run.references is None:
+        run.references = _references(run, run.loaded, run.functions)  # what TFLite compares with
     with run.phase("verify"):
         # Even unverified, the output is loaded and run: a model that cannot run is never written.
         reloaded = _load_written(run)
         reloaded_functions = {k: reloaded.signatures[k] for k in run.functions}
-        seen = {}  # signature -> the original's outputs, for the kept root functions that run it
         if run.verify:
             run.report.verification = verify_lib.verify(
-                run.references, reloaded_functions, run.inputs, run.output_specs, run.verify_config,
-                run.precisions, seen=seen)
+                run.expected, reloaded_functions, run.inputs, run.output_specs, run.verify_config, run.precisions,
+                original_again=lambda: _references(run, *_original(run)))
             run.report.verification.inputs = test_inputs_lib.describe_integer_inputs(
                 run.input_specs, run.bounds, run.given)
         else:
             verify_lib.smoke_test(reloaded_functions, run.inputs)
         if run.report.verification is not None and not run.report.verification.ok:
             run.report.verification.culprit = _find_culprit(run, run.report.verification.failures()[0])
-        _raise_if_failed(run.report.verification)  # the signatures first: a root function only calls one
-        root_function_checks.check(run.loaded, reloaded, run.aliases, run.inputs,
-                                   run.verify_config if run.verify else None, run.precisions, seen)
+        verify_lib.raise_if_failed(run.report.verification)  # the signatures first: a root function only calls one
+        root_function_checks.check(run.expected_roots, reloaded, run.aliases, run.inputs,
+                                   run.verify_config if run.verify else None, run.precisions,
+                                   original_again=lambda: _original(run)[0])
     if not run.verify:
         logging.warning("verification skipped: the output of %s ran on test inputs but was NOT "
                         "compared with the input", run.output_dir)
@@ -323,16 +377,16 @@ def _load_written(run):
         raise errors.BnFuseError("the folded model does not load, a tf_bnfuse bug (nothing written): %s" % e)
 
 
-def _references(run):
+def _references(run, loaded, functions):
     """{signature: what its outputs are compared with}. A signature found to be the same function
     as another (same graph, same variables) is checked against that one's original: its own copy
     would compute the same values and only cost a first call. A signature that only wraps a kept
     root function is compared with the original's root function (root_functions.references)."""
-    wrapped = root_function_checks.references(run.loaded, run.aliases, run.input_specs)
+    wrapped = root_function_checks.references(loaded, run.aliases, run.input_specs)
     references = {}
-    for key in run.functions:
-        reference_key = run.report.signatures[key].same_as or key
-        references[key] = wrapped.get(reference_key) or run.functions[reference_key]
+    for key in functions:
+        reference_key = run.same_as.get(key, key)
+        references[key] = wrapped.get(reference_key) or functions[reference_key]
     return references
 
 
@@ -369,46 +423,23 @@ def _convert_to_tflite(run):
         f.write(model_content)
 
 
-CALIBRATION_SAMPLES = 16  # per signature, when no --calibration_inputs are given
-
-
 def _quantization(run):
     """The quantize.Quantization of --tflite_quantize, None for a float model. The metrics are
     measured on the verification's test inputs; int8 calibrates on --calibration_inputs, else on
-    seeded random inputs drawn apart from them (another seed), with a warning."""
+    seeded random inputs drawn apart from them (another seed)."""
     if run.tflite_quantize == "none":
         return None
     quantization = quantize_lib.Quantization(run.tflite_quantize, run.tflite_io,
-                                             held_out_source=_held_out_source(run))
-    if run.tflite_quantize != "int8":
-        return quantization
-    # A signature that is the same function as another is calibrated once (tflite keys the samples
-    # by the signatures the converter writes).
-    distinct = [k for k in run.functions if not run.report.signatures[k].same_as]
-    if run.calibration_inputs:
-        quantization.calibration = test_inputs_lib.given_inputs(run.calibration_inputs, run.input_specs,
-                                                                "--calibration_inputs")
-        test_inputs_lib.check_complete(quantization.calibration, run.input_specs,
-                                       "--calibration_inputs %s" % run.calibration_inputs)
-        quantization.calibration = {k: quantization.calibration[k] for k in distinct}
-        counts = {k: quantize_lib.sample_count(a) for k, a in quantization.calibration.items()}
-        quantization.calibration_source = "--calibration_inputs %s (%s samples)" % (
-            run.calibration_inputs, ", ".join("%s %d" % kv for kv in sorted(counts.items())))
-        return quantization
-    config = dict(run.verify_config, seed=run.verify_config.get("seed", 0) + 1, batch_size=CALIBRATION_SAMPLES)
-    quantization.calibration = test_inputs_lib.make_inputs({k: run.input_specs[k] for k in distinct}, config,
-                                                           run.vocabulary, run.bounds, None, run.shapes)
-    quantization.calibration_source = ("%d seeded random samples per signature (no --calibration_inputs): NOT "
-                                       "representative of real data" % CALIBRATION_SAMPLES)
-    logging.warning("int8 calibration on random inputs, which are not representative of real data: pass "
-                    "--calibration_inputs with samples of real inputs for a model worth deploying")
+                                             held_out_source=quantize_lib.held_out_source(run.verify_inputs, run.inputs))
+    if run.tflite_quantize == "int8":
+        # A signature that is the same function as another is calibrated once (tflite keys the
+        # samples by the signatures the converter writes).
+        config = dict(run.verify_config, seed=run.verify_config.get("seed", 0) + 1,
+                      batch_size=quantize_lib.CALIBRATION_SAMPLES)
+        quantization.calibration, quantization.calibration_source = quantize_lib.calibration(
+            run.calibration_inputs, {k: s for k, s in run.input_specs.items() if k not in run.same_as},
+            lambda specs: test_inputs_lib.make_inputs(specs, config, run.vocabulary, run.bounds, None, run.shapes))
     return quantization
-
-
-def _held_out_source(run):
-    what = "--verify_inputs %s" % run.verify_inputs if run.verify_inputs else "the verification's seeded test inputs"
-    return "%s (batch %d), not used for calibration" % (what, min(
-        (a.shape[0] for inputs in run.inputs.values() for a in inputs.values() if a.ndim), default=1))
 
 
 def _promoted(folded):
@@ -435,10 +466,12 @@ def _move_into_place(run):
 def _find_culprit(run, failed):
     """The culprit.Culprit of a failed check: its signature's pipeline runs again with folds left
     out, by halves, each result called in memory as the written model would be."""
-    key = run.report.signatures[failed.signature].same_as or failed.signature
+    key = run.same_as.get(failed.signature, failed.signature)
+    expected = run.expected.calls[(failed.signature, failed.device)][0][failed.output]
     with run.phase("find the failing fold"):
-        frozen = freeze_lib.freeze(key, run.functions[key], resources.resource_owners(run.loaded),
-                                   graph_lib.WeightStore(), freeze_lib.written_handles(run.functions.values()))
+        loaded, functions = _original(run)
+        frozen = freeze_lib.freeze(key, functions[key], resources.resource_owners(loaded), graph_lib.WeightStore(),
+                                   freeze_lib.written_handles(functions.values()))
 
         def check_without(left_out):
             names = [name for fold in left_out for name in [fold.node] + list(fold.absorbed)]
@@ -446,21 +479,8 @@ def _find_culprit(run, failed):
             graph_def, _ = runner.run_pipeline(frozen.graph_def, frozen.output_tensors, run.config["pipeline"],
                                                context=PassContext(weights, left_out=names), weights_out=True)
             function = write_lib.signature_callable(dataclasses.replace(frozen, graph_def=graph_def, weights=weights))
-            return culprit_lib.recheck(function, run.references[failed.signature], run.inputs[failed.signature],
-                                       failed)
+            return culprit_lib.recheck(function, expected, run.inputs[failed.signature], failed)
 
         found, (_, error), checks = culprit_lib.bisect(run.report.signatures[key].folds, check_without)
     return culprit_lib.Culprit(failed.signature, failed.output, failed.device, [dataclasses.asdict(f) for f in found],
                                failed.max_rel_error, error, checks)
-
-
-def _raise_if_failed(verification):
-    if verification is None or verification.ok:
-        return
-    bad = verification.failures()[0]
-    cause = "; %s" % verification.culprit.describe() if verification.culprit is not None else ""
-    raise errors.VerificationError(
-        "verification failed: signature %s output %s on %s: max abs error %.3g, max rel error %.3g "
-        "(rtol %g, atol %g, set by %s)%s; nothing written" % (
-            bad.signature, bad.output, bad.device, bad.max_abs_error, bad.max_rel_error, bad.rtol, bad.atol,
-            bad.precision, cause))

@@ -2,16 +2,22 @@
 fold needs their value; the rest are written as they are. Each case against the original model
 as users run it: a fresh process loads both and calls every signature in order."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from savedmodel_checks import compare_in_fresh_process
+from tf_bnfuse import config as config_lib
 from tf_bnfuse import fold_saved_model
 from tf_bnfuse import graph as graph_lib
+from tf_bnfuse.passes import runner
+from tf_bnfuse.passes.context import PassContext
 from tf_bnfuse.savedmodel import freeze as freeze_lib
 from tf_bnfuse.savedmodel import load as load_lib
 from tf_bnfuse.savedmodel import resources
+from tf_bnfuse.savedmodel import write as write_lib
 
 C = 32  # a 3x3 C -> C kernel is 36 KB: above the store's threshold, so it takes the stored path
 RNG = np.random.default_rng(3)
@@ -106,3 +112,83 @@ def test_shared_kernels_and_state_through_the_stored_path(shared_model, tmp_path
     reloaded = tf.saved_model.load(out)
     assert sorted(tuple(v.shape.as_list()) for v in reloaded.weights) == [(3, 3, C, C)] * 4
     assert [tuple(r.shape.as_list()) for r in reloaded.kept_resources] == [(64, 64)]
+
+
+# 3x3 CR -> CR kernels are 1.3 MB: above WeightStore's VARIABLE_MIN_BYTES, so a releasing
+# store holds their folds in variables
+CR = 192
+
+
+class Releasing(tf.Module):
+    """Kernels that a fold may release (one reader) and kernels it must not: read by a plain conv
+    too, or by several signatures, two of which fold it alike."""
+
+    def __init__(self):
+        def kernel():
+            return tf.Variable(RNG.standard_normal((3, 3, CR, CR)).astype(np.float32) / 30)
+        self.alone, self.also_plain, self.shared = kernel(), kernel(), kernel()
+        self.stats = [_bn(CR) for _ in range(4)]
+
+    def _conv(self, x, kernel):
+        return tf.nn.conv2d(x, kernel, 1, "SAME")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 4, 4, CR], tf.float32)])
+    def alone_fold(self, x):
+        return {"y": tf.nn.relu(_batch_norm(self._conv(x, self.alone), self.stats[0]))}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 4, 4, CR], tf.float32)])
+    def fold_and_plain(self, x):
+        return {"y": _batch_norm(self._conv(x, self.also_plain), self.stats[1]) + self._conv(x, self.also_plain)}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 4, 4, CR], tf.float32)])
+    def first_reader(self, x):
+        return {"y": _batch_norm(self._conv(x, self.shared), self.stats[2])}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 4, 4, CR], tf.float32)])
+    def second_reader(self, x):
+        return {"y": _batch_norm(self._conv(x, self.shared), self.stats[3])}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 4, 4, CR], tf.float32)])
+    def first_reader_again(self, x):  # another function, the same fold as first_reader's
+        return {"y": _batch_norm(self._conv(x, self.shared), self.stats[2]), "x_sum": tf.reduce_sum(x)}
+
+
+def test_a_releasing_store_frees_only_the_kernels_nothing_else_reads(tmp_path):
+    """WeightStore.releases: a folded kernel's old value is shrunk where its fold replaced the only
+    reader (control edges of the tf.function's read included); each signature, written, computes
+    what TensorFlow computes with the original's kernels; equal folds are written once."""
+    module = Releasing()
+    path = str(tmp_path / "releasing")
+    names = ["alone_fold", "fold_and_plain", "first_reader", "second_reader", "first_reader_again"]
+    tf.saved_model.save(module, path, signatures={n: getattr(module, n) for n in names})
+    loaded = load_lib.load(load_lib.read(path), ("serve",))
+    before = {n: getattr(loaded, n).numpy() for n in ("alone", "also_plain", "shared")}
+    x = RNG.standard_normal((2, 4, 4, CR)).astype(np.float32)
+    expected = {n: loaded.signatures[n](x=tf.constant(x))["y"].numpy() for n in names}
+    owners = resources.resource_owners(loaded)
+    written = freeze_lib.written_handles(loaded.signatures.values())
+    shared = freeze_lib.shared_variables(loaded.signatures.values())
+    folded = {}
+    for name in names:
+        frozen = freeze_lib.freeze(name, loaded.signatures[name], owners, graph_lib.WeightStore(), written, shared)
+        stored = {n.name for n in frozen.graph_def.node if graph_lib.WEIGHT_KEY_ATTR in n.attr}
+        assert any(i[1:] in stored for n in frozen.graph_def.node for i in n.input if i.startswith("^")), \
+            "the reads keep the tf.function's control edges"
+        frozen.weights.releases = True
+        graph_def, reports = runner.run_pipeline(frozen.release_graph_def(), frozen.output_tensors,
+                                                 config_lib.load_config(None)["pipeline"], owns_input=True,
+                                                 context=PassContext(frozen.weights), weights_out=True)
+        assert sum(len(r.folds) for r in reports) == 1
+        folded[name] = dataclasses.replace(frozen, graph_def=graph_def)
+    assert loaded.alone.value().shape.as_list() == [0]  # released
+    for name in ("also_plain", "shared"):  # read by something else: intact
+        np.testing.assert_array_equal(getattr(loaded, name).numpy(), before[name])
+    out = str(tmp_path / "out")
+    write_lib.write([write_lib.MetaGraphToWrite(("serve",), folded)], out)
+    del loaded, folded
+    reloaded = tf.saved_model.load(out)
+    for name in names:
+        actual = reloaded.signatures[name](x=tf.constant(x))["y"].numpy()
+        np.testing.assert_allclose(actual, expected[name], rtol=1e-4, atol=1e-4 * np.abs(expected[name]).max())
+    # The folds of alone, also_plain, shared (twice alike, once otherwise), and also_plain as it is.
+    assert sorted(v.shape.as_list() for v in reloaded.weights if v.shape.rank == 4) == [[3, 3, CR, CR]] * 5

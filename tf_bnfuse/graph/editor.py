@@ -37,10 +37,22 @@ class GraphEditor:
         self._outputs = None if outputs is None else {names.canonical_tensor(t)[0] for t in outputs}
         self._names = {node.name for node in graph_def.node}
 
-    def forget_read(self, node):
-        """WeightStore.forget_read for a stored Const of the source graph (none without a store)."""
-        if self._weights is not None and node is not None and WEIGHT_KEY_ATTR in node.attr:
-            self._weights.forget_read(node)
+    @property
+    def releases_weights(self):
+        """Whether the store shrinks input variables a fold no longer reads (WeightStore.releases)."""
+        return self._weights is not None and self._weights.releases
+
+    def forget_read(self, node, last_reader=False):
+        """WeightStore.forget_read for a stored Const of the source graph (none without a store).
+        last_reader: the pass rewired the only reader of `node` (GraphIndex.only_reader); it is
+        passed on when no other node of the source graph names the same weight."""
+        if self._weights is None or node is None or WEIGHT_KEY_ATTR not in node.attr:
+            return
+        if last_reader and self.releases_weights:
+            key = node.attr[WEIGHT_KEY_ATTR].s
+            last_reader = sum(1 for other in self._source.node
+                              if WEIGHT_KEY_ATTR in other.attr and other.attr[WEIGHT_KEY_ATTR].s == key) == 1
+        self._weights.forget_read(node, last_reader)
 
     @property
     def graph_def(self):
@@ -158,6 +170,11 @@ class GraphEditor:
             new.attr[key].CopyFrom(value)
         node.CopyFrom(new)
         return node
+
+    def drop_control_input(self, name, source):
+        """Removes node `name`'s control input from node `source`."""
+        node = self.node(name)
+        names.set_inputs(node, names.data_inputs(node) + [c for c in names.control_inputs(node) if c != "^" + source])
 
     def set_data_input(self, name, position, new_input):
         """Makes data input `position` of node `name` read new_input (control inputs keep their places)."""

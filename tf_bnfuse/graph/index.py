@@ -82,6 +82,25 @@ class GraphIndex:
         """Output ports of a node that something reads (a graph output included)."""
         return self._ports_in_use.get(node_name, set())
 
+    def only_reader(self, node_name, reader):
+        """The control edges [(consumer, source)] from node_name and the Identities passing it on
+        when node `reader` is all that reads its value (one output) through Identity chains, and
+        no graph output is on the way; else None. (A control edge from a constant orders nothing
+        that needs its value: a frozen variable read keeps those of the tf.function it was in.)"""
+        names_read, control_edges = [node_name], []
+        while names_read:
+            name = names_read.pop()
+            if self.ports_in_use(name) - {0} or self.is_output(name):
+                return None
+            control_edges += [(consumer, name) for consumer in self.control_consumers(name)]
+            for consumer, _ in self.data_consumers(name):
+                if consumer == reader:
+                    continue
+                if self.nodes[consumer].op != "Identity":
+                    return None
+                names_read.append(consumer)
+        return control_edges
+
     def skip_identities(self, input_str):
         """Follows Identity-like nodes upward; returns (node, port) of the real producer."""
         return self.producer(walks.forwarded_input(input_str, self.nodes.get))

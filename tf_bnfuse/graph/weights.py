@@ -14,6 +14,7 @@ a pass asks for it, and one no pass asks for is never copied; the writer saves t
 variable itself.
 """
 
+import hashlib
 import itertools
 
 import numpy as np
@@ -23,6 +24,9 @@ from tf_bnfuse.graph import names
 
 WEIGHT_KEY_ATTR = "_tf_bnfuse_weight"
 STORED_MIN_BYTES = 1 << 14
+# What a folded float array must weigh to go into a variable in a releasing store (a kernel; a
+# bias or a batch norm's parameters stay numpy: reading a variable back costs a copy).
+VARIABLE_MIN_BYTES = 1 << 20
 
 
 class WeightStore:
@@ -35,6 +39,9 @@ class WeightStore:
     def __init__(self, min_bytes=None, key_prefix="w"):
         self.arrays = {}
         self.variables = {}  # key -> the tf.Variable whose value the key stands for (read lazily)
+        self.releases = False  # see the module docstring
+        self.releasable = set()  # keys of input variables nothing but this store's graph reads
+        self.made = set()  # keys of the variables this store made (put), not the input's
         self.min_bytes = STORED_MIN_BYTES if min_bytes is None else min_bytes
         self._prefix = key_prefix
         self._keys = itertools.count(1)
@@ -46,20 +53,39 @@ class WeightStore:
         other = WeightStore(self.min_bytes, "%s%d_" % (self._prefix, next(self._copies)))
         other.arrays.update(self.arrays)
         other.variables.update(self.variables)
+        other.made |= self.made
         return other
 
-    def put_variable(self, variable):
-        """A key for a variable's value, read when a pass first asks for it."""
+    def put_variable(self, variable, releasable=False):
+        """A key for a variable's value, read when a pass first asks for it. releasable: nothing
+        else of the run reads the variable, so a releasing store may shrink it (forget_read)."""
         key = "%sv%d" % (self._prefix, next(self._keys))
         self.variables[key] = variable
+        if releasable:
+            self.releasable.add(key)
         return key
 
-    def forget_read(self, node):
+    def forget_read(self, node, last_reader=False):
         """Drops the copy read so far of the variable a stored Const stands for (a folded kernel's
-        old value, once its fold is emitted): it is read again should another consumer need it."""
+        old value, once its fold is emitted): it is read again should another consumer need it.
+        last_reader: the fold replaced the only reader of that Const, which is the only node naming
+        the value; a releasing store then shrinks a releasable variable to nothing."""
         key = node.attr[WEIGHT_KEY_ATTR].s.decode()
         if key in self.variables:
             self.arrays.pop(key, None)
+        if last_reader and self.releases and key in self.releasable:
+            self.releasable.discard(key)
+            shrink(self.variables.pop(key))
+
+    def variable_digest(self, node):
+        """(dtype, shape, sha256) of the value of a variable this store made for a stored Const (read
+        in place, not copied), None for one of the input: equal folds of two signatures are
+        written once."""
+        key = node.attr[WEIGHT_KEY_ATTR].s.decode()
+        if key not in self.made:
+            return None
+        value = np.asarray(self.variables[key].value())
+        return value.dtype.str, value.shape, hashlib.sha256(value).digest()
 
     def release(self, node):
         """Drops the array a stored Const names (the writer, once a variable holds its value)."""
@@ -77,6 +103,10 @@ class WeightStore:
 
     def put(self, array):
         key = "%s%d" % (self._prefix, next(self._keys))
+        if self.releases and array.nbytes >= VARIABLE_MIN_BYTES and np.issubdtype(array.dtype, np.floating):
+            self.made.add(key)
+            self.variables[key] = tf.Variable(array, trainable=False)  # in TensorFlow's memory (docstring)
+            return key
         array = array.view()
         array.setflags(write=False)
         self.arrays[key] = array
@@ -121,13 +151,23 @@ class WeightStore:
         return stripped
 
     def retain(self, graph_def):
-        """Forgets the arrays no node of graph_def names (a folded kernel's old weights)."""
-        named = {node.attr[WEIGHT_KEY_ATTR].s.decode() for node in graph_def.node
-                 if node.op == "Const" and WEIGHT_KEY_ATTR in node.attr}
+        """Forgets the arrays no node of graph_def names (a folded kernel's old weights); a releasing
+        store shrinks the releasable variables among them."""
+        named = self.named_keys(graph_def)
         for key in [k for k in self.arrays if k not in named]:
             del self.arrays[key]
         for key in [k for k in self.variables if k not in named]:
-            del self.variables[key]
+            variable = self.variables.pop(key)
+            self.made.discard(key)
+            if self.releases and key in self.releasable:
+                self.releasable.discard(key)
+                shrink(variable)
+
+    @staticmethod
+    def named_keys(graph_def):
+        """The keys graph_def's stored Consts name."""
+        return {node.attr[WEIGHT_KEY_ATTR].s.decode() for node in graph_def.node
+                if node.op == "Const" and WEIGHT_KEY_ATTR in node.attr}
 
     def restore(self, graph_def):
         """Writes the stored arrays back into graph_def's Consts, in place; returns graph_def."""
@@ -157,6 +197,12 @@ class WeightStore:
         for dim in tensor.tensor_shape.dim:
             elements *= max(dim.size, 0)
         return elements * dtype.size >= self.min_bytes
+
+
+def shrink(variable):
+    """Frees a variable's value: it now holds an empty tensor (AssignVariableOp without shape
+    validation). Its users must not run again; TensorFlow reuses the memory for later tensors."""
+    tf.raw_ops.AssignVariableOp(resource=variable.handle, value=tf.zeros([0], variable.dtype), validate_shape=False)
 
 
 def const_array(node, weights=None):

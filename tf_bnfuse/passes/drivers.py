@@ -49,6 +49,7 @@ def fold_backward(context, graph_def, outputs, pass_name, root_ops, report_every
             failures.append((found.root, chain.detached(chain.reached(reason))))
             continue
         emit(editor, index, found, folded)
+        del folded  # the new kernel is in the store now; not held while the next one is computed
         report.folds.append(report_lib.Fold(found.root.name, found.root.op, *found.linear_description,
                                             absorbed=found.absorbed))
     if report_every_root:
@@ -142,6 +143,7 @@ def fold_forward(context, graph_def, outputs, pass_name):
             report.skips.append(report_lib.Skip(head.name, head.op, str(reason)))
             continue
         emit(editor, index, found, folded)
+        del folded
         report.folds.append(report_lib.Fold(head.name, head.op, linear.name, linear.op, found.absorbed))
     report.nodes_after = len(editor.graph_def.node)
     return editor.graph_def, report

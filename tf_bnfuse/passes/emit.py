@@ -88,11 +88,18 @@ def emit(editor, index, chain, folded):
 def _emit_kernel(editor, chain, folded):
     match = chain.match
     if folded.kernel is not None:
+        # The old kernel's copy goes first, not at the pass's end: one kernel is held twice at a
+        # time; and the old kernel itself where nothing else reads it (WeightStore.releases), so
+        # that the new one can take its memory.
+        old = match.index.node(match.kernel_const)
+        control_edges = match.index.only_reader(old.name, match.linear.name)
+        if control_edges is not None and editor.releases_weights:
+            for consumer, source in control_edges:  # so that nothing keeps the old kernel's Const
+                editor.drop_control_input(consumer, source)
+        editor.forget_read(old, last_reader=control_edges is not None)
         kernel = editor.add_const(match.kernel_const + ("_forward_folded" if chain.forward else "_bn_folded"),
                                   folded.kernel, match.dtype)
         editor.set_data_input(match.linear.name, match.spec.kernel_input, kernel)
-        # The old kernel's copy goes now, not at the pass's end: one kernel is held twice at a time.
-        editor.forget_read(match.index.node(match.kernel_const))
 
 
 def _write_path(editor, chain, nodes, folded, bias_written_here):

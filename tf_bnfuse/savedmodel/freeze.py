@@ -1,5 +1,6 @@
 """Freezing: each signature's ConcreteFunction to a GraphDef, its read-only variables as constants."""
 
+import collections
 import dataclasses
 import hashlib
 from typing import Dict, List, Optional
@@ -102,11 +103,11 @@ def _shape_list(shape):
     return None if shape.rank is None else shape.as_list()
 
 
-def _frozen(function, written, weights):
+def _frozen(function, written, weights, shared):
     """(frozen GraphDef, output tensors): TensorFlow's freezing, except that big variables the
     graph only reads (every consumer a ReadVariableOp, once calls are inlined) are left to
     `weights`; freezing would copy each into a Const through numpy and protobuf."""
-    stored = {} if weights is None else _big_variables(function, written, weights.min_bytes)
+    stored = _big_variables(function, written, weights.min_bytes)
     if not stored:
         return tf_internal.frozen_graph_def(function, written)
     try:
@@ -116,7 +117,7 @@ def _frozen(function, written, weights):
     only_read = _only_read(graph_def, stored)
     if len(only_read) < len(stored):  # the others (read in a call or loop body, gathered) frozen by TF
         graph_def, outputs = tf_internal.frozen_graph_def(function, written | only_read)
-    return _reads_as_stored_consts(graph_def, {n: stored[n] for n in only_read}, weights), outputs
+    return _reads_as_stored_consts(graph_def, {n: stored[n] for n in only_read}, weights, shared), outputs
 
 
 def _big_variables(function, written, min_bytes):
@@ -164,11 +165,12 @@ def _only_read(graph_def, placeholders):
     return {name for name in placeholders if readers.get(name) == {True}}
 
 
-def _reads_as_stored_consts(graph_def, variables, weights):
+def _reads_as_stored_consts(graph_def, variables, weights, shared):
     """graph_def with each ReadVariableOp of these placeholders a Const that names its variable in
     `weights` (same name, dtype and shape; no value), and the placeholders (and the Identities
-    that pass them on) gone."""
-    keys = {name: weights.put_variable(variable) for name, variable in variables.items()}
+    that pass them on) gone. shared: ids of variables others read too (not releasable; None: all)."""
+    keys = {name: weights.put_variable(variable, releasable=shared is not None and id(variable) not in shared)
+            for name, variable in variables.items()}
     sources = _resource_sources(graph_def, keys)
     frozen = graph_lib.new_graph_def(graph_def)
     for node in graph_def.node:
@@ -224,29 +226,34 @@ def written_handles(functions):
     return handles
 
 
-def freeze(key, function, owners, weights=None, written=None):
+def shared_variables(functions):
+    """ids of the variables more than one of these functions captures."""
+    counts = collections.Counter(i for function in functions for i in {id(v) for v in function.graph.variables})
+    return {i for i, count in counts.items() if count > 1}
+
+
+def freeze(key, function, owners, weights, written, shared=None):
     """Freezes a signature's ConcreteFunction into a FrozenSignature.
 
     Variables the signature only reads become constants; variables it writes
     and other resources (lookup tables) stay placeholders, recorded with the
     trackable in `owners` ({id(handle): trackable}, resources.resource_owners)
     that holds them. The caller keeps the loaded SavedModel alive meanwhile:
-    freezing reads its variables, and with `weights` (a WeightStore) the big
-    ones the graph only reads are Consts naming the variable in that store,
-    read when a pass needs the value: no weight is copied by freezing.
-    written: written_handles of every signature, this one included (those stay variables here);
-    None: this function's own writes only.
+    freezing reads its variables, and the big ones the graph only reads are
+    Consts naming the variable in `weights` (a WeightStore), read when a pass
+    needs the value: no weight is copied by freezing. written: written_handles
+    of every signature, this one included (those stay variables here). shared:
+    ids of the variables something else of the run reads (shared_variables),
+    which a releasing store must keep; None: all of them.
     """
-    if written is None:
-        written = resources.written_placeholders(function.graph.as_graph_def())
-    else:  # the graph was read for its writes once, by written_handles
-        written = {inner.op.name for outer, inner in function.graph.captures if id(outer) in written}
+    # The graph was read for its writes once, by written_handles.
+    written = {inner.op.name for outer, inner in function.graph.captures if id(outer) in written}
     # A TF1 signature is pruned from the whole MetaGraph and keeps its table-initializer
     # collection, naming ops the pruning removed; Grappler refuses such a graph. The
     # tables are initialized by the objects that own them, not by this graph.
     function.graph.clear_collection(tf.compat.v1.GraphKeys.TABLE_INITIALIZERS)
     try:
-        graph_def, output_tensors = _frozen(function, written, weights)
+        graph_def, output_tensors = _frozen(function, written, weights, shared)
     except Exception as e:
         raise errors.BadInputError("cannot freeze signature %s: %s" % (key, errors.first_line(e)))
     # A signature's inputs and outputs are dicts; the function's own input and

@@ -9,6 +9,8 @@ original objects' handles, and saves those objects (with their assets and
 initializers) beside the folded weights.
 """
 
+import contextlib
+
 from tf_bnfuse import graph as graph_lib
 
 # Ops that change a resource variable in place; input 0 is the variable.
@@ -97,3 +99,21 @@ def resource_owners(loaded):
             continue
         owners.setdefault(id(handle), obj)
     return owners
+
+
+def variables_of(owners, handles):
+    """The variables among the owners (resource_owners) of these handle ids."""
+    import tensorflow as tf
+
+    return [owners[h] for h in handles if isinstance(owners.get(h), tf.Variable)]
+
+
+@contextlib.contextmanager
+def values_restored(variables):
+    """Gives the variables their values back on exit."""
+    values = [v.read_value().numpy() for v in variables]
+    try:
+        yield
+    finally:
+        for variable, value in zip(variables, values):
+            variable.assign(value)

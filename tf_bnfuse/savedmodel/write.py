@@ -65,8 +65,9 @@ def _split_weights(graph_def, variables, store=None, release=False):
             if stored:  # a big integer constant a pass made: a constant again
                 store.restore_node(stripped.node[-1])
             continue
-        if variable is not None:
-            key = ("variable", id(variable))
+        if variable is not None:  # of the input, or one a releasing store made for a fold
+            digest = store.variable_digest(node)
+            key = ("variable", id(variable)) if digest is None else (node.name, digest)
             variables.setdefault(key, variable)
         else:
             array = store.array(node) if stored else None

@@ -210,31 +210,62 @@ def _call(function, tensors):
     return {k: v.numpy() for k, v in function(**tensors).items()}
 
 
-def verify(original, folded, inputs, output_specs, verify_config, precisions=None, devices=None, seen=None):
-    """Runs every signature of both models on every device, twice, and compares outputs.
+@dataclasses.dataclass
+class Expected:
+    """The original's outputs on the test inputs, computed before the passes run (they may release
+    the original's folded kernels, savedmodel/release.py): for each signature and device, two
+    calls in turn, or why the original cannot run there."""
+    devices: List[str]
+    calls: Dict[tuple, list] = dataclasses.field(default_factory=dict)  # (signature, device) -> [outputs] * 2
+    not_run: Dict[tuple, str] = dataclasses.field(default_factory=dict)  # (signature, device) -> error line
+    # {signature: the outputs on the first device} where they repeat from call to call
+    # (root_functions.check calls a root function running it once)
+    seen: Dict[str, dict] = dataclasses.field(default_factory=dict)
 
-    original, folded: dicts signature key -> callable(**inputs) -> dict of tensors.
-    inputs: {signature: {input: array}} (test_inputs.make_inputs).
-    output_specs: {signature: {output: TensorSpecInfo}}, for the dtypes.
-    precisions: {signature: {output: half precision computing it}} (output_precisions).
-    seen: filled with {signature: the original's outputs on the first device} where they repeat
-    from call to call (root_functions.check calls a root function running it once).
+
+def expected_outputs(original, inputs, devices=None):
+    """Calls every signature of the original twice on every device: the Expected outputs.
+
+    original: {signature key: callable(**inputs) -> dict of tensors}; inputs: {signature: {input: array}}.
     """
-    devices = devices or visible_devices()
-    precisions = precisions or {}
-    report = VerificationReport(devices=list(devices))
+    expected = Expected(list(devices or visible_devices()))
     for key in sorted(original):
-        for device in devices:
+        for device in expected.devices:
             with tf.device(device):
                 tensors = {k: tf.constant(v) for k, v in inputs[key].items()}
                 try:
-                    expected = [_call(original[key], tensors), _call(original[key], tensors)]
-                    _remember_if_repeatable(seen if device == devices[0] else None, key, expected)
+                    calls = [_call(original[key], tensors), _call(original[key], tensors)]
                 except tf.errors.OpError as e:
                     # A TF1 lookup table is initialized on the device the model was loaded
                     # on only; the original cannot run elsewhere, so there is nothing to prove.
-                    report.not_run["%s on %s" % (key, device)] = errors.most_specific_line(e)
+                    expected.not_run[(key, device)] = errors.most_specific_line(e)
                     continue
+            expected.calls[(key, device)] = calls
+            if device == expected.devices[0]:
+                _remember_if_repeatable(expected.seen, key, calls)
+    return expected
+
+
+def verify(expected, folded, inputs, output_specs, verify_config, precisions=None, original_again=None):
+    """Runs every signature of the folded model on every device and compares its outputs with the
+    original's (Expected); returns a VerificationReport.
+
+    folded: {signature key: callable(**inputs) -> dict of tensors}.
+    inputs: {signature: {input: array}} (test_inputs.make_inputs).
+    output_specs: {signature: {output: TensorSpecInfo}}, for the dtypes.
+    precisions: {signature: {output: half precision computing it}} (output_precisions).
+    original_again(): {signature: the original's callable}, called only where the folded model
+    does not match: the original runs again as written (module docstring).
+    """
+    precisions = precisions or {}
+    report = VerificationReport(devices=list(expected.devices))
+    report.not_run = {"%s on %s" % kd: line for kd, line in expected.not_run.items()}
+    for key in sorted(folded):
+        for device in expected.devices:
+            if (key, device) not in expected.calls:
+                continue
+            with tf.device(device):
+                tensors = {k: tf.constant(v) for k, v in inputs[key].items()}
                 calls = []
 
                 def folded_outputs(count):
@@ -245,8 +276,9 @@ def verify(original, folded, inputs, output_specs, verify_config, precisions=Non
                 def checks_against(reference):
                     return _compare_calls(key, device, reference, folded_outputs, output_specs[key], verify_config,
                                           precisions.get(key, {}))
+                first = expected.calls[(key, device)]
                 try:
-                    checks = checks_against(expected)
+                    checks = checks_against(first)
                 except tf.errors.OpError as e:
                     raise errors.VerificationError(
                         "verification failed: the folded signature %s fails on %s where the original runs: "
@@ -254,21 +286,23 @@ def verify(original, folded, inputs, output_specs, verify_config, precisions=Non
 
                 def checks_against_original_again():
                     try:
-                        again = [_call(original[key], tensors), _call(original[key], tensors)]
+                        function = original_again()[key]
+                        again = [_call(function, tensors), _call(function, tensors)]
                     except tf.errors.OpError:
                         return None
                     return checks_against(again)
                 checks, as_written_only = unless_accepted_as_written(
-                    checks, checks_against_original_again, lambda found: found is not None and all(c.ok for c in found))
+                    checks, checks_against_original_again if original_again else lambda: None,
+                    lambda found: found is not None and all(c.ok for c in found))
                 if as_written_only:
-                    (seen or {}).pop(key, None)  # the reference is the original as written, not these outputs
+                    expected.seen.pop(key, None)  # the reference is the original as written, not these outputs
                     report.grappler_differs["%s on %s" % (key, device)] = max(
-                        compare(expected[0][k], calls[0].get(k), {"rtol": 0.0, "atol": 0.0})[0] for k in expected[0])
+                        compare(first[0][k], calls[0].get(k), {"rtol": 0.0, "atol": 0.0})[0] for k in first[0])
             report.checks.extend(checks)
         if not any(c.signature == key for c in report.checks):
             raise errors.BadInputError(
                 "the original signature %s fails on its test inputs on every device: %s; pass "
-                "--verify_inputs or --skip_verify" % (key, report.not_run["%s on %s" % (key, devices[0])]))
+                "--verify_inputs or --skip_verify" % (key, report.not_run["%s on %s" % (key, expected.devices[0])]))
     return report
 
 
@@ -313,3 +347,16 @@ def _check(key, output_key, device, dtype, expected, actual, tolerance, repeatab
         return OutputCheck(key, output_key, device, dtype, float("nan"), float("nan"), tol["rtol"], tol["atol"],
                            True, source, random=True)
     return OutputCheck(key, output_key, device, dtype, max_abs, max_rel, tol["rtol"], tol["atol"], ok, source)
+
+
+def raise_if_failed(verification):
+    """VerificationError for the first failed check (with its culprit), if one failed."""
+    if verification is None or verification.ok:
+        return
+    bad = verification.failures()[0]
+    cause = "; %s" % verification.culprit.describe() if verification.culprit is not None else ""
+    raise errors.VerificationError(
+        "verification failed: signature %s output %s on %s: max abs error %.3g, max rel error %.3g "
+        "(rtol %g, atol %g, set by %s)%s; nothing written" % (
+            bad.signature, bad.output, bad.device, bad.max_abs_error, bad.max_rel_error, bad.rtol, bad.atol,
+            bad.precision, cause))

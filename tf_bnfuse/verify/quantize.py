@@ -12,7 +12,12 @@ from typing import Dict, List, Optional
 import numpy as np
 import tensorflow as tf
 
+from absl import logging
+
 from tf_bnfuse import errors
+from tf_bnfuse.verify import test_inputs as test_inputs_lib
+
+CALIBRATION_SAMPLES = 16  # per signature, when no --calibration_inputs are given
 
 
 @dataclasses.dataclass
@@ -56,6 +61,30 @@ class QuantizationReport:
     @property
     def ok(self):
         return self.max_error is None or self.worst is None or self.worst.relative_l2_error <= self.max_error
+
+
+def calibration(calibration_inputs, input_specs, random_inputs):
+    """(int8 calibration samples {signature: {input: array}}, where they came from) for the
+    signatures of input_specs: those of calibration_inputs (--calibration_inputs, a .npz), else
+    random_inputs(input_specs), CALIBRATION_SAMPLES each, with a warning."""
+    if calibration_inputs:
+        samples = test_inputs_lib.given_inputs(calibration_inputs, input_specs, "--calibration_inputs")
+        test_inputs_lib.check_complete(samples, input_specs, "--calibration_inputs %s" % calibration_inputs)
+        samples = {k: samples[k] for k in input_specs}
+        counts = {k: sample_count(a) for k, a in samples.items()}
+        return samples, "--calibration_inputs %s (%s samples)" % (
+            calibration_inputs, ", ".join("%s %d" % kv for kv in sorted(counts.items())))
+    logging.warning("int8 calibration on random inputs, which are not representative of real data: pass "
+                    "--calibration_inputs with samples of real inputs for a model worth deploying")
+    return random_inputs(input_specs), ("%d seeded random samples per signature (no --calibration_inputs): NOT "
+                                        "representative of real data" % CALIBRATION_SAMPLES)
+
+
+def held_out_source(verify_inputs, inputs):
+    """For the report: what the metrics are measured on (the verification's inputs)."""
+    what = "--verify_inputs %s" % verify_inputs if verify_inputs else "the verification's seeded test inputs"
+    return "%s (batch %d), not used for calibration" % (what, min(
+        (a.shape[0] for arrays in inputs.values() for a in arrays.values() if a.ndim), default=1))
 
 
 def configure(converter, quantization):

@@ -125,22 +125,33 @@ def _call_flat(function, alias, feeds):
     return [np.asarray(v) for v in root_functions.call_tensors(function, alias, feeds)]
 
 
-def check(original, reloaded, aliases, inputs, verify_config=None, precisions=None, seen=None):
+def expected_outputs(original, aliases, inputs, seen):
+    """{(root function name, trace index): the original's flat outputs of each call} of every kept
+    root function, called as check() compares them, before the passes run (which may release the
+    original's folded kernels). seen: compare.Expected.seen; a root function running a signature
+    whose outputs repeat is called once, the others twice."""
+    expected = {}
+    for name, group in sorted(aliases.items()):
+        for i, alias in enumerate(group):
+            feeds = {k: tf.constant(v) for k, v in inputs[alias.signature].items()}
+            calls = 1 if not alias.by_value and alias.signature in seen else 2
+            expected[(name, i)] = [_call_flat(getattr(original, name), alias, feeds) for _ in range(calls)]
+    return expected
+
+
+def check(expected, reloaded, aliases, inputs, verify_config=None, precisions=None, original_again=None):
     """Calls each kept root function of the reloaded output on its signature's test inputs.
 
     With verify_config (verification on), compares each output with the
-    original's root function, at the tolerance its signature output has; both
-    are called twice, in turn, so that state they share with other functions (a
-    variable one writes and another reads) advances alike. An output that
-    changes between the original's two calls is compared only where the output
-    reproduces both calls (a counter), not where it is random. Without
-    verify_config, the call must only succeed. seen: compare.verify's {signature:
-    the original's outputs}, for the signatures whose outputs repeat from call to
-    call; a root function running one is called once on each side. Raises
-    VerificationError.
+    original's (expected_outputs), at the tolerance its signature output has. An
+    output that changes between the original's two calls is compared only where
+    the output reproduces both calls (a counter), not where it is random. Where
+    they differ, the original (original_again(), the loaded model) runs again as
+    written (compare.py). Without verify_config, the call must only succeed.
+    Raises VerificationError.
     """
     for name, group in sorted(aliases.items()):
-        for alias in group:
+        for i, alias in enumerate(group):
             feeds = {k: tf.constant(v) for k, v in inputs[alias.signature].items()}
             described = name + root_functions.describe(alias.input_signature)
 
@@ -154,15 +165,18 @@ def check(original, reloaded, aliases, inputs, verify_config=None, precisions=No
             if verify_config is None:
                 call_reloaded()
                 continue
-            if not alias.by_value and alias.signature in (seen or {}):  # outputs that repeat: one call each
-                call = (_call_flat(getattr(original, name), alias, feeds), call_reloaded())
-                mismatch = _first_mismatch([call, call], alias, verify_config, precisions)
-            else:
-                def mismatch_with_original():
-                    calls = [(_call_flat(getattr(original, name), alias, feeds), call_reloaded()) for _ in range(2)]
-                    return _first_mismatch(calls, alias, verify_config, precisions)
+            first = expected[(name, i)]
+            actual = [call_reloaded() for _ in first]
+            mismatch = _first_mismatch([(first[0], actual[0]), (first[-1], actual[-1])], alias, verify_config,
+                                       precisions)
+
+            def mismatch_with_original_again():
+                original = getattr(original_again(), name)
+                calls = [(_call_flat(original, alias, feeds), call_reloaded()) for _ in range(2)]
+                return _first_mismatch(calls, alias, verify_config, precisions)
+            if original_again is not None:
                 mismatch, _ = verify_lib.unless_accepted_as_written(
-                    mismatch_with_original(), mismatch_with_original, lambda found: found is None)
+                    mismatch, mismatch_with_original_again, lambda found: found is None)
             if mismatch is not None:
                 raise errors.VerificationError(
                     "verification failed: %s output %d differs from the input's (max abs error %.3g); "
