@@ -300,7 +300,9 @@ def _run_original(run):
         return
     with run.phase("reference outputs"):
         run.references = _references(run, run.loaded, run.functions)
-        run.expected = verify_lib.expected_outputs(run.references, run.inputs)
+        deterministic = {k for k in run.functions
+                         if graph_lib.is_deterministic(run.frozen[run.same_as.get(k, k)].graph_def)}
+        run.expected = verify_lib.expected_outputs(run.references, run.inputs, deterministic=deterministic)
         run.expected_roots = root_function_checks.expected_outputs(run.loaded, run.aliases, run.inputs,
                                                                    run.expected.seen)
 

@@ -15,7 +15,7 @@ from tf_bnfuse.graph.editor import GraphEditor
 from tf_bnfuse.graph.index import GraphIndex
 from tf_bnfuse.graph.library import (CALL_ARGUMENTS, CALL_OPS, IF_OPS, WHILE_OPS, body_source, call_counts,
                                      called_function_names, called_functions, function_closure,
-                                     functions_by_name)
+                                     functions_by_name, is_deterministic)
 from tf_bnfuse.graph.names import (IDENTITY_OPS, attr_string, canonical_tensor, control_inputs, copy_graph_def,
                                    data_inputs, data_positions, is_control, new_graph_def, node_dtype,
                                    parse_input, set_inputs, string_attr, tensor_name, type_attr)

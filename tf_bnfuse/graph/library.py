@@ -1,5 +1,6 @@
 """The function library: which functions a node calls, with which arguments, and their closure."""
 
+from tf_bnfuse.graph import tf_internal
 from tf_bnfuse.graph import walks
 
 # The ops that call one function by their `f` attr, with the node's inputs as its arguments.
@@ -78,3 +79,18 @@ def body_source(by_name, input_str):
         seen.add(name)
         name, _, output = by_name[name].input[0].partition(":")
     return name, output
+
+
+def is_deterministic(graph_def):
+    """Whether two runs of graph_def on the same inputs give the same outputs: no node, in the
+    graph or any function of its library, is an op TensorFlow registers as stateful (a random
+    op, a variable or table read or write) or does not know. Calls and control flow count by
+    the functions they run, which are checked themselves."""
+    library = {f.signature.name for f in graph_def.library.function}
+    for node in list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]:
+        if node.op in library or node.op in CALL_ARGUMENTS:
+            continue
+        op_def = tf_internal.op_def(node.op)
+        if op_def is None or op_def.is_stateful:
+            return False
+    return True
