@@ -331,22 +331,22 @@ def _write(run):
         write_lib.write([write_lib.MetaGraphToWrite(each.tags, each.folded, each.initializers, each.aliases)
                          for each in run.all_metagraphs()], run.built, release_weights=not run.tflite_output)
     for each in run.all_metagraphs():
-        if not each.tflite_output:
-            each.folded = None  # the written model holds the weights now
+        if each.releases:  # the written model holds the weights now; what runs the original loads it again
+            each.folded = each.loaded = each.functions = each.references = each.pending_traces = None
     # The written module's functions and graphs hold one another in cycles, and with them the
-    # folded kernels' variables: freed now, not in the verification, beside the reloaded copy.
+    # weights' variables: freed now, not in the verification, beside the reloaded copy.
     gc.collect()
 
 
 def _verify(run):
     """Loads the written output and runs every signature and kept root function on the test
     inputs, comparing them with the original's unless verification is off."""
-    if run.references is None:
+    if run.tflite_output and run.references is None:
         run.references = _references(run, run.loaded, run.functions)  # what TFLite compares with
     with run.phase("verify"):
         # Even unverified, the output is loaded and run: a model that cannot run is never written.
         reloaded = _load_written(run)
-        reloaded_functions = {k: reloaded.signatures[k] for k in run.functions}
+        reloaded_functions = {k: reloaded.signatures[k] for k in run.input_specs}
         if run.verify:
             run.report.verification = verify_lib.verify(
                 run.expected, reloaded_functions, run.inputs, run.output_specs, run.verify_config, run.precisions,
