@@ -52,6 +52,7 @@ __all__ = [
     "forwarded_input",
     "function_closure",
     "functions_by_name",
+    "is_deterministic",
     "is_control",
     "live_nodes",
     "new_graph_def",

@@ -36,6 +36,7 @@ class GraphEditor:
         self._finished = False
         self._outputs = None if outputs is None else {names.canonical_tensor(t)[0] for t in outputs}
         self._names = {node.name for node in graph_def.node}
+        self._weight_names = None  # weight key -> how many source nodes name it (forget_read)
 
     @property
     def releases_weights(self):
@@ -49,9 +50,10 @@ class GraphEditor:
         if self._weights is None or node is None or WEIGHT_KEY_ATTR not in node.attr:
             return
         if last_reader and self.releases_weights:
-            key = node.attr[WEIGHT_KEY_ATTR].s
-            last_reader = sum(1 for other in self._source.node
-                              if WEIGHT_KEY_ATTR in other.attr and other.attr[WEIGHT_KEY_ATTR].s == key) == 1
+            if self._weight_names is None:  # counted once a pass, not once a fold
+                self._weight_names = collections.Counter(
+                    other.attr[WEIGHT_KEY_ATTR].s for other in self._source.node if WEIGHT_KEY_ATTR in other.attr)
+            last_reader = self._weight_names[node.attr[WEIGHT_KEY_ATTR].s] == 1
         self._weights.forget_read(node, last_reader)
 
     @property

@@ -73,9 +73,8 @@ class WeightStore:
         key = node.attr[WEIGHT_KEY_ATTR].s.decode()
         if key in self.variables:
             self.arrays.pop(key, None)
-        if last_reader and self.releases and key in self.releasable:
-            self.releasable.discard(key)
-            shrink(self.variables.pop(key))
+        if last_reader:
+            self._release(key)
 
     def variable_digest(self, node):
         """(dtype, shape, sha256) of the value of a variable this store made for a stored Const (read
@@ -157,11 +156,16 @@ class WeightStore:
         for key in [k for k in self.arrays if k not in named]:
             del self.arrays[key]
         for key in [k for k in self.variables if k not in named]:
-            variable = self.variables.pop(key)
+            self._release(key)
+            self.variables.pop(key, None)
             self.made.discard(key)
-            if self.releases and key in self.releasable:
-                self.releasable.discard(key)
-                shrink(variable)
+
+    def _release(self, key):
+        """Shrinks the input variable of a releasable key, which nothing reads now, in a releasing
+        store; it leaves the store (a read would fail, not return nothing)."""
+        if self.releases and key in self.releasable:
+            self.releasable.discard(key)
+            shrink(self.variables.pop(key))
 
     @staticmethod
     def named_keys(graph_def):
