@@ -329,7 +329,7 @@ def _write(run):
     with run.phase("write"):
         # Without TFLite nothing writes the folded signatures again: each kernel leaves them as it is saved.
         write_lib.write([write_lib.MetaGraphToWrite(each.tags, each.folded, each.initializers, each.aliases)
-                         for each in run.all_metagraphs()], run.built, release_weights=not run.tflite_output)
+                         for each in run.all_metagraphs()], run.built, release_weights=run.releases)
     for each in run.all_metagraphs():
         if each.releases:  # the written model holds the weights now; what runs the original loads it again
             each.folded = each.loaded = each.functions = each.references = each.pending_traces = None
@@ -431,8 +431,8 @@ def _quantization(run):
     seeded random inputs drawn apart from them (another seed)."""
     if run.tflite_quantize == "none":
         return None
-    quantization = quantize_lib.Quantization(run.tflite_quantize, run.tflite_io,
-                                             held_out_source=quantize_lib.held_out_source(run.verify_inputs, run.inputs))
+    quantization = quantize_lib.Quantization(
+        run.tflite_quantize, run.tflite_io, held_out_source=quantize_lib.held_out_source(run.verify_inputs, run.inputs))
     if run.tflite_quantize == "int8":
         # A signature that is the same function as another is calibrated once (tflite keys the
         # samples by the signatures the converter writes).
