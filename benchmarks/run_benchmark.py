@@ -1,7 +1,7 @@
 """The tf_bnfuse benchmark: conversion time and memory against the TFLite converter, inference
 latency before and after folding, and pass time on synthetic graphs up to 100k nodes.
 
-    scripts/benchmark.sh                 # everything, as in the README (about 10 minutes)
+    scripts/benchmark.sh                 # everything, as in docs/performance.md (about 10 minutes)
     scripts/benchmark.sh --quick         # one small model, graphs up to 10k nodes
 
 Each conversion runs in a fresh process, so its wall time includes importing
@@ -132,7 +132,8 @@ def machine():
                                "print(tf.__version__, keras.__version__, numpy.__version__)"],
                               capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     tf_version, keras_version, numpy_version = (versions.stdout.split() + ["?"] * 3)[:3]
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(memory_gb, 1),
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(memory_gb, 1), "commit": commit.stdout.strip(),
             "python": platform.python_version(), "tensorflow": tf_version, "keras": keras_version,
             "numpy": numpy_version, "gpu": "none"}
 
@@ -236,7 +237,7 @@ def main():
                              "load + save and the TFLite converter, per size of weights")
     parser.add_argument("--big_sizes_gb", nargs="+", type=float, default=[0.5, 1, 2, 3])
     parser.add_argument("--plot", default=None,
-                        help="where the PNG goes (default docs/benchmark.png, which the README shows; "
+                        help="where the PNG goes (default docs/benchmark.png, which docs/performance.md shows; "
                              "build/bench/benchmark_quick.png with --quick)")
     args = parser.parse_args()
 

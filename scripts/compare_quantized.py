@@ -1,4 +1,4 @@
-"""int8 of the original against int8 of tf_bnfuse's output: prints the README's Markdown table.
+"""int8 of the original against int8 of tf_bnfuse's output: prints docs/tflite.md's Markdown table.
 
     .venv/bin/python scripts/compare_quantized.py
 

@@ -1,4 +1,4 @@
-"""Where tf_bnfuse goes beyond the TFLite converter: prints the README's Markdown table.
+"""Where tf_bnfuse goes beyond the TFLite converter: prints docs/tflite.md's Markdown table.
 
     .venv/bin/python scripts/compare_with_tflite.py
 

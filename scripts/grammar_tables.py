@@ -1,9 +1,9 @@
-"""Prints the chain grammar's tables (tf_bnfuse/passes/grammar.py) as the README's Markdown.
+"""Prints the chain grammar's tables (tf_bnfuse/passes/grammar.py) as docs/folding.md's Markdown.
 
     .venv/bin/python scripts/grammar_tables.py
 
-tests/test_readme.py checks that the README holds exactly this output, so the tables the
-README shows are the ones the passes use.
+tests/test_docs.py checks that docs/folding.md holds exactly this output, so the tables the
+page shows are the ones the passes use.
 """
 
 import sys

@@ -1,4 +1,4 @@
-"""The package's architecture, checked from its source (README "Design").
+"""The package's architecture, checked from its source (docs/design.md).
 
 Layers, lowest first; a module imports only from its own layer and those listed for it:
 
@@ -15,6 +15,7 @@ import ast
 import os
 
 import pytest
+
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tf_bnfuse")
 SHARED = {"errors", "report"}
@@ -157,3 +158,4 @@ def test_one_helper_per_graph_primitive():
             continue
         assert 'startswith("^")' not in source, path
         assert "GraphDef()" not in source, path
+

@@ -93,7 +93,7 @@ class Step:
     # (index, node, Layout of the data) -> (scale, shift) vectors of layout.channels; NoMatch.
     affine: Callable
     scales: bool  # whether it can scale (a chain of shifts alone is a bias)
-    doc: str = ""  # what it computes and when it is a step (the README's table)
+    doc: str = ""  # what it computes and when it is a step (docs/folding.md's table)
 
 
 def _one_constant_operand(index, node):
@@ -237,7 +237,7 @@ class PassThrough:
     absorbed: bool = False  # adds nothing (Identity-likes): the rewrite bypasses it
     bias_commutes: bool = True  # it(x) + b == it(x + b): the new bias may go before it
     positive_scale: bool = False  # commutes with x * s + t only where every s > 0 (MaxPool)
-    doc: str = ""  # when it is passed (the README's table)
+    doc: str = ""  # when it is passed (docs/folding.md's table)
 
 
 def _same(index, node, layout):

@@ -1,6 +1,6 @@
 """lower_batch_norm: a batch norm no fold took stays one op, in the one form every runtime takes.
 
-Measured on TensorFlow 2.21 (README "What is folded"): the TFLite converter converts an
+Measured on TensorFlow 2.21 (docs/folding.md): the TFLite converter converts an
 inference FusedBatchNormV3 (and V1) that cannot fold, and fails outright on FusedBatchNormV2;
 BatchNormWithGlobalNormalization cannot even be imported into a graph of GraphDef version 9 or
 later, which the written model is. On TensorFlow's CPU kernels FusedBatchNormV3 is as fast as
