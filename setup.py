@@ -10,7 +10,7 @@ setup(
     version=VERSION,
     description="Fold inference batch normalization into convolutions and matmuls of a TensorFlow SavedModel.",
     packages=["tf_bnfuse", "tf_bnfuse.graph", "tf_bnfuse.passes", "tf_bnfuse.savedmodel", "tf_bnfuse.verify",
-              "tf_bnfuse.configs"],
+              "tf_bnfuse.phases", "tf_bnfuse.configs"],
     package_dir={"tf_bnfuse.configs": "configs"},
     package_data={"tf_bnfuse.configs": ["*.json"]},
     python_requires=">=3.9",

@@ -8,7 +8,7 @@ Layers, lowest first; a module imports only from its own layer and those listed 
     passes/                   pass context, runner, grammar, passes   <- graph, fold_math
     savedmodel/               SavedModel I/O                          <- graph
     verify/                   test inputs, comparison, TFLite         <- savedmodel, graph
-    api, cli, config          on top                                  <- everything
+    api, cli, config, phases/ on top                                  <- everything
 """
 
 import ast
@@ -31,6 +31,7 @@ ALLOWED = {  # layer -> the layers it may import (besides itself and SHARED)
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 60
 MAX_TOP_LEVEL_MODULES = 8
+MAX_RUN_PART_FIELDS = 12
 TF_INTERNAL = "graph/tf_internal.py"
 
 
@@ -159,3 +160,12 @@ def test_one_helper_per_graph_primitive():
         assert 'startswith("^")' not in source, path
         assert "GraphDef()" not in source, path
 
+
+@pytest.mark.parametrize("relative", sorted(p for p in MODULES if p == "api.py" or p.startswith("phases/")))
+def test_a_run_keeps_its_state_in_named_parts(relative):
+    """No bag of state that every phase reads and writes: each part of a run is a small record
+    made by one phase (phases/parts.py)."""
+    for node in ast.walk(ast.parse(MODULES[relative])):
+        if isinstance(node, ast.ClassDef) and any("dataclass" in ast.unparse(d) for d in node.decorator_list):
+            fields = [s for s in node.body if isinstance(s, ast.AnnAssign)]
+            assert len(fields) <= MAX_RUN_PART_FIELDS, "%s: %s has %d fields" % (relative, node.name, len(fields))

@@ -37,6 +37,10 @@ class SavedModelFile:
         return next(tuple(m.meta_info_def.tags) for m in self.proto.meta_graphs
                     if sorted(m.meta_info_def.tags) == sorted(tags))
 
+    def close(self):
+        """Lets go of the parsed proto: nothing reads it once every MetaGraph is loaded."""
+        self.proto = None
+
     def check_tags(self, tags):
         if tags and sorted(tags) not in self.tag_sets:
             raise errors.BadInputError("SavedModel %s has no MetaGraph with tags %s; available tag sets: %s" % (

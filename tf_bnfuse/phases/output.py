@@ -1,0 +1,110 @@
+"""The phases after the passes: write every MetaGraph into one SavedModel, verify what was
+written, and move it into place."""
+
+import dataclasses
+import os
+
+from absl import logging
+
+from tf_bnfuse import errors
+from tf_bnfuse import graph as graph_lib
+from tf_bnfuse.passes import runner
+from tf_bnfuse.passes.context import PassContext
+from tf_bnfuse.phases import prepare
+from tf_bnfuse.savedmodel import freeze as freeze_lib
+from tf_bnfuse.savedmodel import load as load_lib
+from tf_bnfuse.savedmodel import output_dir as output_dir_lib
+from tf_bnfuse.savedmodel import resources
+from tf_bnfuse.savedmodel import write as write_lib
+from tf_bnfuse.verify import compare as verify_lib
+from tf_bnfuse.verify import culprit as culprit_lib
+from tf_bnfuse.verify import root_functions as root_function_checks
+from tf_bnfuse.verify import test_inputs as test_inputs_lib
+
+
+def write(folded_metagraphs, built, release_weights, progress):
+    """Writes every MetaGraph's folded signatures into one SavedModel at built. Returns the
+    FoldedMetaGraphs without what a releasing MetaGraph lets go of now: the written model holds
+    the weights, and what runs the original after this loads it again (OriginalAgain)."""
+    with progress.phase("write"):
+        # Without TFLite nothing writes the folded signatures again: each kernel leaves them as it is saved.
+        write_lib.write([write_lib.MetaGraphToWrite(m.metagraph.tags, m.folded, m.initializers, m.roots.aliases)
+                         for m in folded_metagraphs], built, release_weights=release_weights)
+    return [dataclasses.replace(m, loaded=None, folded=None) if m.metagraph.releases else m
+            for m in folded_metagraphs]
+
+
+def verify(built, folded, options, progress):
+    """Loads the written output and runs every signature and kept root function of one
+    FoldedMetaGraph on the test inputs, comparing them with the original's unless verification is
+    off. Records the VerificationReport in folded.report.verification (a failed one with the fold
+    it comes from) before raising VerificationError."""
+    test_inputs, reference = folded.test_inputs, folded.reference
+    with progress.phase("verify"):
+        # Even unverified, the output is loaded and run: a model that cannot run is never written.
+        reloaded = load_written(built, folded.metagraph.tags)
+        reloaded_functions = {k: reloaded.signatures[k] for k in test_inputs.input_specs}
+        if options.verify:
+            verification = verify_lib.verify(
+                reference.expected, reloaded_functions, test_inputs.arrays, folded.signatures.output_specs,
+                options.verify_config, folded.precisions,
+                original_again=lambda: prepare.original_references(*folded.original.get(), folded.signatures,
+                                                                   folded.roots, test_inputs))
+            verification.inputs = test_inputs_lib.describe_integer_inputs(test_inputs.input_specs,
+                                                                          test_inputs.bounds, test_inputs.given)
+            folded.report.verification = verification
+            if not verification.ok:
+                verification.culprit = find_culprit(verification.failures()[0], folded, options, progress)
+            verify_lib.raise_if_failed(verification)  # the signatures first: a root function only calls one
+        else:
+            verify_lib.smoke_test(reloaded_functions, test_inputs.arrays)
+        root_function_checks.check(reference.expected_roots if reference else None, reloaded, folded.roots.aliases,
+                                   test_inputs.arrays, options.verify_config if options.verify else None,
+                                   folded.precisions, original_again=lambda: folded.original.get()[0])
+    if not options.verify:
+        logging.warning("verification skipped: the output of %s ran on test inputs but was NOT "
+                        "compared with the input", options.output_dir)
+    elif not folded.report.verification.compared:
+        logging.warning("verification compared NOTHING: every output is random (it differs between two "
+                        "calls of the original on the same input): %s", ", ".join(
+                            folded.report.verification.random_outputs()))
+
+
+def load_written(built, tags):
+    """The written output, loaded as a user loads it. It failing is tf_bnfuse's fault, not the
+    input's: an internal error (exit 3), never "bad input" (exit 2)."""
+    try:
+        return load_lib.load(load_lib.read(built), tags)
+    except errors.BadInputError as e:
+        raise errors.BnFuseError("the folded model does not load, a tf_bnfuse bug (nothing written): %s" % e)
+
+
+def find_culprit(failed, folded, options, progress):
+    """The culprit.Culprit of a failed check: its signature's pipeline runs again with folds left
+    out, by halves, each result called in memory as the written model would be."""
+    key = folded.signatures.first(failed.signature)
+    expected = folded.reference.expected.calls[(failed.signature, failed.device)][0][failed.output]
+    with progress.phase("find the failing fold"):
+        loaded, functions = folded.original.get()
+        frozen = freeze_lib.freeze(key, functions[key], resources.resource_owners(loaded), graph_lib.WeightStore(),
+                                   freeze_lib.written_handles(functions.values()))
+
+        def check_without(left_out):
+            names = [name for fold in left_out for name in [fold.node] + list(fold.absorbed)]
+            weights = frozen.weights.copy()  # each re-run retains its own: the frozen graph names them all
+            graph_def, _ = runner.run_pipeline(frozen.graph_def, frozen.output_tensors, options.config["pipeline"],
+                                               context=PassContext(weights, left_out=names), weights_out=True)
+            function = write_lib.signature_callable(dataclasses.replace(frozen, graph_def=graph_def, weights=weights))
+            return culprit_lib.recheck(function, expected, folded.test_inputs.arrays[failed.signature], failed)
+
+        found, (_, error), checks = culprit_lib.bisect(folded.report.signatures[key].folds, check_without)
+    return culprit_lib.Culprit(failed.signature, failed.output, failed.device, [dataclasses.asdict(f) for f in found],
+                               failed.max_rel_error, error, checks)
+
+
+def move_into_place(built, output_dir, scratch, tflite_scratch, tflite_output, progress):
+    with progress.phase("move into place"):
+        output_dir_lib.move_into_place(built, output_dir, scratch)
+        if tflite_output:
+            os.replace(tflite_scratch, tflite_output)
+    progress.checkpoint("moved into place")

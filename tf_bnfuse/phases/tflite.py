@@ -1,0 +1,95 @@
+"""The TFLite phase: the folded model converted to a .tflite file, checked against the original
+(float) or measured beside the converter alone (quantized)."""
+
+import dataclasses
+import os
+
+from tf_bnfuse import errors
+from tf_bnfuse.passes import promote_float16
+from tf_bnfuse.passes.context import PassContext
+from tf_bnfuse.phases import prepare
+from tf_bnfuse.savedmodel import write as write_lib
+from tf_bnfuse.verify import quantize as quantize_lib
+from tf_bnfuse.verify import test_inputs as test_inputs_lib
+from tf_bnfuse.verify import tflite as tflite_lib
+
+
+def convert(built, scratch, folded, options, progress):
+    """Converts the --tags MetaGraph's written output (folded, never a releasing one: the original
+    runs here) to TFLite. Records the TfliteReport in folded.report.tflite before raising
+    VerificationError; returns the path of the .tflite file written beside its final name."""
+    tflite, loaded = options.tflite, folded.loaded
+    with progress.phase("tflite"):
+        references = prepare.original_references(loaded.loaded, loaded.functions, folded.signatures, folded.roots,
+                                                 folded.test_inputs)
+        convert_dir = built
+        if any(promote_float16.has_half(sig.graph_def) for sig in folded.folded.values()):
+            convert_dir = os.path.join(scratch, "float32_for_tflite")
+            write_lib.write([write_lib.MetaGraphToWrite(folded.metagraph.tags, _promoted(folded.folded),
+                                                        folded.initializers)], convert_dir)
+        quantization = _quantization(tflite, folded, options)
+        model_content, report = tflite_lib.build(
+            options.saved_model_dir, convert_dir, tflite.output, list(loaded.functions), folded.metagraph.tags,
+            references, folded.test_inputs.arrays, options.verify_config, quantization, folded.test_inputs.arrays)
+        report.promoted_float16 = convert_dir != built
+        if quantization is not None:
+            report.quantization.max_error = tflite.max_error
+        folded.report.tflite = report
+    _raise_if_failed(report)
+    # Written beside its final name, so that its rename cannot cross filesystems.
+    tflite_scratch = "%s.tf_bnfuse-%d.tmp" % (tflite.output, os.getpid())
+    with open(tflite_scratch, "wb") as f:
+        f.write(model_content)
+    return tflite_scratch
+
+
+def _raise_if_failed(report):
+    quantized = report.quantization
+    if quantized is not None and not quantized.ok:
+        worst = quantized.worst
+        raise errors.VerificationError(
+            "TFLite %s model: signature %s output %s has relative L2 error %.3g against the original, above "
+            "--tflite_max_error %g; nothing written" % (quantized.mode, worst.signature, worst.output,
+                                                        worst.relative_l2_error, quantized.max_error))
+    if not report.ok:
+        bad = next(c for c in report.checks if not c.ok)
+        raise errors.VerificationError(
+            "TFLite check failed: signature %s output %s: max abs error %.3g, max rel error %.3g "
+            "(rtol %g, atol %g); nothing written" % (bad.signature, bad.output, bad.max_abs_error,
+                                                    bad.max_rel_error, bad.rtol, bad.atol))
+
+
+def _quantization(tflite, folded, options):
+    """The quantize.Quantization of --tflite_quantize, None for a float model. The metrics are
+    measured on the verification's test inputs; int8 calibrates on --calibration_inputs, else on
+    seeded random inputs drawn apart from them (another seed)."""
+    if tflite.quantize == "none":
+        return None
+    test_inputs = folded.test_inputs
+    quantization = quantize_lib.Quantization(
+        tflite.quantize, tflite.io, held_out_source=quantize_lib.held_out_source(options.verify_inputs,
+                                                                                  test_inputs.arrays))
+    if tflite.quantize == "int8":
+        # A signature that is the same function as another is calibrated once (tflite keys the
+        # samples by the signatures the converter writes).
+        verify_config = options.verify_config
+        config = dict(verify_config, seed=verify_config.get("seed", 0) + 1, batch_size=quantize_lib.CALIBRATION_SAMPLES)
+        quantization.calibration, quantization.calibration_source = quantize_lib.calibration(
+            tflite.calibration_inputs,
+            {k: s for k, s in test_inputs.input_specs.items() if k not in folded.signatures.same_as},
+            lambda specs: test_inputs_lib.make_inputs(specs, config, test_inputs.vocabulary, test_inputs.bounds, None,
+                                                      test_inputs.shapes))
+    return quantization
+
+
+def _promoted(folded):
+    """The folded signatures with float16 compute promoted to float32 (TFLite has no float16 convs)."""
+    promoted, by_graph = {}, {}
+    for key, sig in folded.items():
+        if id(sig.graph_def) not in by_graph:  # signatures sharing a graph keep sharing it
+            weights = sig.weights.copy()  # the pass retains only what it names; the folded graph names more
+            by_graph[id(sig.graph_def)] = (promote_float16.run(PassContext(weights), sig.graph_def,
+                                                               sig.output_tensors)[0], weights)
+        graph_def, weights = by_graph[id(sig.graph_def)]
+        promoted[key] = dataclasses.replace(sig, graph_def=graph_def, weights=weights)
+    return promoted
