@@ -102,12 +102,26 @@ def compare_in_fresh_process(original, folded, inputs_by_signature, tags=None, r
     return out
 
 
+_SHOWN = {}  # (folder, saved_model.pb's inode, size and mtime) -> what `saved_model_cli show --all` printed
+_TAG_SET = r"^MetaGraphDef with tag-set: '([^']*)' contains the following SignatureDefs:$"
+
+
+def _show_all(path):
+    """`saved_model_cli show --all` of a SavedModel, run once per folder as it is on disk (each run
+    imports TensorFlow: 4-5 s)."""
+    stat = os.stat(os.path.join(path, "saved_model.pb"))
+    key = (os.path.realpath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key not in _SHOWN:
+        cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+        _SHOWN[key] = subprocess.run([cli, "show", "--dir", path, "--all"], capture_output=True, text=True,
+                                     timeout=300, check=True).stdout
+    return _SHOWN[key]
+
+
 def tag_sets(path):
-    """The tag sets `saved_model_cli show` lists, sorted ("gpu, serve" is its spelling)."""
-    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
-    text = subprocess.run([cli, "show", "--dir", path], capture_output=True, text=True, timeout=300,
-                          check=True).stdout
-    return sorted(re.findall(r"^'([^']*)'$", text, re.MULTILINE))
+    """The tag sets `saved_model_cli show` lists, sorted ("gpu, serve" is its spelling; `show --all`
+    gives each in its stored order)."""
+    return sorted(", ".join(sorted(tags.split(", "))) for tags in re.findall(_TAG_SET, _show_all(path), re.MULTILINE))
 
 
 def signature_defs(path, tag_set="serve"):
@@ -117,11 +131,7 @@ def signature_defs(path, tag_set="serve"):
     The tensor names are the graph's own; keys, dtypes, shapes and method
     names are the SignatureDef a server sees.
     """
-    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
-    text = subprocess.run([cli, "show", "--dir", path, "--all"], capture_output=True,
-                          text=True, timeout=300, check=True).stdout
-    sections = re.split(r"^MetaGraphDef with tag-set: '([^']*)' contains the following SignatureDefs:$", text,
-                        flags=re.MULTILINE)
+    sections = re.split(_TAG_SET, _show_all(path), flags=re.MULTILINE)
     wanted = set(tag_set.replace(" ", "").split(","))
     [section] = [body for tags, body in zip(sections[1::2], sections[2::2]) if set(tags.split(", ")) == wanted]
     blocks = re.findall(r"signature_def\['([^']+)'\]:\n(.*?Method name is: \S*)", section, re.DOTALL)

@@ -17,6 +17,8 @@ from tf_bnfuse import errors
 from tf_bnfuse import fold_saved_model
 from tf_bnfuse import passes
 
+pytestmark = pytest.mark.quick  # the quick tier (scripts/test.sh --quick)
+
 
 def saved_model_ops(path, key):
     graph_def = tf.saved_model.load(path).signatures[key].graph.as_graph_def()

@@ -16,6 +16,7 @@ import os
 
 import pytest
 
+pytestmark = pytest.mark.quick  # the quick tier (scripts/test.sh --quick)
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tf_bnfuse")
 SHARED = {"errors", "report"}

@@ -16,6 +16,7 @@ from cli_checks import assert_one_line_error, error_lines, run_cli
 from tf_bnfuse import cli
 
 
+@pytest.mark.quick
 def test_cli_folds_the_example_and_prints_a_summary(example_model, tmp_path):
     out, report_path = str(tmp_path / "out"), str(tmp_path / "report.json")
     before = conftest.tree_digest(example_model)
@@ -54,6 +55,7 @@ def test_skip_verify_warns_loudly(example_model, tmp_path):
     assert "NOT compared" in result.stdout and "NOT compared" in result.stderr
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("case", ["missing", "empty", "not_a_saved_model", "corrupt"])
 def test_bad_input_folder_exits_2_with_one_line(case, tmp_path):
     src = tmp_path / "in"
@@ -70,6 +72,7 @@ def test_bad_input_folder_exits_2_with_one_line(case, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.quick
 def test_missing_flag_and_unknown_flag_exit_2(tmp_path):
     assert_one_line_error(run_cli("--output_dir", str(tmp_path / "o")), 2, "--saved_model_dir is required")
     assert_one_line_error(run_cli("--no_such_flag=1"), 2, "no_such_flag")
@@ -81,6 +84,7 @@ def test_unknown_signature_exits_2_and_lists_available(example_model, tmp_path):
     assert_one_line_error(result, 2, "serve_v9", "available: embedding, serving_default")
 
 
+@pytest.mark.quick
 def test_bad_config_exits_2(example_model, tmp_path):
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
@@ -96,6 +100,7 @@ def test_bad_config_exits_2(example_model, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.quick
 def test_non_empty_output_is_refused_without_overwrite(example_model, tmp_path):
     out = tmp_path / "o"
     out.mkdir()
@@ -105,6 +110,7 @@ def test_non_empty_output_is_refused_without_overwrite(example_model, tmp_path):
     assert (out / "precious").read_text() == "keep me"
 
 
+@pytest.mark.quick
 def test_help_lists_the_tools_own_flags_and_exits_0():
     for flag in ("--help", "-h"):
         result = run_cli(flag)
@@ -115,6 +121,7 @@ def test_help_lists_the_tools_own_flags_and_exits_0():
         assert "--only_check_args" not in result.stdout, "absl's own flags belong to --helpfull"
 
 
+@pytest.mark.quick
 def test_version_names_tf_bnfuse_tensorflow_and_keras():
     result = run_cli("--version")
     assert result.returncode == 0
@@ -133,6 +140,7 @@ def run_cli_reporting_tf_import(*args):
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.quick
 def test_paths_and_config_are_checked_before_tensorflow_is_imported(example_model, tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
@@ -254,12 +262,19 @@ def test_a_signal_during_the_write_leaves_nothing_or_a_finished_run(example_mode
         _assert_nothing_written(code, stderr, sig, out)
 
 
-@pytest.mark.parametrize("skip_verify", [False, True])
-def test_an_input_of_unknown_rank_gets_test_inputs_of_the_rank_its_conv_needs(tmp_path, skip_verify):
+@pytest.fixture(scope="module")
+def unknown_rank_conv(tmp_path_factory):
+    """(path, inputs) of a model whose input has unknown rank and feeds a conv; built once, only read."""
     import io_models
+    src = str(tmp_path_factory.mktemp("unknown_rank") / "src")
+    return src, io_models.unknown_rank(src, "conv")
+
+
+@pytest.mark.parametrize("skip_verify", [False, True])
+def test_an_input_of_unknown_rank_gets_test_inputs_of_the_rank_its_conv_needs(unknown_rank_conv, tmp_path,
+                                                                               skip_verify):
     from savedmodel_checks import compare_in_fresh_process, signature_defs
-    src, out = str(tmp_path / "src"), str(tmp_path / "out")
-    inputs = io_models.unknown_rank(src, "conv")
+    (src, inputs), out = unknown_rank_conv, str(tmp_path / "out")
     result = run_cli("--saved_model_dir", src, "--output_dir", out, *(["--skip_verify"] if skip_verify else []))
     assert result.returncode == 0, result.stderr
     assert "1 folded" in result.stdout and ("verified" in result.stdout) != skip_verify

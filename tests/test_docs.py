@@ -10,6 +10,7 @@ import pytest
 
 from tf_bnfuse import cli
 
+pytestmark = pytest.mark.quick
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")

@@ -7,6 +7,8 @@ import tensorflow as tf
 
 from tf_bnfuse import fold_math
 
+pytestmark = pytest.mark.quick  # the quick tier (scripts/test.sh --quick)
+
 RNG = np.random.default_rng(7)
 
 

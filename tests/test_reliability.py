@@ -65,6 +65,7 @@ def test_truncated_saved_model_pb_and_missing_variables(example_model, tmp_path)
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.quick
 def test_output_equal_to_input_is_refused(example_model):
     before = conftest.tree_digest(example_model)
     assert_one_line_error(run_cli("--saved_model_dir", example_model, "--output_dir", example_model,
@@ -93,6 +94,7 @@ def test_exchange_swaps_two_folders_atomically(tmp_path):
     assert (a / "f").read_text() == "b" and (b / "f").read_text() == "a"
 
 
+@pytest.mark.quick
 def test_stale_scratch_of_a_dead_process_is_removed_and_a_live_ones_kept(example_model, tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -106,10 +108,11 @@ def test_stale_scratch_of_a_dead_process_is_removed_and_a_live_ones_kept(example
 
 
 @pytest.fixture(scope="module")
-def resnet50(tmp_path_factory):
+def keras3_model(tmp_path_factory):
+    """A small Keras 3 export: the pause hook, not the model's size, makes each kill land in its phase."""
     import keras
     import model_zoo
-    path, _ = model_zoo.build(keras, "resnet50_small", str(tmp_path_factory.mktemp("resnet")))
+    path, _ = model_zoo.build(keras, "separable_bn", str(tmp_path_factory.mktemp("keras3")))
     return path
 
 
@@ -118,13 +121,13 @@ def resnet50(tmp_path_factory):
 BOUNDARIES = ["load", "freeze serve", "passes serve", "write", "verify", "move into place", "moved into place"]
 
 
-def test_a_kill_at_any_phase_leaves_no_output_or_a_complete_one(resnet50, tmp_path):
+def test_a_kill_at_any_phase_leaves_no_output_or_a_complete_one(keras3_model, tmp_path):
     """SIGKILL the CLI at each phase boundary (the test hook pauses it there, so the kill lands
     where it should however busy the machine is); then a plain re-run must work."""
     from tf_bnfuse import cli
     out = tmp_path / "out"
     for boundary in BOUNDARIES:
-        process = subprocess.Popen([sys.executable, "-m", "tf_bnfuse", "--saved_model_dir", resnet50,
+        process = subprocess.Popen([sys.executable, "-m", "tf_bnfuse", "--saved_model_dir", keras3_model,
                                     "--output_dir", str(out), "--verbosity=0", "--overwrite"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                    env=dict(os.environ, **{cli.PAUSE_ENV: boundary}))
@@ -137,10 +140,10 @@ def test_a_kill_at_any_phase_leaves_no_output_or_a_complete_one(resnet50, tmp_pa
         if boundary == "moved into place":
             assert out.exists()
         if out.exists():  # the kill landed after the rename: it must be complete
-            compare_outputs(resnet50, str(out))
-    result = run_cli("--saved_model_dir", resnet50, "--output_dir", str(out), "--overwrite")
+            compare_outputs(keras3_model, str(out))
+    result = run_cli("--saved_model_dir", keras3_model, "--output_dir", str(out), "--overwrite")
     assert result.returncode == 0, result.stderr
-    compare_outputs(resnet50, str(out))
+    compare_outputs(keras3_model, str(out))
     assert os.listdir(tmp_path) == ["out"], "a killed run's scratch folder was not cleaned up"
 
 
@@ -151,6 +154,7 @@ def test_a_kill_at_any_phase_leaves_no_output_or_a_complete_one(resnet50, tmp_pa
     ("negative gamma", {"gamma": -1.5}),
     ("large epsilon", {"epsilon": 10.0}),
 ])
+@pytest.mark.quick
 def test_numeric_edge_cases_fold_exactly(case, values):
     gamma, beta, mean, var = graphs.bn_params(4)
     if "var" in values:
@@ -175,6 +179,7 @@ def test_numeric_edge_cases_fold_exactly(case, values):
     assert np.abs(actual - expected).max() <= 1e-5 * scale + 1e-6
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("bad", [np.inf, np.nan])
 def test_inf_or_nan_statistics_are_refused_with_a_reason(bad):
     gamma, beta, mean, var = graphs.bn_params(4)

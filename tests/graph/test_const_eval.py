@@ -1,11 +1,14 @@
 """const_eval against TensorFlow itself: the numpy shortcut must compute what a session computes."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import graphs
 from tf_bnfuse.graph import const_eval
 from tf_bnfuse import graph as graph_lib
+
+pytestmark = pytest.mark.quick  # the quick tier (scripts/test.sh --quick)
 
 
 def _statistics_graph(dtype):

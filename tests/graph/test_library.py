@@ -1,8 +1,11 @@
 """graph.is_deterministic: whether the verification may call the original once instead of twice."""
 
+import pytest
 import tensorflow as tf
 
 from tf_bnfuse import graph as graph_lib
+
+pytestmark = pytest.mark.quick  # the quick tier (scripts/test.sh --quick)
 
 SPEC = tf.TensorSpec([1, 4, 4, 3], tf.float32)
 KERNEL = tf.ones([3, 3, 3, 2])

@@ -2,10 +2,13 @@
 call closure and function-body sources, control inputs. Hand-built protos; what each must
 return is read off the proto by hand."""
 
+import pytest
 import tensorflow as tf
 
 from tf_bnfuse import graph as graph_lib
 from tf_bnfuse.passes.context import PassContext
+
+pytestmark = pytest.mark.quick  # the quick tier (scripts/test.sh --quick)
 
 
 def _graph(*nodes):

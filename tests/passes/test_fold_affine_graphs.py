@@ -12,6 +12,8 @@ from tf_bnfuse import fold_graph_def
 from tf_bnfuse.passes.context import PassContext
 from tf_bnfuse.passes import constant_folding
 
+pytestmark = pytest.mark.quick  # the quick tier (scripts/test.sh --quick)
+
 STORE_EVERY_WEIGHT = True  # conftest: run_pipeline holds every Const outside the proto
 
 PIPELINE = {"pipeline": ["constant_folding", "fold_batch_norm", "fold_affine", "cleanup"]}

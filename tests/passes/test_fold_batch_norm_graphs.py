@@ -14,6 +14,8 @@ from tf_bnfuse import fold_graph_def
 from tf_bnfuse.passes.context import PassContext
 from tf_bnfuse.passes import fold_batch_norm
 
+pytestmark = pytest.mark.quick  # the quick tier (scripts/test.sh --quick)
+
 STORE_EVERY_WEIGHT = True  # conftest: run_pipeline holds every Const outside the proto
 
 FOLD_ONLY = {"pipeline": ["fold_batch_norm", "cleanup"]}

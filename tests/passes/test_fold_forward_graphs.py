@@ -8,6 +8,8 @@ import tensorflow as tf
 
 import graphs
 
+pytestmark = pytest.mark.quick  # the quick tier (scripts/test.sh --quick)
+
 STORE_EVERY_WEIGHT = True  # conftest: run_pipeline holds every Const outside the proto
 
 PIPELINE = {"pipeline": ["constant_folding", "fold_batch_norm", "fold_affine", "fold_forward", "cleanup"]}

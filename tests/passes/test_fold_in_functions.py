@@ -4,9 +4,12 @@ Hand-built graphs with TF2 control flow (functional While/If); the reference is 
 the unfolded graph.
 """
 
+import pytest
 import tensorflow as tf
 
 import graphs
+
+pytestmark = pytest.mark.quick  # the quick tier (scripts/test.sh --quick)
 
 STORE_EVERY_WEIGHT = True  # conftest: run_pipeline holds every Const outside the proto
 

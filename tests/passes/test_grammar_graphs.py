@@ -10,6 +10,8 @@ import tensorflow as tf
 
 import graphs
 
+pytestmark = pytest.mark.quick  # the quick tier (scripts/test.sh --quick)
+
 STORE_EVERY_WEIGHT = True  # conftest: run_pipeline holds every Const outside the proto
 
 PIPELINE = {"pipeline": ["fold_batch_norm", "fold_affine", "fold_forward", "lower_batch_norm", "cleanup"]}

@@ -9,11 +9,14 @@ unfolded graph.
 """
 
 import numpy as np
+import pytest
 import tensorflow as tf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import graphs
+
+pytestmark = pytest.mark.quick  # the quick tier (scripts/test.sh --quick)
 
 STORE_EVERY_WEIGHT = True  # conftest: run_pipeline holds every Const outside the proto
 

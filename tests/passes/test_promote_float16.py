@@ -1,11 +1,14 @@
 """promote_float16 on a hand-built float16 graph: float32 compute, same signature dtypes and values."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import graphs
 from tf_bnfuse.passes import promote_float16
 from tf_bnfuse.passes.context import PassContext
+
+pytestmark = pytest.mark.quick  # the quick tier (scripts/test.sh --quick)
 
 
 def test_float16_graph_computes_in_float32_and_keeps_its_input_and_output_dtypes():

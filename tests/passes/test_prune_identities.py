@@ -1,10 +1,13 @@
 """prune_identities on hand-built GraphDefs; the reference is TensorFlow running the original."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import graphs
 from tf_bnfuse import fold_graph_def
+
+pytestmark = pytest.mark.quick  # the quick tier (scripts/test.sh --quick)
 
 PIPELINE = {"pipeline": ["prune_identities", "cleanup"]}
 

@@ -4,6 +4,7 @@ weights it holds outside the proto while the passes run."""
 import gc
 import weakref
 
+import pytest
 import tensorflow as tf
 
 import graphs
@@ -11,6 +12,8 @@ from tf_bnfuse import graph as graph_lib
 from tf_bnfuse.graph import weights as weights_lib
 from tf_bnfuse.passes.context import PassContext
 from tf_bnfuse.passes import runner as pipeline
+
+pytestmark = pytest.mark.quick  # the quick tier (scripts/test.sh --quick)
 
 
 def _conv_bn_graph():

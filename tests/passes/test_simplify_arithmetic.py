@@ -1,9 +1,12 @@
 """simplify_arithmetic on hand-built GraphDefs; the reference is TensorFlow running the original."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 import graphs
+
+pytestmark = pytest.mark.quick  # the quick tier (scripts/test.sh --quick)
 
 STORE_EVERY_WEIGHT = True  # conftest: run_pipeline holds every Const outside the proto
 

@@ -8,7 +8,10 @@ import numpy as np
 
 import graphs
 import synthetic_graphs  # benchmarks/, on the path from conftest
+import pytest
 from tf_bnfuse import fold_graph_def
+
+pytestmark = pytest.mark.quick  # the quick tier (scripts/test.sh --quick)
 
 
 def test_every_block_of_a_synthetic_chain_folds_and_outputs_match():

@@ -109,6 +109,7 @@ def test_a_root_function_no_signature_calls_is_kept_only_when_it_computes_the_sa
     assert not hasattr(tf.saved_model.load(out), "doubled")
 
 
+@pytest.mark.quick
 def test_a_kept_root_function_that_computes_otherwise_fails_the_run(tmp_path, monkeypatch):
     """The wiring of a kept root function is checked before anything is written, even unverified."""
     from tf_bnfuse.savedmodel import root_functions
@@ -210,6 +211,7 @@ def test_keras3_training_mode_batch_norm_stays_and_updates(tmp_path):
     assert any(op.startswith("AssignVariableOp") or op == "AssignSubVariableOp" for op in _ops(out, "serve"))
 
 
+@pytest.mark.quick
 def test_skip_verify_still_refuses_a_model_that_cannot_run(tmp_path, monkeypatch):
     """A pass that breaks the graph: unverified, the output is still run, and nothing is written."""
     from tf_bnfuse import passes
@@ -303,6 +305,7 @@ def _alternative_implementations_module(path):
     return {"serving_default": [{"x": io_models.RNG.standard_normal((2, 3)).astype(np.float32)}]}
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("build", [io_models.static_hash_table, io_models.counter, io_models.two_input_functions,
                                    _custom_gradient_module, _alternative_implementations_module],
                          ids=lambda b: b.__name__)
@@ -330,6 +333,7 @@ def test_load_leaves_out_only_the_checkpoint_functions_and_loads_the_same_model(
         np.testing.assert_array_equal(ours.scale_only(x).numpy(), theirs.scale_only(x).numpy())
 
 
+@pytest.mark.quick
 def test_load_falls_back_to_tensorflows_own_when_the_pruned_load_fails(tmp_path, monkeypatch):
     from tf_bnfuse.savedmodel import load as load_lib
 

@@ -19,6 +19,8 @@ from tf_bnfuse.savedmodel import load as load_lib
 from tf_bnfuse.savedmodel import resources
 from tf_bnfuse.savedmodel import write as write_lib
 
+pytestmark = pytest.mark.quick  # the quick tier (scripts/test.sh --quick)
+
 C = 32  # a 3x3 C -> C kernel is 36 KB: above the store's threshold, so it takes the stored path
 RNG = np.random.default_rng(3)
 

@@ -14,6 +14,8 @@ from tf_bnfuse import fold_saved_model
 from tf_bnfuse.passes import drivers
 from tf_bnfuse.verify import culprit as culprit_lib
 
+pytestmark = pytest.mark.quick  # the quick tier (scripts/test.sh --quick)
+
 CONVS = 5
 
 

@@ -148,6 +148,7 @@ def test_cli_tflite_output_summary_and_bad_paths(example_model, tmp_path):
     assert missing.returncode == 2 and "does not exist" in missing.stderr and not (tmp_path / "out3").exists()
 
 
+@pytest.mark.quick
 def test_mixed_float16_model_converts_after_folding_with_float32_compute(keras3_exported, tmp_path):
     """The converter has no float16 conv: the TFLite path promotes the folded graph to float32."""
     src = keras3_exported("mixed_float16_conv_bn")

@@ -24,13 +24,20 @@ LINEAR = {"CONV_2D", "CONV_3D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"}
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
+    """{flavour: a small model's path}, each built when a test first asks for it."""
     root = tmp_path_factory.mktemp("quantize")
-    paths = {"keras3": model_zoo.build(keras, "dilated_conv_bn", str(root))[0]}
-    subprocess.run([sys.executable, os.path.join(HERE, "model_zoo.py"), "tf_keras", str(root / "tf_keras"),
-                    "pool_bn_conv"], check=True, env=dict(os.environ, TF_USE_LEGACY_KERAS="1"), timeout=600,
-                   capture_output=True)
-    paths["tf_keras"] = str(root / "tf_keras" / "pool_bn_conv")
-    return paths
+
+    class Built(dict):
+        def __missing__(self, flavour):
+            if flavour == "keras3":
+                self[flavour] = model_zoo.build(keras, "dilated_conv_bn", str(root))[0]
+            else:
+                subprocess.run([sys.executable, os.path.join(HERE, "model_zoo.py"), "tf_keras", str(root / "tf_keras"),
+                                "pool_bn_conv"], check=True, env=dict(os.environ, TF_USE_LEGACY_KERAS="1"), timeout=600,
+                               capture_output=True)
+                self[flavour] = str(root / "tf_keras" / "pool_bn_conv")
+            return self[flavour]
+    return Built()
 
 
 def write_samples(src, path, count, seed, shape_change=0):
@@ -102,7 +109,7 @@ def test_int8_is_full_integer_folded_and_its_reported_error_checks_out(models, f
     assert "converter alone" in result.stdout and "rel L2" in result.stdout
 
 
-@pytest.mark.parametrize("mode", ["float16", "dynamic"])
+@pytest.mark.parametrize("mode", [pytest.param("float16", marks=pytest.mark.quick), "dynamic"])
 def test_float16_and_dynamic_are_measured(models, mode, tmp_path):
     src, model_path = models["keras3"], str(tmp_path / "m.tflite")
     report_path = tmp_path / "r.json"

@@ -14,6 +14,8 @@ import model_zoo
 from savedmodel_checks import assert_same_outputs
 from tf_bnfuse import fold_saved_model
 
+pytestmark = pytest.mark.quick  # the quick tier (scripts/test.sh --quick)
+
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
