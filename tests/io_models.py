@@ -116,13 +116,16 @@ def unknown_rank(path, consumer="conv"):
         def serve(self, x):
             if consumer == "conv":
                 y = tf.nn.conv2d(x, self.kernel, 1, "SAME")
+            elif consumer == "reshape":
+                y = tf.nn.conv2d(tf.reshape(x, [-1, 8, 8, 3]), self.kernel, 1, "SAME")
             else:
                 y = tf.reduce_sum(x) * self.kernel
             return {"y": y * self.scale + self.shift}
 
     module = AnyRank()
     tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
-    return {"serving_default": [{"x": RNG.standard_normal((2, 6, 6, 3)).astype(np.float32)}]}
+    shape = (2, 8 * 8 * 3) if consumer == "reshape" else (2, 6, 6, 3)  # a flat batch, as a user may send it
+    return {"serving_default": [{"x": RNG.standard_normal(shape).astype(np.float32)}]}
 
 
 def counter(path):

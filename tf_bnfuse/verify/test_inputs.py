@@ -187,7 +187,8 @@ _SHAPE_OF_DATA_INPUT = {
 def input_shapes(graph_def, inputs):
     """{input key: [dim or None, ...]} for the inputs of unknown rank whose first consumer (through
     Identities) needs a rank: a Conv2D's input is [N, H, W, C] with C from its kernel, a MatMul's
-    [N, K]. inputs: {key: TensorSpecInfo} of a signature, in the (frozen) graph_def."""
+    [N, K], a Reshape's the constant shape it reshapes to (its -1 free). inputs: {key:
+    TensorSpecInfo} of a signature, in the (frozen) graph_def."""
     unknown = {key: spec for key, spec in inputs.items() if spec.shape is None}
     if not unknown:
         return {}  # the common case, without indexing the frozen graph a second time (index_bounds does)
@@ -207,6 +208,8 @@ def input_shapes(graph_def, inputs):
 
 def _shape_needed(index, node, position):
     """The shape (None for free dims) a node needs of its data input, or None."""
+    if node.op == "Reshape" and position == 0:
+        return _reshaped_to(index, node)
     if node.op not in _SHAPE_OF_DATA_INPUT or position != 0 or (node.op == "MatMul" and node.attr["transpose_a"].b):
         return None
     rank, dim = _SHAPE_OF_DATA_INPUT[node.op]
@@ -218,6 +221,16 @@ def _shape_needed(index, node, position):
         channel = 1 if graph_lib.attr_string(node, "data_format", "NHWC").startswith("NC") else rank - 1
         shape[channel] = int(source[dim])
     return shape
+
+
+def _reshaped_to(index, node):
+    """The constant target shape of a Reshape with its one -1 as a free dim: an input of that
+    shape has a size the Reshape takes. None for a target that is not constant or has more
+    than one -1."""
+    target = index.const_value(graph_lib.data_inputs(node)[1])
+    if target is None or target.ndim != 1 or list(target).count(-1) > 1 or (target < -1).any():
+        return None
+    return [None if d == -1 else int(d) for d in target]
 
 
 def random_inputs(input_specs, rng, batch_size, unknown_dim_size, vocabulary=(), bounds=None, shapes=None):
