@@ -100,10 +100,39 @@ def integer_table(path, initializer="key_value", dtype=tf.int64):
     return {"serving_default": [{"ids": ids}]}
 
 
+def table_lookup_classifier(path):
+    """Issue 26's integer-table model: ids mapped by an int64 -> int64 StaticHashTable gather rows
+    of an embedding, a MatMul + tf.nn.batch_normalization scores them, and an int64 -> string
+    table names the argmax. Returns valid inputs (ids that hit the table, and ones that miss)."""
+    rng = np.random.default_rng(1234)
+
+    class Table(tf.Module):
+        def __init__(self):
+            self.table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+                tf.constant(np.arange(10), tf.int64), tf.constant(rng.permutation(10), tf.int64)), default_value=0)
+            self.names = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+                tf.constant(np.arange(6), tf.int64), tf.constant(["c%d" % i for i in range(6)])), default_value="?")
+            self.emb = tf.Variable(rng.standard_normal((10, 8)).astype(np.float32))
+            self.w = tf.Variable(rng.standard_normal((32, 6)).astype(np.float32) * 0.2)
+            gamma, beta, mean, variance = _random_bn(6)
+            self.gamma, self.beta, self.mean, self.var = (tf.Variable(v) for v in (gamma, beta, mean, variance))
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.int64, name="ids")])
+        def serve(self, ids):
+            e = tf.reshape(tf.gather(self.emb, self.table.lookup(ids)), [-1, 32])
+            y = tf.nn.batch_normalization(tf.matmul(e, self.w), self.mean, self.var, self.beta, self.gamma, 1e-3)
+            return {"y": y, "label": self.names.lookup(tf.argmax(y, axis=1))}
+
+    module = Table()
+    tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
+    return {"serving_default": [{"ids": rng.integers(0, 12, (5, 4)).astype(np.int64)}]}
+
+
 def unknown_rank(path, consumer="conv"):
     """A signature whose input has unknown rank (TensorSpec(None)); it feeds a Conv2D (which needs
-    rank 4 with 3 channels) then a batch norm's scale and shift, or a reduction (which takes any
-    rank). Returns valid inputs."""
+    rank 4 with 3 channels) then a batch norm's scale and shift ("conv"), the same conv after
+    tf.reshape(x, [-1, 8, 8, 3]) ("reshape"), or a reduction, which takes any rank ("reduce").
+    Returns valid inputs."""
 
     class AnyRank(tf.Module):
         def __init__(self):

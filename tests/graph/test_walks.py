@@ -91,3 +91,15 @@ def test_a_nested_context_has_a_store_of_its_own_with_the_same_threshold():
     assert inner.weights is not outer.weights and inner.weights.min_bytes == 4
     # What the outer report names "body/bn" is "bn" inside the body.
     assert inner.left_out == {"bn"}
+
+
+def test_renamed_nodes_follow_into_inputs_ports_control_edges_and_colocation():
+    graph_def = _graph(("unknown", "Placeholder", []), ("n", "IdentityN", ["unknown", "unknown:0"]),
+                       ("add", "AddV2", ["n:1", "unknown", "^unknown"]), ("other", "NoOp", []))
+    graph_def.node[2].attr["_class"].list.s.extend([b"loc:@unknown", b"loc:@other"])
+    renamed = graph_lib.renamed_nodes(graph_def, {"unknown": "unknown_frozen", "n": "m"})
+    assert [n.name for n in renamed.node] == ["unknown_frozen", "m", "add", "other"]
+    assert list(renamed.node[1].input) == ["unknown_frozen", "unknown_frozen"]
+    assert list(renamed.node[2].input) == ["m:1", "unknown_frozen", "^unknown_frozen"]
+    assert list(renamed.node[2].attr["_class"].list.s) == [b"loc:@unknown_frozen", b"loc:@other"]
+    assert graph_def.node[0].name == "unknown" and list(graph_def.node[2].input) == ["n:1", "unknown", "^unknown"]

@@ -68,6 +68,18 @@ def test_integer_tables_come_through_and_serve_the_same_ids(tmp_path, initialize
     assert report.signatures["serving_default"].folds
 
 
+@pytest.mark.parametrize("verify", [True, False])
+def test_an_id_table_classifier_serves_the_same_ids_and_labels(tmp_path, verify):
+    """Issue 26's model: int64 ids through a table, an embedding, MatMul + batch norm, and an
+    int64 -> string table naming the argmax. The output must load and serve, also unverified."""
+    src, out, inputs, report = _fold(io_models.table_lookup_classifier, tmp_path, verify=verify)
+    assert signature_defs(out) == signature_defs(src)
+    outputs = compare_in_fresh_process(src, out, inputs)
+    labels = outputs["serving_default"][0]["label"]
+    assert labels.dtype == object and {label.decode()[0] for label in labels.ravel()} <= {"c", "?"}
+    assert [f.linear_op for f in report.signatures["serving_default"].folds] == ["MatMul"]
+
+
 def test_written_variable_stays_a_variable(tmp_path):
     src, out, inputs, report = _fold(io_models.counter, tmp_path)
     # `loaded.serve`, the function the signature wraps, is kept: it runs the folded signature

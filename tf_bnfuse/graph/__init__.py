@@ -18,7 +18,7 @@ from tf_bnfuse.graph.library import (CALL_ARGUMENTS, CALL_OPS, IF_OPS, WHILE_OPS
                                      functions_by_name, is_deterministic)
 from tf_bnfuse.graph.names import (IDENTITY_OPS, attr_string, canonical_tensor, control_inputs, copy_graph_def,
                                    data_inputs, data_positions, is_control, new_graph_def, node_dtype,
-                                   parse_input, set_inputs, string_attr, tensor_name, type_attr)
+                                   parse_input, renamed_input, renamed_nodes, set_inputs, string_attr, tensor_name, type_attr)
 from tf_bnfuse.graph.walks import (cleanup, cone, constant_only_nodes, drop_dangling_colocation, forwarded_input,
                                    live_nodes, qualifying_nodes)
 from tf_bnfuse.graph.weights import WEIGHT_KEY_ATTR, WeightStore, const_array, const_nbytes
@@ -59,6 +59,8 @@ __all__ = [
     "node_dtype",
     "parse_input",
     "qualifying_nodes",
+    "renamed_input",
+    "renamed_nodes",
     "set_inputs",
     "string_attr",
     "tensor_name",

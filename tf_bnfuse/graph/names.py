@@ -30,6 +30,29 @@ def is_control(input_str):
     return input_str.startswith("^")
 
 
+def renamed_input(input_str, new_names):
+    """input_str reading its node under new_names ({old name: new name}), port and control kept."""
+    name, port, control = parse_input(input_str)
+    if name not in new_names:
+        return input_str
+    return "^" + new_names[name] if control else tensor_name(new_names[name], port)
+
+
+def renamed_nodes(graph_def, new_names):
+    """A copy of graph_def whose nodes in new_names ({old name: new name}) have their new names,
+    in every input and colocation (`_class: loc:@name`) that named them."""
+    renamed = copy_graph_def(graph_def)
+    located = {b"loc:@" + old.encode(): b"loc:@" + new.encode() for old, new in new_names.items()}
+    for node in renamed.node:
+        node.name = new_names.get(node.name, node.name)
+        set_inputs(node, [renamed_input(i, new_names) for i in node.input])
+        if "_class" in node.attr and any(e in located for e in node.attr["_class"].list.s):
+            entries = [located.get(e, e) for e in node.attr["_class"].list.s]
+            del node.attr["_class"].list.s[:]
+            node.attr["_class"].list.s.extend(entries)
+    return renamed
+
+
 def data_inputs(node_or_inputs):
     """The data inputs (not '^name' control inputs) of a NodeDef, or of a list of input strings."""
     inputs = getattr(node_or_inputs, "input", node_or_inputs)

@@ -107,9 +107,33 @@ def _forwarded_tensor(index, tensor):
     return "%s:%d" % (node.name, port) if node is not None else tensor
 
 
+# How TensorFlow names a function's captured inputs when it writes the function ("unknown",
+# "unknown_0", ...), and so the names a frozen graph's captures have.
+_CAPTURE_ARG_NAME = re.compile(r"unknown(_\d+)?$")
+
+
+def _clear_of_capture_arg_names(graph_def, sig, weights):
+    """(graph_def, sig, weights) with the nodes named like a written function's captured inputs
+    renamed ("unknown_1" -> "unknown_1_frozen"). Writing the function names its captures so;
+    a node of its body named like one is renamed then, but the written _output_shapes stay
+    with the old name: a frozen table handle "unknown" took the place of the embedding constant
+    "unknown_1" and its [10, 8] shape, and the output did not load."""
+    new_names = {n.name: n.name + "_frozen" for n in graph_def.node if _CAPTURE_ARG_NAME.match(n.name)}
+    if not new_names:
+        return graph_def, sig, weights
+    renamed = graph_lib.renamed_nodes(graph_def, new_names)
+
+    def specs(table):
+        return {k: dataclasses.replace(v, tensor=graph_lib.renamed_input(v.tensor, new_names)) for k, v in table.items()}
+    sig = dataclasses.replace(sig, inputs=specs(sig.inputs), outputs=specs(sig.outputs),
+                              resources={new_names.get(k, k): r for k, r in sig.resources.items()})
+    return renamed, sig, {new_names.get(k, k): v for k, v in weights.items()}
+
+
 def _signature_function(sig, graph_def, weights):
     """A wrapped function that imports the folded graph, feeding weights from variables
     and kept resources (written variables, tables) from the original objects."""
+    graph_def, sig, weights = _clear_of_capture_arg_names(graph_def, sig, weights)
     input_keys = sorted(sig.inputs)
     output_keys = sorted(sig.outputs)
     returned = [_forwarded_tensor(graph_lib.GraphIndex(graph_def), sig.outputs[k].tensor) for k in output_keys]
