@@ -15,6 +15,7 @@ setup(
     package_data={"tf_bnfuse.configs": ["*.json"]},
     python_requires=">=3.9",
     install_requires=["tensorflow>=2.16", "numpy", "absl-py"],
-    extras_require={"test": ["pytest", "tf-keras", "hypothesis"], "bench": ["matplotlib"]},
+    extras_require={"test": ["pytest", "tf-keras", "hypothesis", "ai-edge-litert"], "litert": ["ai-edge-litert"],
+                    "bench": ["matplotlib"]},
     entry_points={"console_scripts": ["tf_bnfuse = tf_bnfuse.cli:run"]},
 )

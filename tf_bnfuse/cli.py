@@ -62,7 +62,7 @@ OWN_FLAGS = ["saved_model_dir", "output_dir", "signature_keys", "tags", "config"
 
 HELP_EPILOG = """\
   --verbosity=1: also TensorFlow's own log lines, and tracebacks of internal errors
-  --version: tf_bnfuse, TensorFlow and Keras versions
+  --version: tf_bnfuse, TensorFlow, Keras and LiteRT versions
   --helpfull: every flag, absl's included
 
 exit codes:
@@ -100,7 +100,8 @@ def versions():
     """{package: version} without importing TensorFlow (which takes seconds)."""
     from importlib import metadata
     result = {"tf_bnfuse": tf_bnfuse.__version__, "python": platform.python_version()}
-    for package, name in (("tensorflow", "tensorflow"), ("keras", "keras"), ("tf-keras", "tf_keras")):
+    for package, name in (("tensorflow", "tensorflow"), ("keras", "keras"), ("tf-keras", "tf_keras"),
+                          ("ai-edge-litert", "ai_edge_litert")):
         try:
             result[name] = metadata.version(package)
         except metadata.PackageNotFoundError:

@@ -254,7 +254,8 @@ def _op_list(counts):
 
 def _tflite_lines(tflite):
     lines = ["tflite %s (%d bytes): %d ops: %s" % (tflite.path, tflite.size_bytes, sum(tflite.ops_after.values()),
-                                                   _op_list(tflite.ops_after))]
+                                                   _op_list(tflite.ops_after)),
+             "  run on %s" % tflite.runtime]
     if tflite.promoted_float16:
         lines.append("  float16 compute promoted to float32 for TFLite (it has no float16 conv kernels); "
                      "signature dtypes kept")
@@ -268,7 +269,7 @@ def _tflite_lines(tflite):
     if tflite.quantization is not None:
         lines += _quantization_lines(tflite)
     for c in tflite.checks:
-        lines.append("  %s/%s in the TFLite interpreter: max abs error %.3g, max rel error %.3g "
+        lines.append("  %s/%s on the TFLite runtime: max abs error %.3g, max rel error %.3g "
                      "(rtol %g, atol %g) %s" % (c.signature, c.output, c.max_abs_error, c.max_rel_error,
                                                 c.rtol, c.atol, "ok" if c.ok else "FAILED"))
     return lines

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
+from ai_edge_litert.interpreter import Interpreter  # the runtime users deploy .tflite models on
 
 import graphs
 import keras
@@ -23,13 +24,13 @@ LINEAR = {"CONV_2D", "CONV_3D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPO
 
 
 def tflite_ops(path):
-    interpreter = tf.lite.Interpreter(model_path=path)
+    interpreter = Interpreter(model_path=path)
     return [op["op_name"] for op in interpreter._get_ops_details()]
 
 
 def assert_tflite_matches_original(tflite_path, saved_model, rtol=1e-3, seed=7):
     """Every signature of the .tflite model against the original SavedModel, on random inputs."""
-    interpreter = tf.lite.Interpreter(model_path=tflite_path)
+    interpreter = Interpreter(model_path=tflite_path)
     original = tf.saved_model.load(saved_model)
     rng = np.random.default_rng(seed)
     for key in interpreter.get_signature_list():
@@ -41,6 +42,16 @@ def assert_tflite_matches_original(tflite_path, saved_model, rtol=1e-3, seed=7):
         for name in expected:
             scale = np.abs(expected[name]).max()
             assert np.abs(actual[name] - expected[name]).max() <= rtol * scale + 1e-5, (key, name)
+
+
+@pytest.mark.quick
+def test_the_litert_runtime_is_used_where_installed_and_tensorflows_interpreter_otherwise(monkeypatch):
+    from tf_bnfuse.verify import tflite
+    name, interpreter = tflite.runtime()
+    assert name.startswith("LiteRT") and interpreter is Interpreter
+    monkeypatch.setitem(sys.modules, "ai_edge_litert", None)  # as if it were not installed
+    name, interpreter = tflite.runtime()
+    assert name.startswith("tf.lite.Interpreter") and interpreter is tf.lite.Interpreter
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +145,10 @@ def test_cli_tflite_output_summary_and_bad_paths(example_model, tmp_path):
     result = cli("--output_dir", str(tmp_path / "out"), "--tflite_output", str(tflite_path),
                  "--report_json", str(report_json))
     assert result.returncode == 0, result.stderr
-    assert "tflite %s" % tflite_path in result.stdout and "in the TFLite interpreter" in result.stdout
-    assert json.loads(report_json.read_text())["tflite"]["checks"]
+    assert "tflite %s" % tflite_path in result.stdout and "on the TFLite runtime" in result.stdout
+    assert "run on LiteRT" in result.stdout  # ai-edge-litert is in the test extra
+    written = json.loads(report_json.read_text())["tflite"]
+    assert written["checks"] and written["runtime"].startswith("LiteRT")
     assert_tflite_matches_original(str(tflite_path), example_model)
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
 
@@ -158,7 +171,7 @@ def test_mixed_float16_model_converts_after_folding_with_float32_compute(keras3_
     ops = tflite_ops(tflite_path)
     assert "CONV_2D" in ops and "MUL" not in ops and "ADD" not in ops, ops
     # The .tflite keeps the signature's float16 output; it matches the original within float16 precision.
-    interpreter = tf.lite.Interpreter(model_path=tflite_path)
+    interpreter = Interpreter(model_path=tflite_path)
     function = tf.saved_model.load(src).signatures["serving_default"]
     [key] = function.structured_input_signature[1]
     image = np.random.default_rng(2).standard_normal((2, 12, 12, 3)).astype(np.float32)

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
+from ai_edge_litert.interpreter import Interpreter  # the runtime users deploy .tflite models on
 
 import keras
 import model_zoo
@@ -52,7 +53,7 @@ def write_samples(src, path, count, seed, shape_change=0):
 
 def tflite_outputs(model_path, inputs, key="serving_default"):
     """The .tflite model's outputs, its int8 inputs quantized and int8 outputs dequantized here."""
-    interpreter = tf.lite.Interpreter(model_path=model_path)
+    interpreter = Interpreter(model_path=model_path)
     runner = interpreter.get_signature_runner(key)
     fed = {}
     for name, value in inputs.items():
@@ -69,7 +70,7 @@ def tflite_outputs(model_path, inputs, key="serving_default"):
 
 
 def linear_weight_dtypes(model_path):
-    interpreter = tf.lite.Interpreter(model_path=model_path)
+    interpreter = Interpreter(model_path=model_path)
     dtypes = {t["index"]: t["dtype"] for t in interpreter.get_tensor_details()}
     ops = interpreter._get_ops_details()
     return [dtypes[op["inputs"][1]] for op in ops if op["op_name"] in LINEAR], [op["op_name"] for op in ops]
@@ -116,7 +117,7 @@ def test_float16_and_dynamic_are_measured(models, mode, tmp_path):
     result = run_cli("--saved_model_dir", src, "--output_dir", str(tmp_path / "out"), "--tflite_output", model_path,
                      "--tflite_quantize", mode, "--report_json", str(report_path))
     assert result.returncode == 0, result.stderr
-    interpreter = tf.lite.Interpreter(model_path=model_path)
+    interpreter = Interpreter(model_path=model_path)
     if mode == "float16":  # the weights are stored as float16
         assert any(t["dtype"] == np.float16 for t in interpreter.get_tensor_details())
     _, ops = linear_weight_dtypes(model_path)
@@ -155,7 +156,7 @@ def test_int8_of_signatures_the_converter_writes_as_one(example_model, tmp_path)
     result = run_cli("--saved_model_dir", example_model, "--output_dir", str(tmp_path / "out"), "--tflite_output",
                      model_path, "--tflite_quantize", "int8", "--report_json", str(report_path))
     assert result.returncode == 0, result.stderr
-    assert list(tf.lite.Interpreter(model_path=model_path).get_signature_list()) == ["serving_default"]
+    assert list(Interpreter(model_path=model_path).get_signature_list()) == ["serving_default"]
     weights, _ = linear_weight_dtypes(model_path)
     assert weights and all(d == np.int8 for d in weights)
     metrics = json.loads(report_path.read_text())["tflite"]["quantization"]["metrics"]

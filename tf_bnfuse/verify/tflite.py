@@ -9,6 +9,7 @@ TFLite kernels sum in another order than TensorFlow's).
 import collections
 import contextlib
 import dataclasses
+import importlib.metadata
 import re
 import warnings
 from typing import Dict, List, Optional
@@ -41,6 +42,7 @@ class TfliteReport:
     checks: List[verify_lib.OutputCheck] = dataclasses.field(default_factory=list)
     promoted_float16: bool = False  # float16 compute was promoted to float32 before converting
     quantization: Optional[quantize_lib.QuantizationReport] = None  # --tflite_quantize other than none
+    runtime: str = ""  # the interpreter the .tflite model was run on (runtime())
 
     @property
     def ok(self):
@@ -49,16 +51,27 @@ class TfliteReport:
 
 @contextlib.contextmanager
 def _without_interpreter_deprecation():
-    """Keeps tf.lite.Interpreter's deprecation warning off the user's stderr (it points to
-    ai_edge_litert, which tf_bnfuse does not depend on); int8 calibration makes one too."""
+    """Keeps tf.lite.Interpreter's deprecation warning off the user's stderr where LiteRT is not
+    installed (the warning points to it); the converter's int8 calibration makes one too."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated", category=UserWarning)
         yield
 
 
+def runtime():
+    """(what the report calls it, its Interpreter class): Google's standalone LiteRT runtime
+    (ai-edge-litert, the `litert` extra), where users run .tflite models, when it is installed;
+    otherwise TensorFlow's own tf.lite.Interpreter, deprecated in TensorFlow 2.21."""
+    try:
+        from ai_edge_litert import interpreter as litert  # pylint: disable=import-outside-toplevel
+    except ImportError:
+        return "tf.lite.Interpreter of TensorFlow %s" % tf.__version__, tf.lite.Interpreter
+    return "LiteRT %s (ai-edge-litert)" % importlib.metadata.version("ai-edge-litert"), litert.Interpreter
+
+
 def interpreter_of(model_content):
     with _without_interpreter_deprecation():
-        return tf.lite.Interpreter(model_content=model_content)
+        return runtime()[1](model_content=model_content)
 
 
 def convert(saved_model_dir, signature_keys, tags, quantization=None):
@@ -246,7 +259,7 @@ def build(input_dir, folded_dir, tflite_path, signature_keys, tags, original, te
     except Exception as e:  # the converter raises many types; the user needs the first line
         raise errors.BadInputError("the TFLite converter cannot convert the folded model: %s" % converter_error(e))
     report = TfliteReport(tflite_path, len(model_content), op_counts(model_content),
-                          batch_norm_ops_next_to_linear(model_content))
+                          batch_norm_ops_next_to_linear(model_content), runtime=runtime()[0])
     before = None
     try:
         before = convert(input_dir, signature_keys, tags, quantization)
