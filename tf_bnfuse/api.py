@@ -121,10 +121,11 @@ def _metagraphs(model, tags, options, drop_other_metagraphs):
 def _run(model, metagraphs, options, progress):
     folded = []
     for metagraph, report in metagraphs:
-        loaded = prepare.load(model, metagraph, options, progress.of(metagraph))
+        metagraph_progress = progress.of(metagraph)
+        loaded = prepare.load(model, metagraph, options, metagraph_progress)
         if metagraph is metagraphs[-1][0]:
             model.close()  # the parsed saved_model.pb: nothing reads it past the last load
-        folded.append(_fold_metagraph(loaded, metagraph, options, progress.of(metagraph), report))
+        folded.append(_fold_metagraph(loaded, metagraph, options, metagraph_progress, report))
         del loaded  # the FoldedMetaGraph holds it, and lets go of it after the write in a releasing run
     parent = os.path.dirname(os.path.realpath(options.output_dir))
     output_dir_lib.remove_stale_scratch(parent)
@@ -150,7 +151,7 @@ def _run(model, metagraphs, options, progress):
 def _fold_metagraph(loaded, metagraph, options, progress, report):
     """One MetaGraph from its loaded signatures to its folded graphs, the original's outputs on
     the test inputs computed on the way. Records each phase's share of the report."""
-    report.dropped_functions = loaded.dropped_functions
+    report.dropped_functions = loaded.dropped_functions  # what a run that fails before the match reports
     graphs, signatures = prepare.freeze_signatures(loaded, metagraph, progress)
     with resources.values_restored(signatures.state):  # calling the original advances them
         test_inputs = prepare.make_test_inputs(loaded, signatures, options.verify_config)

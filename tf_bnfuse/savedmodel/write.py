@@ -114,10 +114,10 @@ _CAPTURE_ARG_NAME = re.compile(r"unknown(_\d+)?$")
 
 def _clear_of_capture_arg_names(graph_def, sig, weights):
     """(graph_def, sig, weights) with the nodes named like a written function's captured inputs
-    renamed ("unknown_1" -> "unknown_1_frozen"). Writing the function names its captures so;
-    a node of its body named like one is renamed then, but the written _output_shapes stay
-    with the old name: a frozen table handle "unknown" took the place of the embedding constant
-    "unknown_1" and its [10, 8] shape, and the output did not load."""
+    renamed ("unknown_1" -> "unknown_1_frozen"). Writing the function names its captures so and
+    renames the body nodes that clash, but a renamed node can take another's _output_shapes: the
+    table-handle placeholder "unknown", renamed "unknown_1", was written with the [10, 8] of the
+    embedding constant "unknown_1", and the output did not load."""
     new_names = {n.name: n.name + "_frozen" for n in graph_def.node if _CAPTURE_ARG_NAME.match(n.name)}
     if not new_names:
         return graph_def, sig, weights
