@@ -19,7 +19,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
 
 
+GRAPPLER_OFF_ENV = "TF_BNFUSE_TEST_GRAPPLER_OFF"  # set: run every call as its graph is written
+
+
 def main(calls_path, results_path):
+    if os.environ.get(GRAPPLER_OFF_ENV):
+        tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
     with open(calls_path, "rb") as f:
         calls = pickle.load(f)
     loaded, results = {}, []

@@ -66,14 +66,18 @@ def compare_outputs(original, folded, rtol=1e-4, batch=2, seed=11):
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def run_in_fresh_process(calls):
-    """[(path, tags, signature key, inputs)] -> [outputs], each call run in order in a new Python process."""
+def run_in_fresh_process(calls, grappler=True):
+    """[(path, tags, signature key, inputs)] -> [outputs], each call run in order in a new Python process
+    (grappler=False: with TensorFlow's graph optimizer off, each graph computed as written)."""
+    env = dict(os.environ)
+    if not grappler:
+        env["TF_BNFUSE_TEST_GRAPPLER_OFF"] = "1"
     with tempfile.TemporaryDirectory() as scratch:
         calls_path, results_path = os.path.join(scratch, "calls.pkl"), os.path.join(scratch, "results.pkl")
         with open(calls_path, "wb") as f:
             pickle.dump(calls, f)
         result = subprocess.run([sys.executable, os.path.join(HERE, "run_signatures.py"), calls_path,
-                                 results_path], capture_output=True, text=True, timeout=600)
+                                 results_path], capture_output=True, text=True, timeout=600, env=env)
         assert result.returncode == 0, result.stderr[-3000:]
         with open(results_path, "rb") as f:
             return pickle.load(f)

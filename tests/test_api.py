@@ -150,10 +150,18 @@ def perturb_kernel(context, graph_def, outputs):  # pylint: disable=unused-argum
 
 
 def test_a_wrong_fold_fails_verification_and_writes_nothing(example_model, tmp_path, monkeypatch):
-    """A test-only pass perturbs one kernel: the check must catch it."""
+    """A test-only pass perturbs one folded kernel: the fold's own check names it; with that check
+    loosened out of the way, the output check still catches it."""
     monkeypatch.setitem(passes.REGISTRY, "perturb_kernel", perturb_kernel)
     out = str(tmp_path / "out")
     config = {"pipeline": ["fold_batch_norm", "perturb_kernel", "cleanup"]}
+    with pytest.raises(errors.VerificationError, match=r"fold of \S+/FusedBatchNormV3 into \S+/Conv2D \(signature "
+                                                       r"\w+\) fails its own check") as raised:
+        fold_saved_model(example_model, out, config=config)
+    folds = raised.value.run_report.verification.folds
+    assert folds.failures() and all(c.linear_node.endswith("/Conv2D") for c in folds.failures())
+    assert os.listdir(tmp_path) == [], "a failed run left files behind"
+    config["verify"] = {"fold_rounding_multiple": 1e9}
     with pytest.raises(errors.VerificationError, match=r"signature \w+ output \w+ on /device:CPU:0"):
         fold_saved_model(example_model, out, config=config)
     assert os.listdir(tmp_path) == [], "a failed run left files behind"
@@ -163,13 +171,13 @@ def test_an_output_that_does_not_load_is_an_internal_error_and_nothing_is_writte
                                                                                    monkeypatch):
     """The written model failing to load is tf_bnfuse's fault: exit 3, never 2 ("bad input")."""
     from tf_bnfuse.savedmodel import write as write_lib
-    written = write_lib.write
+    saved = write_lib.save
 
-    def write_then_truncate(signatures, path, *args, **kwargs):
-        written(signatures, path, *args, **kwargs)
+    def save_then_truncate(model, path):
+        saved(model, path)
         with open(os.path.join(path, "saved_model.pb"), "r+b") as f:
             f.truncate(100)
-    monkeypatch.setattr(write_lib, "write", write_then_truncate)
+    monkeypatch.setattr(write_lib, "save", save_then_truncate)
     for verify in (True, False):
         with pytest.raises(errors.BnFuseError, match="the folded model does not load") as raised:
             fold_saved_model(example_model, str(tmp_path / "out"), verify=verify)
@@ -196,7 +204,9 @@ def test_cli_exits_1_naming_signature_output_and_device_when_verification_fails(
     from tf_bnfuse import cli
     monkeypatch.setitem(passes.REGISTRY, "perturb_kernel", perturb_kernel)
     config = tmp_path / "faulty.json"
-    config.write_text(json.dumps({"pipeline": ["fold_batch_norm", "perturb_kernel", "cleanup"]}))
+    # The folds' own checks loosened out of the way: this is the output check's message.
+    config.write_text(json.dumps({"pipeline": ["fold_batch_norm", "perturb_kernel", "cleanup"],
+                                  "verify": {"fold_rounding_multiple": 1e9}}))
     out = tmp_path / "out"
     cli.FLAGS.unparse_flags()
     # --verbosity=1 keeps this process's stderr as it is (the CLI otherwise re-points it).

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import conftest
+from planted_errors import assert_caught_and_named
 from savedmodel_checks import (batch_norm_like_left, compare_in_fresh_process, compare_outputs, data_path_ops,
                                signature_defs, xla_functions_with)
 from tf_bnfuse import fold_saved_model
@@ -197,3 +198,12 @@ def test_tf_keras_model_called_directly_runs_the_folded_graph(tf_keras_models, t
     graph_def = loaded.__call__.get_concrete_function(tf.TensorSpec(spec.shape, tf.float32), False, None).graph.as_graph_def()
     ops = {n.op for n in graph_def.node} | {n.op for f in graph_def.library.function for n in f.node_def}
     assert "Conv2D" in ops and not ops & {"FusedBatchNormV3", "Rsqrt"}
+
+
+def test_a_planted_error_in_a_tf_keras_mobilenet_v2_is_caught_and_named(tf_keras_models, tmp_path, monkeypatch):
+    src = tf_keras_models["mobilenet_v2_small"]
+    report = fold_saved_model(src, str(tmp_path / "honest"))
+    assert report.verification.folds.ok and len(report.verification.folds.checks) == len(
+        report.signatures["serving_default"].folds)
+    assert_caught_and_named(src, ["block_3_expand", "block_12_depthwise"], ["Conv_1"],
+                             report.verification.folds.checks, str(tmp_path / "out"), monkeypatch)

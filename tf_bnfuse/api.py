@@ -132,12 +132,12 @@ def _run(model, metagraphs, options, progress):
     scratch, tflite_scratch = output_dir_lib.make_scratch(parent), None
     try:
         built = os.path.join(scratch, "saved_model")
-        folded = output.write(folded, built, folded[0].metagraph.releases, progress)
+        folded, fold_checks = output.write(folded, built, folded[0].metagraph.releases, options, progress)
         # The written module's functions and graphs hold one another in cycles, and with them the
         # weights' variables: freed now, not in the verification, beside the reloaded copy.
         gc.collect()
-        for each in folded:
-            output.verify(built, each, options, progress.of(each.metagraph))
+        for each, checks in zip(folded, fold_checks):
+            output.verify(built, each, checks, options, progress.of(each.metagraph))
         if options.tflite:
             tflite_scratch = tflite_phase.convert(built, scratch, folded[0], options, progress)
         output.move_into_place(built, options.output_dir, scratch, tflite_scratch,

@@ -17,7 +17,10 @@ _SOURCE_TREE_DEFAULT = os.path.join(os.path.dirname(os.path.dirname(os.path.absp
 KNOWN_KEYS = {"pipeline", "verify"}
 # verify key -> (type, minimum) of its value
 _VERIFY_INTEGERS = {"seed": 0, "batch_size": 1, "unknown_dim_size": 1}
-KNOWN_VERIFY_KEYS = set(_VERIFY_INTEGERS) | {"tolerance", "tflite_tolerance"}
+# verify key -> its default: the multiples of a rounding that the verification's bounds allow
+# (verify/fold_check.py, verify/compare.py)
+VERIFY_MULTIPLES = {"fold_rounding_multiple": 8.0, "spread_multiple": 8.0}
+KNOWN_VERIFY_KEYS = set(_VERIFY_INTEGERS) | set(VERIFY_MULTIPLES) | {"tolerance", "tflite_tolerance"}
 
 
 def check_pass_options(config, source="config"):
@@ -70,6 +73,10 @@ def validate_config(config, source="config"):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise errors.BadInputError("%s: verify.%s must be a whole number >= %d, not %s" % (
                 source, key, minimum, json.dumps(value)))
+    for key, default in VERIFY_MULTIPLES.items():
+        value = verify.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise errors.BadInputError("%s: verify.%s must be a number > 0, not %s" % (source, key, json.dumps(value)))
     tolerances = dict(verify.get("tolerance", {}))
     if "tflite_tolerance" in verify:
         tolerances["tflite_tolerance"] = verify["tflite_tolerance"]

@@ -12,6 +12,16 @@ from absl import logging
 
 
 @dataclasses.dataclass
+class CheckPoint:
+    """Where a fold can be checked by itself: the tensors its chain starts from and the tensor that
+    holds its result, named the same before and after the fold (verify/fold_check.py)."""
+    inputs: List[str]
+    output: str
+    terms: Optional[int]  # products each output element of the linear op sums (its rounding grows with them)
+    dtype: str  # the linear op's
+
+
+@dataclasses.dataclass
 class Fold:
     """One affine node (batch norm or Mul/Add chain) folded into a linear op."""
     node: str
@@ -19,6 +29,7 @@ class Fold:
     linear_node: str
     linear_op: str
     absorbed: List[str] = dataclasses.field(default_factory=list)
+    check: Optional[CheckPoint] = None  # None for a fold inside a called function
 
 
 @dataclasses.dataclass
@@ -233,9 +244,10 @@ def _verification_lines(verification):
             lines.append("  %s/%s on %s: RANDOM (the original differs between two calls on the same input): "
                          "not compared" % (c.signature, c.output, c.device))
             continue
-        lines.append("  %s/%s on %s: max abs error %.3g, max rel error %.3g (rtol %g, atol %g: %s) %s" % (
-            c.signature, c.output, c.device, c.max_abs_error, c.max_rel_error, c.rtol, c.atol, c.precision,
+        lines.append("  %s/%s on %s: max abs error %.3g, max rel error %.3g (%s) %s" % (
+            c.signature, c.output, c.device, c.max_abs_error, c.max_rel_error, c.describe_bound(),
             "ok" if c.ok else "FAILED"))
+    lines += _fold_check_lines(verification.folds)
     for where, difference in verification.grappler_differs.items():
         lines.append("  WARNING: %s: TensorFlow's Grappler computes the INPUT otherwise than its graph says (a "
                      "TensorFlow bug, such as oneDNN's LeakyRelu fusion); the output computes the graph as "
@@ -245,6 +257,21 @@ def _verification_lines(verification):
                                                                            verification.culprit.checks))
     if verification.checks and not verification.compared:
         lines.append("  WARNING: every output is random: nothing could be compared")
+    return lines
+
+
+def _fold_check_lines(folds):
+    if folds is None:
+        return []
+    lines = []
+    worst = folds.worst
+    if worst is not None:
+        lines.append("  folds checked one by one on %s, each fed the original's input: %d, %s; the worst %s at %.3g of "
+                     "its bound (max rel error %.3g, bound %.3g)" % (
+                         folds.device, len(folds.checks), "ok" if folds.ok else "%d FAILED" % len(folds.failures()),
+                         worst.node, worst.max_rel_error / worst.bound, worst.max_rel_error, worst.bound))
+    for where, why in sorted(folds.not_checked.items()):
+        lines.append("  fold %s: not checked by itself: %s" % (where, why))
     return lines
 
 

@@ -7,15 +7,17 @@
     walks     through Identities, what outputs need, cleanup
     library   function calls, their arguments and closure
     const_eval  numpy evaluation of small constant subgraphs
+    float64   a float64 copy of a graph's float32 arithmetic (verification's near-exact answer)
 
 The names below are the layer's interface; `from tf_bnfuse import graph as graph_lib`.
 """
 
 from tf_bnfuse.graph.editor import GraphEditor
+from tf_bnfuse.graph.float64 import in_float64
 from tf_bnfuse.graph.index import GraphIndex
 from tf_bnfuse.graph.library import (CALL_ARGUMENTS, CALL_OPS, IF_OPS, WHILE_OPS, body_source, call_counts,
                                      called_function_names, called_functions, function_closure,
-                                     functions_by_name, is_deterministic)
+                                     functions_by_name, is_deterministic, renamed_functions)
 from tf_bnfuse.graph.names import (IDENTITY_OPS, attr_string, canonical_tensor, control_inputs, copy_graph_def,
                                    data_inputs, data_positions, is_control, new_graph_def, node_dtype,
                                    parse_input, renamed_input, renamed_nodes, set_inputs, string_attr, tensor_name, type_attr)
@@ -29,6 +31,7 @@ __all__ = [
     "GraphEditor",
     "GraphIndex",
     "IDENTITY_OPS",
+    "in_float64",
     "IF_OPS",
     "WEIGHT_KEY_ATTR",
     "const_nbytes",
@@ -60,6 +63,7 @@ __all__ = [
     "parse_input",
     "qualifying_nodes",
     "renamed_input",
+    "renamed_functions",
     "renamed_nodes",
     "set_inputs",
     "string_attr",

@@ -94,3 +94,36 @@ def is_deterministic(graph_def):
         if op_def is None or op_def.is_stateful:
             return False
     return True
+
+
+def renamed_functions(graph_def, suffix):
+    """A copy of graph_def whose library functions are named with `suffix` added, and every
+    reference to them (a func attr, a function called by its name as the op, a gradient) with
+    them. Importing it cannot clash with another graph's function of the same name and another
+    body (the original's loop body beside its folded one, in one process)."""
+    result = type(graph_def)()
+    result.CopyFrom(graph_def)
+    names = {f.signature.name for f in result.library.function}
+    if not names:
+        return result
+
+    def rename(node_defs):
+        for node in node_defs:
+            if node.op in names:
+                node.op += suffix
+            for value in node.attr.values():
+                if value.HasField("func") and value.func.name in names:
+                    value.func.name += suffix
+                for function in value.list.func:
+                    if function.name in names:
+                        function.name += suffix
+    rename(result.node)
+    for function in result.library.function:
+        function.signature.name += suffix
+        rename(function.node_def)
+    for gradient in result.library.gradient:
+        if gradient.function_name in names:
+            gradient.function_name += suffix
+        if gradient.gradient_func in names:
+            gradient.gradient_func += suffix
+    return result

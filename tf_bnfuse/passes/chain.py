@@ -16,6 +16,7 @@ import numpy as np
 
 from tf_bnfuse import fold_math
 from tf_bnfuse import graph as graph_lib
+from tf_bnfuse import report as report_lib
 from tf_bnfuse.passes import grammar
 from tf_bnfuse.passes import linear_ops
 from tf_bnfuse.passes.grammar import NoMatch
@@ -69,6 +70,70 @@ class Chain:
         named = self.near_linear if self.forward else self.root
         return ([n.name for b in self.branches for n in b.nodes if not is_kept(n)]
                 + [n.name for n in self.nodes if n is not named and not is_kept(n)])
+
+
+    def check_point(self):
+        """The report.CheckPoint of this fold. Backward, the linear op's data input and the root,
+        which keeps its name; forward, x and the linear op (or the BiasAdd after it the new bias
+        merges into), whose name the node computing its value takes."""
+        branches = self.branches if self.concat is not None else [self]
+        terms = [_terms(b.match) for b in branches]
+
+        def above_identities(input_str):  # what prune_identities leaves the chain reading
+            node, port = self.match.index.skip_identities(input_str)
+            return graph_lib.tensor_name(node.name, port) if node is not None else input_str
+        if self.forward:
+            inputs = [above_identities(self.x)]
+            output = (self.merge_into or self.match.linear).name
+        else:
+            inputs = [above_identities(grammar.data_inputs(b.match.linear)[b.match.spec.data_input])
+                      for b in branches]
+            output = self.root.name
+        return report_lib.CheckPoint(inputs, graph_lib.tensor_name(output), None if None in terms else max(terms),
+                                     branches[0].match.dtype.name)
+
+
+def _terms(match):
+    if match.kernel_shape is None or match.out_channels is None:
+        return None
+    return int(np.prod(match.kernel_shape)) // max(match.out_channels, 1)
+
+
+def check_candidates(index):
+    """(inputs, outputs): every tensor a fold's CheckPoint may name, found before the passes run
+    (the verification keeps the original's values of them, verify/fold_check.py). Inputs: each
+    linear op's data input and the tensors above it through steps and pass-throughs (a forward
+    chain's x), every input of a step: before constant folding a batch norm's scale is not a
+    Const yet, so which input is its data is not known; outputs: each linear op's output and
+    those below it through single consumers."""
+    inputs, outputs = set(), set()
+    walkable = set(grammar.STEPS) | set(grammar.PASS_THROUGHS)
+    for node in index.graph_def.node:
+        if node.name not in index.live or linear_ops.linear_op_of(index, node) is None:
+            continue
+        spec, _ = linear_ops.linear_op_of(index, node)
+        above = [(grammar.data_inputs(node)[spec.data_input], 0)]
+        while above:
+            input_str, depth = above.pop()
+            tensor = graph_lib.tensor_name(*graph_lib.canonical_tensor(input_str))
+            if tensor in inputs:
+                continue
+            inputs.add(tensor)
+            producer, port = index.producer(input_str)
+            # A chain is short; a TF1 loop's Merge/NextIteration cycle is not walkable
+            if producer is not None and port == 0 and producer.op in walkable and depth < 8:
+                above += [(i, depth + 1) for i in grammar.data_inputs(producer)
+                          if index.const_node(i) is None]
+        below = node
+        for _ in range(64):
+            outputs.add(graph_lib.tensor_name(below.name))
+            consumers = index.data_consumers(below.name, 0)
+            if len(consumers) != 1:
+                break
+            below = index.node(consumers[0][0])
+            if below.op not in walkable and below.op != "ConcatV2":
+                break
+    return sorted(inputs), sorted(outputs)
 
 
 def is_kept(node):

@@ -48,10 +48,11 @@ def fold_backward(context, graph_def, outputs, pass_name, root_ops, report_every
         except NoMatch as reason:
             failures.append((found.root, chain.detached(chain.reached(reason))))
             continue
+        check = found.check_point()  # read before emit rewires the chain
         emit(editor, index, found, folded)
         del folded  # the new kernel is in the store now; not held while the next one is computed
         report.folds.append(report_lib.Fold(found.root.name, found.root.op, *found.linear_description,
-                                            absorbed=found.absorbed))
+                                            absorbed=found.absorbed, check=check))
     if report_every_root:
         report.skips.extend(unreached_in_functions(index))
     failed = {node.name: str(reason) for node, reason in failures}
@@ -142,9 +143,10 @@ def fold_forward(context, graph_def, outputs, pass_name):
         except NoMatch as reason:
             report.skips.append(report_lib.Skip(head.name, head.op, str(reason)))
             continue
+        check = found.check_point()  # read before emit rewires the chain
         emit(editor, index, found, folded)
         del folded
-        report.folds.append(report_lib.Fold(head.name, head.op, linear.name, linear.op, found.absorbed))
+        report.folds.append(report_lib.Fold(head.name, head.op, linear.name, linear.op, found.absorbed, check))
     report.nodes_after = len(editor.graph_def.node)
     return editor.graph_def, report
 

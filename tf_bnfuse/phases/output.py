@@ -4,6 +4,7 @@ written, and move it into place."""
 import dataclasses
 import os
 
+import tensorflow as tf
 from absl import logging
 
 from tf_bnfuse import errors
@@ -18,28 +19,72 @@ from tf_bnfuse.savedmodel import resources
 from tf_bnfuse.savedmodel import write as write_lib
 from tf_bnfuse.verify import compare as verify_lib
 from tf_bnfuse.verify import culprit as culprit_lib
+from tf_bnfuse.verify import fold_check
 from tf_bnfuse.verify import root_functions as root_function_checks
 from tf_bnfuse.verify import test_inputs as test_inputs_lib
 
 
-def write(folded_metagraphs, built, release_weights, progress):
-    """Writes every MetaGraph's folded signatures into one SavedModel at built. Returns the
-    FoldedMetaGraphs without what a releasing MetaGraph lets go of now: the written model holds
-    the weights, and what runs the original after this loads it again (OriginalAgain)."""
+def write(folded_metagraphs, built, release_weights, options, progress):
+    """Writes every MetaGraph's folded signatures into one SavedModel at built, checking each fold
+    by itself on the way (check_folds). Returns the FoldedMetaGraphs without what a releasing
+    MetaGraph lets go of now (the written model holds the weights, and what runs the original
+    after this loads it again: OriginalAgain), and their FoldChecks (None without verification)."""
+    with progress.phase("build"):
+        # Without TFLite nothing writes the folded signatures again: each kernel leaves them as it is built.
+        model = write_lib.build([write_lib.MetaGraphToWrite(m.metagraph.tags, m.folded, m.initializers,
+                                                            m.roots.aliases) for m in folded_metagraphs],
+                                release_weights=release_weights)
+    fold_checks = [check_folds(graphs, m, options, progress.of(m.metagraph)) if options.verify else None
+                   for graphs, m in zip(model.graphs, folded_metagraphs)]
     with progress.phase("write"):
-        # Without TFLite nothing writes the folded signatures again: each kernel leaves them as it is saved.
-        write_lib.write([write_lib.MetaGraphToWrite(m.metagraph.tags, m.folded, m.initializers, m.roots.aliases)
-                         for m in folded_metagraphs], built, release_weights=release_weights)
+        write_lib.save(model, built)
+    del model
     return [dataclasses.replace(m, loaded=None, folded=None) if m.metagraph.releases else m
-            for m in folded_metagraphs]
+            for m in folded_metagraphs], fold_checks
 
 
-def verify(built, folded, options, progress):
+def check_folds(graphs, folded, options, progress):
+    """The FoldChecks of one MetaGraph (verify/fold_check.py): each signature's folded graph, as
+    built (graphs: {key: (GraphDef without weights, weights)}), run once with every checked
+    fold's inputs fed the original's values. A failed one is recorded in the report's
+    verification and raised, naming the fold."""
+    device = verify_lib.visible_devices()[0]
+    checks = fold_check.FoldChecks(device)
+    with progress.phase("check folds"):
+        for key, original in folded.reference.fold_points.items():
+            plan = fold_check.plan(key, folded.report.signatures[key].folds, original,
+                                   {n.name for n in graphs[key][0].node})
+            if not plan.folds:
+                checks.not_checked.update(plan.not_checked)
+                continue
+            probe = write_lib.probe_function(folded.folded[key], *graphs[key], plan.feeds, [], plan.outputs)
+            # Calling it advances the state the output saves (a counter) as the original's
+            # calls did: restored, as after those.
+            try:
+                with verify_lib.as_written(), tf.device(device), resources.values_restored(folded.signatures.state):
+                    values = fold_check.run_probe(probe, folded.test_inputs.input_specs[key],
+                                                  folded.test_inputs.arrays[key],
+                                                  [original["full"][name] for name, _, _ in plan.feeds])
+            except tf.errors.OpError as e:  # the output check still judges them
+                values = fold_check.NOTHING_PROBED
+                logging.warning("the folds of %s cannot be checked by themselves: %s", key,
+                                errors.most_specific_line(e))
+            found, not_checked = fold_check.check(key, plan, original, values, options.verify_config)
+            checks.checks += found
+            checks.not_checked.update(not_checked)
+    if not checks.ok:
+        folded.report.verification = verify_lib.VerificationReport(devices=[device], folds=checks)
+        fold_check.raise_if_failed(checks)
+    return checks
+
+
+def verify(built, folded, fold_checks, options, progress):
     """Loads the written output and runs every signature and kept root function of one
     FoldedMetaGraph on the test inputs, comparing them with the original's unless verification is
     off. Records the VerificationReport in folded.report.verification (a failed one with the fold
     it comes from) before raising VerificationError."""
     test_inputs, reference = folded.test_inputs, folded.reference
+    evaluated = OriginalEvaluatedAgain(folded)
     with progress.phase("verify"):
         # Even unverified, the output is loaded and run: a model that cannot run is never written.
         reloaded = load_written(built, folded.metagraph.tags)
@@ -49,7 +94,9 @@ def verify(built, folded, options, progress):
                 reference.expected, reloaded_functions, test_inputs.arrays, folded.signatures.output_specs,
                 options.verify_config, folded.precisions,
                 original_again=lambda: prepare.original_references(*folded.original.get(), folded.signatures,
-                                                                   folded.roots, test_inputs))
+                                                                   folded.roots, test_inputs),
+                evaluated_again=evaluated)
+            verification.folds = fold_checks
             verification.inputs = test_inputs_lib.describe_integer_inputs(test_inputs.input_specs,
                                                                           test_inputs.bounds, test_inputs.given)
             folded.report.verification = verification
@@ -60,7 +107,9 @@ def verify(built, folded, options, progress):
             verify_lib.smoke_test(reloaded_functions, test_inputs.arrays)
         root_function_checks.check(reference.expected_roots if reference else None, reloaded, folded.roots.aliases,
                                    test_inputs.arrays, options.verify_config if options.verify else None,
-                                   folded.precisions, original_again=lambda: folded.original.get()[0])
+                                   folded.precisions, original_again=lambda: folded.original.get()[0],
+                                   own_errors=verify_lib.own_errors(reference.expected, evaluated.cache)
+                                   if reference else None)
     if not options.verify:
         logging.warning("verification skipped: the output of %s ran on test inputs but was NOT "
                         "compared with the input", options.output_dir)
@@ -68,6 +117,44 @@ def verify(built, folded, options, progress):
         logging.warning("verification compared NOTHING: every output is random (it differs between two "
                         "calls of the original on the same input): %s", ", ".join(
                             folded.report.verification.random_outputs()))
+
+
+class OriginalEvaluatedAgain:
+    """signature -> [(the original's {output: value} evaluated otherwise, how)]: in float64 where
+    its graph can be widened, and as written in float32. On demand, once per signature: the
+    input frozen again from what OriginalAgain loads, called on the first device on the
+    signature's test inputs (verify/compare.py)."""
+
+    def __init__(self, folded):
+        self.folded, self.cache = folded, {}
+
+    def __call__(self, key):
+        if key not in self.cache:
+            self.cache[key] = self._evaluate(key)
+        return self.cache[key]
+
+    def _evaluate(self, key):
+        folded = self.folded
+        loaded, functions = folded.original.get()
+        first = folded.signatures.first(key)
+        frozen = freeze_lib.freeze(first, functions[first], resources.resource_owners(loaded), graph_lib.WeightStore(),
+                                   freeze_lib.written_handles(functions.values()))
+        tensors = {k: graph_lib.tensor_name(*graph_lib.canonical_tensor(v.tensor)) for k, v in frozen.outputs.items()}
+        found = []
+        for float64, what in ((True, "in float64"), (False, "as written in float32")):
+            probe = write_lib.probe_callable(frozen, [], sorted(set(tensors.values())), [], float64=float64)
+            if probe is None:
+                continue
+            try:
+                with verify_lib.as_written(), tf.device(verify_lib.visible_devices()[0]), \
+                        resources.values_restored(folded.signatures.state):
+                    values = fold_check.run_probe(probe, folded.test_inputs.input_specs[key],
+                                                  folded.test_inputs.arrays[key])["full"]
+            except tf.errors.OpError as e:  # an op without a float64 kernel, say
+                logging.info("the original cannot be evaluated %s: %s", what, errors.most_specific_line(e))
+                continue
+            found.append(({k: values[t] for k, t in tensors.items() if t in values}, what))
+        return found
 
 
 def load_written(built, tags):

@@ -119,6 +119,9 @@ class Reference:
     """The reference phase's: the original's outputs on the test inputs, before the passes."""
     expected: object  # compare.Expected
     expected_roots: dict  # root_functions.expected_outputs
+    # first signature of each function -> the original's values of the tensors its folds may be
+    # checked at (fold_check.run_probe)
+    fold_points: dict
 
 
 @dataclasses.dataclass

@@ -4,6 +4,7 @@ import dataclasses
 import hashlib
 import os
 import re
+import uuid
 
 import numpy as np
 import tensorflow as tf
@@ -139,13 +140,7 @@ def _signature_function(sig, graph_def, weights):
     returned = [_forwarded_tensor(graph_lib.GraphIndex(graph_def), sig.outputs[k].tensor) for k in output_keys]
 
     def call(*args):
-        input_map = {sig.inputs[k].tensor: arg for k, arg in zip(input_keys, args)}
-        for name, variable in weights.items():
-            input_map[name + ":0"] = variable.value()  # a bare ReadVariableOp (read_value adds an Identity)
-        for name, resource in sig.resources.items():
-            # Import cannot map a placeholder to an eager tensor: the function captures the
-            # handle, and the capture's placeholder is what the graph reads.
-            input_map[name + ":0"] = tf.compat.v1.get_default_graph().capture(resource.handle)
+        input_map = _input_map(sig, weights, {sig.inputs[k].tensor: arg for k, arg in zip(input_keys, args)})
         outputs = tf.graph_util.import_graph_def(
             graph_def, input_map=input_map, return_elements=returned, name="")
         # An output that is an input passed through, or is another output too, would alias
@@ -172,6 +167,99 @@ def _signature_function(sig, graph_def, weights):
     return function
 
 
+def _input_map(sig, weights, fed):
+    """import_graph_def's input_map: `fed` ({tensor: value}), the weights read from their
+    variables and the kept resources from their original handles."""
+    input_map = dict(fed)
+    for name, variable in weights.items():
+        input_map[name + ":0"] = variable.value()  # a bare ReadVariableOp (read_value adds an Identity)
+    for name, resource in sig.resources.items():
+        # Import cannot map a placeholder to an eager tensor: the function captures the
+        # handle, and the capture's placeholder is what the graph reads.
+        input_map[name + ":0"] = tf.compat.v1.get_default_graph().capture(resource.handle)
+    return input_map
+
+
+# How many elements of a probed tensor are kept (probe_function): enough that each of 2048 channels
+# is seen about 8 times, small beside the tensors fed in full.
+PROBE_SAMPLE_SIZE = 16384
+# The flat positions sampled, i * a prime, reduced modulo the tensor's size at run time: the same
+# elements of the same shape in every probe, whatever graph computes it; every element of a
+# tensor of at most PROBE_SAMPLE_SIZE (the prime is invertible modulo its size), and a stride
+# that is no multiple of a channel count in a bigger one.
+_PROBE_POSITIONS = np.arange(PROBE_SAMPLE_SIZE, dtype=np.int64) * 1000003
+
+
+def _sample(tensor, positions):
+    """PROBE_SAMPLE_SIZE elements of a tensor, at `positions` modulo its size. (No tf.cond: in a
+    function each one would be two more functions to build.)"""
+    flat = tf.reshape(tensor, [-1])
+    return tf.gather(flat, tf.math.floormod(positions, tf.maximum(tf.size(flat, out_type=tf.int64), 1)))
+
+
+def probe_function(sig, graph_def, weights, feeds, full, sampled, float64=False):
+    """A function of (the signature's inputs in sorted key order, then `feeds`' values in order)
+    that returns {"full", "sampled"}: dicts of tensor name -> value of the tensors named in
+    `full`, and of a fixed sample of the elements of those in `sampled` (_sample).
+
+    graph_def and weights as _split_weights returns them. feeds: [(tensor name, shape, dtype)],
+    tensors whose every reader reads the fed value instead (their own node still computes its
+    value, which a fetch of that name returns). A tensor not in graph_def is left out of the result.
+    float64: computed in float64 where graph_def computes in float32 (graph_lib.in_float64; the
+    float32 inputs and weights cast on the way in); None where that cannot be written.
+    """
+    input_keys = sorted(sig.inputs)
+    present = {n.name for n in graph_def.node}
+    if float64:
+        graph_def = None if sig.resources else graph_lib.in_float64(graph_def)
+        if graph_def is None:
+            return None
+    # Its own names for the library's functions: the original's and the folded graph's loop
+    # bodies share names, not bodies, and a process registers a function name once. (A copy.)
+    graph_def = graph_lib.renamed_functions(graph_def, "_probe_%s" % uuid.uuid4().hex[:12])
+    if any(graph_lib.parse_input(i)[0] in weights for n in graph_def.node for i in graph_lib.control_inputs(n)):
+        # A control edge from a weight (a variable's read, before the passes) would wait for its
+        # unfed placeholder: import maps data inputs only. A constant needs no ordering.
+        for node in graph_def.node:
+            graph_lib.set_inputs(node, graph_lib.data_inputs(node) + [
+                i for i in graph_lib.control_inputs(node) if graph_lib.parse_input(i)[0] not in weights])
+    full = [t for t in full if graph_lib.parse_input(t)[0] in present]
+    sampled = [t for t in sampled if graph_lib.parse_input(t)[0] in present]
+
+    def widened(tensor):
+        return tf.cast(tensor, tf.float64) if float64 and tensor.dtype == tf.float32 else tensor
+
+    def call(*args):
+        fed = {sig.inputs[k].tensor: widened(arg) for k, arg in zip(input_keys, args)}
+        fed.update({"%s:%d" % graph_lib.canonical_tensor(name): widened(arg)
+                    for (name, _, _), arg in zip(feeds, args[len(input_keys):])})
+        input_map = {k: widened(v) for k, v in _input_map(sig, weights, fed).items()}
+        tf.graph_util.import_graph_def(graph_def, input_map=input_map, name="")
+        graph = tf.compat.v1.get_default_graph()
+
+        def tensor(name):
+            node, port, _ = graph_lib.parse_input(name)
+            found = graph.get_operation_by_name(node)
+            # A fed tensor's own node computes it, except a placeholder's: a signature input
+            mapped = input_map.get("%s:%d" % (node, port))
+            return mapped if found.type == "Placeholder" and mapped is not None else found.outputs[port]
+        positions = tf.constant(_PROBE_POSITIONS)
+        return {"full": {t: tf.identity(tensor(t)) for t in full},
+                "sampled": {t: _sample(tensor(t), positions) for t in sampled}}
+
+    # Placeholder names no graph node has: import renames a graph node that clashes with one.
+    specs = [tf.TensorSpec(sig.inputs[k].shape, sig.inputs[k].dtype, name="tf_bnfuse_probe_input_%d" % i)
+             for i, k in enumerate(input_keys)]
+    specs += [tf.TensorSpec(shape, dtype, name="tf_bnfuse_probe_feed_%d" % i) for i, (_, shape, dtype) in enumerate(feeds)]
+    return tf.compat.v1.wrap_function(call, signature=specs)
+
+
+def probe_callable(sig, feeds, full, sampled, float64=False):
+    """probe_function of one frozen or folded signature, its weights read from the variables its
+    store names (an input's variable is read as it is, not copied)."""
+    return probe_function(sig, *_split_weights(sig.graph_def, {}, sig.weights), feeds, full, sampled, float64)
+
+
 def signature_callable(sig):
     """A function that computes one folded signature in memory as the written model will, without
     writing it (keyword arguments, a dict of outputs); its weights are variables of its own."""
@@ -188,7 +276,8 @@ class MetaGraphToWrite:
 
 
 def _signature_functions(signatures, variables, release):
-    """{key: wrapped function} of one MetaGraph's folded signatures; variables: the shared weight cache."""
+    """({key: wrapped function}, {key: (GraphDef without weights, weights)}) of one MetaGraph's
+    folded signatures; variables: the shared weight cache."""
     split = {}  # id(folded GraphDef) -> (its GraphDef without weights, weights); signatures may share one
     functions = {}
     written = {}  # what a function computes -> the function; signatures folded once share one
@@ -202,7 +291,7 @@ def _signature_functions(signatures, variables, release):
         if same not in written:
             written[same] = _signature_function(sig, *split[id(sig.graph_def)])
         functions[key] = written[same]
-    return functions
+    return functions, {key: split[id(sig.graph_def)] for key, sig in signatures.items()}
 
 
 def _saved_key(index, key):
@@ -211,24 +300,29 @@ def _saved_key(index, key):
     return "__tf_bnfuse_metagraph_%d__%s" % (index, key)
 
 
-def write(metagraphs, path, release_weights=False):
-    """Writes folded MetaGraphs as one TF2 SavedModel at `path` (which must not exist).
+@dataclasses.dataclass
+class BuiltModel:
+    """What build makes and save writes: the module, its signature functions, and each
+    signature's GraphDef without weights beside the variables it reads them from (what
+    probe_function runs, reading the very variables the output saves)."""
+    module: tf.Module
+    saved: dict  # the key each signature is saved under -> its function
+    metagraphs: list  # the MetaGraphToWrite list
+    graphs: list  # per MetaGraph: {signature key: (GraphDef without weights, {node name: tf.Variable})}
 
-    Each signature is a function that imports its folded GraphDef; big float
-    constants are variables, saved once in variables/ and shared between
-    signatures (of any MetaGraph) whose weights are equal. Written variables and
-    tables the signatures capture are saved with their owners (and assets);
-    initializers (initializers_to_keep) run when the output loads. Every
-    MetaGraph of the output holds the whole object graph and function library,
-    and its own tags and SignatureDefs. release_weights: the folded arrays leave the
+
+def build(metagraphs, release_weights=False):
+    """The BuiltModel of folded MetaGraphs: one module whose signature functions import their
+    folded GraphDefs; big float constants are variables, shared between signatures (of any
+    MetaGraph) whose weights are equal. release_weights: the folded arrays leave the
     signatures' weight stores as they become variables (so a kernel is held once, not twice);
-    the signatures cannot be written again.
-    """
+    the signatures cannot be built again."""
     module = tf.Module()
     variables = {}
-    saved = {}  # the key each signature is saved under -> its function
+    saved, graphs = {}, []
     for index, metagraph in enumerate(metagraphs):
-        functions = _signature_functions(metagraph.signatures, variables, release_weights)
+        functions, split = _signature_functions(metagraph.signatures, variables, release_weights)
+        graphs.append(split)
         if metagraph.root_aliases:
             root_functions.attach(module, metagraph.root_aliases, functions)
         saved.update(functions if len(metagraphs) == 1 else
@@ -238,16 +332,28 @@ def write(metagraphs, path, release_weights=False):
     owners = {id(r.owner): r.owner for m in metagraphs for sig in m.signatures.values() for r in sig.resources.values()}
     module.kept_resources = list(owners.values())
     module.initializers = [i for m in metagraphs for i in m.initializers]
+    return BuiltModel(module, saved, metagraphs, graphs)
+
+
+def save(built, path):
+    """Writes a BuiltModel as one TF2 SavedModel at `path` (which must not exist). Every MetaGraph
+    of the output holds the whole object graph and function library, and its own tags and
+    SignatureDefs; initializers (initializers_to_keep) run when the output loads."""
     # The folded model is for inference: the gradient functions of ops made
     # with tf.custom_gradient (Keras 3's swish) are not saved, and could not
     # be, since the import cut them from the captures they were traced with.
     options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
     try:
-        tf.saved_model.save(module, path, signatures=saved, options=options)
+        tf.saved_model.save(built.module, path, signatures=built.saved, options=options)
     except (ValueError, TypeError) as e:
         raise errors.BnFuseError("cannot write the folded SavedModel: %s" % errors.first_line(e))
-    if len(metagraphs) > 1 or sorted(metagraphs[0].tags) != ["serve"]:
-        _split_metagraphs(path, metagraphs)
+    if len(built.metagraphs) > 1 or sorted(built.metagraphs[0].tags) != ["serve"]:
+        _split_metagraphs(path, built.metagraphs)
+
+
+def write(metagraphs, path, release_weights=False):
+    """build, then save: the folded MetaGraphs as one TF2 SavedModel at `path`."""
+    save(build(metagraphs, release_weights), path)
 
 
 def _split_metagraphs(path, metagraphs):

@@ -1,0 +1,174 @@
+"""Checks every fold where it happens, each by itself.
+
+A fold knows which tensors must agree (report.CheckPoint): the tensor its chain starts from
+(the linear op's data input; a forward chain's x) and the tensor that holds its result (the
+batch norm's output, which keeps its name; a forward fold's linear op), named the same in the
+original and the folded graph. Before the passes the original's frozen graph runs once on the
+test inputs and keeps every tensor a check point may name (passes/chain.check_candidates):
+inputs in full, outputs as a fixed sample of their elements (savedmodel/write.probe_function).
+After the passes the folded graph runs once with every checked fold's inputs fed the
+original's values, so that each fold's output depends on its own feed only: what reaches a
+fold from upstream, already rounded otherwise by the folds above it, cannot hide or fake an
+error in it, at any depth and whatever the model does after it (a softmax).
+
+A fold passes when max |folded - original| <= bound * max |original| over its output's sample,
+with bound = fold_rounding_multiple * eps(the linear op's dtype) * sqrt(terms): float rounding
+of a sum of `terms` products grows like its square root. Both runs are as written (Grappler
+off) on the first device: Grappler's fusions and a GPU's TF32 convolutions round otherwise,
+which the output comparison covers on every device.
+"""
+
+import dataclasses
+import math
+from typing import Dict, List
+
+import numpy as np
+import tensorflow as tf
+
+from tf_bnfuse import errors
+
+# Machine epsilon of the dtypes a linear op computes in (np.finfo has no bfloat16).
+_EPSILON = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -7, "float32": 2.0 ** -23, "float64": 2.0 ** -52}
+
+
+@dataclasses.dataclass
+class FoldCheck:
+    signature: str
+    node: str  # the fold's (report.Fold.node)
+    linear_node: str
+    output: str  # the tensor compared
+    max_rel_error: float  # max |folded - original| / scale at output, its inputs fed the original's
+    bound: float  # on max_rel_error
+    ok: bool
+    scale: float  # max |original| at output (over its sample)
+
+
+@dataclasses.dataclass
+class FoldChecks:
+    """Every fold of a MetaGraph's signatures, checked by itself, or why not."""
+    device: str
+    checks: List[FoldCheck] = dataclasses.field(default_factory=list)
+    not_checked: Dict[str, str] = dataclasses.field(default_factory=dict)  # "signature: fold node" -> why
+
+    @property
+    def ok(self):
+        return all(c.ok for c in self.checks)
+
+    def failures(self):
+        return sorted((c for c in self.checks if not c.ok), key=lambda c: -c.max_rel_error / c.bound)
+
+    @property
+    def worst(self):
+        """The check nearest its bound (or furthest past it)."""
+        return max(self.checks, key=lambda c: c.max_rel_error / c.bound, default=None)
+
+    def to_dict(self):
+        result = dataclasses.asdict(self)
+        result.update(checked=len(self.checks), ok=self.ok,
+                      worst=dataclasses.asdict(self.worst) if self.worst else None)
+        return result
+
+    def describe_failure(self):
+        failed = self.failures()
+        first = failed[0]
+        more = " (and %d more: %s)" % (len(failed) - 1, ", ".join(c.node for c in failed[1:])) if len(failed) > 1 else ""
+        return ("fold of %s into %s (signature %s) fails its own check: at %s, fed the original's input, max rel "
+                "error %.3g, bound %.3g%s" % (first.node, first.linear_node, first.signature, first.output,
+                                              first.max_rel_error, first.bound, more))
+
+
+def bound(check_point, verify_config):
+    """The bound on a fold's max rel error: fold_rounding_multiple * eps * sqrt(terms)."""
+    multiple = float(verify_config.get("fold_rounding_multiple", 8.0))
+    epsilon = _EPSILON.get(check_point.dtype, _EPSILON["float32"])
+    return multiple * epsilon * math.sqrt(max(check_point.terms or 1, 1))
+
+
+NOTHING_PROBED = {"full": {}, "sampled": {}}  # what run_probe gives where nothing can be read
+
+
+def run_probe(probe, input_specs, inputs, feeds=None):
+    """{"full": {tensor: array}, "sampled": {tensor: array}}: one call of a
+    savedmodel/write.probe_function on a signature's test inputs and the feeds' arrays."""
+    args = [tf.constant(inputs[k]) for k in sorted(input_specs)] + [tf.constant(a) for a in (feeds or [])]
+    result = probe(*args)
+    return {part: {k: v.numpy() for k, v in result[part].items()} for part in ("full", "sampled")}
+
+
+@dataclasses.dataclass
+class Plan:
+    """What the folded graph's probe of one signature feeds and fetches."""
+    feeds: List[tuple]  # (tensor, shape, dtype) of every checked fold's inputs
+    outputs: List[str]
+    folds: list  # the report.Folds to check
+    not_checked: Dict[str, str]
+
+
+def plan(signature, folds, original, folded_nodes):
+    """The Plan of one signature's folds, given what the original's probe kept (run_probe) and
+    the names of the folded graph's nodes."""
+    feeds, outputs, checked, not_checked = {}, set(), [], {}
+    for fold in folds:
+        where = "%s: %s" % (signature, fold.node)
+        point = fold.check
+        if point is None:
+            not_checked[where] = "inside a called function (a loop body or branch): covered by the output check"
+            continue
+        missing = [t for t in point.inputs if t not in original["full"] or _node(t) not in folded_nodes]
+        if missing or point.output not in original["sampled"]:
+            not_checked[where] = "%s is not a tensor of both graphs" % (missing or [point.output])[0]
+            continue
+        for tensor in point.inputs:
+            value = original["full"][tensor]
+            feeds[tensor] = (tensor, value.shape, tf.as_dtype(value.dtype))
+        outputs.add(point.output)
+        checked.append(fold)
+    return Plan(list(feeds.values()), sorted(outputs), checked, not_checked)
+
+
+def check(signature, plan_, original, folded, verify_config):
+    """([FoldCheck], {not checked: why}) of the planned folds: the original's probe values
+    against the folded probe's (run_probe with the plan's feeds)."""
+    checks, not_checked = [], dict(plan_.not_checked)
+    for fold in plan_.folds:
+        output = fold.check.output
+        if output not in folded["sampled"]:
+            not_checked["%s: %s" % (signature, fold.node)] = (
+                "its output %s left the folded graph (a later pass bypassed it)" % output)
+            continue
+        reference = original["sampled"][output]
+        error = max_rel_error(reference, folded["sampled"][output])
+        limit = bound(fold.check, verify_config)
+        scale = float(np.max(np.abs(reference[np.isfinite(reference)]), initial=0.0))
+        checks.append(FoldCheck(signature, fold.node, fold.linear_node, output, error, limit, bool(error <= limit),
+                                scale))
+    return checks, not_checked
+
+
+def _node(tensor):
+    return tensor.split(":")[0]
+
+
+def max_rel_error(reference, candidate):
+    """max |candidate - reference| / max |reference| over the finite elements; inf where the
+    shapes or the non-finite elements differ."""
+    reference = np.asarray(reference, np.float64)
+    candidate = np.asarray(candidate, np.float64)
+    if reference.shape != candidate.shape:
+        return float("inf")
+    finite = np.isfinite(reference)
+    if not np.array_equal(finite, np.isfinite(candidate)):
+        return float("inf")
+    if not finite.any():
+        return 0.0
+    difference = float(np.max(np.abs(reference - candidate)[finite]))
+    scale = float(np.max(np.abs(reference[finite])))
+    return difference / scale if scale > 0 else (0.0 if difference == 0 else float("inf"))
+
+
+def raise_if_failed(fold_checks):
+    if fold_checks is not None and not fold_checks.ok:
+        raise errors.VerificationError(
+            "verification failed: %s; a fold error, not rounding: verify.fold_rounding_multiple in a --config loosens "
+            "the bound; nothing written" % fold_checks.describe_failure())
+
