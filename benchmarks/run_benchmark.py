@@ -35,11 +35,11 @@ open(sys.argv[2], "wb").write(tf.lite.TFLiteConverter.from_saved_model(sys.argv[
 """
 
 
-def measured_run_rss(argv, env=None):
+def measured_run_rss(argv, env=None, cwd=ROOT):
     """(wall seconds, peak RSS MB, stdout) of a child process, its rusage read with os.wait4."""
     started = time.perf_counter()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        process = subprocess.Popen(argv, stdout=out, stderr=err, env=env, cwd=ROOT)
+        process = subprocess.Popen(argv, stdout=out, stderr=err, env=env, cwd=cwd)
         _, status, usage = os.wait4(process.pid, 0)
         wall = time.perf_counter() - started
         process.returncode = os.waitstatus_to_exitcode(status)

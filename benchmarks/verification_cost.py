@@ -35,12 +35,16 @@ def baseline_tree(rev):
 
 
 def run(tree, model, out, report):
+    """(wall, verification seconds, peak RSS MB) of the CLI of `tree` on one model. Run from the
+    tree: `python -m` puts the working folder first on sys.path, before PYTHONPATH."""
     env = dict(os.environ, PYTHONPATH=tree)
     wall, rss, _ = run_benchmark.measured_run_rss(
         [sys.executable, "-m", "tf_bnfuse", "--saved_model_dir", model, "--output_dir", out, "--overwrite",
-         "--report_json", report], env=env)
+         "--report_json", report], env=env, cwd=tree)
     with open(report) as f:
         phases = json.load(f)["phases"]
+    # Which tree ran shows in its phases: only this one checks folds.
+    assert (tree == ROOT) == any(p["name"].startswith("check folds") for p in phases), (tree, phases)
     verification = sum(p["seconds"] for p in phases if p["name"].split(" ")[0] in VERIFICATION_PHASES)
     return wall, verification, rss
 

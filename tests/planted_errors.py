@@ -2,7 +2,7 @@
 
 planted(...) patches the fold passes' fold_weights in this process: each fold into a linear op
 of one of the given layers gets its new kernel scaled by 1 + 1e-3, or its new bias shifted by
-1e-3 of that fold's output scale (FoldCheck.scale, from an honest run's report).
+1e-3 of that fold's output scale.
 """
 
 import contextlib
@@ -17,6 +17,7 @@ from tf_bnfuse import errors
 from tf_bnfuse import fold_saved_model
 
 from tf_bnfuse.passes import drivers
+from tf_bnfuse.phases import prepare
 
 RELATIVE_ERROR = 1e-3
 
@@ -26,28 +27,27 @@ def is_of_layer(node_name, layer):
     return re.search(r"/%s(_\d+)?/" % re.escape(layer), "/%s/" % node_name) is not None
 
 
-def _field(check, name):  # a FoldCheck, or one read back from --report_json
-    return check[name] if isinstance(check, dict) else getattr(check, name)
-
-
-def layers_of(fold_checks, layers):
-    """{layer: the FoldChecks (or their report dicts) whose linear op is of that layer} for the given layers."""
-    return {layer: [c for c in fold_checks if is_of_layer(_field(c, "linear_node"), layer)] for layer in layers}
-
-
 @contextlib.contextmanager
-def planted(monkeypatch, kernel_layers=(), bias_layers=(), honest_checks=()):
+def planted(monkeypatch, kernel_layers=(), bias_layers=()):
     """Within, the folds into kernel_layers get a kernel error and those into bias_layers a bias
-    error; honest_checks (FoldChecks of an honest run) give the bias layers' output scales.
+    error of 1e-3 of the fold's output scale: max |original| at its result, read from what the
+    run itself keeps of the original for the fold checks (prepare.probe_original).
     Yields the list of layers planted in, filled as the passes run."""
-    scales = {layer: max(_field(c, "scale") for c in checks)
-              for layer, checks in layers_of(honest_checks, bias_layers).items() if checks}
-    assert set(scales) == set(bias_layers), "no honest fold check for %s" % (set(bias_layers) - set(scales))
-    real = drivers.fold_weights
-    hit = []
+    real_fold_weights, real_probe = drivers.fold_weights, prepare.probe_original
+    kept, hit = [], []
+
+    def probe_original(frozen, test_inputs):
+        kept.append(real_probe(frozen, test_inputs))
+        return kept[-1]
+
+    def output_scale(chain):
+        output = chain.check_point().output
+        values = [points["sampled"][output] for points in kept if output in points["sampled"]]
+        assert values, "no value of %s was kept" % output
+        return float(np.max(np.abs(values[0])))
 
     def fold_weights(chain):
-        folded = real(chain)
+        folded = real_fold_weights(chain)
         if isinstance(folded, list):  # a fold across a ConcatV2: not planted in
             return folded
         name = chain.match.linear.name
@@ -61,16 +61,19 @@ def planted(monkeypatch, kernel_layers=(), bias_layers=(), honest_checks=()):
             if is_of_layer(name, layer):
                 hit.append(layer)
                 bias = np.asarray(folded.bias)
-                folded = dataclasses.replace(folded, bias=(bias + RELATIVE_ERROR * scales[layer]).astype(bias.dtype))
+                folded = dataclasses.replace(folded, bias=(bias + RELATIVE_ERROR * output_scale(chain)).astype(
+                    bias.dtype))
         return folded
     with monkeypatch.context() as patch:
         patch.setattr(drivers, "fold_weights", fold_weights)
+        patch.setattr(prepare, "probe_original", probe_original)
         yield hit
 
 
-def assert_caught_and_named(src, kernel_layers, bias_layers, honest_checks, out, monkeypatch):
-    """Folding src with those errors planted fails, naming exactly the planted folds, and writes nothing."""
-    with planted(monkeypatch, kernel_layers, bias_layers, honest_checks) as hit:
+def assert_caught_and_named(src, kernel_layers, bias_layers, out, monkeypatch):
+    """Folding src with those errors planted fails, naming exactly the planted folds, and writes
+    nothing; every other fold was checked and passed. Returns the FoldChecks."""
+    with planted(monkeypatch, kernel_layers, bias_layers) as hit:
         with pytest.raises(errors.VerificationError, match="fails its own check") as raised:
             fold_saved_model(src, out)
     planted_layers = set(kernel_layers) | set(bias_layers)
@@ -83,3 +86,7 @@ def assert_caught_and_named(src, kernel_layers, bias_layers, honest_checks, out,
     message = str(raised.value)
     assert failed[0].node in message and failed[0].linear_node in message
     assert not os.path.exists(out)
+    checks = raised.value.run_report.verification.folds
+    folds = [f for g in raised.value.run_report.signatures.values() if not g.same_as for f in g.folds]
+    assert checks.not_checked == {} and len(checks.checks) == len(folds)
+    return checks

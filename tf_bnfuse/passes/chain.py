@@ -105,7 +105,7 @@ def check_candidates(index):
     linear op's data input and the tensors above it through steps and pass-throughs (a forward
     chain's x), every input of a step: before constant folding a batch norm's scale is not a
     Const yet, so which input is its data is not known; outputs: each linear op's output and
-    those below it through single consumers."""
+    the steps below it through single consumers."""
     inputs, outputs = set(), set()
     walkable = set(grammar.STEPS) | set(grammar.PASS_THROUGHS)
     for node in index.graph_def.node:
@@ -126,7 +126,8 @@ def check_candidates(index):
                           if index.const_node(i) is None]
         below = node
         for _ in range(64):
-            outputs.add(graph_lib.tensor_name(below.name))
+            if below is node or below.op in grammar.STEPS:  # a fold's result is a step's, or the linear op's
+                outputs.add(graph_lib.tensor_name(below.name))
             consumers = index.data_consumers(below.name, 0)
             if len(consumers) != 1:
                 break

@@ -62,8 +62,9 @@ def check_folds(graphs, folded, options, progress):
             # calls did: restored, as after those.
             try:
                 with verify_lib.as_written(), tf.device(device), resources.values_restored(folded.signatures.state):
-                    values = fold_check.run_probe(probe, folded.test_inputs.input_specs[key],
-                                                  folded.test_inputs.arrays[key],
+                    specs = folded.test_inputs.input_specs[key]
+                    values = fold_check.run_probe(probe, specs,
+                                                  fold_check.probe_inputs(specs, folded.test_inputs.arrays[key]),
                                                   [original["full"][name] for name, _, _ in plan.feeds])
             except tf.errors.OpError as e:  # the output check still judges them
                 values = fold_check.NOTHING_PROBED
@@ -108,8 +109,8 @@ def verify(built, folded, fold_checks, options, progress):
         root_function_checks.check(reference.expected_roots if reference else None, reloaded, folded.roots.aliases,
                                    test_inputs.arrays, options.verify_config if options.verify else None,
                                    folded.precisions, original_again=lambda: folded.original.get()[0],
-                                   own_errors=verify_lib.own_errors(reference.expected, evaluated.cache)
-                                   if reference else None)
+                                   accepted=verify_lib.spread_bounds(folded.report.verification, reference.expected)
+                                   if options.verify else None)
     if not options.verify:
         logging.warning("verification skipped: the output of %s ran on test inputs but was NOT "
                         "compared with the input", options.output_dir)
@@ -153,7 +154,7 @@ class OriginalEvaluatedAgain:
             except tf.errors.OpError as e:  # an op without a float64 kernel, say
                 logging.info("the original cannot be evaluated %s: %s", what, errors.most_specific_line(e))
                 continue
-            found.append(({k: values[t] for k, t in tensors.items() if t in values}, what))
+            found.append(({k: values[t].numpy() for k, t in tensors.items() if t in values}, what))
         return found
 
 

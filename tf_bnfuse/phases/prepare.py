@@ -108,7 +108,8 @@ def probe_original(frozen, test_inputs):
     probe = write_lib.probe_callable(frozen, [], inputs, outputs)
     try:
         with verify_lib.as_written(), tf.device(verify_lib.visible_devices()[0]):
-            return fold_check.run_probe(probe, test_inputs.input_specs[frozen.key], test_inputs.arrays[frozen.key])
+            return fold_check.run_probe(probe, test_inputs.input_specs[frozen.key], fold_check.probe_inputs(
+                test_inputs.input_specs[frozen.key], test_inputs.arrays[frozen.key]))
     except tf.errors.OpError as e:  # its folds are then reported as not checked by themselves
         logging.warning("the tensors the folds of %s are checked at cannot be read: %s", frozen.key,
                         errors.most_specific_line(e))

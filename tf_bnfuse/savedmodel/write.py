@@ -190,11 +190,14 @@ PROBE_SAMPLE_SIZE = 16384
 _PROBE_POSITIONS = np.arange(PROBE_SAMPLE_SIZE, dtype=np.int64) * 1000003
 
 
-def _sample(tensor, positions):
-    """PROBE_SAMPLE_SIZE elements of a tensor, at `positions` modulo its size. (No tf.cond: in a
-    function each one would be two more functions to build.)"""
-    flat = tf.reshape(tensor, [-1])
-    return tf.gather(flat, tf.math.floormod(positions, tf.maximum(tf.size(flat, out_type=tf.int64), 1)))
+def _sample(tensor, constants):
+    """PROBE_SAMPLE_SIZE elements of a tensor, at _PROBE_POSITIONS modulo its size. Raw ops on
+    shared constants (`constants`: positions, [-1], 1, 0): a probe makes hundreds of these, and
+    building the graph is most of its cost. (No tf.cond: each would be two more functions.)"""
+    positions, flat_shape, one, zero = constants
+    flat = tf.raw_ops.Reshape(tensor=tensor, shape=flat_shape)
+    size = tf.raw_ops.Maximum(x=tf.raw_ops.Size(input=flat, out_type=tf.int64), y=one)
+    return tf.raw_ops.GatherV2(params=flat, indices=tf.raw_ops.FloorMod(x=positions, y=size), axis=zero)
 
 
 def probe_function(sig, graph_def, weights, feeds, full, sampled, float64=False):
@@ -243,9 +246,9 @@ def probe_function(sig, graph_def, weights, feeds, full, sampled, float64=False)
             # A fed tensor's own node computes it, except a placeholder's: a signature input
             mapped = input_map.get("%s:%d" % (node, port))
             return mapped if found.type == "Placeholder" and mapped is not None else found.outputs[port]
-        positions = tf.constant(_PROBE_POSITIONS)
+        constants = (tf.constant(_PROBE_POSITIONS), tf.constant([-1]), tf.constant(1, tf.int64), tf.constant(0))
         return {"full": {t: tf.identity(tensor(t)) for t in full},
-                "sampled": {t: _sample(tensor(t), positions) for t in sampled}}
+                "sampled": {t: _sample(tensor(t), constants) for t in sampled}}
 
     # Placeholder names no graph node has: import renames a graph node that clashes with one.
     specs = [tf.TensorSpec(sig.inputs[k].shape, sig.inputs[k].dtype, name="tf_bnfuse_probe_input_%d" % i)

@@ -140,7 +140,7 @@ def expected_outputs(original, aliases, inputs, seen):
 
 
 def check(expected, reloaded, aliases, inputs, verify_config=None, precisions=None, original_again=None,
-          own_errors=None):
+          accepted=None):
     """Calls each kept root function of the reloaded output on its signature's test inputs.
 
     With verify_config (verification on), compares each output with the
@@ -149,9 +149,8 @@ def check(expected, reloaded, aliases, inputs, verify_config=None, precisions=No
     the output reproduces both calls (a counter), not where it is random. Where
     they differ, the original (original_again(), the loaded model) runs again as
     written (compare.py). Without verify_config, the call must only succeed.
-    own_errors: {signature: {output: the original's own max abs error}} (compare.own_errors): an
-    output within spread_multiple + 1 times its signature output's passes (a folded output within
-    spread_multiple of it from the reference is within that of the original).
+    accepted: {signature: {output: the max abs error its check accepted}} where the models' own
+    spread set it (compare.spread_bounds): a root function's output computing it is held to that.
     Raises VerificationError.
     """
     for name, group in sorted(aliases.items()):
@@ -171,7 +170,7 @@ def check(expected, reloaded, aliases, inputs, verify_config=None, precisions=No
                 continue
             first = expected[(name, i)]
             actual = [call_reloaded() for _ in first]
-            own_error = (own_errors or {}).get(alias.signature, {})
+            own_error = (accepted or {}).get(alias.signature, {})
             mismatch = _first_mismatch([(first[0], actual[0]), (first[-1], actual[-1])], alias, verify_config,
                                        precisions, own_error)
 
@@ -188,18 +187,17 @@ def check(expected, reloaded, aliases, inputs, verify_config=None, precisions=No
                     "nothing written" % ((described,) + mismatch))
 
 
-def _first_mismatch(calls, alias, verify_config, precisions, own_errors):
+def _first_mismatch(calls, alias, verify_config, precisions, accepted):
     """(output index, max abs error) of the first output outside its tolerance of the original's
-    (or spread_multiple + 1 times its signature output's own error, {output: max abs}), or None. calls: [(original's outputs, output's outputs)] of two calls in turn; an output the
+    (or the error its signature output's check accepted, {output: max abs}), or None. calls: [(original's outputs, output's outputs)] of two calls in turn; an output the
     original gives otherwise on its second call is compared only if both calls match."""
     (first, actual), (second, again) = calls
-    multiple = float(verify_config.get("spread_multiple", 8.0))
     for i, expected in enumerate(first):
         precision = (precisions or {}).get(alias.signature, {}).get(alias.output_keys[i])
         tolerance, _ = verify_lib.tolerance_for(expected.dtype, verify_config, precision)
         max_abs, _, ok = verify_lib.compare(expected, actual[i], tolerance)
-        if not ok and alias.output_keys[i] in own_errors:
-            ok = bool(max_abs <= (multiple + 1) * own_errors[alias.output_keys[i]])
+        if not ok and alias.output_keys[i] in accepted:
+            ok = bool(max_abs <= accepted[alias.output_keys[i]])
         if np.array_equal(expected, second[i]):
             if not ok:
                 return i, max_abs
