@@ -12,10 +12,8 @@ from tf_bnfuse import graph as graph_lib
 from tf_bnfuse.passes import runner
 from tf_bnfuse.passes.context import PassContext
 from tf_bnfuse.phases import prepare
-from tf_bnfuse.savedmodel import freeze as freeze_lib
 from tf_bnfuse.savedmodel import load as load_lib
 from tf_bnfuse.savedmodel import output_dir as output_dir_lib
-from tf_bnfuse.savedmodel import resources
 from tf_bnfuse.savedmodel import write as write_lib
 from tf_bnfuse.verify import compare as verify_lib
 from tf_bnfuse.verify import culprit as culprit_lib
@@ -58,14 +56,12 @@ def check_folds(graphs, folded, options, progress):
                 checks.not_checked.update(plan.not_checked)
                 continue
             probe = write_lib.probe_function(folded.folded[key], *graphs[key], plan.feeds, [], plan.outputs)
-            # Calling it advances the state the output saves (a counter) as the original's
-            # calls did: restored, as after those.
-            try:
-                with verify_lib.as_written(), tf.device(device), resources.values_restored(folded.signatures.state):
-                    specs = folded.test_inputs.input_specs[key]
-                    values = fold_check.run_probe(probe, specs,
-                                                  fold_check.probe_inputs(specs, folded.test_inputs.arrays[key]),
-                                                  [original["full"][name] for name, _, _ in plan.feeds])
+            specs = folded.test_inputs.input_specs[key]
+            try:  # calling it advances the state the output saves (a counter): restored after
+                values = fold_check.run_as_written(probe, specs,
+                                                   fold_check.probe_inputs(specs, folded.test_inputs.arrays[key]),
+                                                   [original["full"][name] for name, _, _ in plan.feeds],
+                                                   folded.signatures.state)
             except tf.errors.OpError as e:  # the output check still judges them
                 values = fold_check.NOTHING_PROBED
                 logging.warning("the folds of %s cannot be checked by themselves: %s", key,
@@ -136,10 +132,7 @@ class OriginalEvaluatedAgain:
 
     def _evaluate(self, key):
         folded = self.folded
-        loaded, functions = folded.original.get()
-        first = folded.signatures.first(key)
-        frozen = freeze_lib.freeze(first, functions[first], resources.resource_owners(loaded), graph_lib.WeightStore(),
-                                   freeze_lib.written_handles(functions.values()))
+        frozen = folded.original.frozen(folded.signatures.first(key))
         tensors = {k: graph_lib.tensor_name(*graph_lib.canonical_tensor(v.tensor)) for k, v in frozen.outputs.items()}
         found = []
         for float64, what in ((True, "in float64"), (False, "as written in float32")):
@@ -147,10 +140,9 @@ class OriginalEvaluatedAgain:
             if probe is None:
                 continue
             try:
-                with verify_lib.as_written(), tf.device(verify_lib.visible_devices()[0]), \
-                        resources.values_restored(folded.signatures.state):
-                    values = fold_check.run_probe(probe, folded.test_inputs.input_specs[key],
-                                                  folded.test_inputs.arrays[key])["full"]
+                values = fold_check.run_as_written(probe, folded.test_inputs.input_specs[key],
+                                                   folded.test_inputs.arrays[key],
+                                                   state=folded.signatures.state)["full"]
             except tf.errors.OpError as e:  # an op without a float64 kernel, say
                 logging.info("the original cannot be evaluated %s: %s", what, errors.most_specific_line(e))
                 continue
@@ -173,9 +165,7 @@ def find_culprit(failed, folded, options, progress):
     key = folded.signatures.first(failed.signature)
     expected = folded.reference.expected.calls[(failed.signature, failed.device)][0][failed.output]
     with progress.phase("find the failing fold"):
-        loaded, functions = folded.original.get()
-        frozen = freeze_lib.freeze(key, functions[key], resources.resource_owners(loaded), graph_lib.WeightStore(),
-                                   freeze_lib.written_handles(functions.values()))
+        frozen = folded.original.frozen(key)
 
         def check_without(left_out):
             names = [name for fold in left_out for name in [fold.node] + list(fold.absorbed)]

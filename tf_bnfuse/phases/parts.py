@@ -7,9 +7,11 @@ is the sequence of those calls. A part is made by one phase and only read after 
 import dataclasses
 from typing import Callable, Dict, Optional
 
+from tf_bnfuse import graph as graph_lib
 from tf_bnfuse import report as report_lib
 from tf_bnfuse.savedmodel import freeze as freeze_lib
 from tf_bnfuse.savedmodel import load as load_lib
+from tf_bnfuse.savedmodel import resources
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,4 +166,10 @@ class OriginalAgain:
                                                      self._options.saved_model_dir, self._metagraph.label)
             self._loaded = (loaded, functions)
         return self._loaded
+
+    def frozen(self, key):
+        """Signature key of the input frozen again, its weights the loaded input's variables."""
+        loaded, functions = self.get()
+        return freeze_lib.freeze(key, functions[key], resources.resource_owners(loaded), graph_lib.WeightStore(),
+                                 freeze_lib.written_handles(functions.values()))
 

@@ -106,10 +106,9 @@ def probe_original(frozen, test_inputs):
     if not inputs:
         return fold_check.NOTHING_PROBED
     probe = write_lib.probe_callable(frozen, [], inputs, outputs)
-    try:
-        with verify_lib.as_written(), tf.device(verify_lib.visible_devices()[0]):
-            return fold_check.run_probe(probe, test_inputs.input_specs[frozen.key], fold_check.probe_inputs(
-                test_inputs.input_specs[frozen.key], test_inputs.arrays[frozen.key]))
+    specs = test_inputs.input_specs[frozen.key]
+    try:  # inside the reference phase's values_restored
+        return fold_check.run_as_written(probe, specs, fold_check.probe_inputs(specs, test_inputs.arrays[frozen.key]))
     except tf.errors.OpError as e:  # its folds are then reported as not checked by themselves
         logging.warning("the tensors the folds of %s are checked at cannot be read: %s", frozen.key,
                         errors.most_specific_line(e))

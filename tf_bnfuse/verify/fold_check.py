@@ -26,6 +26,8 @@ import numpy as np
 import tensorflow as tf
 
 from tf_bnfuse import errors
+from tf_bnfuse.savedmodel import resources
+from tf_bnfuse.verify import compare
 
 # Machine epsilon of the dtypes a linear op computes in (np.finfo has no bfloat16).
 _EPSILON = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -7, "float32": 2.0 ** -23, "float64": 2.0 ** -52}
@@ -85,6 +87,14 @@ def bound(check_point, verify_config):
 
 
 NOTHING_PROBED = {"full": {}, "sampled": {}}  # what run_probe gives where nothing can be read
+
+
+def run_as_written(probe, input_specs, inputs, feeds=None, state=()):
+    """run_probe on the first device, as written (Grappler off: compare.as_written), the
+    variables in `state` (those the signatures write) given back their values afterwards, as
+    after the original's own calls. Raises what TensorFlow raises."""
+    with compare.as_written(), tf.device(compare.visible_devices()[0]), resources.values_restored(state):
+        return run_probe(probe, input_specs, inputs, feeds)
 
 
 def probe_inputs(input_specs, inputs):
