@@ -401,7 +401,7 @@ def spread_bounds(verification, expected):
         calls = expected.calls.get((c.signature, c.device))
         if c.own_spread is None or c.bound is None or c.device != expected.devices[0] or calls is None:
             continue
-        bounds.setdefault(c.signature, {})[c.output] = c.bound * _scale(calls[0][c.output])
+        bounds.setdefault(c.signature, {})[c.output] = c.bound * scale_of(calls[0][c.output])
     return bounds
 
 
@@ -422,7 +422,7 @@ def _within_own_error(check, original, folded, references, folded_as_written, mu
     own, own_rel = _own_spread(original, references, check.output)
     if folded_as_written is not None:
         folded_own = compare(folded, folded_as_written, {"rtol": 0.0, "atol": 0.0})[0]
-        scale = _scale(original)
+        scale = scale_of(original)
         if np.isfinite(folded_own) and scale > 0 and (own is None or folded_own > own):
             own, own_rel = folded_own, folded_own / scale
     if own is None:
@@ -444,7 +444,7 @@ def _check(key, output_key, device, dtype, expected, actual, tolerance, repeatab
     tol, source = tolerance
 
     def made(max_abs, max_rel, ok, random=False):
-        scale = _scale(expected[0].get(output_key))
+        scale = scale_of(expected[0].get(output_key))
         bound = None if random else (tol["atol"] + tol["rtol"] * scale) / scale if scale > 0 else float("inf")
         return OutputCheck(key, output_key, device, dtype, max_abs, max_rel, tol["rtol"], tol["atol"], ok, source,
                            random=random, bound=bound, bound_source="" if random else source)
@@ -461,7 +461,7 @@ def _check(key, output_key, device, dtype, expected, actual, tolerance, repeatab
     return made(max_abs, max_rel, ok)
 
 
-def _scale(array):
+def scale_of(array):
     """max |array| over its finite elements (1 where that is not a number: an integer output's
     bound is exact equality anyway)."""
     array = np.asarray(array)

@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_bnfuse import errors
+from tf_bnfuse import graph as graph_lib
 from tf_bnfuse.savedmodel import resources
 from tf_bnfuse.verify import compare
 
@@ -132,7 +133,7 @@ def plan(signature, folds, original, folded_nodes):
         if point is None:
             not_checked[where] = "inside a called function (a loop body or branch): covered by the output check"
             continue
-        missing = [t for t in point.inputs if t not in original["full"] or _node(t) not in folded_nodes]
+        missing = [t for t in point.inputs if t not in original["full"] or graph_lib.parse_input(t)[0] not in folded_nodes]
         if missing or point.output not in original["sampled"]:
             not_checked[where] = "%s is not a tensor of both graphs" % (missing or [point.output])[0]
             continue
@@ -155,33 +156,11 @@ def check(signature, plan_, original, folded, verify_config):
                 "its output %s left the folded graph (a later pass bypassed it)" % output)
             continue
         reference = original["sampled"][output]
-        error = max_rel_error(reference, folded["sampled"][output])
+        _, error, _ = compare.compare(reference, folded["sampled"][output], {"rtol": 0.0, "atol": 0.0})
         limit = bound(fold.check, verify_config)
-        scale = float(np.max(np.abs(reference[np.isfinite(reference)]), initial=0.0))
         checks.append(FoldCheck(signature, fold.node, fold.linear_node, output, error, limit, bool(error <= limit),
-                                scale))
+                                compare.scale_of(reference)))
     return checks, not_checked
-
-
-def _node(tensor):
-    return tensor.split(":")[0]
-
-
-def max_rel_error(reference, candidate):
-    """max |candidate - reference| / max |reference| over the finite elements; inf where the
-    shapes or the non-finite elements differ."""
-    reference = np.asarray(reference, np.float64)
-    candidate = np.asarray(candidate, np.float64)
-    if reference.shape != candidate.shape:
-        return float("inf")
-    finite = np.isfinite(reference)
-    if not np.array_equal(finite, np.isfinite(candidate)):
-        return float("inf")
-    if not finite.any():
-        return 0.0
-    difference = float(np.max(np.abs(reference - candidate)[finite]))
-    scale = float(np.max(np.abs(reference[finite])))
-    return difference / scale if scale > 0 else (0.0 if difference == 0 else float("inf"))
 
 
 def raise_if_failed(fold_checks):
