@@ -223,6 +223,27 @@ def embedding1000_conv_bn(keras):
     return _embedding_conv_bn(keras, 1000)
 
 
+def subclassed_conv_bn(keras):
+    """A subclassed model, built by calling it once (what Keras 3 traces a subclassed model's
+    inputs from)."""
+    import numpy as np
+    L = keras.layers
+
+    class ConvBnBlock(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn, self.dense, self.bn2 = L.Conv2D(6, 3), L.BatchNormalization(), L.Dense(4), \
+                L.BatchNormalization()
+
+        def call(self, x, training=False):
+            x = keras.activations.relu(self.bn(self.conv(x), training=training))
+            return self.bn2(self.dense(L.GlobalAveragePooling2D()(x)), training=training)
+
+    model = ConvBnBlock()
+    model(np.zeros((1, 10, 10, 3), np.float32))
+    return model
+
+
 def mobilenet_v2_small(keras):
     return keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10,
                                           classifier_activation=None)
@@ -264,13 +285,12 @@ MODELS = {f.__name__: f for f in (
     mixed_float16_conv_bn, depthwise_bn, separable_bn, conv_transpose_bn, conv1d_bn, dense_bn, conv3d_bn,
     conv3d_no_bias_bn, channels_first_bn, branch_bn, preactivation_concat_bn, residual_leaky_relu, leaky_residual_then_bn, lstm_dense_bn,
     gru_dense_bn, grouped_conv_bn, mixed_float16_float32_output, dropout_training, embedding4_conv_bn,
-    embedding1000_conv_bn, mobilenet_v2_small, resnet50_small, resnet50, mobilenet_v2, mobilenet_v2_softmax,
+    embedding1000_conv_bn, subclassed_conv_bn, mobilenet_v2_small, resnet50_small, resnet50, mobilenet_v2, mobilenet_v2_softmax,
     efficientnet_b0, efficientnet_v2_b0)}
 
 
-def build(keras, name, out_dir, seed=0):
-    """Builds, randomizes and writes one model as its flavour writes SavedModels; returns
-    (path, number of batch norms)."""
+def build_model(keras, name, seed=0):
+    """(the live model, number of batch norms): built with seeded kernels, its batch norms randomized."""
     import numpy as np
     keras.backend.clear_session()
     keras.utils.set_random_seed(seed)  # the same kernels in every run: a deep model's rounding is part of a test
@@ -284,6 +304,13 @@ def build(keras, name, out_dir, seed=0):
     count = keras_flavour.randomize_batch_norms(keras, model, np.random.default_rng(seed))
     if count == 0:
         raise ValueError("%s has no BatchNormalization" % name)
+    return model, count
+
+
+def build(keras, name, out_dir, seed=0):
+    """Builds, randomizes and writes one model as its flavour writes SavedModels; returns
+    (path, number of batch norms)."""
+    model, count = build_model(keras, name, seed)
     path = os.path.join(out_dir, name)
     if int(keras.__version__.split(".")[0]) >= 3:
         model.export(path, verbose=False)

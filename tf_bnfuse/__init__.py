@@ -1,13 +1,13 @@
 """tf_bnfuse: fold inference batch norm into the convolutions and matmuls that feed it.
 
-    from tf_bnfuse import fold_saved_model, fold_graph_def
+    from tf_bnfuse import fold, export, fold_saved_model, fold_graph_def
 
 The API is imported lazily so that `python -m tf_bnfuse` can quiet TensorFlow's
 start-up logging before TensorFlow loads.
 """
 
 __version__ = "0.2.0"
-__all__ = ["fold_saved_model", "fold_graph_def"]
+__all__ = ["fold", "export", "fold_saved_model", "fold_graph_def"]
 
 
 def __getattr__(name):

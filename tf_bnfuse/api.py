@@ -1,4 +1,5 @@
-"""The Python API: fold a GraphDef in memory, or a SavedModel from disk to disk.
+"""The Python API: fold a GraphDef, a Keras model or tf.functions in memory (fold, export), or a
+SavedModel from disk to disk (fold_saved_model).
 
 fold_saved_model is the sequence of the phases (tf_bnfuse/phases/), each taking the parts it
 reads and returning the part it makes: per MetaGraph load, freeze, test inputs, the original's
@@ -7,6 +8,7 @@ parsed once (a failed verification's search for its fold loads it again: the pas
 released the original's folded kernels, WeightStore.releases).
 """
 
+import dataclasses
 import gc
 import os
 
@@ -18,10 +20,12 @@ from tf_bnfuse.phases import parts
 from tf_bnfuse.phases import prepare
 from tf_bnfuse.phases import tflite as tflite_phase
 from tf_bnfuse.savedmodel import load as load_lib
+from tf_bnfuse.savedmodel import objects as objects_lib
 from tf_bnfuse.savedmodel import output_dir as output_dir_lib
 from tf_bnfuse.savedmodel import preflight
 from tf_bnfuse.savedmodel import resources
 from tf_bnfuse.savedmodel import tf1
+from tf_bnfuse.savedmodel import write as write_lib
 
 DEFAULT_TAGS = ("serve",)
 
@@ -164,3 +168,135 @@ def _fold_metagraph(loaded, metagraph, options, progress, report):
     return parts.FoldedMetaGraph(metagraph, loaded, signatures, test_inputs, roots, reference, folded.signatures,
                                  folded.precisions, tf1.initializers_to_keep(loaded.loaded),
                                  parts.OriginalAgain(options, metagraph, loaded), report)
+
+
+class _InMemoryRun:
+    """What fold made, kept on the folded object for export: the built model, the folded
+    MetaGraph (the input's functions, test inputs, reference outputs) and its fold checks."""
+
+    def __init__(self, built, folded, fold_checks, options):
+        self.built, self.folded, self.fold_checks, self.options = built, folded, fold_checks, options
+
+
+def fold(obj, signatures=None, config=None, verify=True, verify_inputs=None):
+    """Folds batch norms in a live object; returns a write_lib.FoldedModel, verified in memory.
+
+    obj: a Keras 3 model (functional, Sequential, or subclassed once called), a tf-keras model,
+    a tf.Module (or the object tf.saved_model.load gives) whose tf.functions have input
+    signatures, one ConcreteFunction, or a list of them. Its signatures are those saving it the
+    usual way writes (savedmodel/objects.py); signatures= overrides them as in
+    tf.saved_model.save. Nothing goes to disk: freezing starts from the object's concrete
+    functions. obj is not modified: the folded object owns copies of the weights it reads.
+
+    The result has .signatures ({key: ConcreteFunction}, inputs, dtypes, shapes and output keys
+    as the input's), is callable (its serving_default signature), carries .report (a RunReport)
+    and can be given to tf.saved_model.save(result, path, signatures=result.signatures) and to
+    tf.lite.TFLiteConverter.from_concrete_functions(list(result.signatures.values()), result).
+    Verified against obj on every visible device as the CLI verifies; raises BadInputError (also
+    a ValueError) or VerificationError, with the RunReport as the exception's run_report.
+    """
+    return _fold_object(obj, signatures, config, verify, verify_inputs).built.module
+
+
+def _fold_object(obj, signatures, config, verify, verify_inputs):
+    config = _resolve_config(config)
+    options = parts.Options(None, None, None, config, verify, verify_inputs, None)
+    root, functions = objects_lib.signatures_of(obj, signatures)
+    metagraph = parts.MetaGraph(DEFAULT_TAGS, None, releases=False)  # the input object stays whole
+    report = report_lib.RunReport("(in memory: %s)" % objects_lib.described(obj), "(in memory)", {})
+    progress = parts.Progress(report_lib.Timeline(), lambda boundary: None)
+    try:
+        loaded = prepare.from_object(root, functions, options, progress)
+        folded = _fold_metagraph(loaded, metagraph, options, progress, report)
+        built, [fold_checks] = output.build([folded], False, options, progress, own_variables=True)
+        with progress.phase("verify"):
+            output.verify_object(built.module, folded, fold_checks, options, progress)
+    except BaseException as e:
+        report.phases = progress.timeline.to_list()
+        e.run_report = report
+        raise
+    report.phases = progress.timeline.to_list()
+    run = _InMemoryRun(built, folded, fold_checks, options)
+    built.module.attach_run(report, run, objects_lib.returns_tensor(obj, functions))
+    return run
+
+
+EXPORT_FORMATS = ("tf_saved_model", "litert")
+
+
+def export(obj, path, format="tf_saved_model", signatures=None, config=None, verify=True,  # noqa: A002 (Keras' name)
+           verify_inputs=None, quantize="none", io="float", calibration=None, max_error=None, overwrite=False,
+           verbose=True):
+    """Writes a folded model to `path`, as Keras' model.export(path, format=...) writes one.
+
+    obj: what fold takes, or what it returned (then fold's own options apply and the fold is
+    not repeated). format "tf_saved_model": a SavedModel folder with every signature, loaded
+    again and verified before it is moved into place (as the CLI writes one). "litert": a
+    .tflite file, converted with TFLiteConverter.from_concrete_functions and checked against
+    the input (quantize none, float16, dynamic or int8; io int8 for integer inputs and outputs;
+    calibration: {input or signature/input: samples along axis 0} or a .npz of them; max_error:
+    the relative L2 error a quantized output may have), measured beside the converter given
+    the input alone. A wrong option raises ValueError before any work. verbose: print the
+    run's summary (the CLI's, with the side-by-side TFLite table). Returns the RunReport.
+    """
+    _check_export_options(path, format, quantize, io, calibration, max_error, overwrite)
+    run = getattr(obj, "in_memory_run", None) if isinstance(obj, write_lib.FoldedModel) else None
+    if run is None:
+        run = _fold_object(obj, signatures, config, verify, verify_inputs)
+    report, progress = run.folded.report, parts.Progress(report_lib.Timeline(), lambda boundary: None)
+    try:
+        if format == "litert":
+            tflite = parts.TfliteOptions(os.fspath(path), quantize, io, calibration, max_error)
+            options = dataclasses.replace(run.options, tflite=tflite)
+            content = tflite_phase.convert_object(run.built.module, run.folded, options, progress)
+            output_dir_lib.write_file_atomically(os.fspath(path), content)
+        else:
+            _export_saved_model(run, os.fspath(path), progress)
+    finally:
+        report.phases = report.phases + progress.timeline.to_list()
+    report.output_dir = os.fspath(path)
+    if verbose:
+        print(report_lib.format_run(report))
+    return report
+
+
+def _export_saved_model(run, path, progress):
+    """The folded model written at a scratch folder beside path, loaded again and verified there as
+    the CLI's output is, then moved into place."""
+    options = dataclasses.replace(run.options, output_dir=path)
+    parent = os.path.dirname(os.path.realpath(path))
+    scratch = output_dir_lib.make_scratch(parent)
+    try:
+        written = os.path.join(scratch, "saved_model")
+        with progress.phase("write"):
+            write_lib.save(run.built, written)
+        output.verify(written, run.folded, run.fold_checks, options, progress)
+        output.move_into_place(written, path, scratch, None, None, progress)
+    finally:
+        output_dir_lib.remove_scratch(scratch)
+
+
+def _check_export_options(path, format, quantize, io, calibration, max_error, overwrite):  # noqa: A002
+    """ValueError for a wrong export option, before any work."""
+    if format not in EXPORT_FORMATS:
+        raise ValueError("format=%r: one of %s" % (format, ", ".join(EXPORT_FORMATS)))
+    if format != "litert" and (quantize != "none" or io != "float" or calibration is not None
+                               or max_error is not None):
+        raise ValueError("quantize, io, calibration and max_error are for format=\"litert\"")
+    if quantize not in preflight.QUANTIZE_MODES:
+        raise ValueError("quantize=%r: one of %s" % (quantize, ", ".join(preflight.QUANTIZE_MODES)))
+    if io not in preflight.TFLITE_IO:
+        raise ValueError("io=%r: one of %s" % (io, ", ".join(preflight.TFLITE_IO)))
+    if (io != "float" or calibration is not None) and quantize != "int8":
+        raise ValueError("io and calibration are for quantize=\"int8\"")
+    if max_error is not None and (quantize == "none" or not max_error > 0):
+        raise ValueError("max_error=%r: a relative L2 error above 0, for a quantized model" % (max_error,))
+    if calibration is not None and not isinstance(calibration, dict):
+        preflight.check_npz(calibration, "calibration")
+    path = os.fspath(path)
+    if os.path.lexists(path) and not overwrite:
+        raise ValueError("%s exists; pass overwrite=True to replace it" % path)
+    if format == "litert" and os.path.isdir(path):
+        raise ValueError("%s is a folder; format=\"litert\" writes a .tflite file" % path)
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+        raise ValueError("the folder of %s does not exist" % path)

@@ -12,8 +12,9 @@ class BnFuseError(Exception):
     exit_code = EXIT_INTERNAL
 
 
-class BadInputError(BnFuseError):
-    """The SavedModel, a flag or the config cannot be used as given."""
+class BadInputError(BnFuseError, ValueError):
+    """The SavedModel, a flag, an argument or the config cannot be used as given (a ValueError
+    too, as Python callers expect of a bad argument)."""
     exit_code = EXIT_BAD_INPUT
 
 

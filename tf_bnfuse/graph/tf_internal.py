@@ -116,3 +116,36 @@ def tflite_ops(interpreter):
     """Each op of a TFLite model with its name and input and output tensors. Why: the one API
     that lists them; public alternative: tf.lite.experimental.Analyzer, which only prints."""
     return interpreter._get_ops_details()  # pylint: disable=protected-access
+
+
+def signature_functions(functions):
+    """{key: ConcreteFunction} of {key: tf.function or ConcreteFunction} in the form a SavedModel's
+    signature has: keyword inputs named as tf.saved_model.save names them, a dict of outputs
+    ("output_0", ... for a tensor or a sequence). Why: tf_bnfuse.fold must key an object's
+    functions as saving it would; this is the conversion tf.saved_model.save itself applies, and
+    no public API exposes it."""
+    from tensorflow.python.saved_model import signature_serialization  # pylint: disable=import-outside-toplevel
+    return signature_serialization.canonicalize_signatures(functions)[0]
+
+
+def keras_input_signature(model):
+    """The input signature Keras 3's model.export traces a model with (functional, Sequential, or a
+    subclassed model from the shapes of its first call). Why: fold(keras_model) keys inputs as
+    model.export does; Keras has no public function for it (keras.src.export.export_utils)."""
+    from keras.src.export import export_utils  # pylint: disable=import-outside-toplevel
+    return export_utils.get_input_signature(model)
+
+
+def tf_keras_serving_function(model):
+    """The tf.function tf-keras' model.save writes as its serving_default signature (inputs named
+    after the model's, outputs keyed by its output layers). Why: fold(tf_keras_model) keys them as
+    model.save does; tf-keras has no public function for it."""
+    from tf_keras.src.saving.legacy import saving_utils  # pylint: disable=import-outside-toplevel
+    return saving_utils.trace_model_call(model)
+
+
+def set_default_save_signature(trackable, function):
+    """Makes `function` the signature tf.saved_model.save(trackable, path) writes when it is given
+    no signatures. Why: TF looks for it under this private attribute name (what tf-keras sets on
+    its models); there is no public way."""
+    setattr(trackable, "_default_save_signature", function)

@@ -22,18 +22,25 @@ from tf_bnfuse.verify import root_functions as root_function_checks
 from tf_bnfuse.verify import test_inputs as test_inputs_lib
 
 
-def write(folded_metagraphs, built, release_weights, options, progress):
-    """Writes every MetaGraph's folded signatures into one SavedModel at built, checking each fold
-    by itself on the way (check_folds). Returns the FoldedMetaGraphs without what a releasing
-    MetaGraph lets go of now (the written model holds the weights, and what runs the original
-    after this loads it again: OriginalAgain), and their FoldChecks (None without verification)."""
+def build(folded_metagraphs, release_weights, options, progress, own_variables=False):
+    """(write_lib.BuiltModel of every MetaGraph's folded signatures, their FoldChecks: None without
+    verification): the folded model built in memory, each fold checked by itself (check_folds)."""
     with progress.phase("build"):
         # Without TFLite nothing writes the folded signatures again: each kernel leaves them as it is built.
         model = write_lib.build([write_lib.MetaGraphToWrite(m.metagraph.tags, m.folded, m.initializers,
                                                             m.roots.aliases) for m in folded_metagraphs],
-                                release_weights=release_weights)
+                                release_weights=release_weights, own_variables=own_variables)
     fold_checks = [check_folds(graphs, m, options, progress.of(m.metagraph)) if options.verify else None
                    for graphs, m in zip(model.graphs, folded_metagraphs)]
+    return model, fold_checks
+
+
+def write(folded_metagraphs, built, release_weights, options, progress):
+    """Writes every MetaGraph's folded signatures into one SavedModel at built, checking each fold
+    by itself on the way (build). Returns the FoldedMetaGraphs without what a releasing
+    MetaGraph lets go of now (the written model holds the weights, and what runs the original
+    after this loads it again: OriginalAgain), and their FoldChecks (None without verification)."""
+    model, fold_checks = build(folded_metagraphs, release_weights, options, progress)
     with progress.phase("write"):
         write_lib.save(model, built)
     del model
@@ -76,41 +83,45 @@ def check_folds(graphs, folded, options, progress):
 
 
 def verify(built, folded, fold_checks, options, progress):
-    """Loads the written output and runs every signature and kept root function of one
-    FoldedMetaGraph on the test inputs, comparing them with the original's unless verification is
-    off. Records the VerificationReport in folded.report.verification (a failed one with the fold
-    it comes from) before raising VerificationError."""
-    test_inputs, reference = folded.test_inputs, folded.reference
-    evaluated = OriginalEvaluatedAgain(folded)
+    """Loads the written output at `built` and verifies it (verify_object)."""
     with progress.phase("verify"):
         # Even unverified, the output is loaded and run: a model that cannot run is never written.
-        reloaded = load_written(built, folded.metagraph.tags)
-        reloaded_functions = {k: reloaded.signatures[k] for k in test_inputs.input_specs}
-        if options.verify:
-            verification = verify_lib.verify(
-                reference.expected, reloaded_functions, test_inputs.arrays, folded.signatures.output_specs,
-                options.verify_config, folded.precisions,
-                original_again=lambda: prepare.original_references(*folded.original.get(), folded.signatures,
-                                                                   folded.roots, test_inputs),
-                evaluated_again=evaluated)
-            verification.folds = fold_checks
-            verification.inputs = test_inputs_lib.describe_integer_inputs(test_inputs.input_specs,
-                                                                          test_inputs.bounds, test_inputs.given)
-            folded.report.verification = verification
-            if not verification.ok:
-                verification.culprit = find_culprit(verification.failures()[0], folded, options, progress)
-            verify_lib.raise_if_failed(verification)  # the signatures first: a root function only calls one
-        else:
-            verify_lib.smoke_test(reloaded_functions, test_inputs.arrays)
-        root_function_checks.check(reference.expected_roots if reference else None, reloaded, folded.roots.aliases,
-                                   test_inputs.arrays, options.verify_config if options.verify else None,
-                                   folded.precisions, original_again=lambda: folded.original.get()[0],
-                                   accepted=verify_lib.spread_bounds(folded.report.verification, reference.expected)
-                                   if options.verify else None)
+        verify_object(load_written(built, folded.metagraph.tags), folded, fold_checks, options, progress)
     if not options.verify:
         logging.warning("verification skipped: the output of %s ran on test inputs but was NOT "
                         "compared with the input", options.output_dir)
-    elif not folded.report.verification.compared:
+
+
+def verify_object(model, folded, fold_checks, options, progress):
+    """Runs every signature and kept root function of one FoldedMetaGraph on the test inputs, as
+    `model` (the written output loaded, or the folded object in memory) has them, comparing them
+    with the original's unless verification is off. Records the VerificationReport in
+    folded.report.verification (a failed one with the fold it comes from) before raising
+    VerificationError."""
+    test_inputs, reference = folded.test_inputs, folded.reference
+    functions = {k: model.signatures[k] for k in test_inputs.input_specs}
+    if options.verify:
+        verification = verify_lib.verify(
+            reference.expected, functions, test_inputs.arrays, folded.signatures.output_specs,
+            options.verify_config, folded.precisions,
+            original_again=lambda: prepare.original_references(*folded.original.get(), folded.signatures,
+                                                               folded.roots, test_inputs),
+            evaluated_again=OriginalEvaluatedAgain(folded))
+        verification.folds = fold_checks
+        verification.inputs = test_inputs_lib.describe_integer_inputs(test_inputs.input_specs,
+                                                                      test_inputs.bounds, test_inputs.given)
+        folded.report.verification = verification
+        if not verification.ok:
+            verification.culprit = find_culprit(verification.failures()[0], folded, options, progress)
+        verify_lib.raise_if_failed(verification)  # the signatures first: a root function only calls one
+    else:
+        verify_lib.smoke_test(functions, test_inputs.arrays)
+    root_function_checks.check(reference.expected_roots if reference else None, model, folded.roots.aliases,
+                               test_inputs.arrays, options.verify_config if options.verify else None,
+                               folded.precisions, original_again=lambda: folded.original.get()[0],
+                               accepted=verify_lib.spread_bounds(folded.report.verification, reference.expected)
+                               if options.verify else None)
+    if options.verify and not folded.report.verification.compared:
         logging.warning("verification compared NOTHING: every output is random (it differs between two "
                         "calls of the original on the same input): %s", ", ".join(
                             folded.report.verification.random_outputs()))

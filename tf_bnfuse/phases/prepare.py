@@ -15,6 +15,7 @@ from tf_bnfuse.passes.context import PassContext
 from tf_bnfuse.phases import parts
 from tf_bnfuse.savedmodel import freeze as freeze_lib
 from tf_bnfuse.savedmodel import load as load_lib
+from tf_bnfuse.savedmodel import objects as objects_lib
 from tf_bnfuse.savedmodel import resources
 from tf_bnfuse.savedmodel import root_functions
 from tf_bnfuse.savedmodel import write as write_lib
@@ -36,6 +37,17 @@ def load(model, metagraph, options, progress):
     input_specs = {k: freeze_lib.signature_inputs(f) for k, f in functions.items()}
     given = test_inputs_lib.given_inputs(options.verify_inputs, input_specs) if options.verify_inputs else {}
     return parts.LoadedSignatures(loaded, functions, aliases, dropped, pending, vocabulary, input_specs, given)
+
+
+def from_object(root, functions, options, progress):
+    """The LoadedSignatures of a live object's signature functions (savedmodel/objects.py): what
+    load gives for a SavedModel, with no vocabulary file to read test strings from."""
+    aliases, dropped, pending = {}, {}, {}
+    if objects_lib.has_root_functions(root):
+        aliases, dropped, pending = root_functions.find(root, functions)
+    input_specs = {k: freeze_lib.signature_inputs(f) for k, f in functions.items()}
+    given = test_inputs_lib.given_inputs(options.verify_inputs, input_specs) if options.verify_inputs else {}
+    return parts.LoadedSignatures(root, functions, aliases, dropped, pending, [], input_specs, given)
 
 
 def freeze_signatures(loaded, metagraph, progress):

@@ -99,3 +99,16 @@ def move_into_place(built, output_dir, scratch):
         os.rename(output_dir, os.path.join(scratch, "replaced"))
         os.rename(built, output_dir)
     # After an exchange, `built` holds the old output; the scratch folder goes with it.
+
+
+def write_file_atomically(path, content):
+    """Writes bytes to path through a file beside it renamed into place: a reader never sees half
+    a file, and a failed write leaves path as it was."""
+    scratch = "%s.tf_bnfuse-%d.tmp" % (path, os.getpid())
+    try:
+        with open(scratch, "wb") as f:
+            f.write(content)
+        os.replace(scratch, path)
+    finally:
+        if os.path.exists(scratch):
+            os.remove(scratch)

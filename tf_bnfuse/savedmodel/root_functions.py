@@ -46,10 +46,19 @@ class RootAlias:
 KERAS_LOADER_ONLY = frozenset({"call_and_return_all_conditional_losses", "call_and_return_conditional_losses"})
 
 
+def function_attributes(obj):
+    """{name: function} of the public tf.function attributes of an object (and `__call__`): its
+    own (a loaded SavedModel's) and its class's (methods decorated with tf.function), bound to it."""
+    raw = {}
+    for owner in reversed(type(obj).__mro__):
+        raw.update(vars(owner))
+    raw.update(vars(obj))
+    return {name: getattr(obj, name) for name, value in sorted(raw.items())
+            if isinstance(value, _FUNCTION_KINDS) and (not name.startswith("_") or name == "__call__")}
+
+
 def _names(loaded):
-    """Public tf.function attributes of the root object (and `__call__`)."""
-    return sorted(name for name, value in vars(loaded).items()
-                  if isinstance(value, _FUNCTION_KINDS) and (not name.startswith("_") or name == "__call__"))
+    return list(function_attributes(loaded))
 
 
 def _concrete_functions(function):

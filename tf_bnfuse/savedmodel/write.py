@@ -44,7 +44,11 @@ def _tensor_digest(tensor_proto):
     return digest.digest()
 
 
-def _split_weights(graph_def, variables, store=None, release=False):
+def _variable_name(node_name):
+    return re.sub(r"[^A-Za-z0-9_.\-]", "_", node_name)
+
+
+def _split_weights(graph_def, variables, store=None, release=False, own_variables=False):
     """(graph_def with big float Consts turned into Placeholders, {node name: tf.Variable}).
 
     variables: a cache shared by all signatures, so equal weights are stored once:
@@ -52,6 +56,7 @@ def _split_weights(graph_def, variables, store=None, release=False):
     variable of the input that a stored Const stands for (store: the WeightStore its
     Consts name), which is written as it is, never copied here. release: drop each
     array from the store once its variable holds the value (nothing reads it again).
+    own_variables: an input's variable is copied into a new one instead of written as it is.
     """
     stripped = graph_lib.new_graph_def(graph_def)
     weights = {}
@@ -69,14 +74,18 @@ def _split_weights(graph_def, variables, store=None, release=False):
         if variable is not None:  # of the input, or one a releasing store made for a fold
             digest = store.variable_digest(node)
             key = ("variable", id(variable)) if digest is None else (node.name, digest)
-            variables.setdefault(key, variable)
+            if key not in variables:
+                # An in-memory fold's output owns its weights (the input may go on training): a copy
+                # made by TensorFlow, not through numpy.
+                variables[key] = (tf.Variable(variable.value(), trainable=False, name=_variable_name(node.name))
+                                  if own_variables and digest is None else variable)
         else:
             array = store.array(node) if stored else None
             key = (node.name, (array.dtype.str, array.shape, hashlib.sha256(np.ascontiguousarray(array)).digest())
                    if stored else _tensor_digest(tensor))
             if key not in variables:
                 value = array if stored else tf.make_ndarray(tensor)
-                variables[key] = tf.Variable(value, trainable=False, name=re.sub(r"[^A-Za-z0-9_.\-]", "_", node.name))
+                variables[key] = tf.Variable(value, trainable=False, name=_variable_name(node.name))
                 if stored and release:
                     del value, array
                     store.release(node)
@@ -131,10 +140,25 @@ def _clear_of_capture_arg_names(graph_def, sig, weights):
     return renamed, sig, {new_names.get(k, k): v for k, v in weights.items()}
 
 
-def _signature_function(sig, graph_def, weights):
+_GRADIENT_TYPE_ATTR = "_gradient_op_type"  # what names a tf.custom_gradient's gradient (Keras 3's swish)
+
+
+def _drop_custom_gradients(graph_def):
+    """Removes the custom-gradient names from the nodes of graph_def (a copy _split_weights made)
+    and its library. The folded model is for inference, and tf.saved_model.save with default
+    options would look for those gradient functions, which the import cut from their captures:
+    "Found invalid capture ... when saving custom gradients" when a user saves a folded object."""
+    nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
+    for node in nodes:
+        if _GRADIENT_TYPE_ATTR in node.attr:
+            del node.attr[_GRADIENT_TYPE_ATTR]
+
+
+def _signature_function(sig, graph_def, weights, name=None):
     """A wrapped function that imports the folded graph, feeding weights from variables
     and kept resources (written variables, tables) from the original objects."""
     graph_def, sig, weights = _clear_of_capture_arg_names(graph_def, sig, weights)
+    _drop_custom_gradients(graph_def)
     input_keys = sorted(sig.inputs)
     output_keys = sorted(sig.outputs)
     returned = [_forwarded_tensor(graph_lib.GraphIndex(graph_def), sig.outputs[k].tensor) for k in output_keys]
@@ -162,6 +186,10 @@ def _signature_function(sig, graph_def, weights):
     # stateful ops as control edges already, and tf.function's automatic control
     # dependencies would add an Identity per output on top (TF-TRT saves such functions too).
     function = tf.compat.v1.wrap_function(call, signature=specs)
+    if name:
+        # TFLiteConverter.from_concrete_functions keys each of several functions by its graph's
+        # name; wrap_function would prefix it ("wrapped_function_<name>")
+        function.graph.name = name
     # What a signature is called with; a wrapped function does not record it (TF-TRT sets the same).
     tf_internal.set_call_signature(function, input_keys)
     return function
@@ -278,7 +306,7 @@ class MetaGraphToWrite:
     root_aliases: dict = dataclasses.field(default_factory=dict)  # root_functions.find's
 
 
-def _signature_functions(signatures, variables, release):
+def _signature_functions(signatures, variables, release, own_variables):
     """({key: wrapped function}, {key: (GraphDef without weights, weights)}) of one MetaGraph's
     folded signatures; variables: the shared weight cache."""
     split = {}  # id(folded GraphDef) -> (its GraphDef without weights, weights); signatures may share one
@@ -286,13 +314,13 @@ def _signature_functions(signatures, variables, release):
     written = {}  # what a function computes -> the function; signatures folded once share one
     for key, sig in signatures.items():
         if id(sig.graph_def) not in split:
-            split[id(sig.graph_def)] = _split_weights(sig.graph_def, variables, sig.weights, release)
+            split[id(sig.graph_def)] = _split_weights(sig.graph_def, variables, sig.weights, release, own_variables)
         # Keras 3's "serve" and "serving_default" are one function: written once, the
         # SavedModel holds one copy of the graph, and loading and the first call cost half.
         same = (id(sig.graph_def), tuple(sorted((k, v.tensor) for k, v in sig.inputs.items())),
                 tuple(sorted((k, v.tensor) for k, v in sig.outputs.items())), tuple(sorted(sig.resources)))
         if same not in written:
-            written[same] = _signature_function(sig, *split[id(sig.graph_def)])
+            written[same] = _signature_function(sig, *split[id(sig.graph_def)], name=key)
         functions[key] = written[same]
     return functions, {key: split[id(sig.graph_def)] for key, sig in signatures.items()}
 
@@ -303,33 +331,99 @@ def _saved_key(index, key):
     return "__tf_bnfuse_metagraph_%d__%s" % (index, key)
 
 
+def keyword_input_specs(function):
+    """{input name: TensorSpec} of a signature function: a loaded or traced one's keyword inputs,
+    or the positional ones (named) of a function _signature_function wrapped."""
+    args, kwargs = function.structured_input_signature
+    return dict(kwargs) if kwargs else {spec.name: spec for spec in args}
+
+
+class FoldedModel(tf.Module):
+    """The folded model as an object: what tf_bnfuse.fold returns, and what the output SavedModel
+    is written from. It owns the weights its signature functions read (`weights`), keeps the
+    input's tables and written variables (`kept_resources`) and the root functions the output
+    keeps, under their own names. `signatures`: {key: ConcreteFunction}, like a loaded
+    SavedModel's; calling the object calls its serving_default signature (a dict of outputs, or
+    one tensor where the Keras model or tf.function it came from returns one: attach_run). `report`: the RunReport of the run that made it (None until that run sets it)."""
+
+    def __init__(self, signatures):
+        super().__init__(name="tf_bnfuse_folded")
+        # Not tracked: tf.saved_model.save takes signatures as its argument, and a tracked
+        # attribute named "signatures" is reserved for the loaded objects' signature map.
+        self.__dict__["_signature_functions"] = dict(signatures)
+        self.__dict__["report"] = None
+
+    @property
+    def signatures(self):
+        return dict(self._signature_functions)
+
+    @property
+    def in_memory_run(self):
+        """What tf_bnfuse.export needs of the fold that made this object (None for a written one)."""
+        return self.__dict__.get("_in_memory_run")
+
+    def attach_run(self, report, run, returns_tensor):
+        """Records the in-memory run that made this object; returns_tensor: calling it returns its
+        serving signature's one output as a tensor, as the object it was folded from does."""
+        self.__dict__["report"] = report
+        self.__dict__["_in_memory_run"] = run
+        self.__dict__["_returns_tensor"] = returns_tensor
+        if len(self._signature_functions) == 1 or "serving_default" in self._signature_functions:
+            # tf.saved_model.save(this, path) with no signatures= then writes this one
+            tf_internal.set_default_save_signature(self, self.signatures.get("serving_default") or
+                                                   next(iter(self._signature_functions.values())))
+
+    def __call__(self, *args, **kwargs):
+        if len(self._signature_functions) == 1:
+            [function] = self._signature_functions.values()
+        elif "serving_default" in self._signature_functions:
+            function = self._signature_functions["serving_default"]
+        else:
+            raise TypeError("this folded model has no serving_default signature: call one of .signatures "
+                            "(%s)" % ", ".join(sorted(self._signature_functions)))
+        names = sorted(keyword_input_specs(function))
+        if len(args) == 1 and isinstance(args[0], dict):
+            kwargs = dict(args[0], **kwargs)
+        elif args:
+            if len(args) > len(names):
+                raise TypeError("the folded model takes %d inputs (%s), got %d positional arguments" % (
+                    len(names), ", ".join(names), len(args)))
+            kwargs = dict(zip(names, args), **kwargs)
+        outputs = function(**{k: tf.convert_to_tensor(v) for k, v in kwargs.items()})
+        return next(iter(outputs.values())) if self.__dict__.get("_returns_tensor") else outputs
+
+
 @dataclasses.dataclass
 class BuiltModel:
     """What build makes and save writes: the module, its signature functions, and each
     signature's GraphDef without weights beside the variables it reads them from (what
     probe_function runs, reading the very variables the output saves)."""
-    module: tf.Module
+    module: FoldedModel
     saved: dict  # the key each signature is saved under -> its function
     metagraphs: list  # the MetaGraphToWrite list
     graphs: list  # per MetaGraph: {signature key: (GraphDef without weights, {node name: tf.Variable})}
 
 
-def build(metagraphs, release_weights=False):
+def build(metagraphs, release_weights=False, own_variables=False):
     """The BuiltModel of folded MetaGraphs: one module whose signature functions import their
     folded GraphDefs; big float constants are variables, shared between signatures (of any
     MetaGraph) whose weights are equal. release_weights: the folded arrays leave the
     signatures' weight stores as they become variables (so a kernel is held once, not twice);
-    the signatures cannot be built again."""
-    module = tf.Module()
+    the signatures cannot be built again. own_variables: the input's variables the folded
+    graphs read unchanged are copied into the module's own (an in-memory fold; a written
+    output saves them as they are)."""
     variables = {}
-    saved, graphs = {}, []
+    saved, graphs, functions_of = {}, [], []
     for index, metagraph in enumerate(metagraphs):
-        functions, split = _signature_functions(metagraph.signatures, variables, release_weights)
+        functions, split = _signature_functions(metagraph.signatures, variables, release_weights, own_variables)
         graphs.append(split)
-        if metagraph.root_aliases:
-            root_functions.attach(module, metagraph.root_aliases, functions)
+        functions_of.append(functions)
         saved.update(functions if len(metagraphs) == 1 else
                      {_saved_key(index, k): f for k, f in functions.items()})
+    module = FoldedModel(functions_of[0])
+    for metagraph, functions in zip(metagraphs, functions_of):
+        if metagraph.root_aliases:
+            root_functions.attach(module, metagraph.root_aliases, functions)
     module.weights = list(variables.values())  # tracked, so they are saved
     # Written variables and tables, with their initializers and assets.
     owners = {id(r.owner): r.owner for m in metagraphs for sig in m.signatures.values() for r in sig.resources.values()}

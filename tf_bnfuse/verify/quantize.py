@@ -69,13 +69,16 @@ def calibration(calibration_inputs, input_specs, random_inputs):
     random_inputs(input_specs), CALIBRATION_SAMPLES each, with a warning."""
     if calibration_inputs:
         samples = test_inputs_lib.given_inputs(calibration_inputs, input_specs, "--calibration_inputs")
-        test_inputs_lib.check_complete(samples, input_specs, "--calibration_inputs %s" % calibration_inputs)
+        test_inputs_lib.check_complete(samples, input_specs, "--calibration_inputs %s" % (
+            "" if isinstance(calibration_inputs, dict) else calibration_inputs))
         samples = {k: samples[k] for k in input_specs}
         counts = {k: sample_count(a) for k, a in samples.items()}
-        return samples, "--calibration_inputs %s (%s samples)" % (
-            calibration_inputs, ", ".join("%s %d" % kv for kv in sorted(counts.items())))
+        return samples, "%s (%s samples)" % (
+            "the calibration arrays given" if isinstance(calibration_inputs, dict)
+            else "--calibration_inputs %s" % calibration_inputs, ", ".join("%s %d" % kv for kv in sorted(counts.items())))
     logging.warning("int8 calibration on random inputs, which are not representative of real data: pass "
-                    "--calibration_inputs with samples of real inputs for a model worth deploying")
+                    "--calibration_inputs (calibration= in Python) with samples of real inputs for a model worth "
+                    "deploying")
     return random_inputs(input_specs), ("%d seeded random samples per signature (no --calibration_inputs): NOT "
                                         "representative of real data" % CALIBRATION_SAMPLES)
 

@@ -123,18 +123,21 @@ def index_bounds(graph_def, inputs):
 
 
 def given_inputs(path, input_specs, flag="--verify_inputs"):
-    """{signature: {input: array}} from a .npz of arrays named INPUT or SIGNATURE/INPUT.
+    """{signature: {input: array}} from a .npz (or a dict) of arrays named INPUT or SIGNATURE/INPUT.
 
     A SIGNATURE/INPUT array is for that signature only; an INPUT array for
     every signature with an input of that name. Raises BadInputError (one
     line) for an array that names no input, or whose shape or dtype the
     input does not take.
     """
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as e:
-        raise errors.BadInputError("%s %s cannot be read: %s" % (flag, path, errors.most_specific_line(e)))
+    if isinstance(path, dict):  # the Python API's arrays, named the same way
+        arrays, path = {k: np.asarray(v) for k, v in path.items()}, "(arrays)"
+    else:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+        except (OSError, ValueError) as e:
+            raise errors.BadInputError("%s %s cannot be read: %s" % (flag, path, errors.most_specific_line(e)))
     given, used = {}, set()
     for signature, specs in input_specs.items():
         for name, spec in specs.items():

@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from tf_bnfuse import errors
 from tf_bnfuse.graph import tf_internal
+from tf_bnfuse.savedmodel import write as write_lib
 from tf_bnfuse.verify import compare as verify_lib
 from tf_bnfuse.verify import quantize as quantize_lib
 
@@ -74,11 +75,40 @@ def interpreter_of(model_content):
         return runtime()[1](model_content=model_content)
 
 
-def convert(saved_model_dir, signature_keys, tags, quantization=None):
-    """The TFLite flatbuffer of a SavedModel: float, or quantized as a quantize.Quantization says."""
-    def converter():
-        return tf.lite.TFLiteConverter.from_saved_model(saved_model_dir, signature_keys=list(signature_keys),
-                                                        tags=set(tags))
+def saved_model_converter(saved_model_dir, signature_keys, tags):
+    """A function that makes a TFLiteConverter of these signatures of a SavedModel on disk."""
+    return lambda: tf.lite.TFLiteConverter.from_saved_model(saved_model_dir, signature_keys=list(signature_keys),
+                                                            tags=set(tags))
+
+
+def functions_converter(functions, trackable):
+    """A function that makes a TFLiteConverter of {signature key: ConcreteFunction} in memory
+    (TFLiteConverter.from_concrete_functions, given the trackable that owns their variables:
+    converted through a SavedModel, so that the .tflite has signatures). Signatures that are one
+    function are converted once (as from a SavedModel); the converter keys one function
+    "serving_default", several by their graphs' names: each is first traced under its key where
+    its graph is named otherwise."""
+    distinct = {}
+    for key, function in functions.items():
+        distinct.setdefault(id(function), (key, function))
+    if len(distinct) == 1:
+        named = [function for _, function in distinct.values()]
+    else:
+        named = [function if function.graph.name == key else _named(key, function)
+                 for key, function in distinct.values()]
+    return lambda: tf.lite.TFLiteConverter.from_concrete_functions(named, trackable)
+
+
+def _named(key, function):
+    """A ConcreteFunction whose graph is named `key` that calls `function` (a signature's)."""
+    def call(**inputs):
+        return function(**inputs)
+    call.__name__ = key
+    return tf.function(call, autograph=False).get_concrete_function(**write_lib.keyword_input_specs(function))
+
+
+def convert(converter, quantization=None):
+    """The TFLite flatbuffer of what converter() converts: float, or quantized as a quantize.Quantization says."""
     if quantization is not None and quantization.calibration is not None:
         quantization = _keyed_as_converted(quantization, converter)
     with _without_interpreter_deprecation():
@@ -246,23 +276,24 @@ def reference_outputs(original, inputs):
                                                               ).items()} for key in sorted(original)}
 
 
-def build(input_dir, folded_dir, tflite_path, signature_keys, tags, original, test_inputs, verify_config,
+def build(input_converter, folded_converter, tflite_path, original, test_inputs, verify_config,
           quantization=None, held_out=None):
-    """Converts folded_dir to tflite_path's content (not written here); compares; returns (bytes, report).
+    """Converts the folded model (folded_converter makes its TFLiteConverter) to tflite_path's
+    content (not written here); compares; returns (bytes, report).
 
     Float (quantization None): each output within tolerance of the original on test_inputs.
     Quantized: per-output metrics on held_out inputs, for the folded model and for the input
-    converted alone with the same settings (report.quantization).
+    converted alone with the same settings (input_converter; report.quantization).
     """
     try:
-        model_content = convert(folded_dir, signature_keys, tags, quantization)
+        model_content = convert(folded_converter, quantization)
     except Exception as e:  # the converter raises many types; the user needs the first line
         raise errors.BadInputError("the TFLite converter cannot convert the folded model: %s" % converter_error(e))
     report = TfliteReport(tflite_path, len(model_content), op_counts(model_content),
                           batch_norm_ops_next_to_linear(model_content), runtime=runtime()[0])
     before = None
     try:
-        before = convert(input_dir, signature_keys, tags, quantization)
+        before = convert(input_converter, quantization)
         report.ops_before, report.size_bytes_before = op_counts(before), len(before)
         report.batch_norm_ops_before = batch_norm_ops_next_to_linear(before)
     except Exception as e:  # converting the input directly may fail: that is worth reporting, not fatal

@@ -1,0 +1,70 @@
+"""Folds a live zoo model in memory and writes what a user would write from it, for either Keras
+flavour (tf-keras runs this file in a subprocess: it cannot share a process with Keras 3):
+
+    python tests/live_models.py tf_keras NAME OUT_DIR
+
+fold_and_write returns (and the script pickles to OUT_DIR/facts.pkl) the facts the tests judge:
+the model's own outputs on seeded inputs (before the fold), the folded object's, whether every
+weight of the model is unchanged afterwards (array by array), whether it then trained one step,
+whether the folded object's outputs stayed as they were through that step, and the paths of a
+SavedModel written with tf.saved_model.save and a .tflite written with
+TFLiteConverter.from_concrete_functions from the folded object. The tests load those files in
+another fresh process.
+"""
+
+import os
+import pickle
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import model_zoo  # noqa: E402
+
+
+def _input_specs(function):
+    """{name: TensorSpec} of a signature function (keyword inputs, or named positional ones)."""
+    args, kwargs = function.structured_input_signature
+    return dict(kwargs) if kwargs else {spec.name: spec for spec in args}
+
+
+def fold_and_write(keras, name, out_dir):
+    import numpy as np
+    import tensorflow as tf
+    import tf_bnfuse
+
+    model, batch_norms = model_zoo.build_model(keras, name)
+    weights_before = [np.array(w) for w in model.get_weights()]
+    folded = tf_bnfuse.fold(model)
+    specs = _input_specs(folded.signatures["serving_default"])
+    [(input_name, spec)] = specs.items()
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal([3] + spec.shape.as_list()[1:]).astype(np.float32)
+    expected = np.asarray(model(x, training=False))
+    in_memory = np.asarray(folded(x))
+    saved_model, tflite = os.path.join(out_dir, "saved_model"), os.path.join(out_dir, "model.tflite")
+    tf.saved_model.save(folded, saved_model, signatures=folded.signatures)
+    with open(tflite, "wb") as f:
+        f.write(tf.lite.TFLiteConverter.from_concrete_functions(list(folded.signatures.values()), folded).convert())
+    unchanged = all(np.array_equal(a, np.array(b)) for a, b in zip(weights_before, model.get_weights()))
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    model.train_on_batch(x, expected + 1.0)
+    trained = any(not np.array_equal(a, np.array(b)) for a, b in zip(weights_before, model.get_weights()))
+    after_training = np.asarray(folded(x))
+    folds = sum(len(p.folds) for p in folded.report.signatures["serving_default"].passes)
+    return dict(batch_norms=batch_norms, folds=folds, signatures=sorted(folded.signatures), input_name=input_name,
+                x=x, expected=expected, in_memory=in_memory, after_training=after_training,
+                weights_unchanged=unchanged, trained=trained, saved_model=saved_model, tflite=tflite,
+                verified=folded.report.verification.ok)
+
+
+def main(flavour, name, out_dir):
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "benchmarks"))
+    import keras_flavour
+    keras = keras_flavour.import_keras(flavour)
+    facts = fold_and_write(keras, name, out_dir)
+    with open(os.path.join(out_dir, "facts.pkl"), "wb") as f:
+        pickle.dump(facts, f)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

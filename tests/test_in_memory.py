@@ -1,0 +1,246 @@
+"""tf_bnfuse.fold and tf_bnfuse.export: live objects folded in memory (issue 27).
+
+Each folded object is judged against the live input it came from, and every file written from it
+(tf.saved_model.save, TFLiteConverter.from_concrete_functions, export) is loaded and called in a
+fresh process (savedmodel_checks.run_in_fresh_process, which runs .tflite files on LiteRT).
+"""
+
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_bnfuse
+from tf_bnfuse import errors
+from tf_bnfuse.phases import output as output_phase
+
+import live_models
+import model_zoo
+from savedmodel_checks import run_in_fresh_process
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RTOL = 1e-4  # of the output's scale, the CLI's float32 bound
+TFLITE_RTOL = 1e-3
+
+
+def _close(actual, expected, rtol=RTOL):
+    scale = max(float(np.max(np.abs(expected))), 1e-6)
+    return float(np.max(np.abs(np.asarray(actual, np.float64) - expected))) <= rtol * scale
+
+
+def _judge_written(facts, keys):
+    """The SavedModel's every signature and the .tflite, called in a fresh process on facts' inputs."""
+    inputs = {facts["input_name"]: facts["x"]}
+    calls = [(facts["saved_model"], None, key, inputs) for key in keys] + [(facts["tflite"], None, "serving_default",
+                                                                             inputs)]
+    results = run_in_fresh_process(calls)
+    for key, outputs in zip(keys + ["tflite"], results):
+        [value] = outputs.values()
+        assert _close(value, facts["expected"], TFLITE_RTOL if key == "tflite" else RTOL), key
+
+
+def _check_facts(facts, keys):
+    assert facts["folds"] == facts["batch_norms"] and facts["verified"]
+    assert facts["signatures"] == keys
+    assert _close(facts["in_memory"], facts["expected"])
+    assert facts["weights_unchanged"], "fold changed the input model's weights"
+    assert facts["trained"], "the input model did not train after the fold"
+    # The folded object owns its weights: the input's training step does not reach it.
+    np.testing.assert_array_equal(facts["after_training"], facts["in_memory"])
+    _judge_written(facts, keys)
+
+
+@pytest.mark.parametrize("name", ["conv_bn", "residual_leaky_relu", "subclassed_conv_bn"])
+def test_keras3_model_folds_in_memory_and_saves_and_converts(name, tmp_path):
+    """Sequential-style functional (conv_bn), one with a residual branch, a subclassed model."""
+    import keras
+    _check_facts(live_models.fold_and_write(keras, name, str(tmp_path)), ["serve", "serving_default"])
+
+
+def test_keras3_sequential_model_folds_in_memory(tmp_path):
+    import keras
+    keras.utils.set_random_seed(3)
+    L = keras.layers
+    model = keras.Sequential([keras.Input((6, 6, 2)), L.Conv2D(4, 3), L.BatchNormalization(), L.Flatten(),
+                              L.Dense(3), L.BatchNormalization()])
+    for layer in model.layers:
+        if isinstance(layer, L.BatchNormalization):
+            rng = np.random.default_rng(4)
+            n = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(.5, 1.5, n), rng.normal(0, .5, n), rng.normal(0, .5, n),
+                               rng.uniform(.5, 1.5, n)])
+    folded = tf_bnfuse.fold(model)
+    x = np.random.default_rng(5).standard_normal((2, 6, 6, 2)).astype(np.float32)
+    assert len(folded.report.signatures["serve"].folds) == 2
+    assert _close(folded(x), np.asarray(model(x)))
+    path = str(tmp_path / "sm")
+    tf.saved_model.save(folded, path)  # no signatures=: the folded object names its serving_default
+    [name] = folded.signatures["serving_default"].structured_input_signature[0]
+    [outputs] = run_in_fresh_process([(path, None, "serving_default", {name.name: x})])
+    assert _close(outputs["output_0"], np.asarray(model(x)))
+
+
+def test_tf_keras_model_folds_in_memory_and_saves_and_converts(tmp_path):
+    env = dict(os.environ, TF_USE_LEGACY_KERAS="1")
+    subprocess.run([sys.executable, os.path.join(HERE, "live_models.py"), "tf_keras", "conv_bn", str(tmp_path)],
+                   check=True, env=env, capture_output=True, timeout=600)
+    with open(tmp_path / "facts.pkl", "rb") as f:
+        facts = pickle.load(f)
+    _check_facts(facts, ["serving_default"])
+
+
+class TwoSignatures(tf.Module):
+    """A tf.Module with two input-signature tf.functions over conv -> batch norm weights."""
+
+    def __init__(self, seed=0):
+        rng = np.random.default_rng(seed)
+        self.kernel = tf.Variable(rng.standard_normal((3, 3, 2, 4)).astype(np.float32) * 0.3)
+        self.dense = tf.Variable(rng.standard_normal((4, 3)).astype(np.float32) * 0.3)
+        self.gamma = tf.Variable(rng.uniform(.5, 1.5, 4).astype(np.float32))
+        self.beta = tf.Variable(rng.normal(0, .5, 4).astype(np.float32))
+        self.mean = tf.Variable(rng.normal(0, .5, 4).astype(np.float32))
+        self.var = tf.Variable(rng.uniform(.5, 1.5, 4).astype(np.float32))
+
+    def _features(self, x):
+        y = tf.nn.conv2d(x, self.kernel, 1, "SAME")
+        y, _, _ = tf.compat.v1.nn.fused_batch_norm(y, self.gamma, self.beta, self.mean, self.var, 1e-3,
+                                                   is_training=False)
+        return tf.nn.relu(y)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 6, 6, 2], tf.float32, name="image")])
+    def features(self, image):
+        return {"features": self._features(image)}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 6, 6, 2], tf.float32, name="image")])
+    def scores(self, image):
+        return tf.matmul(tf.reduce_mean(self._features(image), [1, 2]), self.dense)
+
+
+def test_a_tf_module_with_two_signatures_folds_in_memory(tmp_path):
+    module = TwoSignatures()
+    before = [v.numpy() for v in module.variables]
+    folded = tf_bnfuse.fold(module)
+    assert sorted(folded.signatures) == ["features", "scores"]
+    assert all(len(folded.report.signatures[k].folds) == 1 for k in ("features", "scores"))
+    x = np.random.default_rng(1).standard_normal((2, 6, 6, 2)).astype(np.float32)
+    expected = {"features": module.features(x)["features"].numpy(), "scores": module.scores(x).numpy()}
+    # Callable like the input: its tf.functions are kept under their names
+    assert _close(folded.features(x)["features"], expected["features"])
+    assert _close(folded.scores(x), expected["scores"])
+    assert all(np.array_equal(b, v.numpy()) for b, v in zip(before, module.variables))
+    with tf.GradientTape() as tape:  # the input can still train
+        loss = tf.reduce_sum(module.scores(x) ** 2)
+    gradients = tape.gradient(loss, module.trainable_variables)
+    for g, v in zip(gradients, module.trainable_variables):
+        if g is not None:  # the moving statistics have none
+            v.assign_sub(0.1 * g)
+    assert not np.array_equal(module.kernel.numpy(), before[next(i for i, v in enumerate(module.variables) if v is module.kernel)])
+    assert _close(folded.scores(x), expected["scores"])  # its own weights
+    path, tflite = str(tmp_path / "sm"), str(tmp_path / "m.tflite")
+    tf.saved_model.save(folded, path, signatures=folded.signatures)
+    with open(tflite, "wb") as f:
+        f.write(tf.lite.TFLiteConverter.from_concrete_functions(list(folded.signatures.values()), folded).convert())
+    results = run_in_fresh_process([(path, None, "features", {"image": x}), (path, None, "scores", {"image": x}),
+                                    (path, None, "root.scores", {"image": x}),
+                                    (tflite, None, "features", {"image": x}), (tflite, None, "scores", {"image": x})])
+    assert _close(results[0]["features"], expected["features"])
+    assert _close(results[1]["output_0"], expected["scores"])
+    assert _close(results[2]["0"], expected["scores"])
+    assert _close(results[3]["features"], expected["features"], TFLITE_RTOL)
+    assert _close(results[4]["output_0"], expected["scores"], TFLITE_RTOL)
+
+
+def test_a_bare_concrete_function_folds_in_memory(tmp_path):
+    module = TwoSignatures(seed=2)
+    function = module.features.get_concrete_function()
+    kernel_before = module.kernel.numpy()
+    folded = tf_bnfuse.fold(function)
+    assert list(folded.signatures) == ["serving_default"]
+    assert len(folded.report.signatures["serving_default"].folds) == 1
+    x = np.random.default_rng(3).standard_normal((2, 6, 6, 2)).astype(np.float32)
+    expected = module.features(x)["features"].numpy()
+    assert _close(folded(image=x)["features"], expected)
+    np.testing.assert_array_equal(module.kernel.numpy(), kernel_before)
+    path = str(tmp_path / "sm")
+    tf.saved_model.save(folded, path, signatures=folded.signatures)
+    [result] = run_in_fresh_process([(path, None, "serving_default", {"image": x})])
+    assert _close(result["features"], expected)
+
+
+def test_one_engine_fold_of_a_loaded_saved_model_computes_what_the_cli_output_computes(tmp_path):
+    import keras
+    src, _ = model_zoo.build(keras, "conv_bn_swish", str(tmp_path))
+    cli_out, api_out = str(tmp_path / "cli"), str(tmp_path / "api")
+    subprocess.run([sys.executable, "-m", "tf_bnfuse", "--saved_model_dir", src, "--output_dir", cli_out],
+                   check=True, capture_output=True, timeout=600)
+    folded = tf_bnfuse.fold(tf.saved_model.load(src))
+    tf.saved_model.save(folded, api_out, signatures=folded.signatures)
+    x = np.random.default_rng(0).standard_normal((2, 12, 12, 3)).astype(np.float32)
+    calls = [(p, None, k, {"image": x}) for p in (src, cli_out, api_out) for k in ("serve", "serving_default")]
+    results = run_in_fresh_process(calls)
+    original, cli, api = results[0:2], results[2:4], results[4:6]
+    for o, c, a in zip(original, cli, api):
+        np.testing.assert_allclose(a["output_0"], c["output_0"], rtol=1e-6, atol=1e-6)
+        assert _close(a["output_0"], o["output_0"])
+    assert len(folded.report.signatures["serve"].folds) == 1
+
+
+def test_export_litert_int8_writes_a_full_integer_model_without_the_batch_norm_ops_the_converter_leaves(tmp_path):
+    """MaxPooling2D -> BatchNormalization -> Conv2D: the converter alone leaves the batch norm's
+    MUL and ADD (docs/tflite.md); the export folds it forward into the conv."""
+    import keras
+    model, _ = model_zoo.build_model(keras, "pool_bn_conv")
+    path = str(tmp_path / "model.tflite")
+    report = tf_bnfuse.export(model, path, format="litert", quantize="int8", io="int8", verbose=False)
+    assert report.tflite.batch_norm_ops_after == 0 and report.tflite.batch_norm_ops_before > 0
+    [ops] = run_in_fresh_process([(path, None, "ops", {})])
+    assert "MUL" not in ops["ops"] and "ADD" not in ops["ops"], ops["ops"]
+    assert "DEQUANTIZE" not in ops["ops"] and "QUANTIZE" not in ops["ops"], ops["ops"]
+    assert list(ops["inputs"]) == ["int8"] and list(ops["outputs"]) == ["int8"]
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("options, message", [
+    (dict(format="onnx"), "format='onnx'"),
+    (dict(quantize="int8"), "for format=\"litert\""),
+    (dict(format="litert", quantize="int4"), "quantize='int4'"),
+    (dict(format="litert", io="int8"), "for quantize=\"int8\""),
+    (dict(format="litert", quantize="float16", max_error=0), "max_error=0"),
+    (dict(format="litert", quantize="int8", calibration="missing.npz"), "missing.npz"),
+])
+def test_export_rejects_a_wrong_option_before_any_work(options, message, tmp_path, monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the options were checked")
+    monkeypatch.setattr("tf_bnfuse.api._fold_object", no_work)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        tf_bnfuse.export(TwoSignatures(), str(tmp_path / "out"), **options)
+    assert not os.listdir(tmp_path)
+
+
+@pytest.mark.quick
+def test_fold_names_what_it_cannot_fold():
+    with pytest.raises(errors.BadInputError, match="no tf.function with an input_signature"):
+        tf_bnfuse.fold(tf.Module())
+    with pytest.raises(ValueError, match="cannot fold a builtins.int"):
+        tf_bnfuse.fold(3)
+
+
+def test_export_of_a_folded_object_writes_a_verified_saved_model_and_does_not_fold_again(tmp_path, monkeypatch):
+    module = TwoSignatures(seed=4)
+    folded = tf_bnfuse.fold(module)
+    monkeypatch.setattr("tf_bnfuse.api._fold_object", lambda *a, **k: pytest.fail("folded again"))
+    verified = []
+    real_verify = output_phase.verify
+    monkeypatch.setattr(output_phase, "verify", lambda *a, **k: verified.append(a[0]) or real_verify(*a, **k))
+    path = str(tmp_path / "out")
+    report = tf_bnfuse.export(folded, path, verbose=False)
+    assert verified and report.verification.ok and report.output_dir == path
+    x = np.random.default_rng(6).standard_normal((1, 6, 6, 2)).astype(np.float32)
+    [features, scores] = run_in_fresh_process([(path, None, "features", {"image": x}),
+                                               (path, None, "scores", {"image": x})])
+    assert _close(features["features"], module.features(x)["features"].numpy())
+    assert _close(scores["output_0"], module.scores(x).numpy())
