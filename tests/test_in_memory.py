@@ -158,10 +158,11 @@ def test_a_bare_concrete_function_folds_in_memory(tmp_path):
     module = TwoSignatures(seed=2)
     function = module.features.get_concrete_function()
     kernel_before = module.kernel.numpy()
-    folded = tf_bnfuse.fold(function)
+    x = np.random.default_rng(3).standard_normal((2, 6, 6, 2)).astype(np.float32)
+    folded = tf_bnfuse.fold(function, verify_inputs={"image": x})
     assert list(folded.signatures) == ["serving_default"]
     assert len(folded.report.signatures["serving_default"].folds) == 1
-    x = np.random.default_rng(3).standard_normal((2, 6, 6, 2)).astype(np.float32)
+    np.testing.assert_array_equal(folded.in_memory_run.folded.test_inputs.arrays["serving_default"]["image"], x)
     expected = module.features(x)["features"].numpy()
     assert _close(folded(image=x)["features"], expected)
     np.testing.assert_array_equal(module.kernel.numpy(), kernel_before)
@@ -195,7 +196,10 @@ def test_export_litert_int8_writes_a_full_integer_model_without_the_batch_norm_o
     import keras
     model, _ = model_zoo.build_model(keras, "pool_bn_conv")
     path = str(tmp_path / "model.tflite")
-    report = tf_bnfuse.export(model, path, format="litert", quantize="int8", io="int8", verbose=False)
+    images = np.random.default_rng(8).standard_normal((8,) + tuple(model.inputs[0].shape[1:])).astype(np.float32)
+    report = tf_bnfuse.export(model, path, format="litert", quantize="int8", io="int8", calibration=images,
+                              verbose=False)
+    assert report.tflite.quantization.calibration == "the calibration arrays given (serve 8 samples)"
     assert report.tflite.batch_norm_ops_after == 0 and report.tflite.batch_norm_ops_before > 0
     [ops] = run_in_fresh_process([(path, None, "ops", {})])
     assert "MUL" not in ops["ops"] and "ADD" not in ops["ops"], ops["ops"]
@@ -244,3 +248,13 @@ def test_export_of_a_folded_object_writes_a_verified_saved_model_and_does_not_fo
                                                (path, None, "scores", {"image": x})])
     assert _close(features["features"], module.features(x)["features"].numpy())
     assert _close(scores["output_0"], module.scores(x).numpy())
+
+
+def test_a_list_of_concrete_functions_folds_each_under_its_function_name():
+    module = TwoSignatures(seed=5)
+    folded = tf_bnfuse.fold([module.features.get_concrete_function(), module.scores.get_concrete_function()])
+    assert sorted(folded.signatures) == ["features", "scores"]
+    x = np.random.default_rng(9).standard_normal((1, 6, 6, 2)).astype(np.float32)
+    assert _close(folded.signatures["scores"](image=tf.constant(x))["output_0"], module.scores(x).numpy())
+    with pytest.raises(TypeError, match="no serving_default"):
+        folded(x)

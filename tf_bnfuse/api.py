@@ -12,6 +12,8 @@ import dataclasses
 import gc
 import os
 
+import numpy as np
+
 from tf_bnfuse import config as config_lib
 from tf_bnfuse import report as report_lib
 from tf_bnfuse.passes import runner
@@ -92,7 +94,7 @@ def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFA
     preflight.check_tflite_options(tflite_output, tflite_quantize, tflite_io, calibration_inputs, tflite_max_error)
     tflite = parts.TfliteOptions(tflite_output, tflite_quantize, tflite_io, calibration_inputs,
                                  tflite_max_error) if tflite_output else None
-    options = parts.Options(saved_model_dir, output_dir, signature_keys, config, verify, verify_inputs, tflite)
+    options = parts.Options(saved_model_dir, output_dir, signature_keys, config, verify, verify_inputs or None, tflite)
     model = load_lib.read(saved_model_dir)  # the one parse of saved_model.pb
     metagraphs, report = _metagraphs(model, tuple(tags) if tags else DEFAULT_TAGS, options, drop_other_metagraphs)
     progress = parts.Progress(report_lib.Timeline(), checkpoint or (lambda boundary: None))
@@ -234,7 +236,8 @@ def export(obj, path, format="tf_saved_model", signatures=None, config=None, ver
     again and verified before it is moved into place (as the CLI writes one). "litert": a
     .tflite file, converted with TFLiteConverter.from_concrete_functions and checked against
     the input (quantize none, float16, dynamic or int8; io int8 for integer inputs and outputs;
-    calibration: {input or signature/input: samples along axis 0} or a .npz of them; max_error:
+    calibration: {input or signature/input: samples along axis 0}, a .npz of them, or one array
+    for a model of one input; max_error:
     the relative L2 error a quantized output may have), measured beside the converter given
     the input alone. A wrong option raises ValueError before any work. verbose: print the
     run's summary (the CLI's, with the side-by-side TFLite table). Returns the RunReport.
@@ -291,8 +294,10 @@ def _check_export_options(path, format, quantize, io, calibration, max_error, ov
         raise ValueError("io and calibration are for quantize=\"int8\"")
     if max_error is not None and (quantize == "none" or not max_error > 0):
         raise ValueError("max_error=%r: a relative L2 error above 0, for a quantized model" % (max_error,))
-    if calibration is not None and not isinstance(calibration, dict):
+    if isinstance(calibration, (str, os.PathLike)):
         preflight.check_npz(calibration, "calibration")
+    elif calibration is not None and not isinstance(calibration, (dict, np.ndarray)):
+        raise ValueError("calibration: a .npz path, a dict of arrays, or one array; got %s" % type(calibration).__name__)
     path = os.fspath(path)
     if os.path.lexists(path) and not overwrite:
         raise ValueError("%s exists; pass overwrite=True to replace it" % path)

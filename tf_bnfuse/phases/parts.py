@@ -32,7 +32,7 @@ class Options:
     signature_keys: Optional[list]
     config: dict
     verify: bool
-    verify_inputs: Optional[str]
+    verify_inputs: object  # None, a .npz path, or (the Python API) a dict of arrays or one array
     tflite: Optional[TfliteOptions]  # None without --tflite_output
 
     @property

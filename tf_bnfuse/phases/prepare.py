@@ -35,7 +35,7 @@ def load(model, metagraph, options, progress):
                                                  metagraph.label)
         aliases, dropped, pending = root_functions.find(loaded, functions)
     input_specs = {k: freeze_lib.signature_inputs(f) for k, f in functions.items()}
-    given = test_inputs_lib.given_inputs(options.verify_inputs, input_specs) if options.verify_inputs else {}
+    given = {} if options.verify_inputs is None else test_inputs_lib.given_inputs(options.verify_inputs, input_specs)
     return parts.LoadedSignatures(loaded, functions, aliases, dropped, pending, vocabulary, input_specs, given)
 
 
@@ -46,7 +46,7 @@ def from_object(root, functions, options, progress):
     if objects_lib.has_root_functions(root):
         aliases, dropped, pending = root_functions.find(root, functions)
     input_specs = {k: freeze_lib.signature_inputs(f) for k, f in functions.items()}
-    given = test_inputs_lib.given_inputs(options.verify_inputs, input_specs) if options.verify_inputs else {}
+    given = {} if options.verify_inputs is None else test_inputs_lib.given_inputs(options.verify_inputs, input_specs)
     return parts.LoadedSignatures(root, functions, aliases, dropped, pending, [], input_specs, given)
 
 

@@ -37,7 +37,8 @@ def has_root_functions(root):
 
 def _function_key(function):
     """A key for a bare ConcreteFunction: the Python function's name it was traced from."""
-    name = re.sub(r"^__inference_(.*?)(_\d+)?$", r"\1", function.name)
+    name = function.name.decode() if isinstance(function.name, bytes) else function.name
+    name = re.sub(r"^__inference_(.*?)(_\d+)?$", r"\1", name)
     return name or DEFAULT_KEY
 
 

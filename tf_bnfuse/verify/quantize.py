@@ -7,6 +7,7 @@ with the same settings and calibration samples and measured on the same held-out
 
 import dataclasses
 import math
+import os
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -67,14 +68,14 @@ def calibration(calibration_inputs, input_specs, random_inputs):
     """(int8 calibration samples {signature: {input: array}}, where they came from) for the
     signatures of input_specs: those of calibration_inputs (--calibration_inputs, a .npz), else
     random_inputs(input_specs), CALIBRATION_SAMPLES each, with a warning."""
-    if calibration_inputs:
+    if calibration_inputs is not None:
         samples = test_inputs_lib.given_inputs(calibration_inputs, input_specs, "--calibration_inputs")
         test_inputs_lib.check_complete(samples, input_specs, "--calibration_inputs %s" % (
-            "" if isinstance(calibration_inputs, dict) else calibration_inputs))
+            "" if not isinstance(calibration_inputs, (str, os.PathLike)) else calibration_inputs))
         samples = {k: samples[k] for k in input_specs}
         counts = {k: sample_count(a) for k, a in samples.items()}
         return samples, "%s (%s samples)" % (
-            "the calibration arrays given" if isinstance(calibration_inputs, dict)
+            "the calibration arrays given" if not isinstance(calibration_inputs, (str, os.PathLike))
             else "--calibration_inputs %s" % calibration_inputs, ", ".join("%s %d" % kv for kv in sorted(counts.items())))
     logging.warning("int8 calibration on random inputs, which are not representative of real data: pass "
                     "--calibration_inputs (calibration= in Python) with samples of real inputs for a model worth "
@@ -85,7 +86,11 @@ def calibration(calibration_inputs, input_specs, random_inputs):
 
 def held_out_source(verify_inputs, inputs):
     """For the report: what the metrics are measured on (the verification's inputs)."""
-    what = "--verify_inputs %s" % verify_inputs if verify_inputs else "the verification's seeded test inputs"
+    if verify_inputs is None:
+        what = "the verification's seeded test inputs"
+    else:
+        what = "--verify_inputs %s" % verify_inputs if isinstance(verify_inputs, (str, os.PathLike)) else \
+            "the verify_inputs arrays given"
     return "%s (batch %d), not used for calibration" % (what, min(
         (a.shape[0] for arrays in inputs.values() for a in arrays.values() if a.ndim), default=1))
 

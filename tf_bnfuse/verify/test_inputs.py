@@ -123,13 +123,20 @@ def index_bounds(graph_def, inputs):
 
 
 def given_inputs(path, input_specs, flag="--verify_inputs"):
-    """{signature: {input: array}} from a .npz (or a dict) of arrays named INPUT or SIGNATURE/INPUT.
+    """{signature: {input: array}} from a .npz (or a dict) of arrays named INPUT or SIGNATURE/INPUT
+    (or one array, for signatures of one input).
 
     A SIGNATURE/INPUT array is for that signature only; an INPUT array for
     every signature with an input of that name. Raises BadInputError (one
     line) for an array that names no input, or whose shape or dtype the
     input does not take.
     """
+    if isinstance(path, np.ndarray):  # the Python API's one array, for models of one input
+        names = {name for specs in input_specs.values() for name in specs}
+        if any(len(specs) != 1 for specs in input_specs.values()) or len(names) != 1:
+            raise errors.BadInputError("%s: one array is for a model whose signatures take one input; these take "
+                                       "%s: give a dict" % (flag, ", ".join(sorted(names))))
+        path = {names.pop(): path}
     if isinstance(path, dict):  # the Python API's arrays, named the same way
         arrays, path = {k: np.asarray(v) for k, v in path.items()}, "(arrays)"
     else:
