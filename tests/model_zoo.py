@@ -223,6 +223,13 @@ def embedding1000_conv_bn(keras):
     return _embedding_conv_bn(keras, 1000)
 
 
+def sequential_conv_dense_bn(keras):
+    """A keras.Sequential model (the others here are functional models built layer by layer)."""
+    L = keras.layers
+    return keras.Sequential([keras.Input((6, 6, 2), name="image"), L.Conv2D(4, 3), L.BatchNormalization(),
+                             L.Flatten(), L.Dense(3), L.BatchNormalization()])
+
+
 def subclassed_conv_bn(keras):
     """A subclassed model, built by calling it once (what Keras 3 traces a subclassed model's
     inputs from)."""
@@ -285,7 +292,7 @@ MODELS = {f.__name__: f for f in (
     mixed_float16_conv_bn, depthwise_bn, separable_bn, conv_transpose_bn, conv1d_bn, dense_bn, conv3d_bn,
     conv3d_no_bias_bn, channels_first_bn, branch_bn, preactivation_concat_bn, residual_leaky_relu, leaky_residual_then_bn, lstm_dense_bn,
     gru_dense_bn, grouped_conv_bn, mixed_float16_float32_output, dropout_training, embedding4_conv_bn,
-    embedding1000_conv_bn, subclassed_conv_bn, mobilenet_v2_small, resnet50_small, resnet50, mobilenet_v2, mobilenet_v2_softmax,
+    embedding1000_conv_bn, sequential_conv_dense_bn, subclassed_conv_bn, mobilenet_v2_small, resnet50_small, resnet50, mobilenet_v2, mobilenet_v2_softmax,
     efficientnet_b0, efficientnet_v2_b0)}
 
 

@@ -137,10 +137,12 @@ def variables_owner(functions):
 
 def returns_tensor(obj, functions):
     """Whether obj, called, returns one tensor where its serving signature returns a dict of one
-    output: a Keras model with one output, or a function whose one output tf.saved_model.save
-    names output_0 (it was a bare tensor)."""
+    output: a function whose one output tf.saved_model.save names output_0 (it was a bare
+    tensor: Keras 3's too), or a tf-keras model with one output (a tf-keras functional model with
+    a dict of one output is taken for one tensor too)."""
     function = functions.get(DEFAULT_KEY) or (next(iter(functions.values())) if len(functions) == 1 else None)
     if function is None or len(function.structured_outputs) != 1:
         return False
+    # tf-keras keys even a bare tensor by its output layer ("output_1" for a subclassed model)
     return list(function.structured_outputs) == ["output_0"] or (
-        keras_flavour(obj) is not None and len(obj.outputs or []) == 1)
+        keras_flavour(obj) == "tf_keras" and len(obj.outputs or [None]) == 1)
