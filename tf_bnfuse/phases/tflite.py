@@ -8,7 +8,6 @@ from tf_bnfuse import errors
 from tf_bnfuse.passes import promote_float16
 from tf_bnfuse.passes.context import PassContext
 from tf_bnfuse.phases import prepare
-from tf_bnfuse.savedmodel import objects as objects_lib
 from tf_bnfuse.savedmodel import write as write_lib
 from tf_bnfuse.verify import quantize as quantize_lib
 from tf_bnfuse.verify import test_inputs as test_inputs_lib
@@ -48,10 +47,8 @@ def convert_object(model, folded, options, progress):
             [write_lib.MetaGraphToWrite(folded.metagraph.tags, promoted, folded.initializers)]).module
         return tflite_lib.functions_converter({k: converted.signatures[k] for k in loaded.functions}, converted)
 
-    # The converter is given the input's variables alone, not the object: saved with a Keras model,
-    # they count as written (its training functions) and stay READ_VARIABLE ops that int8 fails on.
-    alone = tflite_lib.functions_converter(loaded.functions, objects_lib.variables_owner(loaded.functions))
-    return check_and_convert(alone, folded_converter, folded, options, progress)
+    return check_and_convert(tflite_lib.functions_converter(loaded.functions), folded_converter, folded, options,
+                             progress)
 
 
 def check_and_convert(input_converter, folded_converter, folded, options, progress):
