@@ -248,3 +248,20 @@ def test_a_list_of_concrete_functions_folds_each_under_its_function_name():
     assert _close(folded.signatures["scores"](image=tf.constant(x))["output_0"], module.scores(x).numpy())
     with pytest.raises(TypeError, match="no serving_default"):
         folded(x)
+
+
+def test_a_loaded_saved_model_without_signatures_folds_its_restored_functions(tmp_path):
+    """tf.saved_model.save(module, path, signatures={}) keeps the tf.functions, not as signatures:
+    fold takes the restored ones, whose inlined bodies wait on their first argument (a control
+    edge from the fed input placeholder, which the folded function must drop)."""
+    module = TwoSignatures(seed=6)
+    tf.saved_model.save(module, str(tmp_path / "in"), signatures={})
+    loaded = tf.saved_model.load(str(tmp_path / "in"))
+    folded = tf_bnfuse.fold(loaded)
+    assert sorted(folded.signatures) == ["features", "scores"]
+    assert [len(folded.report.signatures[k].folds) for k in ("features", "scores")] == [1, 1]
+    x = np.random.default_rng(10).standard_normal((2, 6, 6, 2)).astype(np.float32)
+    path = str(tmp_path / "out")
+    tf.saved_model.save(folded, path, signatures=folded.signatures)
+    [features] = run_in_fresh_process([(path, None, "features", {"image": x})])
+    assert _close(features["features"], module.features(x)["features"].numpy())

@@ -154,11 +154,33 @@ def _drop_custom_gradients(graph_def):
             del node.attr[_GRADIENT_TYPE_ATTR]
 
 
+def _fed_placeholders(sig, weights):
+    """The names of graph_def's placeholders that import_graph_def's input_map feeds: the
+    signature's inputs, the weights and the kept resources."""
+    return ({graph_lib.parse_input(v.tensor)[0] for v in sig.inputs.values()} | set(weights)
+            | set(sig.resources))
+
+
+def _without_control_edges_from(graph_def, names):
+    """graph_def, in place, with no control input from the nodes in `names`. input_map replaces data
+    inputs only: a control edge from a fed placeholder would wait for the placeholder itself,
+    unfed ("You must feed a value for placeholder tensor"). A restored tf.function, inlined,
+    gives its captures' Identities one from its first argument; a variable's read, one from
+    the weight. Neither orders anything once the value is fed."""
+    for node in graph_def.node:
+        control = graph_lib.control_inputs(node)
+        if any(graph_lib.parse_input(i)[0] in names for i in control):
+            graph_lib.set_inputs(node, graph_lib.data_inputs(node) + [
+                i for i in control if graph_lib.parse_input(i)[0] not in names])
+    return graph_def
+
+
 def _signature_function(sig, graph_def, weights, name=None):
     """A wrapped function that imports the folded graph, feeding weights from variables
     and kept resources (written variables, tables) from the original objects."""
     graph_def, sig, weights = _clear_of_capture_arg_names(graph_def, sig, weights)
     _drop_custom_gradients(graph_def)
+    _without_control_edges_from(graph_def, _fed_placeholders(sig, weights))
     input_keys = sorted(sig.inputs)
     output_keys = sorted(sig.outputs)
     returned = [_forwarded_tensor(graph_lib.GraphIndex(graph_def), sig.outputs[k].tensor) for k in output_keys]
@@ -247,13 +269,8 @@ def probe_function(sig, graph_def, weights, feeds, full, sampled, float64=False)
             return None
     # Its own names for the library's functions: the original's and the folded graph's loop
     # bodies share names, not bodies, and a process registers a function name once. (A copy.)
-    graph_def = graph_lib.renamed_functions(graph_def, "_probe_%s" % uuid.uuid4().hex[:12])
-    if any(graph_lib.parse_input(i)[0] in weights for n in graph_def.node for i in graph_lib.control_inputs(n)):
-        # A control edge from a weight (a variable's read, before the passes) would wait for its
-        # unfed placeholder: import maps data inputs only. A constant needs no ordering.
-        for node in graph_def.node:
-            graph_lib.set_inputs(node, graph_lib.data_inputs(node) + [
-                i for i in graph_lib.control_inputs(node) if graph_lib.parse_input(i)[0] not in weights])
+    graph_def = _without_control_edges_from(graph_lib.renamed_functions(graph_def, "_probe_%s" % uuid.uuid4().hex[:12]),
+                                            _fed_placeholders(sig, weights))
     full = [t for t in full if graph_lib.parse_input(t)[0] in present]
     sampled = [t for t in sampled if graph_lib.parse_input(t)[0] in present]
 
