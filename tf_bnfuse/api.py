@@ -21,6 +21,7 @@ from tf_bnfuse.phases import output
 from tf_bnfuse.phases import parts
 from tf_bnfuse.phases import prepare
 from tf_bnfuse.phases import tflite as tflite_phase
+from tf_bnfuse.savedmodel import folded_model
 from tf_bnfuse.savedmodel import load as load_lib
 from tf_bnfuse.savedmodel import objects as objects_lib
 from tf_bnfuse.savedmodel import output_dir as output_dir_lib
@@ -181,7 +182,7 @@ class _InMemoryRun:
 
 
 def fold(obj, signatures=None, config=None, verify=True, verify_inputs=None):
-    """Folds batch norms in a live object; returns a write_lib.FoldedModel, verified in memory.
+    """Folds batch norms in a live object; returns a folded_model.FoldedModel, verified in memory.
 
     obj: a Keras 3 model (functional, Sequential, or subclassed once called), a tf-keras model,
     a tf.Module (or the object tf.saved_model.load gives) whose tf.functions have input
@@ -243,7 +244,7 @@ def export(obj, path, format="tf_saved_model", signatures=None, config=None, ver
     run's summary (the CLI's, with the side-by-side TFLite table). Returns the RunReport.
     """
     _check_export_options(path, format, quantize, io, calibration, max_error, overwrite)
-    run = getattr(obj, "in_memory_run", None) if isinstance(obj, write_lib.FoldedModel) else None
+    run = getattr(obj, "in_memory_run", None) if isinstance(obj, folded_model.FoldedModel) else None
     if run is None:
         run = _fold_object(obj, signatures, config, verify, verify_inputs)
     report, progress = run.folded.report, parts.Progress(report_lib.Timeline(), lambda boundary: None)

@@ -18,8 +18,8 @@ import tensorflow as tf
 
 from tf_bnfuse import errors
 from tf_bnfuse.graph import tf_internal
+from tf_bnfuse.savedmodel import folded_model
 from tf_bnfuse.savedmodel import objects as objects_lib
-from tf_bnfuse.savedmodel import write as write_lib
 from tf_bnfuse.verify import compare as verify_lib
 from tf_bnfuse.verify import quantize as quantize_lib
 
@@ -113,7 +113,7 @@ def _named(key, function):
     def call(**inputs):
         return function(**inputs)
     call.__name__ = key
-    return tf.function(call, autograph=False).get_concrete_function(**write_lib.keyword_input_specs(function))
+    return tf.function(call, autograph=False).get_concrete_function(**folded_model.keyword_input_specs(function))
 
 
 def convert(converter, quantization=None):
