@@ -251,40 +251,42 @@ def subclassed_conv_bn(keras):
     return model
 
 
+def _application(keras, name, size, **kwargs):
+    """A keras.applications model, weights=None, size x size x 3 inputs, a 10-class head without
+    activation unless kwargs say otherwise."""
+    options = dict(input_shape=(size, size, 3), weights=None, classes=10, classifier_activation=None)
+    options.update(kwargs)
+    return getattr(keras.applications, name)(**options)
+
+
 def mobilenet_v2_small(keras):
-    return keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10,
-                                          classifier_activation=None)
+    return _application(keras, "MobileNetV2", 32, alpha=0.35)
 
 
 def resnet50_small(keras):
-    return keras.applications.ResNet50(input_shape=(32, 32, 3), weights=None, classes=10,
-                                       classifier_activation=None)
+    return _application(keras, "ResNet50", 32)
 
 
 def resnet50(keras):
-    return keras.applications.ResNet50(input_shape=(64, 64, 3), weights=None, classes=10,
-                                       classifier_activation=None)
+    return _application(keras, "ResNet50", 64)
 
 
 def mobilenet_v2(keras):
-    return keras.applications.MobileNetV2(input_shape=(96, 96, 3), weights=None, classes=10,
-                                          classifier_activation=None)
+    return _application(keras, "MobileNetV2", 96)
 
 
 def mobilenet_v2_softmax(keras):
     """A 1000-class softmax classifier: its outputs on random inputs hide almost any error inside."""
-    return keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=1000)
+    return _application(keras, "MobileNetV2", 32, alpha=0.35, classes=1000, classifier_activation="softmax")
 
 
 def efficientnet_b0(keras):
-    return keras.applications.EfficientNetB0(input_shape=(32, 32, 3), weights=None, classes=10,
-                                             classifier_activation=None)
+    return _application(keras, "EfficientNetB0", 32)
 
 
 def efficientnet_v2_b0(keras):
     """Deep enough that its own float32 rounding exceeds rtol 1e-4 at its output (issue 26)."""
-    return keras.applications.EfficientNetV2B0(input_shape=(64, 64, 3), weights=None, classes=10,
-                                               classifier_activation=None)
+    return _application(keras, "EfficientNetV2B0", 64)
 
 
 MODELS = {f.__name__: f for f in (

@@ -243,6 +243,7 @@ def export(obj, path, format="tf_saved_model", signatures=None, config=None, ver
     the input alone. A wrong option raises ValueError before any work. verbose: print the
     run's summary (the CLI's, with the side-by-side TFLite table). Returns the RunReport.
     """
+    path = os.fspath(path)
     _check_export_options(path, format, quantize, io, calibration, max_error, overwrite)
     run = getattr(obj, "in_memory_run", None) if isinstance(obj, folded_model.FoldedModel) else None
     if run is None:
@@ -250,15 +251,15 @@ def export(obj, path, format="tf_saved_model", signatures=None, config=None, ver
     report, progress = run.folded.report, parts.Progress(report_lib.Timeline(), lambda boundary: None)
     try:
         if format == "litert":
-            tflite = parts.TfliteOptions(os.fspath(path), quantize, io, calibration, max_error)
+            tflite = parts.TfliteOptions(path, quantize, io, calibration, max_error)
             options = dataclasses.replace(run.options, tflite=tflite)
             content = tflite_phase.convert_object(run.built.module, run.folded, options, progress)
-            output_dir_lib.write_file_atomically(os.fspath(path), content)
+            output_dir_lib.write_file_atomically(path, content)
         else:
-            _export_saved_model(run, os.fspath(path), progress)
+            _export_saved_model(run, path, progress)
     finally:
         report.phases = report.phases + progress.timeline.to_list()
-    report.output_dir = os.fspath(path)
+    report.output_dir = path
     if verbose:
         print(report_lib.format_run(report))
     return report
@@ -299,7 +300,6 @@ def _check_export_options(path, format, quantize, io, calibration, max_error, ov
         preflight.check_npz(calibration, "calibration")
     elif calibration is not None and not isinstance(calibration, (dict, np.ndarray)):
         raise ValueError("calibration: a .npz path, a dict of arrays, or one array; got %s" % type(calibration).__name__)
-    path = os.fspath(path)
     if os.path.lexists(path) and not overwrite:
         raise ValueError("%s exists; pass overwrite=True to replace it" % path)
     if format == "litert" and os.path.isdir(path):

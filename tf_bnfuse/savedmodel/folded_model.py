@@ -18,7 +18,8 @@ class FoldedModel(tf.Module):
     input's tables and written variables (`kept_resources`) and the root functions the output
     keeps, under their own names. `signatures`: {key: ConcreteFunction}, like a loaded
     SavedModel's; calling the object calls its serving_default signature (a dict of outputs, or
-    one tensor where the Keras model or tf.function it came from returns one: attach_run). `report`: the RunReport of the run that made it (None until that run sets it)."""
+    one tensor where the Keras model or tf.function it came from returns one: attach_run).
+    `report`: the RunReport of the run that made it (None until that run sets it)."""
 
     def __init__(self, signatures):
         super().__init__(name="tf_bnfuse_folded")
@@ -26,6 +27,7 @@ class FoldedModel(tf.Module):
         # attribute named "signatures" is reserved for the loaded objects' signature map.
         self.__dict__["_signature_functions"] = dict(signatures)
         self.__dict__["report"] = None
+        self.__dict__["_returns_tensor"] = False
 
     @property
     def signatures(self):
@@ -64,4 +66,4 @@ class FoldedModel(tf.Module):
                     len(names), ", ".join(names), len(args)))
             kwargs = dict(zip(names, args), **kwargs)
         outputs = function(**{k: tf.convert_to_tensor(v) for k, v in kwargs.items()})
-        return next(iter(outputs.values())) if self.__dict__.get("_returns_tensor") else outputs
+        return next(iter(outputs.values())) if self._returns_tensor else outputs

@@ -16,7 +16,6 @@ from tf_bnfuse.graph import tf_internal
 from tf_bnfuse.savedmodel import root_functions
 
 DEFAULT_KEY = "serving_default"
-_FUNCTION_KINDS = (tf.types.experimental.GenericFunction, tf.types.experimental.ConcreteFunction)
 
 
 def keras_flavour(obj):
@@ -80,7 +79,7 @@ def _functions(obj):
     signatures = getattr(obj, "signatures", None)
     if signatures is not None and len(signatures):  # a loaded SavedModel: already signatures
         return obj, dict(signatures)
-    if isinstance(obj, tf.Module) or isinstance(obj, tf.__internal__.tracking.Trackable):
+    if isinstance(obj, tf.__internal__.tracking.Trackable):  # a tf.Module, or any other trackable
         found = _of_module(obj)
         if found:
             return obj, found
@@ -103,7 +102,7 @@ def signatures_of(obj, signatures=None):
         functions = signatures if isinstance(signatures, dict) else {DEFAULT_KEY: signatures}
     else:
         root, functions = _functions(obj)
-    bad = sorted(k for k, f in functions.items() if not isinstance(f, _FUNCTION_KINDS))
+    bad = sorted(k for k, f in functions.items() if not isinstance(f, root_functions.FUNCTION_KINDS))
     if bad:
         raise errors.BadInputError("signature %s is no tf.function or ConcreteFunction" % ", ".join(bad))
     if all(_in_signature_form(f) for f in functions.values()):  # a loaded SavedModel's: as the CLI takes them

@@ -21,7 +21,7 @@ from tf_bnfuse import graph as graph_lib
 from tf_bnfuse.graph import tf_internal
 from tf_bnfuse.savedmodel import resources
 
-_FUNCTION_KINDS = (tf.types.experimental.GenericFunction, tf.types.experimental.ConcreteFunction)
+FUNCTION_KINDS = (tf.types.experimental.GenericFunction, tf.types.experimental.ConcreteFunction)
 
 
 @dataclasses.dataclass
@@ -54,7 +54,7 @@ def function_attributes(obj):
         raw.update(vars(owner))
     raw.update(vars(obj))
     return {name: getattr(obj, name) for name, value in sorted(raw.items())
-            if isinstance(value, _FUNCTION_KINDS) and (not name.startswith("_") or name == "__call__")}
+            if isinstance(value, FUNCTION_KINDS) and (not name.startswith("_") or name == "__call__")}
 
 
 def _names(loaded):
