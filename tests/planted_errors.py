@@ -17,7 +17,11 @@ from tf_bnfuse import errors
 from tf_bnfuse import fold_saved_model
 
 from tf_bnfuse.passes import drivers
+from tf_bnfuse.passes import grammar
+from tf_bnfuse.passes import linear_ops
 from tf_bnfuse.phases import prepare
+from tf_bnfuse.savedmodel import probe as probe_lib
+from tf_bnfuse.verify import fold_check
 
 RELATIVE_ERROR = 1e-3
 
@@ -27,18 +31,29 @@ def is_of_layer(node_name, layer):
     return re.search(r"/%s(_\d+)?/" % re.escape(layer), "/%s/" % node_name) is not None
 
 
+def _results(frozen, test_inputs):
+    """A sample of the original's value of every tensor a fold's result may be (a step's, a linear
+    op's, a BiasAdd's), read by a probe of its frozen graph before the passes."""
+    ops = set(grammar.STEPS) | set(linear_ops.LINEAR_OPS) | {"BiasAdd"}
+    specs = test_inputs.input_specs[frozen.key]
+    inputs = fold_check.probe_inputs(specs, test_inputs.arrays[frozen.key])
+    probe = probe_lib.probe_callable(frozen, {k: np.shape(v) for k, v in inputs.items()}, [],
+                                     [n.name for n in frozen.graph_def.node if n.op in ops])
+    return fold_check.run_as_written(probe, specs, inputs)
+
+
 @contextlib.contextmanager
 def planted(monkeypatch, kernel_layers=(), bias_layers=()):
     """Within, the folds into kernel_layers get a kernel error and those into bias_layers a bias
-    error of 1e-3 of the fold's output scale: max |original| at its result, read from what the
-    run itself keeps of the original for the fold checks (prepare.probe_original).
+    error of 1e-3 of the fold's output scale: max |original| at its result, read by a probe of
+    the original's frozen graph before the passes (_results).
     Yields the list of layers planted in, filled as the passes run."""
-    real_fold_weights, real_probe = drivers.fold_weights, prepare.probe_original
+    real_fold_weights, real_run_original = drivers.fold_weights, prepare.run_original
     kept, hit = [], []
 
-    def probe_original(frozen, test_inputs):
-        kept.append(real_probe(frozen, test_inputs))
-        return kept[-1]
+    def run_original(loaded, graphs, signatures, roots, test_inputs, progress):
+        kept.extend(_results(frozen, test_inputs) for frozen in graphs.values())
+        return real_run_original(loaded, graphs, signatures, roots, test_inputs, progress)
 
     def output_scale(chain):
         output = chain.check_point().output
@@ -66,7 +81,7 @@ def planted(monkeypatch, kernel_layers=(), bias_layers=()):
         return folded
     with monkeypatch.context() as patch:
         patch.setattr(drivers, "fold_weights", fold_weights)
-        patch.setattr(prepare, "probe_original", probe_original)
+        patch.setattr(prepare, "run_original", run_original)
         yield hit
 
 

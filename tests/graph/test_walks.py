@@ -103,3 +103,20 @@ def test_renamed_nodes_follow_into_inputs_ports_control_edges_and_colocation():
     assert list(renamed.node[2].input) == ["m:1", "unknown_frozen", "^unknown_frozen"]
     assert list(renamed.node[2].attr["_class"].list.s) == [b"loc:@unknown_frozen", b"loc:@other"]
     assert graph_def.node[0].name == "unknown" and list(graph_def.node[2].input) == ["n:1", "unknown", "^unknown"]
+
+
+def test_computed_from_stops_at_the_boundary_looks_through_identities_and_refuses_other_sources():
+    # y = bn(conv(x, k)) where the conv reads x through a custom gradient's IdentityN, whose other
+    # inputs reach the model's input; the batch norm's scale is a Const behind an Identity.
+    graph_def = _graph(("input", "Placeholder", []), ("x", "Relu", ["input"]), ("k", "Const", []),
+                       ("n", "IdentityN", ["x", "input", "k"]), ("conv", "Conv2D", ["n", "k"]),
+                       ("s", "Const", []), ("s_read", "Identity", ["s"]), ("bn", "Mul", ["conv", "s_read", "^input"]),
+                       ("out", "Identity", ["bn"]))
+    nodes = {n.name: n for n in graph_def.node}
+    output, chain = graph_lib.computed_from(nodes.get, "out", ["x"])
+    assert output == "bn"  # out is an Identity of bn
+    assert chain == {"bn": ["conv", "s"], "conv": ["x", "k"], "k": [], "s": []}  # control inputs dropped
+    assert graph_lib.computed_from(nodes.get, "bn", ["input"]) is not None  # n forwards x, which reads input
+    assert graph_lib.computed_from(nodes.get, "bn", []) is None  # reaches the Placeholder
+    assert graph_lib.computed_from(nodes.get, "bn", ["x"], max_nodes=3) is None
+    assert graph_lib.computed_from(nodes.get, "missing", ["x"]) is None

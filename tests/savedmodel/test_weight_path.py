@@ -194,3 +194,28 @@ def test_a_releasing_store_frees_only_the_kernels_nothing_else_reads(tmp_path):
         np.testing.assert_allclose(actual, expected[name], rtol=1e-4, atol=1e-4 * np.abs(expected[name]).max())
     # The folds of alone, also_plain, shared (twice alike, once otherwise), and also_plain as it is.
     assert sorted(v.shape.as_list() for v in reloaded.weights if v.shape.rank == 4) == [[3, 3, CR, CR]] * 5
+
+
+def test_pinned_weights_outlive_the_passes_until_unpinned(tmp_path):
+    """WeightStore.pin (what the fold checks keep of the original): a releasing store shrinks a
+    pinned kernel neither when its fold replaces the only reader nor when the passes retain the
+    folded graph; unpin against the folded graph shrinks it then."""
+    module = Releasing()
+    path = str(tmp_path / "releasing")
+    tf.saved_model.save(module, path, signatures={"alone_fold": module.alone_fold})
+    loaded = load_lib.load(load_lib.read(path), ("serve",))
+    kernel = loaded.alone.numpy()
+    frozen = freeze_lib.freeze("alone_fold", loaded.signatures["alone_fold"], resources.resource_owners(loaded),
+                               graph_lib.WeightStore(), set(), set())
+    original = graph_lib.copy_graph_def(frozen.graph_def)
+    frozen.weights.pin(frozen.graph_def)
+    frozen.weights.releases = True
+    graph_def, _ = runner.run_pipeline(frozen.release_graph_def(), frozen.output_tensors,
+                                       config_lib.load_config(None)["pipeline"], owns_input=True,
+                                       context=PassContext(frozen.weights), weights_out=True)
+    np.testing.assert_array_equal(loaded.alone.numpy(), kernel)  # pinned: not shrunk by the fold
+    stored = {n.name: n for n in original.node if graph_lib.WEIGHT_KEY_ATTR in n.attr}
+    assert stored and all(frozen.weights.variable_of(n) is loaded.alone for n in stored.values())
+    frozen.weights.unpin(graph_def)
+    assert loaded.alone.value().shape.as_list() == [0]  # released once unpinned
+    assert all(frozen.weights.variable_of(n) is None for n in stored.values())

@@ -19,9 +19,10 @@ from tf_bnfuse.graph.library import (CALL_ARGUMENTS, CALL_OPS, IF_OPS, WHILE_OPS
                                      called_function_names, called_functions, function_closure,
                                      functions_by_name, is_deterministic, renamed_functions)
 from tf_bnfuse.graph.names import (IDENTITY_OPS, attr_string, canonical_tensor, control_inputs, copy_graph_def,
-                                   data_inputs, data_positions, is_control, new_graph_def, node_dtype,
+                                   const_node_def, data_inputs, data_positions, is_control, new_graph_def, node_def,
+                                   node_dtype,
                                    parse_input, renamed_input, renamed_nodes, set_inputs, string_attr, tensor_name, type_attr)
-from tf_bnfuse.graph.walks import (cleanup, cone, constant_only_nodes, drop_dangling_colocation, forwarded_input,
+from tf_bnfuse.graph.walks import (cleanup, computed_from, cone, constant_only_nodes, drop_dangling_colocation, forwarded_input,
                                    live_nodes, qualifying_nodes)
 from tf_bnfuse.graph.weights import WEIGHT_KEY_ATTR, WeightStore, const_array, const_nbytes
 
@@ -45,6 +46,8 @@ __all__ = [
     "called_functions",
     "canonical_tensor",
     "cleanup",
+    "computed_from",
+    "const_node_def",
     "cone",
     "constant_only_nodes",
     "control_inputs",
@@ -59,6 +62,7 @@ __all__ = [
     "is_control",
     "live_nodes",
     "new_graph_def",
+    "node_def",
     "node_dtype",
     "parse_input",
     "qualifying_nodes",

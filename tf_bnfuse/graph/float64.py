@@ -58,7 +58,7 @@ def _lowered_batch_norm(node, read_ports):
     made = []
 
     def add(op, suffix, inputs, **attrs):
-        new = _node_def(node.name + "/float64_" + suffix if suffix else node.name, op, inputs)
+        new = names.node_def(node.name + "/float64_" + suffix if suffix else node.name, op, inputs)
         new.attr["T"].type = _DOUBLE
         for key, value in attrs.items():
             new.attr[key].CopyFrom(value)
@@ -68,29 +68,16 @@ def _lowered_batch_norm(node, read_ports):
     def channel_vector(input_str, suffix):  # broadcast along the channel axis of NCHW/NCDHW
         if not data_format.startswith("NC"):
             return input_str
-        shape = _const_node_def(node.name + "/float64_shape_" + suffix,
+        shape = names.const_node_def(node.name + "/float64_shape_" + suffix,
                                      np.array([-1] + [1] * (len(data_format) - 2), np.int32))
         made.append(shape)
         return add("Reshape", suffix + "_per_channel", [input_str, shape.name],
                    Tshape=tf.compat.v1.AttrValue(type=tf.int32.as_datatype_enum))
 
-    epsilon = _const_node_def(node.name + "/float64_epsilon", np.array(node.attr["epsilon"].f, np.float64))
+    epsilon = names.const_node_def(node.name + "/float64_epsilon", np.array(node.attr["epsilon"].f, np.float64))
     made.append(epsilon)
     rsqrt = add("Rsqrt", "rsqrt", [add("AddV2", "variance_epsilon", [variance, epsilon.name])])
     multiplier = channel_vector(add("Mul", "multiplier", [scale, rsqrt]), "multiplier")
     centered = add("Sub", "centered", [x, channel_vector(mean, "mean")])
     add("AddV2", "", [add("Mul", "scaled", [centered, multiplier]), channel_vector(offset, "offset")])
     return made
-
-
-def _node_def(name, op, inputs):
-    node = tf.compat.v1.NodeDef(name=name, op=op)
-    node.input.extend(inputs)
-    return node
-
-
-def _const_node_def(name, value):
-    node = _node_def(name, "Const", [])
-    node.attr["dtype"].type = tf.as_dtype(value.dtype).as_datatype_enum
-    node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(value))
-    return node

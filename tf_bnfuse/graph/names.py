@@ -76,12 +76,29 @@ def set_inputs(node, inputs):
     node.input.extend(inputs)
 
 
-def new_graph_def(like):
-    """An empty GraphDef with the versions and function library of `like`."""
+def new_graph_def(like, with_library=True):
+    """An empty GraphDef with the versions and (with_library) the function library of `like`."""
     result = tf.compat.v1.GraphDef()
     result.versions.CopyFrom(like.versions)
-    result.library.CopyFrom(like.library)
+    if with_library:
+        result.library.CopyFrom(like.library)
     return result
+
+
+def node_def(name, op, inputs, attrs=None):
+    """A new NodeDef; attrs: {key: AttrValue}."""
+    node = tf.compat.v1.NodeDef(name=name, op=op)
+    node.input.extend(inputs)
+    for key, value in (attrs or {}).items():
+        node.attr[key].CopyFrom(value)
+    return node
+
+
+def const_node_def(name, value):
+    """A new Const NodeDef holding a numpy value (in its proto)."""
+    node = node_def(name, "Const", [], {"dtype": type_attr(value.dtype)})
+    node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(value))
+    return node
 
 
 def copy_graph_def(graph_def):

@@ -104,6 +104,32 @@ def cone(node_of, tensors):
                      lambda name: [parse_input(i)[0] for i in node_of(name).input])
 
 
+def computed_from(node_of, tensor, boundary, max_nodes=256):
+    """(the tensor `tensor` reads through Identity-like nodes, {name: its data inputs, each read
+    through them}) of the nodes that compute it from the `boundary` tensors and Consts alone;
+    None where it reads anything else (a node with no data input that is not a Const: a
+    Placeholder, a variable), or needs more than max_nodes nodes. Identity-like nodes are
+    looked through: an IdentityN (a custom gradient's) reads more than the port it forwards.
+    node_of(name): the NodeDef, or None."""
+    stop = {names.canonical_tensor(t) for t in boundary}
+    stop_nodes = {name for name, _ in stop}
+
+    def read(input_str):
+        return forwarded_input(input_str, lambda name: None if name in stop_nodes else node_of(name))
+    result = read(tensor)
+    found, stack = {}, [parse_input(result)[0]]
+    while stack:
+        name = stack.pop()
+        if name in found:
+            continue
+        node = node_of(name)
+        if node is None or len(found) >= max_nodes or (node.op != "Const" and not names.data_inputs(node)):
+            return None
+        found[name] = [read(i) for i in names.data_inputs(node)]
+        stack.extend(parse_input(i)[0] for i in found[name] if names.canonical_tensor(i) not in stop)
+    return result, found
+
+
 def cleanup(graph_def, outputs, keep_ops=("Placeholder",)):
     """Returns a copy of graph_def without the nodes that no output needs.
 

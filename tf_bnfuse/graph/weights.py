@@ -42,6 +42,9 @@ class WeightStore:
         self.releases = False  # see the module docstring
         self.releasable = set()  # keys of input variables nothing but this store's graph reads
         self.made = set()  # keys of the variables this store made (put), not the input's
+        # Keys kept whatever the graph names (pin): the original graph's weights, until the fold
+        # checks have read them (verify/fold_check.py).
+        self.pinned = frozenset()
         self.min_bytes = STORED_MIN_BYTES if min_bytes is None else min_bytes
         self._prefix = key_prefix
         self._keys = itertools.count(1)
@@ -55,6 +58,15 @@ class WeightStore:
         other.variables.update(self.variables)
         other.made |= self.made
         return other
+
+    def pin(self, graph_def):
+        """Keeps every weight graph_def names, whatever later graphs name, until unpin."""
+        self.pinned = frozenset(self.named_keys(graph_def))
+
+    def unpin(self, graph_def):
+        """Lets go of the pinned weights graph_def (the folded graph) does not name, as retain."""
+        self.pinned = frozenset()
+        self.retain(graph_def)
 
     def put_variable(self, variable, releasable=False):
         """A key for a variable's value, read when a pass first asks for it. releasable: nothing
@@ -88,7 +100,9 @@ class WeightStore:
 
     def release(self, node):
         """Drops the array a stored Const names (the writer, once a variable holds its value)."""
-        self.arrays.pop(node.attr[WEIGHT_KEY_ATTR].s.decode(), None)
+        key = node.attr[WEIGHT_KEY_ATTR].s.decode()
+        if key not in self.pinned:
+            self.arrays.pop(key, None)
 
     def forget_read_variables(self):
         """Drops the arrays read from variables: a variable no fold changed is written as the
@@ -152,7 +166,7 @@ class WeightStore:
     def retain(self, graph_def):
         """Forgets the arrays no node of graph_def names (a folded kernel's old weights); a releasing
         store shrinks the releasable variables among them."""
-        named = self.named_keys(graph_def)
+        named = self.named_keys(graph_def) | self.pinned
         for key in [k for k in self.arrays if k not in named]:
             del self.arrays[key]
         for key in [k for k in self.variables if k not in named]:
@@ -163,7 +177,7 @@ class WeightStore:
     def _release(self, key):
         """Shrinks the input variable of a releasable key, which nothing reads now, in a releasing
         store; it leaves the store (a read would fail, not return nothing)."""
-        if self.releases and key in self.releasable:
+        if self.releases and key in self.releasable and key not in self.pinned:
             self.releasable.discard(key)
             shrink(self.variables.pop(key))
 

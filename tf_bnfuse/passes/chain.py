@@ -99,44 +99,6 @@ def _terms(match):
     return int(np.prod(match.kernel_shape)) // max(match.out_channels, 1)
 
 
-def check_candidates(index):
-    """(inputs, outputs): every tensor a fold's CheckPoint may name, found before the passes run
-    (the verification keeps the original's values of them, verify/fold_check.py). Inputs: each
-    linear op's data input and the tensors above it through steps and pass-throughs (a forward
-    chain's x), every input of a step: before constant folding a batch norm's scale is not a
-    Const yet, so which input is its data is not known; outputs: each linear op's output and
-    the steps below it through single consumers."""
-    inputs, outputs = set(), set()
-    walkable = set(grammar.STEPS) | set(grammar.PASS_THROUGHS)
-    for node in index.graph_def.node:
-        if node.name not in index.live or linear_ops.linear_op_of(index, node) is None:
-            continue
-        spec, _ = linear_ops.linear_op_of(index, node)
-        above = [(grammar.data_inputs(node)[spec.data_input], 0)]
-        while above:
-            input_str, depth = above.pop()
-            tensor = graph_lib.tensor_name(*graph_lib.canonical_tensor(input_str))
-            if tensor in inputs:
-                continue
-            inputs.add(tensor)
-            producer, port = index.producer(input_str)
-            # A chain is short; a TF1 loop's Merge/NextIteration cycle is not walkable
-            if producer is not None and port == 0 and producer.op in walkable and depth < 8:
-                above += [(i, depth + 1) for i in grammar.data_inputs(producer)
-                          if index.const_node(i) is None]
-        below = node
-        for _ in range(64):
-            if below is node or below.op in grammar.STEPS:  # a fold's result is a step's, or the linear op's
-                outputs.add(graph_lib.tensor_name(below.name))
-            consumers = index.data_consumers(below.name, 0)
-            if len(consumers) != 1:
-                break
-            below = index.node(consumers[0][0])
-            if below.op not in walkable and below.op != "ConcatV2":
-                break
-    return sorted(inputs), sorted(outputs)
-
-
 def is_kept(node):
     """A pass-through that stays in the data path (not absorbed, not a step)."""
     rule = grammar.PASS_THROUGHS.get(node.op)

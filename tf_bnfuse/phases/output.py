@@ -4,6 +4,7 @@ written, and move it into place."""
 import dataclasses
 import os
 
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -14,6 +15,7 @@ from tf_bnfuse.passes.context import PassContext
 from tf_bnfuse.phases import prepare
 from tf_bnfuse.savedmodel import load as load_lib
 from tf_bnfuse.savedmodel import output_dir as output_dir_lib
+from tf_bnfuse.savedmodel import probe as probe_lib
 from tf_bnfuse.savedmodel import write as write_lib
 from tf_bnfuse.verify import compare as verify_lib
 from tf_bnfuse.verify import culprit as culprit_lib
@@ -50,36 +52,43 @@ def write(folded_metagraphs, built, release_weights, options, progress):
 
 def check_folds(graphs, folded, options, progress):
     """The FoldChecks of one MetaGraph (verify/fold_check.py): each signature's folded graph, as
-    built (graphs: {key: (GraphDef without weights, weights)}), run once with every checked
-    fold's inputs fed the original's values. A failed one is recorded in the report's
-    verification and raised, naming the fold."""
+    built (graphs: {key: (GraphDef without weights, weights)}), run once beside the original
+    chain of every checked fold. The original's weights, pinned until now, are let go of. A
+    failed check is recorded in the report's verification and raised, naming the fold."""
     device = verify_lib.visible_devices()[0]
     checks = fold_check.FoldChecks(device)
     with progress.phase("check folds"):
-        for key, original in folded.reference.fold_points.items():
+        for key, original in folded.reference.originals.items():
+            signature = folded.folded[key]
             plan = fold_check.plan(key, folded.report.signatures[key].folds, original,
                                    {n.name for n in graphs[key][0].node})
-            if not plan.folds:
-                checks.not_checked.update(plan.not_checked)
-                continue
-            probe = write_lib.probe_function(folded.folded[key], *graphs[key], plan.feeds, [], plan.outputs)
-            specs = folded.test_inputs.input_specs[key]
-            try:  # calling it advances the state the output saves (a counter): restored after
-                values = fold_check.run_as_written(probe, specs,
-                                                   fold_check.probe_inputs(specs, folded.test_inputs.arrays[key]),
-                                                   [original["full"][name] for name, _, _ in plan.feeds],
-                                                   folded.signatures.state)
-            except tf.errors.OpError as e:  # the output check still judges them
-                values = fold_check.NOTHING_PROBED
-                logging.warning("the folds of %s cannot be checked by themselves: %s", key,
-                                errors.most_specific_line(e))
-            found, not_checked = fold_check.check(key, plan, original, values, options.verify_config)
+            values = fold_check.NOTHING_PROBED
+            if plan.folds:
+                values = _probe_folds(key, signature, graphs[key], plan, folded)
+            signature.weights.unpin(signature.graph_def)
+            found, not_checked = fold_check.check(key, plan, values, options.verify_config)
             checks.checks += found
             checks.not_checked.update(not_checked)
     if not checks.ok:
         folded.report.verification = verify_lib.VerificationReport(devices=[device], folds=checks)
         fold_check.raise_if_failed(checks)
     return checks
+
+
+def _probe_folds(key, signature, graph, plan, folded):
+    """run_probe's values of one signature's folded graph with the plan's original chains."""
+    specs = folded.test_inputs.input_specs[key]
+    inputs = fold_check.probe_inputs(specs, folded.test_inputs.arrays[key])
+    try:  # calling it advances the state the output saves (a counter): restored after
+        probe = probe_lib.probe_function(signature, *graph, {k: np.shape(v) for k, v in inputs.items()}, [],
+                                         plan.sampled,
+                                         checks=(plan.chains, probe_lib.stored_weights(plan.chains, signature.weights)))
+        return fold_check.run_as_written(probe, specs, inputs, folded.signatures.state)
+    # A pass that changed a dtype at a chain's input fails the import (ValueError); the output
+    # check still judges those folds.
+    except (tf.errors.OpError, ValueError) as e:
+        logging.warning("the folds of %s cannot be checked by themselves: %s", key, errors.most_specific_line(e))
+        return fold_check.NOTHING_PROBED
 
 
 def verify(built, folded, fold_checks, options, progress):
@@ -147,7 +156,9 @@ class OriginalEvaluatedAgain:
         tensors = {k: graph_lib.tensor_name(*graph_lib.canonical_tensor(v.tensor)) for k, v in frozen.outputs.items()}
         found = []
         for float64, what in ((True, "in float64"), (False, "as written in float32")):
-            probe = write_lib.probe_callable(frozen, [], sorted(set(tensors.values())), [], float64=float64)
+            arrays = folded.test_inputs.arrays[key]
+            probe = probe_lib.probe_callable(frozen, {k: np.shape(v) for k, v in arrays.items()},
+                                             sorted(set(tensors.values())), [], float64=float64)
             if probe is None:
                 continue
             try:

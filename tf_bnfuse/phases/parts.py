@@ -121,9 +121,9 @@ class Reference:
     """The reference phase's: the original's outputs on the test inputs, before the passes."""
     expected: object  # compare.Expected
     expected_roots: dict  # root_functions.expected_outputs
-    # first signature of each function -> the original's values of the tensors its folds may be
-    # checked at (fold_check.run_probe)
-    fold_points: dict
+    # first signature of each function -> its frozen GraphDef as before the passes, each fold's
+    # original chain computed from it (prepare.keep_original, verify/fold_check.py)
+    originals: dict
 
 
 @dataclasses.dataclass

@@ -3,13 +3,10 @@ original's outputs on them, and the passes."""
 
 import dataclasses
 
-import tensorflow as tf
 from absl import logging
 
-from tf_bnfuse import errors
 from tf_bnfuse import graph as graph_lib
 from tf_bnfuse import report as report_lib
-from tf_bnfuse.passes import chain
 from tf_bnfuse.passes import runner
 from tf_bnfuse.passes.context import PassContext
 from tf_bnfuse.phases import parts
@@ -18,9 +15,7 @@ from tf_bnfuse.savedmodel import load as load_lib
 from tf_bnfuse.savedmodel import objects as objects_lib
 from tf_bnfuse.savedmodel import resources
 from tf_bnfuse.savedmodel import root_functions
-from tf_bnfuse.savedmodel import write as write_lib
 from tf_bnfuse.verify import compare as verify_lib
-from tf_bnfuse.verify import fold_check
 from tf_bnfuse.verify import root_functions as root_function_checks
 from tf_bnfuse.verify import test_inputs as test_inputs_lib
 
@@ -107,24 +102,15 @@ def run_original(loaded, graphs, signatures, roots, test_inputs, progress):
         expected = verify_lib.expected_outputs(references, test_inputs.arrays, deterministic=deterministic)
         expected_roots = root_function_checks.expected_outputs(loaded.loaded, roots.aliases, test_inputs.arrays,
                                                                expected.seen)
-        fold_points = {key: probe_original(frozen, test_inputs) for key, frozen in graphs.items()}
-    return parts.Reference(expected, expected_roots, fold_points)
+    return parts.Reference(expected, expected_roots, {key: keep_original(frozen) for key, frozen in graphs.items()})
 
 
-def probe_original(frozen, test_inputs):
-    """The original's values, on the first device and as written, of every tensor a fold of this
-    frozen signature may be checked at (chain.check_candidates; verify/fold_check.py): one call."""
-    inputs, outputs = chain.check_candidates(graph_lib.GraphIndex(frozen.graph_def, frozen.output_tensors))
-    if not inputs:
-        return fold_check.NOTHING_PROBED
-    probe = write_lib.probe_callable(frozen, [], inputs, outputs)
-    specs = test_inputs.input_specs[frozen.key]
-    try:  # inside the reference phase's values_restored
-        return fold_check.run_as_written(probe, specs, fold_check.probe_inputs(specs, test_inputs.arrays[frozen.key]))
-    except tf.errors.OpError as e:  # its folds are then reported as not checked by themselves
-        logging.warning("the tensors the folds of %s are checked at cannot be read: %s", frozen.key,
-                        errors.most_specific_line(e))
-        return fold_check.NOTHING_PROBED
+def keep_original(frozen):
+    """A copy of a frozen signature's graph as before the passes, its weights pinned in its store
+    until the fold checks have computed each fold's original chain from them
+    (verify/fold_check.py): the copy names them, it does not hold them."""
+    frozen.weights.pin(frozen.graph_def)
+    return graph_lib.copy_graph_def(frozen.graph_def)
 
 
 def original_references(loaded, functions, signatures, roots, test_inputs):

@@ -4,7 +4,6 @@ import dataclasses
 import hashlib
 import os
 import re
-import uuid
 
 import numpy as np
 import tensorflow as tf
@@ -145,7 +144,7 @@ _GRADIENT_TYPE_ATTR = "_gradient_op_type"  # what names a tf.custom_gradient's g
 
 
 def _drop_custom_gradients(graph_def):
-    """Removes the custom-gradient names from the nodes of graph_def (a copy _split_weights made)
+    """Removes the custom-gradient names from the nodes of graph_def (a copy split_weights made)
     and its library. The folded model is for inference, and tf.saved_model.save with default
     options would look for those gradient functions, which the import cut from their captures:
     "Found invalid capture ... when saving custom gradients" when a user saves a folded object."""
@@ -155,14 +154,14 @@ def _drop_custom_gradients(graph_def):
             del node.attr[_GRADIENT_TYPE_ATTR]
 
 
-def _fed_placeholders(sig, weights):
+def fed_placeholders(sig, weights):
     """The names of graph_def's placeholders that import_graph_def's input_map feeds: the
     signature's inputs, the weights and the kept resources."""
     return ({graph_lib.parse_input(v.tensor)[0] for v in sig.inputs.values()} | set(weights)
             | set(sig.resources))
 
 
-def _without_control_edges_from(graph_def, names):
+def without_control_edges_from(graph_def, names):
     """graph_def, in place, with no control input from the nodes in `names`. input_map replaces data
     inputs only: a control edge from a fed placeholder would wait for the placeholder itself,
     unfed ("You must feed a value for placeholder tensor"). A restored tf.function, inlined,
@@ -181,7 +180,7 @@ def _signature_function(sig, graph_def, weights, name=None):
     and kept resources (written variables, tables) from the original objects."""
     graph_def, sig, weights = _clear_of_capture_arg_names(graph_def, sig, weights)
     _drop_custom_gradients(graph_def)
-    _without_control_edges_from(graph_def, _fed_placeholders(sig, weights))
+    without_control_edges_from(graph_def, fed_placeholders(sig, weights))
     input_keys = sorted(sig.inputs)
     output_keys = sorted(sig.outputs)
     returned = [_forwarded_tensor(graph_lib.GraphIndex(graph_def), sig.outputs[k].tensor) for k in output_keys]
@@ -229,84 +228,6 @@ def _input_map(sig, weights, fed):
         # handle, and the capture's placeholder is what the graph reads.
         input_map[name + ":0"] = tf.compat.v1.get_default_graph().capture(resource.handle)
     return input_map
-
-
-# How many elements of a probed tensor are kept (probe_function): enough that each of 2048 channels
-# is seen about 8 times, small beside the tensors fed in full.
-PROBE_SAMPLE_SIZE = 16384
-# The flat positions sampled, i * a prime, reduced modulo the tensor's size at run time: the same
-# elements of the same shape in every probe, whatever graph computes it; every element of a
-# tensor of at most PROBE_SAMPLE_SIZE (the prime is invertible modulo its size), and a stride
-# that is no multiple of a channel count in a bigger one.
-_PROBE_POSITIONS = np.arange(PROBE_SAMPLE_SIZE, dtype=np.int64) * 1000003
-
-
-def _sample(tensor, constants):
-    """PROBE_SAMPLE_SIZE elements of a tensor, at _PROBE_POSITIONS modulo its size. Raw ops on
-    shared constants (`constants`: positions, [-1], 1, 0): a probe makes hundreds of these, and
-    building the graph is most of its cost. (No tf.cond: each would be two more functions.)"""
-    positions, flat_shape, one, zero = constants
-    flat = tf.raw_ops.Reshape(tensor=tensor, shape=flat_shape)
-    size = tf.raw_ops.Maximum(x=tf.raw_ops.Size(input=flat, out_type=tf.int64), y=one)
-    return tf.raw_ops.GatherV2(params=flat, indices=tf.raw_ops.FloorMod(x=positions, y=size), axis=zero)
-
-
-def probe_function(sig, graph_def, weights, feeds, full, sampled, float64=False):
-    """A function of (the signature's inputs in sorted key order, then `feeds`' values in order)
-    that returns {"full", "sampled"}: dicts of tensor name -> value of the tensors named in
-    `full`, and of a fixed sample of the elements of those in `sampled` (_sample).
-
-    graph_def and weights as _split_weights returns them. feeds: [(tensor name, shape, dtype)],
-    tensors whose every reader reads the fed value instead (their own node still computes its
-    value, which a fetch of that name returns). A tensor not in graph_def is left out of the result.
-    float64: computed in float64 where graph_def computes in float32 (graph_lib.in_float64; the
-    float32 inputs and weights cast on the way in); None where that cannot be written.
-    """
-    input_keys = sorted(sig.inputs)
-    present = {n.name for n in graph_def.node}
-    if float64:
-        graph_def = None if sig.resources else graph_lib.in_float64(graph_def)
-        if graph_def is None:
-            return None
-    # Its own names for the library's functions: the original's and the folded graph's loop
-    # bodies share names, not bodies, and a process registers a function name once. (A copy.)
-    graph_def = _without_control_edges_from(graph_lib.renamed_functions(graph_def, "_probe_%s" % uuid.uuid4().hex[:12]),
-                                            _fed_placeholders(sig, weights))
-    full = [t for t in full if graph_lib.parse_input(t)[0] in present]
-    sampled = [t for t in sampled if graph_lib.parse_input(t)[0] in present]
-
-    def widened(tensor):
-        return tf.cast(tensor, tf.float64) if float64 and tensor.dtype == tf.float32 else tensor
-
-    def call(*args):
-        fed = {sig.inputs[k].tensor: widened(arg) for k, arg in zip(input_keys, args)}
-        fed.update({"%s:%d" % graph_lib.canonical_tensor(name): widened(arg)
-                    for (name, _, _), arg in zip(feeds, args[len(input_keys):])})
-        input_map = {k: widened(v) for k, v in _input_map(sig, weights, fed).items()}
-        tf.graph_util.import_graph_def(graph_def, input_map=input_map, name="")
-        graph = tf.compat.v1.get_default_graph()
-
-        def tensor(name):
-            node, port, _ = graph_lib.parse_input(name)
-            found = graph.get_operation_by_name(node)
-            # A fed tensor's own node computes it, except a placeholder's: a signature input
-            mapped = input_map.get("%s:%d" % (node, port))
-            return mapped if found.type == "Placeholder" and mapped is not None else found.outputs[port]
-        constants = (tf.constant(_PROBE_POSITIONS), tf.constant([-1]), tf.constant(1, tf.int64), tf.constant(0))
-        return {"full": {t: tf.identity(tensor(t)) for t in full},
-                "sampled": {t: _sample(tensor(t), constants) for t in sampled}}
-
-    # Placeholder names no graph node has: import renames a graph node that clashes with one.
-    specs = [tf.TensorSpec(sig.inputs[k].shape, sig.inputs[k].dtype, name="tf_bnfuse_probe_input_%d" % i)
-             for i, k in enumerate(input_keys)]
-    specs += [tf.TensorSpec(shape, dtype, name="tf_bnfuse_probe_feed_%d" % i) for i, (_, shape, dtype) in enumerate(feeds)]
-    return tf.compat.v1.wrap_function(call, signature=specs)
-
-
-def probe_callable(sig, feeds, full, sampled, float64=False):
-    """probe_function of one frozen or folded signature, its weights read from the variables its
-    store names (an input's variable is read as it is, not copied)."""
-    return probe_function(sig, *_split_weights(sig.graph_def, {}, sig.weights), feeds, full, sampled, float64)
 
 
 def signature_callable(sig):

@@ -1,19 +1,20 @@
 """Checks every fold where it happens, each by itself.
 
-A fold knows which tensors must agree (report.CheckPoint): the tensor its chain starts from
+A fold knows which tensors must agree (report.CheckPoint): the tensors its chain starts from
 (the linear op's data input; a forward chain's x) and the tensor that holds its result (the
 batch norm's output, which keeps its name; a forward fold's linear op), named the same in the
-original and the folded graph. Before the passes the original's frozen graph runs once on the
-test inputs and keeps every tensor a check point may name (passes/chain.check_candidates):
-inputs in full, outputs as a fixed sample of their elements (savedmodel/write.probe_function).
-After the passes the folded graph runs once with every checked fold's inputs fed the
-original's values, so that each fold's output depends on its own feed only: what reaches a
-fold from upstream, already rounded otherwise by the folds above it, cannot hide or fake an
-error in it, at any depth and whatever the model does after it (a softmax).
+original and the folded graph. The original's frozen graph is kept as it was before the
+passes, and its weights with it (WeightStore.pin). After the passes one probe of the folded
+graph computes, beside it, each checked fold's original chain (the nodes that compute its
+result from its inputs and constants: graph.computed_from) reading the folded graph's own
+values at the chain's inputs. The chain and the fold then start from the very same tensor, so
+what reaches a fold from upstream, already rounded otherwise by the folds above it, cannot
+hide or fake an error in it, at any depth and whatever the model does after it (a softmax).
+Both results are read as a fixed sample of their elements (savedmodel/probe.py).
 
 A fold passes when max |folded - original| <= bound * max |original| over its output's sample,
 with bound = fold_rounding_multiple * eps(the linear op's dtype) * sqrt(terms): float rounding
-of a sum of `terms` products grows like its square root. Both runs are as written (Grappler
+of a sum of `terms` products grows like its square root. The probe runs as written (Grappler
 off) on the first device: Grappler's fusions and a GPU's TF32 convolutions round otherwise,
 which the output comparison covers on every device.
 """
@@ -40,7 +41,7 @@ class FoldCheck:
     node: str  # the fold's (report.Fold.node)
     linear_node: str
     output: str  # the tensor compared
-    max_rel_error: float  # max |folded - original| / scale at output, its inputs fed the original's
+    max_rel_error: float  # max |folded - original chain| / scale at output, on the same input
     bound: float  # on max_rel_error
     ok: bool
     scale: float  # max |original| at output (over its sample)
@@ -75,7 +76,7 @@ class FoldChecks:
         failed = self.failures()
         first = failed[0]
         more = " (and %d more: %s)" % (len(failed) - 1, ", ".join(c.node for c in failed[1:])) if len(failed) > 1 else ""
-        return ("fold of %s into %s (signature %s) fails its own check: at %s, fed the original's input, max rel "
+        return ("fold of %s into %s (signature %s) fails its own check: at %s, beside its original chain on the same input, max rel "
                 "error %.3g, bound %.3g%s" % (first.node, first.linear_node, first.signature, first.output,
                                               first.max_rel_error, first.bound, more))
 
@@ -88,14 +89,15 @@ def bound(check_point, verify_config):
 
 
 NOTHING_PROBED = {"full": {}, "sampled": {}}  # what run_probe gives where nothing can be read
+CHAIN_PREFIX = "tf_bnfuse_original_chain_%d/"  # a checked fold's original chain, in the folded probe
 
 
-def run_as_written(probe, input_specs, inputs, feeds=None, state=()):
+def run_as_written(probe, input_specs, inputs, state=()):
     """run_probe on the first device, as written (Grappler off: compare.as_written), the
     variables in `state` (those the signatures write) given back their values afterwards, as
     after the original's own calls. Raises what TensorFlow raises."""
     with compare.as_written(), tf.device(compare.visible_devices()[0]), resources.values_restored(state):
-        return run_probe(probe, input_specs, inputs, feeds)
+        return run_probe(probe, input_specs, inputs)
 
 
 def probe_inputs(input_specs, inputs):
@@ -105,58 +107,71 @@ def probe_inputs(input_specs, inputs):
     return {k: (v[:1] if batched and np.ndim(v) and len(v) else v) for k, v in inputs.items()}
 
 
-def run_probe(probe, input_specs, inputs, feeds=None):
+def run_probe(probe, input_specs, inputs):
     """{"full": {tensor: tensor}, "sampled": {tensor: array}}: one call of a
-    savedmodel/write.probe_function on a signature's inputs and the feeds' values ("full"
-    values of another call: fed as they are, not copied)."""
-    args = [tf.constant(inputs[k]) for k in sorted(input_specs)] + list(feeds or [])
-    result = probe(*args)
+    savedmodel/probe.probe_function on a signature's inputs."""
+    result = probe(*[tf.constant(inputs[k]) for k in sorted(input_specs)])
     return {"full": dict(result["full"]), "sampled": {k: v.numpy() for k, v in result["sampled"].items()}}
 
 
 @dataclasses.dataclass
 class Plan:
-    """What the folded graph's probe of one signature feeds and fetches."""
-    feeds: List[tuple]  # (tensor, shape, dtype) of every checked fold's inputs
-    outputs: List[str]
+    """What the folded graph's probe of one signature adds and reads."""
+    chains: object  # GraphDef: each checked fold's original chain, its nodes renamed (CHAIN_PREFIX)
+    references: Dict[str, str]  # a checked fold's output -> its original chain's output in `chains`
     folds: list  # the report.Folds to check
     not_checked: Dict[str, str]
 
+    @property
+    def sampled(self):
+        return sorted(self.references) + sorted(self.references.values())
+
 
 def plan(signature, folds, original, folded_nodes):
-    """The Plan of one signature's folds, given what the original's probe kept (run_probe) and
-    the names of the folded graph's nodes."""
-    feeds, outputs, checked, not_checked = {}, set(), [], {}
+    """The Plan of one signature's folds, given the original's frozen graph as before the passes
+    and the names of the folded graph's nodes."""
+    nodes = {node.name: node for node in original.node}
+    chains = graph_lib.new_graph_def(original)
+    references, checked, not_checked = {}, [], {}
     for fold in folds:
-        where = "%s: %s" % (signature, fold.node)
-        point = fold.check
+        where, point = "%s: %s" % (signature, fold.node), fold.check
         if point is None:
             not_checked[where] = "inside a called function (a loop body or branch): covered by the output check"
             continue
-        missing = [t for t in point.inputs if t not in original["full"] or graph_lib.parse_input(t)[0] not in folded_nodes]
-        if missing or point.output not in original["sampled"]:
-            not_checked[where] = "%s is not a tensor of both graphs" % (missing or [point.output])[0]
+        missing = [t for t in point.inputs + [point.output] if graph_lib.parse_input(t)[0] not in folded_nodes]
+        chain = graph_lib.computed_from(nodes.get, point.output, point.inputs)
+        if missing or chain is None:
+            not_checked[where] = ("%s is not a tensor of the folded graph" % missing[0] if missing else
+                                  "its chain in the original reads more than %s" % ", ".join(point.inputs))
             continue
-        for tensor in point.inputs:
-            value = original["full"][tensor]
-            feeds[tensor] = (tensor, tuple(value.shape), tf.as_dtype(value.dtype))
-        outputs.add(point.output)
         checked.append(fold)
-    return Plan(list(feeds.values()), sorted(outputs), checked, not_checked)
+        if point.output not in references:  # the branches of a concat share one
+            output, inputs = chain
+            renamed = {name: CHAIN_PREFIX % len(references) + name for name in inputs}
+            for name, read in inputs.items():
+                node = chains.node.add()
+                node.CopyFrom(nodes[name])
+                node.name, node.device = renamed[name], ""
+                graph_lib.set_inputs(node, [graph_lib.renamed_input(i, renamed) for i in read])
+                node.attr.pop("_class", None)  # colocation with nodes it does not hold
+            references[point.output] = graph_lib.renamed_input(output, renamed)
+    if not any(graph_lib.called_function_names(node) for node in chains.node):
+        chains.library.Clear()
+    return Plan(chains, references, checked, not_checked)
 
 
-def check(signature, plan_, original, folded, verify_config):
-    """([FoldCheck], {not checked: why}) of the planned folds: the original's probe values
-    against the folded probe's (run_probe with the plan's feeds)."""
+def check(signature, plan_, values, verify_config):
+    """([FoldCheck], {not checked: why}) of the planned folds: each original chain's sample
+    against the folded graph's (run_probe of a probe with the plan's chains)."""
     checks, not_checked = [], dict(plan_.not_checked)
     for fold in plan_.folds:
         output = fold.check.output
-        if output not in folded["sampled"]:
+        reference = values["sampled"].get(plan_.references[output])
+        if output not in values["sampled"] or reference is None:
             not_checked["%s: %s" % (signature, fold.node)] = (
                 "its output %s left the folded graph (a later pass bypassed it)" % output)
             continue
-        reference = original["sampled"][output]
-        _, error, _ = compare.compare(reference, folded["sampled"][output], {"rtol": 0.0, "atol": 0.0})
+        _, error, _ = compare.compare(reference, values["sampled"][output], {"rtol": 0.0, "atol": 0.0})
         limit = bound(fold.check, verify_config)
         checks.append(FoldCheck(signature, fold.node, fold.linear_node, output, error, limit, bool(error <= limit),
                                 compare.scale_of(reference)))
