@@ -8,6 +8,7 @@ parsed once (a failed verification's search for its fold loads it again: the pas
 released the original's folded kernels, WeightStore.releases).
 """
 
+import contextlib
 import dataclasses
 import gc
 import os
@@ -100,13 +101,34 @@ def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFA
     metagraphs, report = _metagraphs(model, tuple(tags) if tags else DEFAULT_TAGS, options, drop_other_metagraphs)
     progress = parts.Progress(report_lib.Timeline(), checkpoint or (lambda boundary: None))
     try:
-        _run(model, metagraphs, options, progress)
+        with _long_lived_objects_frozen():
+            _run(model, metagraphs, options, progress)
     except BaseException as e:  # KeyboardInterrupt too: the CLI reports what was done
         report.phases = progress.timeline.to_list()
         e.run_report = report
         raise
     report.phases = progress.timeline.to_list()
     return report
+
+
+@contextlib.contextmanager
+def _long_lived_objects_frozen():
+    """Within, Python's cyclic collector leaves out the objects alive at entry and at each later
+    gc.freeze(): a loaded model is hundreds of thousands of long-lived Python objects, and each
+    automatic full collection walked them all (half the time of building a fold-check probe on
+    ResNet50). On the way out they are collectable again."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def _collect_all():
+    """A full collection of frozen objects too (a released input's cycles), the survivors frozen again."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def _metagraphs(model, tags, options, drop_other_metagraphs):
@@ -130,6 +152,7 @@ def _run(model, metagraphs, options, progress):
     for metagraph, report in metagraphs:
         metagraph_progress = progress.of(metagraph)
         loaded = prepare.load(model, metagraph, options, metagraph_progress)
+        gc.freeze()  # the loaded model lives to the end of its verification
         if metagraph is metagraphs[-1][0]:
             model.close()  # the parsed saved_model.pb: nothing reads it past the last load
         folded.append(_fold_metagraph(loaded, metagraph, options, metagraph_progress, report))
@@ -142,7 +165,7 @@ def _run(model, metagraphs, options, progress):
         folded, fold_checks = output.write(folded, built, folded[0].metagraph.releases, options, progress)
         # The written module's functions and graphs hold one another in cycles, and with them the
         # weights' variables: freed now, not in the verification, beside the reloaded copy.
-        gc.collect()
+        _collect_all()
         for each, checks in zip(folded, fold_checks):
             output.verify(built, each, checks, options, progress.of(each.metagraph))
         if options.tflite:
@@ -209,19 +232,25 @@ def _fold_object(obj, signatures, config, verify, verify_inputs):
     report = report_lib.RunReport("(in memory: %s)" % objects_lib.described(obj), "(in memory)", {})
     progress = parts.Progress(report_lib.Timeline(), lambda boundary: None)
     try:
-        loaded = prepare.from_object(root, functions, options, progress)
-        folded = _fold_metagraph(loaded, metagraph, options, progress, report)
-        built, [fold_checks] = output.build([folded], False, options, progress, own_variables=True)
-        with progress.phase("verify"):
-            output.verify_object(built.module, folded, fold_checks, options, progress)
+        with _long_lived_objects_frozen():
+            run = _fold_in_memory(root, functions, metagraph, options, progress, report)
     except BaseException as e:
         report.phases = progress.timeline.to_list()
         e.run_report = report
         raise
     report.phases = progress.timeline.to_list()
-    run = _InMemoryRun(built, folded, fold_checks, options)
-    built.module.attach_run(report, run, objects_lib.returns_tensor(obj, functions))
+    run.built.module.attach_run(report, run, objects_lib.returns_tensor(obj, functions))
     return run
+
+
+def _fold_in_memory(root, functions, metagraph, options, progress, report):
+    """The _InMemoryRun of a live object's signature functions."""
+    loaded = prepare.from_object(root, functions, options, progress)
+    folded = _fold_metagraph(loaded, metagraph, options, progress, report)
+    built, [fold_checks] = output.build([folded], False, options, progress, own_variables=True)
+    with progress.phase("verify"):
+        output.verify_object(built.module, folded, fold_checks, options, progress)
+    return _InMemoryRun(built, folded, fold_checks, options)
 
 
 EXPORT_FORMATS = ("tf_saved_model", "litert")
