@@ -181,3 +181,36 @@ def test_mixed_float16_model_converts_after_folding_with_float32_compute(keras3_
         assert actual[name].dtype == expected[name].dtype == np.float16
         e, a = expected[name].astype(np.float64), actual[name].astype(np.float64)
         assert np.abs(a - e).max() <= 1e-2 * np.abs(e).max()
+
+
+@pytest.mark.quick
+def test_the_tflite_check_takes_the_verifications_outputs_and_still_fails_a_wrong_model():
+    """tflite.check with known outputs (the verification's, compare.Expected.seen): a matching
+    model passes without calling the original again; a model 1% off fails, the original called
+    once more as written before the check gives up."""
+    from tf_bnfuse import config as config_lib
+    from tf_bnfuse.verify import tflite
+    rng = np.random.default_rng(5)
+    weights = rng.standard_normal((16, 8)).astype(np.float32)
+
+    def signature(w):
+        module = tf.Module()
+        module.w = tf.Variable(w)
+        function = tf.function(lambda x: {"y": tf.matmul(x, module.w)},
+                               input_signature=[tf.TensorSpec([None, 16], tf.float32, name="x")])
+        return module, function.get_concrete_function()
+    calls = []
+    original_module, original = signature(weights)
+
+    def counted(**inputs):
+        calls.append(1)
+        return original(**inputs)
+    inputs = {"serving_default": {"x": rng.standard_normal((2, 16)).astype(np.float32)}}
+    known = {"serving_default": {"y": original(x=tf.constant(inputs["serving_default"]["x"]))["y"].numpy()}}
+    verify_config = config_lib.load_config(None)["verify"]
+    for w, ok, original_calls in ((weights, True, 0), (weights * 1.01, False, 1)):
+        module, function = signature(w)
+        content = tflite.convert(tflite.functions_converter({"serving_default": function}, module))
+        calls.clear()
+        checks = tflite.check(content, {"serving_default": counted}, inputs, verify_config, known)
+        assert [c.ok for c in checks] == [ok] and len(calls) == original_calls

@@ -14,6 +14,7 @@ import re
 import warnings
 from typing import Dict, List, Optional
 
+import numpy as np
 import tensorflow as tf
 
 from tf_bnfuse import errors
@@ -265,10 +266,12 @@ def _runner(interpreter, key, input_keys=(), output_keys=()):
     return interpreter.get_signature_runner(tflite_key)
 
 
-def check(model_content, original, test_inputs, verify_config):
+def check(model_content, original, test_inputs, verify_config, known=None):
     """Runs every signature of the .tflite model against the original's functions; [OutputCheck].
 
     test_inputs: {signature: {input: array}}, the ones the SavedModel verification uses.
+    known: {signature: {output: array}}: the original's outputs on those inputs on the CPU where
+    the verification already has them (compare.Expected.seen), not computed again.
     """
     interpreter = interpreter_of(model_content)
     tflite_tolerance = verify_config.get("tflite_tolerance", {"rtol": 1e-3, "atol": 1e-5})
@@ -279,20 +282,25 @@ def check(model_content, original, test_inputs, verify_config):
         with tf.device("/device:CPU:0"):
             def against_original():
                 expected = original[key](**{k: tf.constant(v) for k, v in inputs.items()})
-                return _checks(key, expected, actual, tflite_tolerance, verify_config)
-            found, _ = verify_lib.unless_accepted_as_written(against_original(), against_original,
+                return _checks(key, {k: v.numpy() for k, v in expected.items()}, actual, tflite_tolerance,
+                               verify_config)
+            first = (_checks(key, known[key], actual, tflite_tolerance, verify_config) if key in (known or {})
+                     else against_original())
+            found, _ = verify_lib.unless_accepted_as_written(first, against_original,
                                                              lambda found: all(c.ok for c in found))
         checks += found
     return checks
 
 
 def _checks(key, expected, actual, tflite_tolerance, verify_config):
+    """[OutputCheck] of one signature's TFLite outputs against the original's ({output: array})."""
     checks = []
     for output_key in sorted(expected):
-        reference = expected[output_key].numpy()
+        reference = np.asarray(expected[output_key])
         # The looser of TFLite's tolerance and the output dtype's (a float16
         # output is only as exact as float16, whoever computes it).
-        dtype_tolerance, _ = verify_lib.tolerance_for(expected[output_key].dtype, verify_config)
+        dtype_tolerance, _ = verify_lib.tolerance_for(tf.string if reference.dtype == object else reference.dtype,
+                                                      verify_config)
         tolerance = {k: max(tflite_tolerance[k], dtype_tolerance[k]) for k in ("rtol", "atol")}
         if output_key in actual:
             max_abs, max_rel, ok = verify_lib.compare(reference, actual[output_key], tolerance)
@@ -325,13 +333,14 @@ def reference_outputs(original, inputs):
 
 
 def build(input_converter, folded_converter, tflite_path, original, test_inputs, verify_config,
-          quantization=None, held_out=None):
+          quantization=None, held_out=None, known=None):
     """Converts the folded model (folded_converter makes its TFLiteConverter) to tflite_path's
     content (not written here); compares; returns (bytes, report).
 
     Float (quantization None): each output within tolerance of the original on test_inputs.
     Quantized: per-output metrics on held_out inputs, for the folded model and for the input
     converted alone with the same settings (input_converter; report.quantization).
+    known: check's.
     """
     try:
         model_content = convert(folded_converter, quantization)
@@ -347,7 +356,7 @@ def build(input_converter, folded_converter, tflite_path, original, test_inputs,
     except Exception as e:  # converting the input directly may fail: that is worth reporting, not fatal
         report.before_error = converter_error(e)
     if quantization is None:
-        report.checks = check(model_content, original, test_inputs, verify_config)
+        report.checks = check(model_content, original, test_inputs, verify_config, known)
         return model_content, report
     references = reference_outputs(original, held_out)
     report.quantization = quantize_lib.QuantizationReport(quantization.mode, quantization.io,
