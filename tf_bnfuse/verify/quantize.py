@@ -111,21 +111,13 @@ def configure(converter, quantization):
     return converter
 
 
-# The calibration key of a model converted without signatures (a frozen graph): its samples are
-# lists in the function's input order (its keyword inputs sorted), which is all such a model knows.
-POSITIONAL = ""
-
-
 def _samples(calibration):
     """The representative dataset: one sample (batch of 1) at a time, each signature in turn
-    (calibration keyed None: the model's one signature; POSITIONAL: a model without one)."""
+    (calibration keyed None: the model's one signature)."""
     for key, arrays in calibration.items():
         for i in range(sample_count(arrays)):
             sample = {name: (a[i:i + 1] if a.ndim else a) for name, a in arrays.items()}
-            if key == POSITIONAL:
-                yield [sample[name] for name in sorted(sample)]
-            else:
-                yield sample if key is None else (key, sample)
+            yield sample if key is None else (key, sample)
 
 
 def sample_count(arrays):

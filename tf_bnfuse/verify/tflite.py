@@ -85,25 +85,20 @@ def saved_model_converter(saved_model_dir, signature_keys, tags):
 
 def functions_converter(functions, trackable=None):
     """A function that makes a TFLiteConverter of {signature key: ConcreteFunction} in memory
-    (TFLiteConverter.from_concrete_functions). Signatures that are one function are converted
-    once (as from a SavedModel). Given the trackable that owns their variables, the converter
-    goes through a SavedModel, so that the .tflite has signatures: one function is keyed
+    (TFLiteConverter.from_concrete_functions), through a SavedModel of the trackable that owns
+    their variables, so that the .tflite has signatures: one function is keyed
     "serving_default", several by their graphs' names (each is first traced under its key where
-    its graph is named otherwise). Without one (the converter alone, for the side-by-side
-    table), one function is converted as a frozen graph, with no signature (run by position,
-    _runner), 2 s sooner on ResNet50; several with a tf.Module holding their variables (the
-    input object itself would not do: a Keras model's training functions mark its variables
-    written, and they stay READ_VARIABLE ops that int8 fails on)."""
+    its graph is named otherwise). Signatures that are one function are converted once (as from
+    a SavedModel). Without a trackable (the converter alone, for the side-by-side table), a
+    tf.Module holds their variables: the input object itself would not do (a Keras model's
+    training functions mark its variables written, and they stay READ_VARIABLE ops that int8
+    fails on); and converting a frozen graph instead took 7 to 8.5 s on ResNet50 against 5.5
+    to 6 s this way."""
     distinct = {}
     for key, function in functions.items():
         distinct.setdefault(id(function), (key, function))
-    if len(distinct) == 1:
-        named = [function for _, function in distinct.values()]
-        if trackable is None:
-            return lambda: tf.lite.TFLiteConverter.from_concrete_functions(named)
-    else:
-        named = [function if function.graph.name == key else _named(key, function)
-                 for key, function in distinct.values()]
+    named = [function if len(distinct) == 1 or function.graph.name == key else _named(key, function)
+             for key, function in distinct.values()]
     if trackable is None:
         trackable = objects_lib.variables_owner(dict(enumerate(named)))
     return lambda: tf.lite.TFLiteConverter.from_concrete_functions(named, trackable)
@@ -128,14 +123,11 @@ def convert(converter, quantization=None):
 def _keyed_as_converted(quantization, converter):
     """quantization with its calibration keyed by the signatures the converter writes. It may write
     fewer than it is given (Keras 3's serve and serving_default as one; a signature whose outputs
-    another returns too): a float conversion tells which; one signature is keyed None, none POSITIONAL."""
+    another returns too): a float conversion tells which; one signature is keyed None."""
     with _without_interpreter_deprecation():
         available = list(interpreter_of(converter().convert()).get_signature_list())
     calibration = {}
     for key, arrays in sorted(quantization.calibration.items()):
-        if not available:  # a frozen graph's conversion: one function, no signature
-            calibration.setdefault(quantize_lib.POSITIONAL, arrays)
-            continue
         target = key if key in available else (available[0] if len(available) == 1 else None)
         if target is None:
             raise errors.BnFuseError("the TFLite converter wrote no signature %s (it wrote %s): cannot "
@@ -220,46 +212,10 @@ def converter_error(exc):
     return lines[0] if lines else type(exc).__name__
 
 
-class _PositionalRunner:
-    """A signature runner's interface over a .tflite model without signatures (a frozen graph's
-    conversion): inputs matched by name where a tensor's name holds one, else by position;
-    outputs by position, keyed like the function's flat outputs (sorted keys)."""
-
-    def __init__(self, interpreter, input_keys, output_keys):
-        interpreter.allocate_tensors()
-        self._interpreter = interpreter
-        details = interpreter.get_input_details()
-        by_name = {k: [d for d in details if k in d["name"]] for k in input_keys}
-        if all(len(found) == 1 for found in by_name.values()):
-            self._inputs = {k: found[0] for k, found in by_name.items()}
-        else:
-            self._inputs = dict(zip(sorted(input_keys), details))
-        self._outputs = dict(zip(sorted(output_keys), interpreter.get_output_details()))
-
-    def get_input_details(self):
-        return self._inputs
-
-    def get_output_details(self):
-        return self._outputs
-
-    def __call__(self, **inputs):
-        for key, value in inputs.items():
-            detail = self._inputs[key]
-            if tuple(detail["shape"]) != value.shape:
-                self._interpreter.resize_tensor_input(detail["index"], value.shape)
-                self._interpreter.allocate_tensors()
-        for key, value in inputs.items():
-            self._interpreter.set_tensor(self._inputs[key]["index"], value)
-        self._interpreter.invoke()
-        return {k: self._interpreter.get_tensor(d["index"]) for k, d in self._outputs.items()}
-
-
-def _runner(interpreter, key, input_keys=(), output_keys=()):
+def _runner(interpreter, key):
     """The signature runner of `key`; a single-signature SavedModel may come out of the converter
-    under another key, and a frozen graph's conversion with none (_PositionalRunner)."""
+    under another key."""
     available = set(interpreter.get_signature_list())
-    if not available:
-        return _PositionalRunner(interpreter, input_keys, output_keys)
     tflite_key = key if key in available else (next(iter(available)) if len(available) == 1 else None)
     if tflite_key is None:
         raise errors.BnFuseError("the .tflite model has no signature %s" % key)
@@ -319,7 +275,7 @@ def quantization_metrics(model_content, references, held_out):
     interpreter = interpreter_of(model_content)
     metrics = []
     for key in sorted(references):
-        actual = quantize_lib.run_signature(_runner(interpreter, key, held_out[key], references[key]), held_out[key])
+        actual = quantize_lib.run_signature(_runner(interpreter, key), held_out[key])
         for output in sorted(references[key]):
             metrics.append(quantize_lib.output_metric(key, output, references[key][output], actual[output]))
     return metrics
