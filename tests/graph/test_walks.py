@@ -113,10 +113,10 @@ def test_computed_from_stops_at_the_boundary_looks_through_identities_and_refuse
                        ("s", "Const", []), ("s_read", "Identity", ["s"]), ("bn", "Mul", ["conv", "s_read", "^input"]),
                        ("out", "Identity", ["bn"]))
     nodes = {n.name: n for n in graph_def.node}
-    output, chain = graph_lib.computed_from(nodes.get, "out", ["x"])
+    output, chain = graph_lib.computed_from(nodes.get, "out", ["x"], 10)
     assert output == "bn"  # out is an Identity of bn
     assert chain == {"bn": ["conv", "s"], "conv": ["x", "k"], "k": [], "s": []}  # control inputs dropped
-    assert graph_lib.computed_from(nodes.get, "bn", ["input"]) is not None  # n forwards x, which reads input
-    assert graph_lib.computed_from(nodes.get, "bn", []) is None  # reaches the Placeholder
-    assert graph_lib.computed_from(nodes.get, "bn", ["x"], max_nodes=3) is None
-    assert graph_lib.computed_from(nodes.get, "missing", ["x"]) is None
+    assert graph_lib.computed_from(nodes.get, "bn", ["input"], 10) is not None  # n forwards x, which reads input
+    assert graph_lib.computed_from(nodes.get, "bn", [], 10) is None  # reaches the Placeholder
+    assert graph_lib.computed_from(nodes.get, "bn", ["x"], 3) is None  # 4 nodes
+    assert graph_lib.computed_from(nodes.get, "missing", ["x"], 10) is None

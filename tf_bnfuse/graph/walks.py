@@ -104,7 +104,7 @@ def cone(node_of, tensors):
                      lambda name: [parse_input(i)[0] for i in node_of(name).input])
 
 
-def computed_from(node_of, tensor, boundary, max_nodes=256):
+def computed_from(node_of, tensor, boundary, max_nodes):
     """(the tensor `tensor` reads through Identity-like nodes, {name: its data inputs, each read
     through them}) of the nodes that compute it from the `boundary` tensors and Consts alone;
     None where it reads anything else (a node with no data input that is not a Const: a

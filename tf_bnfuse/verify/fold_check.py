@@ -90,6 +90,8 @@ def bound(check_point, verify_config):
 
 NOTHING_PROBED = {"full": {}, "sampled": {}}  # what run_probe gives where nothing can be read
 CHAIN_PREFIX = "tf_bnfuse_original_chain_%d/"  # a checked fold's original chain, in the folded probe
+# A chain is a few nodes a branch; the limit bounds the walk where a chain would reach the model's input.
+CHAIN_MAX_NODES = 1024
 
 
 def run_as_written(probe, input_specs, inputs, state=()):
@@ -139,10 +141,11 @@ def plan(signature, folds, original, folded_nodes):
             not_checked[where] = "inside a called function (a loop body or branch): covered by the output check"
             continue
         missing = [t for t in point.inputs + [point.output] if graph_lib.parse_input(t)[0] not in folded_nodes]
-        chain = graph_lib.computed_from(nodes.get, point.output, point.inputs)
+        chain = graph_lib.computed_from(nodes.get, point.output, point.inputs, CHAIN_MAX_NODES)
         if missing or chain is None:
             not_checked[where] = ("%s is not a tensor of the folded graph" % missing[0] if missing else
-                                  "its chain in the original reads more than %s" % ", ".join(point.inputs))
+                                  "its chain in the original reads more than %s and constants, or is over %d "
+                                  "nodes" % (", ".join(point.inputs), CHAIN_MAX_NODES))
             continue
         checked.append(fold)
         if point.output not in references:  # the branches of a concat share one
