@@ -266,8 +266,8 @@ def _fold_check_lines(folds):
     lines = []
     worst = folds.worst
     if worst is not None:
-        lines.append("  folds checked one by one on %s, each beside its original chain on the same input: %d, %s; the worst %s at %.3g of "
-                     "its bound (max rel error %.3g, bound %.3g)" % (
+        lines.append("  folds checked one by one on %s, each beside its original chain on the same input: %d, %s; "
+                     "the worst %s at %.3g of its bound (max rel error %.3g, bound %.3g)" % (
                          folds.device, len(folds.checks), "ok" if folds.ok else "%d FAILED" % len(folds.failures()),
                          worst.node, worst.max_rel_error / worst.bound, worst.max_rel_error, worst.bound))
     for where, why in sorted(folds.not_checked.items()):

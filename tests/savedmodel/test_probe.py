@@ -37,7 +37,8 @@ def _sample(array):
 def test_a_probe_reads_tensors_in_full_and_samples_them_with_static_or_run_time_sizes():
     module = Probed()
     _, functions = objects_lib.signatures_of(module)  # as a signature: keyword inputs, a dict of outputs
-    frozen = freeze_lib.freeze("serving_default", functions["serving_default"], resources.resource_owners(module), graph_lib.WeightStore(), set(), set())
+    frozen = freeze_lib.freeze("serving_default", functions["serving_default"], resources.resource_owners(module),
+                               graph_lib.WeightStore(), set(), set())
     assert any(graph_lib.WEIGHT_KEY_ATTR in n.attr for n in frozen.graph_def.node)  # w is read from the store
     y, positive = (frozen.outputs[k].tensor for k in ("y", "positive"))
     x = RNG.standard_normal((3, 64)).astype(np.float32)

@@ -97,7 +97,8 @@ def test_a_forward_fold_with_a_planted_error_is_caught_and_the_summary_shows_eve
     checks = report.verification.folds
     assert checks.ok and [c.node for c in checks.checks if c.signature == "serve"] == [fold.node]
     summary = format_run(report)
-    assert "folds checked one by one on /device:CPU:0, each beside its original chain on the same input: 1, ok" in summary
+    assert ("folds checked one by one on /device:CPU:0, each beside its original chain on the same input: 1, ok"
+            in summary)
     assert "bound %.3g: rtol 0.0001, atol 1e-06, set by float32 output" % report.verification.checks[0].bound in summary
     layer = fold.linear_node.split("/")[-2].rsplit("_", 1)[0]
     assert_caught_and_named(src, [layer], [], str(tmp_path / "out"), monkeypatch)

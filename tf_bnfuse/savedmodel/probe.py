@@ -24,23 +24,24 @@ _PROBE_POSITIONS = np.arange(PROBE_SAMPLE_SIZE, dtype=np.int64) * 1000003
 
 def _read_nodes(graph_def, probed, full, sampled):
     """(GraphDef, {"full": {tensor: its node}, "sampled": {...}}, {placeholder: array to capture}):
-    nodes, added to a graph in one
-    import (building a probe op by op was most of its cost), that read the probed tensors
-    ({name: tf.Tensor}): an Identity of each in `full`, and PROBE_SAMPLE_SIZE elements of each in
-    `sampled` at _PROBE_POSITIONS modulo its size: a constant of positions for each static
-    size, else computed at run time (max(size, 1): no tf.cond)."""
+    nodes, added to a graph in one import (building a probe op by op was most of its cost), that
+    read the probed tensors ({name: tf.Tensor}): an Identity of each in `full`, and
+    PROBE_SAMPLE_SIZE elements of each in `sampled` at _PROBE_POSITIONS modulo its size: a
+    constant of positions for each static size, else computed at run time (max(size, 1): no
+    tf.cond)."""
     prefix = "tf_bnfuse_probe_%s/" % uuid.uuid4().hex[:12]  # a name no graph node has
     read = graph_lib.new_graph_def(graph_def, with_library=False)
     int32, int64 = graph_lib.type_attr(tf.int32), graph_lib.type_attr(tf.int64)
     flat_shape, zero = prefix + "flat_shape", prefix + "zero"
     read.node.extend([graph_lib.const_node_def(flat_shape, np.array([-1], np.int32)),
                       graph_lib.const_node_def(zero, np.array(0, np.int32))])
-    captured = {}  # placeholder tensor -> its value: a big Const's import would format its value (a miss of `_class`)
+    # placeholder tensor -> its value: importing a big Const formats its value (a miss of `_class`)
+    captured = {}
 
     def const(name, value):
         if prefix + name + ":0" not in captured:
             captured[prefix + name + ":0"] = value
-            read.node.extend([graph_lib.node_def(prefix + name, "Placeholder", [], {"dtype": graph_lib.type_attr(value.dtype)})])
+            read.node.extend([_placeholder(prefix + name, graph_lib.type_attr(value.dtype))])
         return prefix + name
 
     def positions(at, flat, tensor):
@@ -48,11 +49,12 @@ def _read_nodes(graph_def, probed, full, sampled):
         if size is not None:
             return const("positions_%d" % size, _PROBE_POSITIONS % max(size, 1))
         read.node.extend([
-            graph_lib.node_def(at + "size", "Size", [flat], {"T": graph_lib.type_attr(tensor.dtype), "out_type": int64}),
+            graph_lib.node_def(at + "size", "Size", [flat], {"T": graph_lib.type_attr(tensor.dtype),
+                                                             "out_type": int64}),
             graph_lib.node_def(at + "nonzero_size", "Maximum", [at + "size", const("one", np.array(1, np.int64))],
                                {"T": int64}),
-            graph_lib.node_def(at + "positions", "FloorMod", [const("positions", _PROBE_POSITIONS), at + "nonzero_size"],
-                               {"T": int64})])
+            graph_lib.node_def(at + "positions", "FloorMod",
+                               [const("positions", _PROBE_POSITIONS), at + "nonzero_size"], {"T": int64})])
         return at + "positions"
 
     returned = {"full": {}, "sampled": {}}
@@ -85,6 +87,10 @@ def _port_name(tensor):
     return "%s:%d" % graph_lib.canonical_tensor(tensor)
 
 
+def _placeholder(name, dtype_attr):
+    return graph_lib.node_def(name, "Placeholder", [], {"dtype": dtype_attr})
+
+
 def _reading_weights(graph_def, weights):
     """(a copy of graph_def whose nodes named in `weights` ({name: tf.Variable or array}) read
     that value, {placeholder tensor: the value to capture}). A variable's node becomes a
@@ -100,15 +106,16 @@ def _reading_weights(graph_def, weights):
             continue
         dtype = tf.as_dtype(node.attr["dtype"].type)
         if not isinstance(value, tf.Variable):
-            result.node.extend([graph_lib.node_def(node.name, "Placeholder", [], {"dtype": node.attr["dtype"]})])
+            result.node.extend([_placeholder(node.name, node.attr["dtype"])])
             captured[node.name + ":0"] = np.asarray(value, dtype.as_numpy_dtype)
             continue
         handle, read = node.name + "/tf_bnfuse_handle", node.name + "/tf_bnfuse_read"
-        result.node.extend([graph_lib.node_def(handle, "Placeholder", [], {"dtype": graph_lib.type_attr(tf.resource)})])
+        result.node.extend([_placeholder(handle, graph_lib.type_attr(tf.resource))])
         captured[handle + ":0"] = value.handle
         if value.dtype == dtype:
             read = node.name
-        result.node.extend([graph_lib.node_def(read, "ReadVariableOp", [handle], {"dtype": graph_lib.type_attr(value.dtype)})])
+        result.node.extend([graph_lib.node_def(read, "ReadVariableOp", [handle],
+                                               {"dtype": graph_lib.type_attr(value.dtype)})])
         if read != node.name:
             result.node.extend([graph_lib.node_def(node.name, "Cast", [read], {
                 "SrcT": graph_lib.type_attr(value.dtype), "DstT": graph_lib.type_attr(dtype)})])
@@ -118,9 +125,12 @@ def _reading_weights(graph_def, weights):
 def stored_weights(graph_def, store):
     """{node name: the input's variable, or the array}: the stored Consts of graph_def, which
     probe_function reads from their values in the store (a variable as it is, not copied)."""
-    stored = [node for node in graph_def.node if node.op == "Const" and graph_lib.WEIGHT_KEY_ATTR in node.attr]
-    return {node.name: store.array(node) if store.variable_of(node) is None else store.variable_of(node)
-            for node in stored}
+    weights = {}
+    for node in graph_def.node:
+        if node.op == "Const" and graph_lib.WEIGHT_KEY_ATTR in node.attr:
+            variable = store.variable_of(node)
+            weights[node.name] = store.array(node) if variable is None else variable
+    return weights
 
 
 def _as_placeholders(graph_def, names):
@@ -128,7 +138,7 @@ def _as_placeholders(graph_def, names):
     result = graph_lib.new_graph_def(graph_def)
     for node in graph_def.node:
         if node.name in names:
-            result.node.extend([graph_lib.node_def(node.name, "Placeholder", [], {"dtype": node.attr["dtype"]})])
+            result.node.extend([_placeholder(node.name, node.attr["dtype"])])
         else:
             result.node.add().CopyFrom(node)
     return result
@@ -154,8 +164,8 @@ def probe_function(sig, graph_def, weights, input_shapes, full, sampled, float64
             return None
     # Its own names for the library's functions: the original's and the folded graph's loop
     # bodies share names, not bodies, and a process registers a function name once. (A copy.)
-    graph_def = write.without_control_edges_from(graph_lib.renamed_functions(graph_def, "_probe_%s" % uuid.uuid4().hex[:12]),
-                                                 write.fed_placeholders(sig, weights))
+    renamed = graph_lib.renamed_functions(graph_def, "_probe_%s" % uuid.uuid4().hex[:12])
+    graph_def = write.without_control_edges_from(renamed, write.fed_placeholders(sig, weights))
     graph_def, captured = _reading_weights(graph_def, weights)
     check_def = None
     if checks is not None:
@@ -179,8 +189,9 @@ def probe_function(sig, graph_def, weights, input_shapes, full, sampled, float64
             return mapped if found.type == "Placeholder" and mapped is not None else found.outputs[port]
         if check_def is not None:
             made = {n.name for n in check_def.node}
-            _import(graph, check_def, {_port_name(i): tensor(i) for n in check_def.node for i in graph_lib.data_inputs(n)
-                                       if graph_lib.parse_input(i)[0] not in made}, check_captured)
+            read = {_port_name(i): tensor(i) for n in check_def.node for i in graph_lib.data_inputs(n)
+                    if graph_lib.parse_input(i)[0] not in made}
+            _import(graph, check_def, read, check_captured)
         probed = {t: tensor(t) for t in full + sampled}
         read_def, returned, constants = _read_nodes(graph_def, probed, full, sampled)
         names = [name for kind in ("full", "sampled") for name in returned[kind].values()]

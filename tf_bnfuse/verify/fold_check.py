@@ -76,9 +76,10 @@ class FoldChecks:
         failed = self.failures()
         first = failed[0]
         more = " (and %d more: %s)" % (len(failed) - 1, ", ".join(c.node for c in failed[1:])) if len(failed) > 1 else ""
-        return ("fold of %s into %s (signature %s) fails its own check: at %s, beside its original chain on the same input, max rel "
-                "error %.3g, bound %.3g%s" % (first.node, first.linear_node, first.signature, first.output,
-                                              first.max_rel_error, first.bound, more))
+        return ("fold of %s into %s (signature %s) fails its own check: at %s, beside its original chain on the "
+                "same input, max rel error %.3g, bound %.3g%s" % (
+                    first.node, first.linear_node, first.signature, first.output, first.max_rel_error, first.bound,
+                    more))
 
 
 def bound(check_point, verify_config):
@@ -88,7 +89,7 @@ def bound(check_point, verify_config):
     return multiple * epsilon * math.sqrt(max(check_point.terms or 1, 1))
 
 
-NOTHING_PROBED = {"full": {}, "sampled": {}}  # what run_probe gives where nothing can be read
+NOTHING_PROBED = {"full": {}, "sampled": {}}  # the values of a plan with no fold to check
 CHAIN_PREFIX = "tf_bnfuse_original_chain_%d/"  # a checked fold's original chain, in the folded probe
 # A chain is a few nodes a branch; the limit bounds the walk where a chain would reach the model's input.
 CHAIN_MAX_NODES = 1024
@@ -166,19 +167,15 @@ def plan(signature, folds, original, folded_nodes):
 def check(signature, plan_, values, verify_config):
     """([FoldCheck], {not checked: why}) of the planned folds: each original chain's sample
     against the folded graph's (run_probe of a probe with the plan's chains)."""
-    checks, not_checked = [], dict(plan_.not_checked)
-    for fold in plan_.folds:
+    checks = []
+    for fold in plan_.folds:  # plan kept only folds whose output and chain the probe holds
         output = fold.check.output
-        reference = values["sampled"].get(plan_.references[output])
-        if output not in values["sampled"] or reference is None:
-            not_checked["%s: %s" % (signature, fold.node)] = (
-                "its output %s left the folded graph (a later pass bypassed it)" % output)
-            continue
+        reference = values["sampled"][plan_.references[output]]
         _, error, _ = compare.compare(reference, values["sampled"][output], {"rtol": 0.0, "atol": 0.0})
         limit = bound(fold.check, verify_config)
         checks.append(FoldCheck(signature, fold.node, fold.linear_node, output, error, limit, bool(error <= limit),
                                 compare.scale_of(reference)))
-    return checks, not_checked
+    return checks, dict(plan_.not_checked)
 
 
 def raise_if_failed(fold_checks):
