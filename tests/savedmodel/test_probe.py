@@ -42,7 +42,7 @@ def test_a_probe_reads_tensors_in_full_and_samples_them_with_static_or_run_time_
     assert any(graph_lib.WEIGHT_KEY_ATTR in n.attr for n in frozen.graph_def.node)  # w is read from the store
     y, positive = (frozen.outputs[k].tensor for k in ("y", "positive"))
     x = RNG.standard_normal((3, 64)).astype(np.float32)
-    probe = probe_lib.probe_callable(frozen, {"x": x.shape}, [y], [y, positive, "no_such_node:0"])
+    probe = probe_lib.probe_callable(frozen, [y], [y, positive, "no_such_node:0"])
     values = fold_check.run_as_written(probe, {"x": None}, {"x": x})
     expected = module.f(tf.constant(x))
     np.testing.assert_allclose(values["full"][y].numpy(), expected["y"].numpy(), rtol=1e-6, atol=1e-6)

@@ -13,6 +13,9 @@ import tensorflow as tf
 # The SavedModel proto has no public class (tf.compat.v1 has MetaGraphDef, not SavedModel).
 from tensorflow.core.protobuf.saved_model_pb2 import SavedModel as SavedModelProto  # noqa: F401  (re-exported)
 from tensorflow.core.framework.graph_debug_info_pb2 import GraphDebugInfo as _GraphDebugInfo
+# The FunctionDef proto has no public class either (graph/function_def.py makes them).
+from tensorflow.core.framework.function_pb2 import FunctionDef as FunctionDefProto  # noqa: F401  (re-exported)
+from tensorflow.python.eager import context as _context
 from tensorflow.python.eager import wrap_function as _wrap_function
 from tensorflow.python.framework import convert_to_constants as _convert_to_constants
 from tensorflow.python.framework import function_def_to_graph as _function_def_to_graph
@@ -24,6 +27,30 @@ def op_def(op_type):
     """The registered OpDef of an op type, or None. Why: whether an op is stateful, and how many
     outputs it has, by name; no public API looks an OpDef up."""
     return _op_def_registry.get(op_type)
+
+
+def register_functions(function_defs):
+    """Adds FunctionDefs to the eager context, where an op names them (StatefulPartitionedCall's
+    f). Why: a probe's FunctionDef is made from protos (graph/function_def.py), not traced; the
+    public way in, tf.function or wrap_function, builds its graph op by op in Python first."""
+    for function in function_defs:
+        _context.context().add_function_def(function)
+
+
+def call_function(name, inputs, num_outputs):
+    """The outputs of a function register_functions added, called eagerly as a ConcreteFunction
+    calls its own: with the process's function options (tf.config.optimizer's, which
+    compare.as_written sets). Why: as register_functions; the public raw op,
+    StatefulPartitionedCall, instantiates with its own config_proto attr instead."""
+    return _context.context().call_function(name.encode(), list(inputs), num_outputs)
+
+
+def remove_functions(names):
+    """Removes functions register_functions added (what a WrappedFunction does when it goes).
+    Why: as register_functions."""
+    for name in names:
+        if _context.context().has_function(name):
+            _context.context().remove_function(name)
 
 
 def function_def_to_graph_def(function_def):

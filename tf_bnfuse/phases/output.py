@@ -4,7 +4,6 @@ written, and move it into place."""
 import dataclasses
 import os
 
-import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -87,8 +86,9 @@ def _probe_folds(key, signature, graph, plan, folded):
     """run_probe's values of one signature's folded graph with the plan's original chains."""
     specs = folded.test_inputs.input_specs[key]
     inputs = fold_check.probe_inputs(specs, folded.test_inputs.arrays[key])
-    probe = probe_lib.probe_function(signature, *graph, {k: np.shape(v) for k, v in inputs.items()}, [], plan.sampled,
-                                     checks=(plan.chains, probe_lib.stored_weights(plan.chains, signature.weights)))
+    probe = probe_lib.probe_function(signature, *graph, [], plan.sampled,
+                                     checks=(plan.chains, probe_lib.stored_weights(plan.chains, signature.weights)),
+                                     same_size={chain: fold for fold, chain in plan.references.items()})
     # Calling it advances the state the output saves (a counter): restored after.
     return fold_check.run_as_written(probe, specs, inputs, folded.signatures.state)
 
@@ -159,13 +159,11 @@ class OriginalEvaluatedAgain:
         found = []
         arrays = folded.test_inputs.arrays[key]
         for float64, what in ((True, "in float64"), (False, "as written in float32")):
-            probe = probe_lib.probe_callable(frozen, {k: np.shape(v) for k, v in arrays.items()},
-                                             sorted(set(tensors.values())), [], float64=float64)
+            probe = probe_lib.probe_callable(frozen, sorted(set(tensors.values())), [], float64=float64)
             if probe is None:
                 continue
             try:
-                values = fold_check.run_as_written(probe, folded.test_inputs.input_specs[key],
-                                                   folded.test_inputs.arrays[key],
+                values = fold_check.run_as_written(probe, folded.test_inputs.input_specs[key], arrays,
                                                    state=folded.signatures.state)["full"]
             except tf.errors.OpError as e:  # an op without a float64 kernel, say
                 logging.info("the original cannot be evaluated %s: %s", what, errors.most_specific_line(e))
