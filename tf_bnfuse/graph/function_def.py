@@ -16,8 +16,9 @@ def function_def(graph_def, name, arguments, outputs):
     returning the tensors named in `outputs`.
 
     arguments: [(tensor name, DataType enum)]: every read of such a tensor reads that argument
-    instead (its Placeholder, and any control edge from it, is left out). The arguments are
-    named arg_0.., the outputs output_0..; a node's device is kept.
+    instead (its Placeholder or Const, and any control edge from it, is left out: a weight
+    stored outside its Const is fed). The arguments are named arg_0.., the outputs output_0..;
+    a node's device is kept.
     """
     result = tf_internal.FunctionDefProto()
     result.signature.name = name
@@ -26,7 +27,8 @@ def function_def(graph_def, name, arguments, outputs):
     for i, (tensor, dtype) in enumerate(arguments):
         argument_of["%s:%d" % parse_input(tensor)[:2]] = ("arg_%d" % i, dtype)
         result.signature.input_arg.add(name="arg_%d" % i, type=dtype)
-    left_out = {node.name for node in graph_def.node if node.op == "Placeholder" and node.name + ":0" in argument_of}
+    left_out = {node.name for node in graph_def.node
+                if node.op in ("Placeholder", "Const") and node.name + ":0" in argument_of}
     nodes = {node.name: node for node in graph_def.node}
     signatures = {f.signature.name: f.signature for f in graph_def.library.function}
     ports = {}

@@ -228,7 +228,7 @@ def shrink(variable):
 def _empty(dtype):
     """An empty tensor of dtype, made once (tf.zeros costs half a millisecond a call, and a run
     shrinks a variable per folded kernel)."""
-    return tf.zeros([0], dtype)
+    return tf.constant(np.zeros([0], tf.as_dtype(dtype).as_numpy_dtype))
 
 
 def const_array(node, weights=None):

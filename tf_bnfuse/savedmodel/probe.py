@@ -57,30 +57,20 @@ def _placeholder(name, dtype_attr):
     return graph_lib.node_def(name, "Placeholder", [], {"dtype": dtype_attr})
 
 
-def _reading_weights(graph_def, weights):
-    """(a copy of graph_def whose nodes named in `weights` ({name: tf.Variable or array}) are
-    placeholders, {placeholder tensor: the value it is fed}). A variable is fed its value as it
-    is (a read shares its buffer), cast by a node where graph_def wants another dtype (a float64
-    copy); an array as a constant."""
-    result = graph_lib.new_graph_def(graph_def)
+def _fed_weights(graph_def, weights):
+    """{tensor: the value fed for it} of graph_def's nodes named in `weights` ({name: tf.Variable
+    or array}): a variable's value as it is (a read shares its buffer), an array as a constant,
+    cast where graph_def wants another dtype (a float64 copy). function_def leaves their nodes
+    out: nothing copies the graph for them."""
     fed = {}
     for node in graph_def.node:
         value = weights.get(node.name)
         if value is None:
-            result.node.add().CopyFrom(node)
             continue
         dtype = tf.as_dtype(node.attr["dtype"].type)
-        if not isinstance(value, tf.Variable):
-            result.node.extend([_placeholder(node.name, node.attr["dtype"])])
-            fed[node.name + ":0"] = tf.constant(np.asarray(value, dtype.as_numpy_dtype))
-            continue
-        read = node.name if value.dtype == dtype else node.name + "/tf_bnfuse_read"
-        result.node.extend([_placeholder(read, graph_lib.type_attr(value.dtype))])
-        fed[read + ":0"] = tf.convert_to_tensor(value)
-        if read != node.name:
-            result.node.extend([graph_lib.node_def(node.name, "Cast", [read], {
-                "SrcT": graph_lib.type_attr(value.dtype), "DstT": graph_lib.type_attr(dtype)})])
-    return result, fed
+        value = tf.convert_to_tensor(value) if isinstance(value, tf.Variable) else tf.constant(np.asarray(value))
+        fed[node.name + ":0"] = value if value.dtype == dtype else tf.cast(value, dtype)
+    return fed
 
 
 def stored_weights(graph_def, store):
@@ -151,12 +141,12 @@ def probe_function(sig, graph_def, weights, full, sampled, float64=False, checks
     suffix = uuid.uuid4().hex[:12]
     graph_def = write.without_control_edges_from(graph_lib.renamed_functions(graph_def, "_probe_" + suffix),
                                                  write.fed_placeholders(sig, weights))
-    graph_def, fed = _reading_weights(graph_def, weights)
+    fed = _fed_weights(graph_def, weights)
     if checks is not None:
-        check_def, check_fed = _reading_weights(graph_lib.renamed_functions(checks[0], "_check_" + suffix), checks[1])
+        check_def = graph_lib.renamed_functions(checks[0], "_check_" + suffix)
         graph_def.node.extend(check_def.node)
         graph_def.library.function.extend(check_def.library.function)
-        fed.update(check_fed)
+        fed.update(_fed_weights(check_def, checks[1]))
     present = {n.name for n in graph_def.node}
     full = [t for t in full if graph_lib.parse_input(t)[0] in present]
     sampled = [t for t in sampled if graph_lib.parse_input(t)[0] in present]
