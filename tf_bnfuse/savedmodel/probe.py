@@ -27,7 +27,7 @@ _PROBE_POSITIONS = np.arange(PROBE_SAMPLE_SIZE, dtype=np.int64) * 1000003
 
 def _read_nodes(prefix, dtypes, sampled, same_size):
     """(NodeDefs, {tensor: its sample's tensor}) reading PROBE_SAMPLE_SIZE elements of each
-    tensor in `sampled` ({name: DataType}) at _PROBE_POSITIONS (the placeholder prefix +
+    tensor in `sampled` ({name: DataType}) at _PROBE_POSITIONS (the probe's argument prefix +
     "positions") modulo its size, which the run computes (nothing infers a probe's shapes before
     it runs: graph/function_def.py), once for tensors same_size pairs ({tensor: a tensor of
     its size})."""
@@ -110,8 +110,7 @@ class Probe:
         self._cast_to_float64 = cast_to_float64
 
     def __call__(self, *inputs):
-        inputs = [tf.cast(x, tf.float64) if cast and x.dtype == tf.float32 else x
-                  for x, cast in zip(inputs, self._cast_to_float64)]
+        inputs = [tf.cast(x, tf.float64) if cast else x for x, cast in zip(inputs, self._cast_to_float64)]
         values = tf_internal.call_function(self._name, inputs + self._fed, len(self._types))
         return {kind: {tensor: values[i] for tensor, i in self._returned[kind].items()} for kind in ("full", "sampled")}
 
@@ -154,19 +153,16 @@ def probe_function(sig, graph_def, weights, full, sampled, float64=False, checks
     read, samples = _read_nodes(prefix, function_def_lib.dtypes_of(graph_def, sampled), sampled,
                                    same_size or {})
     graph_def.node.extend(read)
-    fed[prefix + "positions:0"] = tf.constant(_PROBE_POSITIONS)
-    graph_def.node.extend([_placeholder(prefix + "positions", graph_lib.type_attr(tf.int64))])
+    fed[prefix + "positions:0"] = tf.constant(_PROBE_POSITIONS)  # an argument: no node holds it
     fed.update({name + ":0": resource.handle for name, resource in sig.resources.items()})
-    dtypes = [sig.inputs[k].dtype for k in input_keys]
-    dtypes = [tf.float64 if float64 and d == tf.float32 else d for d in dtypes]
-    arguments = ([(sig.inputs[k].tensor, d.as_datatype_enum) for k, d in zip(input_keys, dtypes)]
-                 + [(t, v.dtype.as_datatype_enum) for t, v in fed.items()])
+    cast = [float64 and sig.inputs[k].dtype == tf.float32 for k in input_keys]
+    arguments = ([(sig.inputs[k].tensor, (tf.float64 if c else sig.inputs[k].dtype).as_datatype_enum)
+                  for k, c in zip(input_keys, cast)] + [(t, v.dtype.as_datatype_enum) for t, v in fed.items()])
     outputs = full + [samples[t] for t in sampled]
     function = function_def_lib.function_def(graph_def, "tf_bnfuse_probe_" + suffix, arguments, outputs)
     returned = {"full": {t: i for i, t in enumerate(full)},
                 "sampled": {t: len(full) + i for i, t in enumerate(sampled)}}
-    return Probe(function, graph_def.library.function, returned, list(fed.values()),
-                 [float64 and sig.inputs[k].dtype == tf.float32 for k in input_keys])
+    return Probe(function, graph_def.library.function, returned, list(fed.values()), cast)
 
 
 def probe_callable(sig, full, sampled, float64=False):
