@@ -32,13 +32,12 @@ def is_of_layer(node_name, layer):
 
 
 def _results(frozen, test_inputs):
-    """A sample of the original's value of every tensor a fold's result may be (a step's, a linear
-    op's, a BiasAdd's), read by a probe of its frozen graph before the passes."""
+    """The original's value of every tensor a fold's result may be (a step's, a linear op's, a
+    BiasAdd's), read by a probe of its frozen graph before the passes."""
     ops = set(grammar.STEPS) | set(linear_ops.LINEAR_OPS) | {"BiasAdd"}
     specs = test_inputs.input_specs[frozen.key]
     inputs = fold_check.probe_inputs(specs, test_inputs.arrays[frozen.key])
-    probe = probe_lib.probe_callable(frozen, [],
-                                     [n.name for n in frozen.graph_def.node if n.op in ops])
+    probe = probe_lib.probe_callable(frozen, [n.name for n in frozen.graph_def.node if n.op in ops])
     return fold_check.run_as_written(probe, specs, inputs)
 
 
@@ -57,7 +56,7 @@ def planted(monkeypatch, kernel_layers=(), bias_layers=()):
 
     def output_scale(chain):
         output = chain.check_point().output
-        values = [points["sampled"][output] for points in kept if output in points["sampled"]]
+        values = [points["full"][output].numpy() for points in kept if output in points["full"]]
         assert values, "no value of %s was kept" % output
         return float(np.max(np.abs(values[0])))
 

@@ -1,6 +1,7 @@
-"""Probes (savedmodel/probe.py): the values of tensors inside a frozen signature, in full or as a
-fixed sample, read where the shape is static and where only the run knows it. Against what
-TensorFlow computes calling the original function, sampled in numpy at the documented positions."""
+"""Probes (savedmodel/probe.py): the values of tensors inside a frozen signature, in full, and
+how far pairs of them are apart over every element, computed in the graph, where the shape is
+static and where only the run knows it. Against what TensorFlow computes calling the original
+function, compared in numpy."""
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from tf_bnfuse.savedmodel import freeze as freeze_lib
 from tf_bnfuse.savedmodel import objects as objects_lib
 from tf_bnfuse.savedmodel import probe as probe_lib
 from tf_bnfuse.savedmodel import resources
+from tf_bnfuse.verify import compare as verify_compare
 from tf_bnfuse.verify import fold_check
 
 pytestmark = pytest.mark.quick  # the quick tier (scripts/test.sh --quick)
@@ -25,28 +27,48 @@ class Probed(tf.Module):
     @tf.function(input_signature=[tf.TensorSpec([None, 64], tf.float32)])
     def f(self, x):
         y = tf.matmul(x, self.w)
-        return {"y": y, "positive": tf.boolean_mask(y, y > 0)}  # a size only the run knows
+        return {"y": y, "y_off": y * 1.001 + 0.01,
+                "positive": tf.boolean_mask(y, y > 0),  # a size only the run knows
+                "none": tf.boolean_mask(y, y > 1e30),  # no element
+                "log": tf.math.log(y)}  # NaN where y < 0
 
 
-def _sample(array):
-    """PROBE_SAMPLE_SIZE elements at i * 1000003 modulo the size (the module's documented positions)."""
-    flat = np.ravel(array)
-    return flat[(np.arange(probe_lib.PROBE_SAMPLE_SIZE, dtype=np.int64) * 1000003) % max(flat.size, 1)]
-
-
-def test_a_probe_reads_tensors_in_full_and_samples_them_with_static_or_run_time_sizes():
+def test_a_probe_reads_tensors_in_full_and_compares_pairs_over_every_element():
     module = Probed()
     _, functions = objects_lib.signatures_of(module)  # as a signature: keyword inputs, a dict of outputs
     frozen = freeze_lib.freeze("serving_default", functions["serving_default"], resources.resource_owners(module),
                                graph_lib.WeightStore(), set(), set())
     assert any(graph_lib.WEIGHT_KEY_ATTR in n.attr for n in frozen.graph_def.node)  # w is read from the store
-    y, positive = (frozen.outputs[k].tensor for k in ("y", "positive"))
+    tensor = {k: frozen.outputs[k].tensor for k in frozen.outputs}
     x = RNG.standard_normal((3, 64)).astype(np.float32)
-    probe = probe_lib.probe_callable(frozen, [y], [y, positive, "no_such_node:0"])
+    pairs = [(tensor["y"], tensor["y_off"]), (tensor["positive"], tensor["positive"]),
+             (tensor["none"], tensor["none"]), (tensor["y"], tensor["log"]), (tensor["y"], "no_such_node:0")]
+    probe = probe_lib.probe_callable(frozen, [tensor["y"], "no_such_node:0"], pairs)
     values = fold_check.run_as_written(probe, {"x": None}, {"x": x})
-    expected = module.f(tf.constant(x))
-    np.testing.assert_allclose(values["full"][y].numpy(), expected["y"].numpy(), rtol=1e-6, atol=1e-6)
-    assert set(values["sampled"]) == {y, positive}  # a tensor of neither graph is left out
-    for name, key in ((y, "y"), (positive, "positive")):
-        np.testing.assert_allclose(values["sampled"][name], _sample(expected[key].numpy()), rtol=1e-6, atol=1e-6)
+    expected = {k: v.numpy() for k, v in module.f(tf.constant(x)).items()}
+    np.testing.assert_allclose(values["full"][tensor["y"]].numpy(), expected["y"], rtol=1e-6, atol=1e-6)
+    assert set(values["full"]) == {tensor["y"]}  # a tensor of neither graph is left out, and a pair naming one
+    assert set(values["compared"]) == set(pairs[:4])
+    compared = {k: values["compared"][(tensor[a], tensor[b])]
+                for k, (a, b) in {"off": ("y", "y_off"), "positive": ("positive", "positive"),
+                                  "none": ("none", "none"), "nan": ("y", "log")}.items()}
+    y, positive = expected["y"], expected["positive"]
+    assert positive.size and expected["none"].size == 0 and np.isnan(expected["log"]).any()
+    np.testing.assert_allclose(compared["off"], (np.max(np.abs(y - expected["y_off"])), np.max(np.abs(y))),
+                               rtol=1e-5)
+    assert compared["positive"] == (0.0, pytest.approx(float(np.max(positive)), rel=1e-6))
+    assert compared["none"] == (-np.inf, -np.inf)  # Max over no element
+    assert np.isnan(compared["nan"][0]) and np.isfinite(compared["nan"][1])
     assert np.asarray(module.w.numpy()).shape == (64, 128)  # the input's variable is read, not released
+
+
+@pytest.mark.parametrize("error, scale, relative", [
+    (0.5, 2.0, 0.25), (-np.inf, -np.inf, 0.0), (np.nan, 2.0, np.inf), (np.inf, 2.0, np.inf), (0.0, 0.0, 0.0),
+    (1e-3, 0.0, np.inf)])
+def test_the_relative_error_of_two_maxima_follows_the_output_comparison(error, scale, relative):
+    """fold_check.relative_error of the probe's maxima gives what compare.compare gives on arrays
+    with those maxima (NaN: the folded output has one where the original has none)."""
+    assert fold_check.relative_error(error, scale) == relative
+    reference = np.array([scale, 0.0]) if np.isfinite(scale) else np.zeros(0)
+    candidate = reference + np.array([error, 0.0]) if np.isfinite(scale) else reference
+    assert verify_compare.compare(reference, candidate, {"rtol": 0.0, "atol": 0.0})[1] == relative

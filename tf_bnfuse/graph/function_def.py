@@ -29,21 +29,17 @@ def function_def(graph_def, name, arguments, outputs):
         result.signature.input_arg.add(name="arg_%d" % i, type=dtype)
     left_out = {node.name for node in graph_def.node
                 if node.op in ("Placeholder", "Const") and node.name + ":0" in argument_of}
-    nodes = {node.name: node for node in graph_def.node}
-    signatures = {f.signature.name: f.signature for f in graph_def.library.function}
-    ports = {}
+    ports = _Ports(graph_def)
 
     def read(input_str):
-        """(input_str in FunctionDef's form, its DataType); None for a control edge left out."""
+        """input_str in FunctionDef's form; None for a control edge left out."""
         node, port, control = parse_input(input_str)
         if control:
-            return (None if node in left_out else input_str), None
+            return None if node in left_out else input_str
         if "%s:%d" % (node, port) in argument_of:
-            return argument_of["%s:%d" % (node, port)]
-        if node not in ports:
-            ports[node] = _output_arguments(nodes[node], signatures)
-        argument, index, dtype = ports[node][port]
-        return "%s:%s:%d" % (node, argument, index), dtype
+            return argument_of["%s:%d" % (node, port)][0]
+        argument, index = ports.argument(node, port)
+        return "%s:%s:%d" % (node, argument, index)
 
     for node in graph_def.node:
         if node.name in left_out:
@@ -51,23 +47,45 @@ def function_def(graph_def, name, arguments, outputs):
         copied = result.node_def.add()
         copied.CopyFrom(node)
         del copied.input[:]
-        copied.input.extend(i for i in (read(i)[0] for i in node.input) if i is not None)
+        copied.input.extend(i for i in (read(i) for i in node.input) if i is not None)
     for i, tensor in enumerate(outputs):
-        returned, dtype = read(tensor)
-        result.signature.output_arg.add(name="output_%d" % i, type=dtype)
-        result.ret["output_%d" % i] = returned
+        node, port, _ = parse_input(tensor)
+        argument = argument_of.get("%s:%d" % (node, port))
+        result.signature.output_arg.add(name="output_%d" % i,
+                                        type=argument[1] if argument else ports.dtype(node, port))
+        result.ret["output_%d" % i] = read(tensor)
     return result
 
 
 def dtypes_of(graph_def, tensors):
     """{tensor name: DataType} of tensors of graph_def's nodes, from their ops' OpDefs."""
-    nodes = {node.name: node for node in graph_def.node}
-    signatures = {f.signature.name: f.signature for f in graph_def.library.function}
-    found = {}
-    for tensor in tensors:
-        node, port, _ = parse_input(tensor)
-        found[tensor] = _output_arguments(nodes[node], signatures)[port][2]
-    return found
+    ports = _Ports(graph_def)
+    return {tensor: ports.dtype(*parse_input(tensor)[:2]) for tensor in tensors}
+
+
+class _Ports:
+    """The output ports of graph_def's nodes: (OpDef output argument, index within it) and dtype.
+    An op whose output arguments are one tensor each has the same arguments on every node: its
+    OpDef is read once (a probe converts ~1000 nodes of a few dozen ops)."""
+
+    def __init__(self, graph_def):
+        self._nodes = {node.name: node for node in graph_def.node}
+        self._signatures = {f.signature.name: f.signature for f in graph_def.library.function}
+        self._single = {}  # op -> [output argument name] where each is one tensor, else None
+
+    def argument(self, node_name, port):
+        node = self._nodes[node_name]
+        if node.op not in self._single:
+            op = None if node.op in self._signatures else tf_internal.op_def(node.op)
+            self._single[node.op] = [arg.name for arg in op.output_arg] if op is not None and not any(
+                arg.number_attr or arg.type_list_attr for arg in op.output_arg) else None
+        single = self._single[node.op]
+        if single is not None:
+            return single[port], 0
+        return _output_arguments(node, self._signatures)[port][:2]
+
+    def dtype(self, node_name, port):
+        return _output_arguments(self._nodes[node_name], self._signatures)[port][2]
 
 
 def _output_arguments(node, signatures):

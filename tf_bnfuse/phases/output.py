@@ -86,9 +86,8 @@ def _probe_folds(key, signature, graph, plan, folded):
     """run_probe's values of one signature's folded graph with the plan's original chains."""
     specs = folded.test_inputs.input_specs[key]
     inputs = fold_check.probe_inputs(specs, folded.test_inputs.arrays[key])
-    probe = probe_lib.probe_function(signature, *graph, [], plan.sampled,
-                                     checks=(plan.chains, probe_lib.stored_weights(plan.chains, signature.weights)),
-                                     same_size={chain: fold for fold, chain in plan.references.items()})
+    probe = probe_lib.probe_function(signature, *graph, [], plan.compared,
+                                     checks=(plan.chains, probe_lib.stored_weights(plan.chains, signature.weights)))
     # Calling it advances the state the output saves (a counter): restored after.
     return fold_check.run_as_written(probe, specs, inputs, folded.signatures.state)
 
@@ -159,7 +158,7 @@ class OriginalEvaluatedAgain:
         found = []
         arrays = folded.test_inputs.arrays[key]
         for float64, what in ((True, "in float64"), (False, "as written in float32")):
-            probe = probe_lib.probe_callable(frozen, sorted(set(tensors.values())), [], float64=float64)
+            probe = probe_lib.probe_callable(frozen, sorted(set(tensors.values())), float64=float64)
             if probe is None:
                 continue
             try:

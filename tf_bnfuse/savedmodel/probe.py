@@ -1,7 +1,7 @@
 """Probes: functions that compute a frozen or folded signature as written and return the values
-of tensors inside it, in full or as a fixed sample of their elements (what verification
-compares where a signature's outputs cannot show it: each fold's own check, the original
-evaluated in float64)."""
+of tensors inside it, in full, or how far pairs of them are apart, computed in the graph over
+every element (what verification compares where a signature's outputs cannot show it: each
+fold's own check, the original evaluated in float64)."""
 
 import uuid
 import weakref
@@ -15,41 +15,28 @@ from tf_bnfuse.graph import tf_internal
 from tf_bnfuse.savedmodel import write
 
 
-# How many elements of a probed tensor are kept (probe_function): enough that each of 2048 channels
-# is seen about 8 times.
-PROBE_SAMPLE_SIZE = 16384
-# The flat positions sampled, i * a prime, reduced modulo the tensor's size at run time: the same
-# elements of the same shape in every probe, whatever graph computes it; every element of a
-# tensor of at most PROBE_SAMPLE_SIZE (the prime is invertible modulo its size), and a stride
-# that is no multiple of a channel count in a bigger one.
-_PROBE_POSITIONS = np.arange(PROBE_SAMPLE_SIZE, dtype=np.int64) * 1000003
-
-
-def _read_nodes(prefix, dtypes, sampled, same_size):
-    """(NodeDefs, {tensor: its sample's tensor}) reading PROBE_SAMPLE_SIZE elements of each
-    tensor in `sampled` ({name: DataType}) at _PROBE_POSITIONS (the probe's argument prefix +
-    "positions") modulo its size, which the run computes (nothing infers a probe's shapes before
-    it runs: graph/function_def.py), once for tensors same_size pairs ({tensor: a tensor of
-    its size})."""
-    int32, int64 = graph_lib.type_attr(tf.int32), graph_lib.type_attr(tf.int64)
-    flat_shape, zero = prefix + "flat_shape", prefix + "zero"
-    nodes = [graph_lib.const_node_def(flat_shape, np.array([-1], np.int32)),
-             graph_lib.const_node_def(zero, np.array(0, np.int32))]
-    returned, positions = {}, {}
-    for i, name in enumerate(sampled):
-        at, dtype = "%ssampled_%d/" % (prefix, i), tf.compat.v1.AttrValue(type=dtypes[name])
-        positions[name] = positions.get(same_size.get(name))
-        if positions[name] is None:
-            positions[name] = at + "positions"
-            nodes.extend([
-                graph_lib.node_def(at + "size", "Size", [name], {"T": dtype, "out_type": int64}),
-                graph_lib.node_def(at + "positions", "FloorMod", [prefix + "positions", at + "size"], {"T": int64})])
+def _compare_nodes(prefix, dtypes, compared):
+    """(NodeDefs, {(reference, candidate): tensor [max |reference - candidate|, max |reference|]})
+    comparing each pair of tensors in `compared` over every element, in the graph: the
+    difference and the reference stacked (a candidate that is neither of the reference's shape
+    nor broadcasts to it fails the run), flattened, and reduced. TensorFlow's Max returns NaN
+    where an element is NaN, and -inf over no element. dtypes: the references' {name: DataType}."""
+    two_rows, axis = prefix + "two_rows", prefix + "axis"
+    nodes = [graph_lib.const_node_def(two_rows, np.array([2, -1], np.int32)),
+             graph_lib.const_node_def(axis, np.array(1, np.int32))]
+    int32 = graph_lib.type_attr(tf.int32)
+    returned = {}
+    for i, (reference, candidate) in enumerate(compared):
+        at, dtype = "%scompared_%d/" % (prefix, i), tf.compat.v1.AttrValue(type=dtypes[reference])
         nodes.extend([
-            graph_lib.node_def(at + "flat", "Reshape", [name, flat_shape], {"T": dtype, "Tshape": int32}),
-            graph_lib.node_def(at + "sample", "GatherV2", [at + "flat", positions[name], zero],
-                               {"Tparams": dtype, "Tindices": int64, "Taxis": int32,
-                                "batch_dims": tf.compat.v1.AttrValue(i=0)})])
-        returned[name] = at + "sample:0"
+            graph_lib.node_def(at + "difference", "Sub", [reference, candidate], {"T": dtype}),
+            graph_lib.node_def(at + "stacked", "Pack", [at + "difference", reference],
+                               {"T": dtype, "N": tf.compat.v1.AttrValue(i=2), "axis": tf.compat.v1.AttrValue(i=0)}),
+            graph_lib.node_def(at + "rows", "Reshape", [at + "stacked", two_rows], {"T": dtype, "Tshape": int32}),
+            graph_lib.node_def(at + "magnitudes", "Abs", [at + "rows"], {"T": dtype}),
+            graph_lib.node_def(at + "maxima", "Max", [at + "magnitudes", axis],
+                               {"T": dtype, "Tidx": int32, "keep_dims": tf.compat.v1.AttrValue(b=False)})])
+        returned[(reference, candidate)] = at + "maxima:0"
     return nodes, returned
 
 
@@ -68,7 +55,9 @@ def _fed_weights(graph_def, weights):
         if value is None:
             continue
         dtype = tf.as_dtype(node.attr["dtype"].type)
-        value = tf.convert_to_tensor(value) if isinstance(value, tf.Variable) else tf.constant(np.asarray(value))
+        # The raw read: a third of convert_to_tensor's Python, on a hundred variables a probe.
+        value = (tf.raw_ops.ReadVariableOp(resource=value.handle, dtype=value.dtype)
+                 if isinstance(value, tf.Variable) else tf.constant(np.asarray(value)))
         fed[node.name + ":0"] = value if value.dtype == dtype else tf.cast(value, dtype)
     return fed
 
@@ -97,9 +86,10 @@ def _as_placeholders(graph_def, names):
 
 class Probe:
     """A probe function, registered with TensorFlow while this object lives: called with a
-    signature's inputs (in sorted key order), it returns {"full": {tensor: value}, "sampled":
-    {tensor: value}}, computed on the device it is called on, with the process's optimizer
-    options (verify/fold_check.run_as_written turns Grappler off)."""
+    signature's inputs (in sorted key order), it returns {"full": {tensor: value}, "compared":
+    {(reference, candidate): [max abs difference, scale]}} (_compare_nodes), computed on the
+    device it is called on, with the process's optimizer options (verify/fold_check.run_as_written
+    turns Grappler off)."""
 
     def __init__(self, function, library, returned, fed, cast_to_float64):
         tf_internal.register_functions(list(library) + [function])
@@ -112,21 +102,21 @@ class Probe:
     def __call__(self, *inputs):
         inputs = [tf.cast(x, tf.float64) if cast else x for x, cast in zip(inputs, self._cast_to_float64)]
         values = tf_internal.call_function(self._name, inputs + self._fed, len(self._types))
-        return {kind: {tensor: values[i] for tensor, i in self._returned[kind].items()} for kind in ("full", "sampled")}
+        return {"full": {tensor: values[i] for tensor, i in self._returned["full"].items()},
+                "compared": {pair: values[i] for pair, i in self._returned["compared"].items()}}
 
 
-def probe_function(sig, graph_def, weights, full, sampled, float64=False, checks=None,
-                   same_size=None):
+def probe_function(sig, graph_def, weights, full, compared=(), float64=False, checks=None):
     """A Probe of the signature's graph: a function of its inputs (in sorted key order, of any
-    shape) that returns {"full", "sampled"}: dicts of tensor name -> value of the tensors named
-    in `full`, and of a fixed sample of the elements of those in `sampled` (_read_nodes). A
-    tensor in neither graph is left out of the result.
+    shape) that returns {"full": {tensor name: value} of the tensors named in `full`,
+    "compared": {(reference, candidate): [max |reference - candidate|, max |reference|]} of the
+    pairs of tensor names in `compared`, over every element (_compare_nodes)}. A tensor in
+    neither graph is left out of the result, and so is a pair that names one.
 
     weights: {node name of graph_def: tf.Variable or array it reads} (write.build's graphs, or
     stored_weights). checks: (GraphDef, its weights) of nodes beside graph_def's, reading its
     tensors by name wherever they read a node they do not hold (the fold checks' original
-    chains, verify/fold_check.py); `sampled` may name their tensors. same_size: {a sampled
-    tensor: another of its size}, whose positions it shares (a fold beside its chain).
+    chains, verify/fold_check.py); `full` and `compared` may name their tensors.
     float64: computed in float64 where graph_def computes in float32 (graph_lib.in_float64; the
     float32 inputs and weights cast on the way in); None where that cannot be written.
     """
@@ -148,24 +138,23 @@ def probe_function(sig, graph_def, weights, full, sampled, float64=False, checks
         fed.update(_fed_weights(check_def, checks[1]))
     present = {n.name for n in graph_def.node}
     full = [t for t in full if graph_lib.parse_input(t)[0] in present]
-    sampled = [t for t in sampled if graph_lib.parse_input(t)[0] in present]
+    compared = [pair for pair in compared if all(graph_lib.parse_input(t)[0] in present for t in pair)]
     prefix = "tf_bnfuse_probe_%s/" % suffix  # a name no graph node has
-    read, samples = _read_nodes(prefix, function_def_lib.dtypes_of(graph_def, sampled), sampled,
-                                   same_size or {})
-    graph_def.node.extend(read)
-    fed[prefix + "positions:0"] = tf.constant(_PROBE_POSITIONS)  # an argument: no node holds it
+    comparisons, compared_outputs = _compare_nodes(
+        prefix, function_def_lib.dtypes_of(graph_def, [reference for reference, _ in compared]), compared)
+    graph_def.node.extend(comparisons)
     fed.update({name + ":0": resource.handle for name, resource in sig.resources.items()})
     cast = [float64 and sig.inputs[k].dtype == tf.float32 for k in input_keys]
     arguments = ([(sig.inputs[k].tensor, (tf.float64 if c else sig.inputs[k].dtype).as_datatype_enum)
                   for k, c in zip(input_keys, cast)] + [(t, v.dtype.as_datatype_enum) for t, v in fed.items()])
-    outputs = full + [samples[t] for t in sampled]
+    outputs = full + [compared_outputs[pair] for pair in compared]
     function = function_def_lib.function_def(graph_def, "tf_bnfuse_probe_" + suffix, arguments, outputs)
     returned = {"full": {t: i for i, t in enumerate(full)},
-                "sampled": {t: len(full) + i for i, t in enumerate(sampled)}}
+                "compared": {pair: len(full) + i for i, pair in enumerate(compared)}}
     return Probe(function, graph_def.library.function, returned, list(fed.values()), cast)
 
 
-def probe_callable(sig, full, sampled, float64=False):
+def probe_callable(sig, full, compared=(), float64=False):
     """probe_function of one frozen or folded signature, its weights read from the values its
     store holds (an input's variable is read as it is, not copied)."""
-    return probe_function(sig, sig.graph_def, stored_weights(sig.graph_def, sig.weights), full, sampled, float64)
+    return probe_function(sig, sig.graph_def, stored_weights(sig.graph_def, sig.weights), full, compared, float64)

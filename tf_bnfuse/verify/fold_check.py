@@ -10,10 +10,10 @@ result from its inputs and constants: graph.computed_from) reading the folded gr
 values at the chain's inputs. The chain and the fold then start from the very same tensor, so
 what reaches a fold from upstream, already rounded otherwise by the folds above it, cannot
 hide or fake an error in it, at any depth and whatever the model does after it (a softmax).
-Both results are read as a fixed sample of their elements (savedmodel/probe.py).
+The probe compares the two results over every element, in the graph, and returns two
+numbers a fold (savedmodel/probe.py): reading the tensors out would cost more than the check.
 
-A fold passes when max |folded - original| <= bound * max |original| over its output's sample,
-with bound = fold_rounding_multiple * eps(the linear op's dtype) * sqrt(terms): float rounding
+A fold passes when max |folded - original| <= bound * max |original| over its output, with bound = fold_rounding_multiple * eps(the linear op's dtype) * sqrt(terms): float rounding
 of a sum of `terms` products grows like its square root. The probe runs as written (Grappler
 off) on the first device: Grappler's fusions and a GPU's TF32 convolutions round otherwise,
 which the output comparison covers on every device.
@@ -44,7 +44,7 @@ class FoldCheck:
     max_rel_error: float  # max |folded - original chain| / scale at output, on the same input
     bound: float  # on max_rel_error
     ok: bool
-    scale: float  # max |original| at output (over its sample)
+    scale: float  # max |original| at output
 
 
 @dataclasses.dataclass
@@ -89,7 +89,7 @@ def bound(check_point, verify_config):
     return multiple * epsilon * math.sqrt(max(check_point.terms or 1, 1))
 
 
-NOTHING_PROBED = {"full": {}, "sampled": {}}  # the values of a plan with no fold to check
+NOTHING_PROBED = {"full": {}, "compared": {}}  # the values of a plan with no fold to check
 CHAIN_PREFIX = "tf_bnfuse_original_chain_%d/"  # a checked fold's original chain, in the folded probe
 # A chain is a few nodes a branch; the limit bounds the walk where a chain would reach the model's input.
 CHAIN_MAX_NODES = 1024
@@ -111,10 +111,11 @@ def probe_inputs(input_specs, inputs):
 
 
 def run_probe(probe, input_specs, inputs):
-    """{"full": {tensor: tensor}, "sampled": {tensor: array}}: one call of a
-    savedmodel/probe.probe_function on a signature's inputs."""
+    """{"full": {tensor: tensor}, "compared": {(reference, candidate): (max abs difference,
+    scale) as floats}}: one call of a savedmodel/probe.probe_function on a signature's inputs."""
     result = probe(*[tf.constant(inputs[k]) for k in sorted(input_specs)])
-    return {"full": dict(result["full"]), "sampled": {k: v.numpy() for k, v in result["sampled"].items()}}
+    return {"full": dict(result["full"]),
+            "compared": {pair: tuple(float(v) for v in maxima.numpy()) for pair, maxima in result["compared"].items()}}
 
 
 @dataclasses.dataclass
@@ -126,8 +127,9 @@ class Plan:
     not_checked: Dict[str, str]
 
     @property
-    def sampled(self):
-        return sorted(self.references) + sorted(self.references.values())
+    def compared(self):
+        """[(original chain's output, fold's output)]: what the probe compares."""
+        return [(self.references[output], output) for output in sorted(self.references)]
 
 
 def plan(signature, folds, original, folded_nodes):
@@ -165,17 +167,31 @@ def plan(signature, folds, original, folded_nodes):
 
 
 def check(signature, plan_, values, verify_config):
-    """([FoldCheck], {not checked: why}) of the planned folds: each original chain's sample
-    against the folded graph's (run_probe of a probe with the plan's chains)."""
-    checks = []
+    """([FoldCheck], {not checked: why}) of the planned folds: each original chain's output
+    against the folded graph's (run_probe of a probe with the plan's chains: Plan.compared)."""
+    checks, not_checked = [], dict(plan_.not_checked)
     for fold in plan_.folds:  # plan kept only folds whose output and chain the probe holds
         output = fold.check.output
-        reference = values["sampled"][plan_.references[output]]
-        _, error, _ = compare.compare(reference, values["sampled"][output], {"rtol": 0.0, "atol": 0.0})
+        error, scale = values["compared"][(plan_.references[output], output)]
+        if not math.isfinite(scale) and scale != -math.inf:  # (-inf: Max over no element)
+            not_checked["%s: %s" % (signature, fold.node)] = ("its original chain's output is not finite on the "
+                                                              "test inputs: covered by the output check")
+            continue
         limit = bound(fold.check, verify_config)
-        checks.append(FoldCheck(signature, fold.node, fold.linear_node, output, error, limit, bool(error <= limit),
-                                compare.scale_of(reference)))
-    return checks, dict(plan_.not_checked)
+        checks.append(FoldCheck(signature, fold.node, fold.linear_node, output, relative_error(error, scale), limit,
+                                bool(relative_error(error, scale) <= limit), max(scale, 0.0)))
+    return checks, not_checked
+
+
+def relative_error(error, scale):
+    """max |folded - original| / max |original| from the probe's two maxima (compare.compare's
+    rule): infinite where the folded output is not finite and the original is, or where the
+    original is all zero and the folded output is not; 0 over no element."""
+    if error == -math.inf:
+        return 0.0
+    if not math.isfinite(error):
+        return math.inf
+    return error / scale if scale > 0 else (0.0 if error == 0 else math.inf)
 
 
 def raise_if_failed(fold_checks):
