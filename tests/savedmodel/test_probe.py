@@ -1,13 +1,16 @@
 """Probes (savedmodel/probe.py): the values of tensors inside a frozen signature, in full, and
 how far pairs of them are apart over every element, computed in the graph, where the shape is
 static and where only the run knows it. Against what TensorFlow computes calling the original
-function, compared in numpy."""
+function, compared in numpy; and how the fold checks judge a fold from those numbers."""
+
+import dataclasses
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from tf_bnfuse import graph as graph_lib
+from tf_bnfuse import report as report_lib
 from tf_bnfuse.savedmodel import freeze as freeze_lib
 from tf_bnfuse.savedmodel import objects as objects_lib
 from tf_bnfuse.savedmodel import probe as probe_lib
@@ -72,3 +75,19 @@ def test_the_relative_error_of_two_maxima_follows_the_output_comparison(error, s
     reference = np.array([scale, 0.0]) if np.isfinite(scale) else np.zeros(0)
     candidate = reference + np.array([error, 0.0]) if np.isfinite(scale) else reference
     assert verify_compare.compare(reference, candidate, {"rtol": 0.0, "atol": 0.0})[1] == relative
+
+
+def test_a_fold_is_judged_by_the_probes_maxima_and_left_to_the_output_check_where_its_original_is_not_finite():
+    """fold_check.check on the maxima a probe returns: over its bound fails, NaN where the
+    original is finite fails, no element passes, an original with an inf is not checked."""
+    point = report_lib.CheckPoint(["x"], "bn", terms=64, dtype="float32")
+    folds = [report_lib.Fold("bn_%d" % i, "FusedBatchNormV3", "conv_%d" % i, "Conv2D", check=dataclasses.replace(
+        point, output="bn_%d" % i)) for i in range(5)]
+    plan = fold_check.Plan(None, {"bn_%d" % i: "chain_%d/bn" % i for i in range(5)}, folds, {})
+    maxima = [(1e-6, 1.0), (1e-3, 1.0), (np.nan, 1.0), (-np.inf, -np.inf), (np.nan, np.inf)]
+    values = {"compared": {("chain_%d/bn" % i, "bn_%d" % i): m for i, m in enumerate(maxima)}}
+    checks, not_checked = fold_check.check("serve", plan, values, {"fold_rounding_multiple": 8.0})
+    bound = 8.0 * 2.0 ** -23 * 8.0
+    assert [(c.node, c.ok) for c in checks] == [("bn_0", True), ("bn_1", False), ("bn_2", False), ("bn_3", True)]
+    assert all(c.bound == pytest.approx(bound) for c in checks) and checks[1].max_rel_error == pytest.approx(1e-3)
+    assert list(not_checked) == ["serve: bn_4"] and "not finite" in not_checked["serve: bn_4"]
