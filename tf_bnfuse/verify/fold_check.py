@@ -161,7 +161,7 @@ def plan(signature, folds, original, folded_nodes):
                 graph_lib.set_inputs(node, [graph_lib.renamed_input(i, renamed) for i in read])
                 node.attr.pop("_class", None)  # colocation with nodes it does not hold
             references[point.output] = graph_lib.renamed_input(output, renamed)
-    if not any(graph_lib.called_function_names(node) for node in chains.node):
+    if chains.library.function and not any(graph_lib.called_function_names(node) for node in chains.node):
         chains.library.Clear()
     return Plan(chains, references, checked, not_checked)
 
