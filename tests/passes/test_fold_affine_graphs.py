@@ -239,7 +239,7 @@ def _called_conv_graph(activation=None, jit_compile=True):
     def build():
         x = placeholder([None, 6, 6, 2])
         y = conv_fn(graphs.const(kernel_value, "kernel"), x)
-        z = tf.add(tf.multiply(y, graphs.const(scale, "scale"), name="scaled"), graphs.const(shift, "shift"),
+        tf.add(tf.multiply(y, graphs.const(scale, "scale"), name="scaled"), graphs.const(shift, "shift"),
                    name="out")
         return ["out"]
     return graphs.build(build)

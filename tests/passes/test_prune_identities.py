@@ -19,7 +19,7 @@ def _graph():
         x = tf.compat.v1.placeholder(tf.float32, [2, 3], name="x")
         a = tf.identity(tf.identity(x, name="id1"), name="id2")
         scaled = tf.multiply(a, graphs.const(np.float32(3.0), "three"), name="scaled")
-        out = tf.identity(scaled, name="out")  # a signature output: its name stays
+        tf.identity(scaled, name="out")  # a signature output: its name stays
         variable = tf.raw_ops.VarHandleOp(dtype=tf.float32, shape=[], shared_name="v", name="v")
         write = tf.raw_ops.AssignVariableOp(resource=variable, value=graphs.const(np.float32(5.0), "five"),
                                             name="write")
@@ -29,7 +29,7 @@ def _graph():
             read = tf.raw_ops.ReadVariableOp(resource=variable, dtype=tf.float32, name="read")
         with tf.control_dependencies([read]):
             ordered = tf.identity(x, name="ordered")  # waits for the read: must stay
-        total = tf.add(ordered, read, name="total")
+        tf.add(ordered, read, name="total")
         return ["out", "total"]
     return graphs.build(build)
 
@@ -57,7 +57,7 @@ def test_a_control_edge_the_data_already_waits_for_is_dropped():
         x = tf.compat.v1.placeholder(tf.float32, [3], name="x")
         y = tf.square(x, name="y")
         with tf.control_dependencies([y]):
-            z = tf.add(y, 1.0, name="z")
+            tf.add(y, 1.0, name="z")
         return ["z"]
     graph_def, outputs = graphs.build(build)
     folded, _ = fold_graph_def(graph_def, outputs, PIPELINE)

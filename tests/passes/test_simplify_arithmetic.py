@@ -26,7 +26,7 @@ def test_identity_elements_are_removed_and_names_kept():
         b = tf.math.divide(a, one, name="over_one")
         c = tf.add(zero, b, name="zero_plus")
         d = tf.subtract(c, zero, name="minus_zero")
-        out = tf.multiply(d, one, name="out")  # a signature output: stays, as Identity
+        tf.multiply(d, one, name="out")  # a signature output: stays, as Identity
         return ["out"]
     folded, report = _fold_and_compare(build, {"x": graphs.random((2, 3))})
     assert [n.op for n in folded.node if n.op in ("Mul", "RealDiv", "AddV2", "Sub")] == []

@@ -1,7 +1,6 @@
 """A failed verification names its fold: one fold is broken on purpose (its emitted kernel
 scaled), in a model with several, and the run must point at exactly that one."""
 
-import math
 import os
 
 import numpy as np

@@ -8,7 +8,7 @@ with the same settings and calibration samples and measured on the same held-out
 import dataclasses
 import math
 import os
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import numpy as np
 import tensorflow as tf
