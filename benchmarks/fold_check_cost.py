@@ -24,7 +24,6 @@ sys.path.insert(0, HERE)
 import run_benchmark  # noqa: E402
 import tf_bnfuse  # noqa: E402
 from tf_bnfuse.phases import output  # noqa: E402
-from tf_bnfuse.savedmodel import probe as probe_lib  # noqa: E402
 from tf_bnfuse.verify import fold_check  # noqa: E402
 
 
@@ -33,8 +32,7 @@ def timed_probe(key, signature, graph, plan, folded):
     specs = folded.test_inputs.input_specs[key]
     inputs = fold_check.probe_inputs(specs, folded.test_inputs.arrays[key])
     start = time.perf_counter()
-    probe = probe_lib.probe_function(signature, *graph, [], plan.compared,
-                                     checks=(plan.chains, probe_lib.stored_weights(plan.chains, signature.weights)))
+    probe = output.fold_check_probe(signature, graph, plan)
     written = time.perf_counter()
     fold_check.run_as_written(probe, specs, inputs, folded.signatures.state)
     first = time.perf_counter()

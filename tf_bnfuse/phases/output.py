@@ -82,12 +82,18 @@ def check_folds(graphs, folded, options, progress):
     return checks
 
 
+def fold_check_probe(signature, graph, plan):
+    """The probe of one signature's folded graph as built (graph: (GraphDef, weights)) with the
+    plan's original chains beside it, comparing each checked fold with its chain."""
+    return probe_lib.probe_function(signature, *graph, [], plan.compared,
+                                    checks=(plan.chains, probe_lib.stored_weights(plan.chains, signature.weights)))
+
+
 def _probe_folds(key, signature, graph, plan, folded):
     """run_probe's values of one signature's folded graph with the plan's original chains."""
     specs = folded.test_inputs.input_specs[key]
     inputs = fold_check.probe_inputs(specs, folded.test_inputs.arrays[key])
-    probe = probe_lib.probe_function(signature, *graph, [], plan.compared,
-                                     checks=(plan.chains, probe_lib.stored_weights(plan.chains, signature.weights)))
+    probe = fold_check_probe(signature, graph, plan)
     # Calling it advances the state the output saves (a counter): restored after.
     return fold_check.run_as_written(probe, specs, inputs, folded.signatures.state)
 

@@ -13,10 +13,11 @@ hide or fake an error in it, at any depth and whatever the model does after it (
 The probe compares the two results over every element, in the graph, and returns two
 numbers a fold (savedmodel/probe.py): reading the tensors out would cost more than the check.
 
-A fold passes when max |folded - original| <= bound * max |original| over its output, with bound = fold_rounding_multiple * eps(the linear op's dtype) * sqrt(terms): float rounding
-of a sum of `terms` products grows like its square root. The probe runs as written (Grappler
-off) on the first device: Grappler's fusions and a GPU's TF32 convolutions round otherwise,
-which the output comparison covers on every device.
+A fold passes when max |folded - original| <= bound * max |original| over its output, with
+bound = fold_rounding_multiple * eps(the linear op's dtype) * sqrt(terms): float rounding of a
+sum of `terms` products grows like its square root. The probe runs as written (Grappler off)
+on the first device: Grappler's fusions and a GPU's TF32 convolutions round otherwise, which
+the output comparison covers on every device.
 """
 
 import dataclasses
@@ -177,9 +178,9 @@ def check(signature, plan_, values, verify_config):
             not_checked["%s: %s" % (signature, fold.node)] = ("its original chain's output is not finite on the "
                                                               "test inputs: covered by the output check")
             continue
-        limit = bound(fold.check, verify_config)
-        checks.append(FoldCheck(signature, fold.node, fold.linear_node, output, relative_error(error, scale), limit,
-                                bool(relative_error(error, scale) <= limit), max(scale, 0.0)))
+        limit, relative = bound(fold.check, verify_config), relative_error(error, scale)
+        checks.append(FoldCheck(signature, fold.node, fold.linear_node, output, relative, limit,
+                                bool(relative <= limit), max(scale, 0.0)))
     return checks, not_checked
 
 
