@@ -59,8 +59,13 @@ def function_def(graph_def, name, arguments, outputs):
 
 def dtypes_of(graph_def, tensors):
     """{tensor name: DataType} of tensors of graph_def's nodes, from their ops' OpDefs."""
+    return dtype_reader(graph_def)(tensors)
+
+
+def dtype_reader(graph_def):
+    """dtypes_of(graph_def, ·) for many calls on one graph: its nodes indexed once."""
     ports = _Ports(graph_def)
-    return {tensor: ports.dtype(*parse_input(tensor)[:2]) for tensor in tensors}
+    return lambda tensors: {tensor: ports.dtype(*parse_input(tensor)[:2]) for tensor in tensors}
 
 
 class _Ports:

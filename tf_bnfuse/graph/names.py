@@ -1,5 +1,7 @@
 """Tensor names, node inputs and attributes, and new GraphDefs: the vocabulary of the graph layer."""
 
+import re
+
 import tensorflow as tf
 
 # Ops that forward their (port-matching) input unchanged.
@@ -14,6 +16,12 @@ def parse_input(input_str):
     if sep and port.isdigit():
         return name, int(port), False
     return input_str, 0, False
+
+
+def stable_function_name(name):
+    """A library function's name without the suffix freezing gives it ("_frozen_<n>"), which
+    differs each time a function is frozen: what names a fold inside it across runs."""
+    return re.sub(r"_frozen_\d+$", "", name)
 
 
 def tensor_name(node_name, port=0):

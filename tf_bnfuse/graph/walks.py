@@ -104,18 +104,24 @@ def cone(node_of, tensors):
                      lambda name: [parse_input(i)[0] for i in node_of(name).input])
 
 
-def computed_from(node_of, tensor, boundary, max_nodes):
+def computed_from(node_of, tensor, boundary, max_nodes, readable=None):
     """(the tensor `tensor` reads through Identity-like nodes, {name: its data inputs, each read
-    through them}) of the nodes that compute it from the `boundary` tensors and Consts alone;
-    None where it reads anything else (a node with no data input that is not a Const: a
-    Placeholder, a variable), or needs more than max_nodes nodes. Identity-like nodes are
-    looked through: an IdentityN (a custom gradient's) reads more than the port it forwards.
-    node_of(name): the NodeDef, or None."""
+    through them}) of the nodes that compute it from the `boundary` tensors and Consts alone
+    (and any output of a node readable(name) says may be read as it is: a shape computed from
+    elsewhere); None where it reads anything else (a node with no data input that is not a
+    Const: a Placeholder, a variable), or needs more than max_nodes nodes. Identity-like nodes
+    are looked through: an IdentityN (a custom gradient's) reads more than the port it
+    forwards. node_of(name): the NodeDef, or None."""
     stop = {names.canonical_tensor(t) for t in boundary}
     stop_nodes = {name for name, _ in stop}
+    readable = readable or (lambda name: False)
 
     def read(input_str):
-        return forwarded_input(input_str, lambda name: None if name in stop_nodes else node_of(name))
+        return forwarded_input(input_str, lambda name: None if name in stop_nodes or readable(name) else
+                               node_of(name))
+
+    def outside(input_str):
+        return names.canonical_tensor(input_str) in stop or readable(parse_input(input_str)[0])
     result = read(tensor)
     found, stack = {}, [parse_input(result)[0]]
     while stack:
@@ -126,8 +132,31 @@ def computed_from(node_of, tensor, boundary, max_nodes):
         if node is None or len(found) >= max_nodes or (node.op != "Const" and not names.data_inputs(node)):
             return None
         found[name] = [read(i) for i in names.data_inputs(node)]
-        stack.extend(parse_input(i)[0] for i in found[name] if names.canonical_tensor(i) not in stop)
+        stack.extend(parse_input(i)[0] for i in found[name] if not outside(i))
     return result, found
+
+
+def nearest_kept(node_of, tensors, kept, max_nodes):
+    """The tensors nearest above `tensors` (themselves where they are) whose nodes are named in
+    `kept`, walking data inputs; Consts on the way are left where they are. None where a walk
+    reaches a node with no data input that is neither (a Placeholder) or passes max_nodes nodes.
+    node_of(name): the NodeDef, or None."""
+    found, seen, stack = [], set(), list(tensors)
+    while stack:
+        tensor = stack.pop()
+        name = parse_input(tensor)[0]
+        if name in kept:
+            if names.canonical_tensor(tensor) not in {names.canonical_tensor(t) for t in found}:
+                found.append(tensor)
+            continue
+        if name in seen:
+            continue
+        seen.add(name)
+        node = node_of(name)
+        if node is None or len(seen) > max_nodes or (node.op != "Const" and not names.data_inputs(node)):
+            return None
+        stack.extend(names.data_inputs(node))
+    return found
 
 
 def cleanup(graph_def, outputs, keep_ops=("Placeholder",)):
