@@ -259,6 +259,62 @@ def while_and_cond(path):
     return {"serving_default": [{"x": x, "steps": np.int32(0)}, {"x": x, "steps": np.int32(3)}]}
 
 
+def loop_classifier(path):
+    """A stem conv + FusedBatchNormV3, then a tf.while_loop three times over two conv + batch
+    norm + ReLU blocks with loop-invariant weights, global average pooling and a 100-class
+    softmax: what hides an error in a loop body's fold from the output."""
+
+    class LoopClassifier(tf.Module):
+        def __init__(self):
+            self.stem = tf.Variable(RNG.normal(0, 0.3, (3, 3, 3, 8)).astype(np.float32))
+            self.kernels = [tf.Variable(RNG.normal(0, 0.2, (3, 3, 8, 8)).astype(np.float32)) for _ in range(2)]
+            self.bn = [[tf.Variable(v) for v in _random_bn(8)] for _ in range(3)]
+            self.dense = tf.Variable(RNG.normal(0, 0.3, (8, 100)).astype(np.float32))
+
+        def _conv_bn(self, x, kernel, bn):
+            gamma, beta, mean, variance = bn
+            y = tf.nn.conv2d(x, kernel, 1, "SAME")
+            return tf.compat.v1.nn.fused_batch_norm(y, gamma, beta, mean, variance, epsilon=1e-3,
+                                                    is_training=False)[0]
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 3], tf.float32, name="x")])
+        def serve(self, x):
+            y = self._conv_bn(x, self.stem, self.bn[0])
+
+            def body(i, y):
+                y = tf.nn.relu(self._conv_bn(y, self.kernels[0], self.bn[1]))
+                return i + 1, tf.nn.relu(self._conv_bn(y, self.kernels[1], self.bn[2]))
+            _, y = tf.while_loop(lambda i, y: i < 3, body, [tf.constant(0), y])
+            return {"probabilities": tf.nn.softmax(tf.matmul(tf.reduce_mean(y, [1, 2]), self.dense))}
+
+    module = LoopClassifier()
+    tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
+    return {"serving_default": [{"x": RNG.standard_normal((2, 8, 8, 3)).astype(np.float32)}]}
+
+
+def branch_conv_bn(path):
+    """tf.cond on an input flag: one branch runs conv + batch norm, the other a conv alone."""
+
+    class Branch(tf.Module):
+        def __init__(self):
+            self.kernels = [tf.Variable(RNG.normal(0, 0.3, (3, 3, 3, 4)).astype(np.float32)) for _ in range(2)]
+            self.bn = [tf.Variable(v) for v in _random_bn(4)]
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 3], tf.float32, name="x"),
+                                      tf.TensorSpec([], tf.bool, name="normalized")])
+        def serve(self, x, normalized):
+            def with_bn():
+                gamma, beta, mean, variance = self.bn
+                y = tf.nn.conv2d(x, self.kernels[0], 1, "SAME")
+                return tf.nn.batch_normalization(y, mean, variance, beta, gamma, 1e-3)
+            return {"y": tf.cond(normalized, with_bn, lambda: tf.nn.conv2d(x, self.kernels[1], 1, "SAME"))}
+
+    module = Branch()
+    tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
+    x = RNG.standard_normal((2, 8, 8, 3)).astype(np.float32)
+    return {"serving_default": [{"x": x, "normalized": np.bool_(True)}, {"x": x, "normalized": np.bool_(False)}]}
+
+
 def tf1_builder(path):
     """TF1 Builder: a vocabulary asset, a table, a main_op, and two MetaGraphs (serve; gpu,serve with
     one more signature). Returns {tag set: {signature: [inputs]}}."""

@@ -289,13 +289,57 @@ def efficientnet_v2_b0(keras):
     return _application(keras, "EfficientNetV2B0", 64)
 
 
-MODELS = {f.__name__: f for f in (
+def conv_bn_blocks(keras):
+    """Three Conv2D -> BatchNormalization -> ReLU blocks, 3x3 kernels over 8 and 16 channels."""
+    L = keras.layers
+    return _sequential(keras, (12, 12, 3), *[layer for channels in (8, 16, 16) for layer in (
+        L.Conv2D(channels, 3, padding="same"), L.BatchNormalization(), L.ReLU())])
+
+
+def pool_bn_conv_bn(keras):
+    """conv -> batch norm -> ReLU -> pool -> batch norm -> VALID conv -> batch norm: the last batch
+    norm folds backward into the VALID conv, the one before it forward into the same conv."""
+    L = keras.layers
+    return _sequential(keras, (8, 8, 3), L.Conv2D(4, 3, padding="same"), L.BatchNormalization(), L.ReLU(),
+                       L.AveragePooling2D(2), L.BatchNormalization(), L.Conv2D(4, 3, padding="valid"),
+                       L.BatchNormalization())
+
+
+def mixed_float16_project_expand(keras):
+    """MobileNetV2's project -> expand under mixed_float16: conv -> batch norm (float32, Casts
+    around it) -> 1x1 VALID conv -> batch norm -> ReLU."""
+    L = keras.layers
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        return _sequential(keras, (8, 8, 3), L.Conv2D(8, 3, padding="same", use_bias=False), L.BatchNormalization(),
+                           L.Conv2D(16, 1, use_bias=False), L.BatchNormalization(), L.ReLU())
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def _under_policy(policy, build):
+    """A zoo builder that builds `build`'s model under a Keras mixed-precision policy."""
+    def builder(keras):
+        keras.mixed_precision.set_global_policy(policy)
+        try:
+            return build(keras)
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+    builder.__name__ = "%s_%s" % (policy, build.__name__)
+    builder.__doc__ = "%s under %s: each fold's linear op computes in half precision." % (build.__name__, policy)
+    return builder
+
+
+HALF_PRECISION = [_under_policy(policy, build) for policy in ("mixed_float16", "mixed_bfloat16")
+                  for build in (conv_bn_blocks, resnet50_small, mobilenet_v2_small)]
+
+MODELS = {f.__name__: f for f in HALF_PRECISION + [conv_bn_blocks, pool_bn_conv_bn, mixed_float16_project_expand, 
     conv_bn, conv_no_bias_bn, conv_bn_swish, dilated_conv_bn, dilated_depthwise_bn, dense_rank3_bn, pool_bn_conv,
     mixed_float16_conv_bn, depthwise_bn, separable_bn, conv_transpose_bn, conv1d_bn, dense_bn, conv3d_bn,
     conv3d_no_bias_bn, channels_first_bn, branch_bn, preactivation_concat_bn, residual_leaky_relu, leaky_residual_then_bn, lstm_dense_bn,
     gru_dense_bn, grouped_conv_bn, mixed_float16_float32_output, dropout_training, embedding4_conv_bn,
     embedding1000_conv_bn, sequential_conv_dense_bn, subclassed_conv_bn, mobilenet_v2_small, resnet50_small, resnet50, mobilenet_v2, mobilenet_v2_softmax,
-    efficientnet_b0, efficientnet_v2_b0)}
+    efficientnet_b0, efficientnet_v2_b0]}
 
 
 def build_model(keras, name, seed=0):

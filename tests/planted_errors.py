@@ -84,6 +84,23 @@ def planted(monkeypatch, kernel_layers=(), bias_layers=()):
         yield hit
 
 
+@contextlib.contextmanager
+def kernel_scaled(monkeypatch, linear_name_end, factor):
+    """Within, the fold into the linear op whose name ends with linear_name_end (a body's folds:
+    "while/Conv2D") gets its new kernel scaled by `factor`. Yields the linear ops planted in."""
+    real_fold_weights, hit = drivers.fold_weights, []
+
+    def fold_weights(chain):
+        folded = real_fold_weights(chain)
+        if not isinstance(folded, list) and chain.match.linear.name.endswith(linear_name_end):
+            hit.append(chain.match.linear.name)
+            folded = dataclasses.replace(folded, kernel=(folded.kernel * factor).astype(folded.kernel.dtype))
+        return folded
+    with monkeypatch.context() as patch:
+        patch.setattr(drivers, "fold_weights", fold_weights)
+        yield hit
+
+
 def assert_caught_and_named(src, kernel_layers, bias_layers, out, monkeypatch):
     """Folding src with those errors planted fails, naming exactly the planted folds, and writes
     nothing; every other fold was checked and passed. Returns the FoldChecks."""

@@ -19,8 +19,13 @@ KNOWN_KEYS = {"pipeline", "verify"}
 _VERIFY_INTEGERS = {"seed": 0, "batch_size": 1, "unknown_dim_size": 1}
 # verify key -> its default: the multiples of a rounding that the verification's bounds allow
 # (verify/fold_check.py, verify/compare.py)
-VERIFY_MULTIPLES = {"fold_rounding_multiple": 8.0, "spread_multiple": 8.0}
-KNOWN_VERIFY_KEYS = set(_VERIFY_INTEGERS) | set(VERIFY_MULTIPLES) | {"tolerance", "tflite_tolerance"}
+VERIFY_MULTIPLES = {"fold_rounding_multiple": 8.0, "half_rounding_multiple": 4.0, "slope_multiple": 0.5,
+                    "slope_significance": 10.0,
+                    "spread_multiple": 8.0}
+# verify key -> its default: switches
+VERIFY_SWITCHES = {"accept_unchecked_folds": False}  # a fold not checked by itself fails the run unless true
+KNOWN_VERIFY_KEYS = (set(_VERIFY_INTEGERS) | set(VERIFY_MULTIPLES) | set(VERIFY_SWITCHES)
+                     | {"tolerance", "tflite_tolerance"})
 
 
 def check_pass_options(config, source="config"):
@@ -77,6 +82,10 @@ def validate_config(config, source="config"):
         value = verify.get(key, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise errors.BadInputError("%s: verify.%s must be a number > 0, not %s" % (source, key, json.dumps(value)))
+    for key, default in VERIFY_SWITCHES.items():
+        if not isinstance(verify.get(key, default), bool):
+            raise errors.BadInputError("%s: verify.%s must be true or false, not %s" % (
+                source, key, json.dumps(verify[key])))
     tolerances = dict(verify.get("tolerance", {}))
     if "tflite_tolerance" in verify:
         tolerances["tflite_tolerance"] = verify["tflite_tolerance"]
@@ -85,4 +94,7 @@ def validate_config(config, source="config"):
                 and all(isinstance(v, (int, float)) and v >= 0 for v in tol.values())):
             raise errors.BadInputError("%s: tolerance for %s must be {\"rtol\": x, \"atol\": y}"
                                        % (source, dtype))
-    return copy.deepcopy(config)
+    config = copy.deepcopy(config)
+    # What the verification reads without a default of its own: the multiples and switches.
+    config["verify"] = {**VERIFY_MULTIPLES, **VERIFY_SWITCHES, **config.get("verify", {})}
+    return config

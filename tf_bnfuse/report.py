@@ -19,6 +19,16 @@ class CheckPoint:
     output: str
     terms: Optional[int]  # products each output element of the linear op sums (its rounding grows with them)
     dtype: str  # the linear op's
+    # The called function (a While body, an If branch) whose tensors these name; None: the signature's graph
+    function: Optional[str] = None
+    # Nodes the fold leaves with their names but other values (a backward fold's linear op): no
+    # check may start from them
+    changed: List[str] = dataclasses.field(default_factory=list)
+    # A tensor that holds the output's value too, where the output may be bypassed (an Identity of it)
+    output_alias: Optional[str] = None
+    # Backward: the tensor the new bias is added to, which holds the output less its value at a
+    # zero input: where a later fold took the bias away, the fold is checked there
+    unbiased: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -29,7 +39,7 @@ class Fold:
     linear_node: str
     linear_op: str
     absorbed: List[str] = dataclasses.field(default_factory=list)
-    check: Optional[CheckPoint] = None  # None for a fold inside a called function
+    check: Optional[CheckPoint] = None
 
 
 @dataclasses.dataclass
@@ -261,15 +271,13 @@ def _verification_lines(verification):
 
 
 def _fold_check_lines(folds):
-    if folds is None:
+    if folds is None or not folds.total:
         return []
-    lines = []
     worst = folds.worst
-    if worst is not None:
-        lines.append("  folds checked one by one on %s, each beside its original chain on the same input: %d, %s; "
-                     "the worst %s at %.3g of its bound (max rel error %.3g, bound %.3g)" % (
-                         folds.device, len(folds.checks), "ok" if folds.ok else "%d FAILED" % len(folds.failures()),
-                         worst.node, worst.max_rel_error / worst.bound, worst.max_rel_error, worst.bound))
+    lines = ["  %d of %d folds checked by themselves on %s, each beside its original chain on the same input, %s%s" % (
+        len(folds.checks), folds.total, folds.device, "ok" if folds.ok else "%d FAILED" % len(folds.failures()),
+        "" if worst is None else "; the worst %s at %.3g of its bound (max rel error %.3g, bound %.3g)" % (
+            worst.node, worst.excess, worst.max_rel_error, worst.bound))]
     for where, why in sorted(folds.not_checked.items()):
         lines.append("  fold %s: not checked by itself: %s" % (where, why))
     return lines

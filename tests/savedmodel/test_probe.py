@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tf_bnfuse import config as config_lib
 from tf_bnfuse import graph as graph_lib
 from tf_bnfuse import report as report_lib
 from tf_bnfuse.savedmodel import freeze as freeze_lib
@@ -17,6 +18,7 @@ from tf_bnfuse.savedmodel import probe as probe_lib
 from tf_bnfuse.savedmodel import resources
 from tf_bnfuse.verify import compare as verify_compare
 from tf_bnfuse.verify import fold_check
+from tf_bnfuse.verify import fold_plan
 
 pytestmark = pytest.mark.quick  # the quick tier (scripts/test.sh --quick)
 
@@ -69,9 +71,9 @@ def test_a_probe_reads_tensors_in_full_and_compares_pairs_over_every_element():
     (0.5, 2.0, 0.25), (-np.inf, -np.inf, 0.0), (np.nan, 2.0, np.inf), (np.inf, 2.0, np.inf), (0.0, 0.0, 0.0),
     (1e-3, 0.0, np.inf)])
 def test_the_relative_error_of_two_maxima_follows_the_output_comparison(error, scale, relative):
-    """fold_check.relative_error of the probe's maxima gives what compare.compare gives on arrays
+    """compare.relative_error of the probe's maxima gives what compare.compare gives on arrays
     with those maxima (NaN: the folded output has one where the original has none)."""
-    assert fold_check.relative_error(error, scale) == relative
+    assert verify_compare.relative_error(error, scale) == relative
     reference = np.array([scale, 0.0]) if np.isfinite(scale) else np.zeros(0)
     candidate = reference + np.array([error, 0.0]) if np.isfinite(scale) else reference
     assert verify_compare.compare(reference, candidate, {"rtol": 0.0, "atol": 0.0})[1] == relative
@@ -83,11 +85,44 @@ def test_a_fold_is_judged_by_the_probes_maxima_and_left_to_the_output_check_wher
     point = report_lib.CheckPoint(["x"], "bn", terms=64, dtype="float32")
     folds = [report_lib.Fold("bn_%d" % i, "FusedBatchNormV3", "conv_%d" % i, "Conv2D", check=dataclasses.replace(
         point, output="bn_%d" % i)) for i in range(5)]
-    plan = fold_check.Plan(None, {"bn_%d" % i: "chain_%d/bn" % i for i in range(5)}, folds, {})
+    plan = fold_plan.Plan(None, {"bn_%d" % i: "chain_%d/bn" % i for i in range(5)}, folds, {},
+                           {("bn_%d" % i, "conv_%d" % i): "bn_%d" % i for i in range(5)})
     maxima = [(1e-6, 1.0), (1e-3, 1.0), (np.nan, 1.0), (-np.inf, -np.inf), (np.nan, np.inf)]
     values = {"compared": {("chain_%d/bn" % i, "bn_%d" % i): m for i, m in enumerate(maxima)}}
-    checks, not_checked = fold_check.check("serve", plan, values, {"fold_rounding_multiple": 8.0})
+    checks, not_checked = fold_check.check("serve", plan, values, config_lib.load_config()["verify"])
     bound = 8.0 * 2.0 ** -23 * 8.0
     assert [(c.node, c.ok) for c in checks] == [("bn_0", True), ("bn_1", False), ("bn_2", False), ("bn_3", True)]
     assert all(c.bound == pytest.approx(bound) for c in checks) and checks[1].max_rel_error == pytest.approx(1e-3)
     assert list(not_checked) == ["serve: bn_4"] and "not finite" in not_checked["serve: bn_4"]
+
+
+def test_a_half_precision_fold_is_judged_by_its_slope_where_rounding_noise_cannot_explain_it():
+    """fold_check.check of a float16 fold from the probe's maxima and centred sums: a slope over
+    its bound fails only when it stands far out of its own noise; the max rel error bound is
+    float32's plus half_rounding_multiple float16 eps."""
+    point = report_lib.CheckPoint(["x"], "bn", terms=64, dtype="float16")
+    rng = np.random.default_rng(3)
+    reference, few = rng.standard_normal(4096), rng.standard_normal(64)
+    # (reference, difference): rounding-sized noise; a 1% scale error; over 64 elements, a slope
+    # over its bound but within its noise (and a max rel error within its bound)
+    cases = {"honest": (reference, rng.standard_normal(4096) * 1e-4),
+             "scaled": (reference, 0.01 * reference + rng.standard_normal(4096) * 1e-4),
+             "noisy_slope": (few, 0.001 * few + rng.standard_normal(64) * 2e-3)}
+    folds, values = [], {"compared": {}}
+    for name, (reference, difference) in cases.items():
+        folds.append(report_lib.Fold(name, "FusedBatchNormV3", "conv_" + name, "Conv2D", check=dataclasses.replace(
+            point, output=name)))
+        values["compared"][("chain/" + name, name)] = (
+            float(np.abs(difference).max()), float(np.abs(reference).max()), float(difference @ reference),
+            float(reference @ reference), float(difference @ difference), float(reference.size))
+    plan = fold_plan.Plan(None, {name: "chain/" + name for name in cases}, folds, {},
+                           {(name, "conv_" + name): name for name in cases})
+    checks, _ = fold_check.check("serve", plan, values, config_lib.load_config()["verify"])
+    judged = {c.node: c for c in checks}
+    assert judged["honest"].ok and judged["honest"].slope < judged["honest"].slope_bound
+    assert not judged["scaled"].ok and judged["scaled"].slope == pytest.approx(0.01, rel=0.05)
+    assert judged["scaled"].slope_significance > 100
+    # A slope over its bound that its own residual noise explains is left to the max rel error bound.
+    assert judged["noisy_slope"].slope > judged["noisy_slope"].slope_bound
+    assert judged["noisy_slope"].slope_significance < 10 and judged["noisy_slope"].ok
+    assert judged["honest"].bound == pytest.approx(8 * 2.0 ** -23 * 8 + 4 * 2.0 ** -10)

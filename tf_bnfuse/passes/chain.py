@@ -75,22 +75,43 @@ class Chain:
     def check_point(self):
         """The report.CheckPoint of this fold. Backward, the linear op's data input and the root,
         which keeps its name; forward, x and the linear op (or the BiasAdd after it the new bias
-        merges into), whose name the node computing its value takes."""
+        merges into), whose name the node computing its value takes. The nodes that keep their
+        names with other values (the linear op, the pass-throughs that stay) are named too."""
         branches = self.branches if self.concat is not None else [self]
         terms = [_terms(b.match) for b in branches]
 
         def above_identities(input_str):  # what prune_identities leaves the chain reading
             node, port = self.match.index.skip_identities(input_str)
             return graph_lib.tensor_name(node.name, port) if node is not None else input_str
+        kept = [n.name for b in branches for n in b.nodes if is_kept(n)] + [n.name for n in self.nodes if is_kept(n)]
         if self.forward:
             inputs = [above_identities(self.x)]
             output = (self.merge_into or self.match.linear).name
+            changed = kept + ([self.match.linear.name] if self.merge_into is not None else [])
         else:
             inputs = [above_identities(grammar.data_inputs(b.match.linear)[b.match.spec.data_input])
                       for b in branches]
             output = self.root.name
+            changed = kept + [b.match.linear.name for b in branches] + ([self.concat.name] if self.concat else [])
         return report_lib.CheckPoint(inputs, graph_lib.tensor_name(output), None if None in terms else max(terms),
-                                     branches[0].match.dtype.name)
+                                     branches[0].match.dtype.name, changed=sorted(set(changed) - {output}),
+                                     output_alias=self._root_alias(),
+                                     unbiased=None if self.forward or self.concat is not None else
+                                     graph_lib.tensor_name(self.match.linear.name if self.bias_after < 0
+                                                           else self.nodes[self.bias_after].name))
+
+    def _root_alias(self):
+        """The tensor that holds the root's value where emit makes the root an Identity of it (the
+        last pass-through kept after the new bias, or a ConcatV2's trunk), which prune_identities
+        may then bypass; None where the root computes it (emit._emit_backward)."""
+        if self.forward:
+            return None
+        if self.concat is not None:
+            kept = [n.name for n in self.nodes[:-1] if is_kept(n)]
+            return graph_lib.tensor_name(kept[-1] if kept else self.concat.name)
+        between = self.nodes[:-1]
+        kept = [n.name for n in between[self.bias_after + 1:] if is_kept(n)]
+        return graph_lib.tensor_name(kept[-1]) if kept else None
 
 
 def _terms(match):

@@ -44,7 +44,9 @@ class PassContext:
 
     def nested(self, function_name):
         """A context for a pipeline over a function body, with its own store; its folds are
-        reported as "<function>/<node>", which is how left_out names them."""
-        prefix = function_name + "/"
+        reported as "<function>/<node>", which is how left_out names them, the function by a
+        name that survives freezing again (graph.stable_function_name)."""
+        stable = graph_lib.stable_function_name(function_name)
         return PassContext(graph_lib.WeightStore(self.weights.min_bytes),
-                           [n[len(prefix):] for n in self.left_out if n.startswith(prefix)])
+                           [node for function, _, node in (n.partition("/") for n in self.left_out)
+                            if node and graph_lib.stable_function_name(function) == stable])

@@ -14,6 +14,8 @@ the same rewritten body with other arguments). Folds are reported with the funct
 name before the node's: `<function>/<node>`.
 """
 
+import dataclasses
+
 import tensorflow as tf
 
 from tf_bnfuse import graph as graph_lib
@@ -70,7 +72,8 @@ def _add_inner_reports(report, name, reports):
     """Adds the folds, skips and lowered batch norms of a body's passes, named `<function>/<node>`."""
     for pass_report in reports:
         report.folds += [report_lib.Fold("%s/%s" % (name, f.node), f.op, "%s/%s" % (name, f.linear_node),
-                                         f.linear_op, ["%s/%s" % (name, a) for a in f.absorbed])
+                                         f.linear_op, ["%s/%s" % (name, a) for a in f.absorbed],
+                                         f.check and dataclasses.replace(f.check, function=name))
                          for f in pass_report.folds]
         report.skips += [report_lib.Skip("%s/%s" % (name, s.node), s.op, s.reason) for s in pass_report.skips]
         report.lowered += [report_lib.Lowered("%s/%s" % (name, x.node), x.op, x.into)

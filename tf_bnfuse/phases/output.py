@@ -3,6 +3,7 @@ written, and move it into place."""
 
 import dataclasses
 import os
+import uuid
 
 import tensorflow as tf
 from absl import logging
@@ -50,52 +51,19 @@ def write(folded_metagraphs, built, release_weights, options, progress):
 
 
 def check_folds(graphs, folded, options, progress):
-    """The FoldChecks of one MetaGraph (verify/fold_check.py): each signature's folded graph, as
-    built (graphs: {key: (GraphDef without weights, weights)}), run once beside the original
-    chain of every checked fold. The original's weights, pinned until now, are let go of. A
-    failed check is recorded in the report's verification and raised, naming the fold."""
-    device = verify_lib.visible_devices()[0]
-    checks = fold_check.FoldChecks(device)
+    """The FoldChecks of one MetaGraph (verify/fold_check.check_signatures): each signature's
+    folded graph, as built (graphs: {key: (GraphDef without weights, weights)}), run once beside
+    the original chain of every fold. The original's weights, pinned until now, are let go of.
+    A failed or unchecked fold is recorded in the report's verification and raised, naming it."""
     with progress.phase("check folds"):
-        for key, original in folded.reference.originals.items():
-            signature = folded.folded[key]
-            plan = fold_check.plan(key, folded.report.signatures[key].folds, original,
-                                   {n.name for n in graphs[key][0].node})
-            values = fold_check.NOTHING_PROBED
-            try:
-                if plan.folds:
-                    values = _probe_folds(key, signature, graphs[key], plan, folded)
-            # A pass that changed a dtype at a chain's input fails the import (ValueError); the
-            # output check still judges those folds.
-            except (tf.errors.OpError, ValueError) as e:
-                why = "its check cannot run: %s" % errors.most_specific_line(e)
-                logging.warning("the folds of %s cannot be checked by themselves: %s", key, why)
-                plan = dataclasses.replace(plan, folds=[], not_checked=dict(
-                    plan.not_checked, **{"%s: %s" % (key, fold.node): why for fold in plan.folds}))
-            signature.weights.unpin(signature.graph_def)
-            found, not_checked = fold_check.check(key, plan, values, options.verify_config)
-            checks.checks += found
-            checks.not_checked.update(not_checked)
-    if not checks.ok:
-        folded.report.verification = verify_lib.VerificationReport(devices=[device], folds=checks)
-        fold_check.raise_if_failed(checks)
+        checks = fold_check.check_signatures(
+            graphs, folded.reference.originals, folded.folded,
+            {key: folded.report.signatures[key].folds for key in folded.reference.originals},
+            folded.test_inputs, folded.signatures.state, options.verify_config)
+    if not checks.ok or checks.not_checked:
+        folded.report.verification = verify_lib.VerificationReport(devices=[checks.device], folds=checks)
+        fold_check.raise_if_failed(checks, options.verify_config)
     return checks
-
-
-def fold_check_probe(signature, graph, plan):
-    """The probe of one signature's folded graph as built (graph: (GraphDef, weights)) with the
-    plan's original chains beside it, comparing each checked fold with its chain."""
-    return probe_lib.probe_function(signature, *graph, [], plan.compared,
-                                    checks=(plan.chains, probe_lib.stored_weights(plan.chains, signature.weights)))
-
-
-def _probe_folds(key, signature, graph, plan, folded):
-    """run_probe's values of one signature's folded graph with the plan's original chains."""
-    specs = folded.test_inputs.input_specs[key]
-    inputs = fold_check.probe_inputs(specs, folded.test_inputs.arrays[key])
-    probe = fold_check_probe(signature, graph, plan)
-    # Calling it advances the state the output saves (a counter): restored after.
-    return fold_check.run_as_written(probe, specs, inputs, folded.signatures.state)
 
 
 def verify(built, folded, fold_checks, options, progress):
@@ -188,23 +156,37 @@ def load_written(built, tags):
 
 def find_culprit(failed, folded, options, progress):
     """The culprit.Culprit of a failed check: its signature's pipeline runs again with folds left
-    out, by halves, each result called in memory as the written model would be."""
+    out, by halves, each result called in memory as the written model would be; where leaving
+    every fold out does not help, with every fold left out and the pipeline cut short, by
+    halves, to the first pass after which the output fails."""
     key = folded.signatures.first(failed.signature)
     expected = folded.reference.expected.calls[(failed.signature, failed.device)][0][failed.output]
+    pipeline = options.config["pipeline"]
     with progress.phase("find the failing fold"):
         frozen = folded.original.frozen(key)
 
-        def check_without(left_out):
+        def check_without(left_out, passes=pipeline):
             names = [name for fold in left_out for name in [fold.node] + list(fold.absorbed)]
             weights = frozen.weights.copy()  # each re-run retains its own: the frozen graph names them all
-            graph_def, _ = runner.run_pipeline(frozen.graph_def, frozen.output_tensors, options.config["pipeline"],
+            graph_def, _ = runner.run_pipeline(frozen.graph_def, frozen.output_tensors, list(passes),
                                                context=PassContext(weights, left_out=names), weights_out=True)
+            # Its own names for the functions it rewrote: a process registers a function name once.
+            graph_def = graph_lib.renamed_functions(graph_def, "_culprit_%s" % uuid.uuid4().hex[:12])
             function = write_lib.signature_callable(dataclasses.replace(frozen, graph_def=graph_def, weights=weights))
             return culprit_lib.recheck(function, expected, folded.test_inputs.arrays[failed.signature], failed)
 
-        found, (_, error), checks = culprit_lib.bisect(folded.report.signatures[key].folds, check_without)
+        folds = folded.report.signatures[key].folds
+        found, (_, error), checks = culprit_lib.bisect(folds, check_without)
+        pass_name = None
+        if not found:
+            first, calls = culprit_lib.first_failing(
+                len(pipeline), lambda count: not check_without(folds, pipeline[:count])[0])
+            checks += calls
+            if first is not None:
+                entry = pipeline[first - 1]
+                pass_name = entry["pass"] if isinstance(entry, dict) else entry
     return culprit_lib.Culprit(failed.signature, failed.output, failed.device, [dataclasses.asdict(f) for f in found],
-                               failed.max_rel_error, error, checks)
+                               failed.max_rel_error, error, checks, pass_name)
 
 
 def move_into_place(built, output_dir, scratch, tflite_scratch, tflite_output, progress):

@@ -15,12 +15,16 @@ from tf_bnfuse.graph import tf_internal
 from tf_bnfuse.savedmodel import write
 
 
-def _compare_nodes(prefix, dtypes, compared):
+def _compare_nodes(prefix, dtypes, compared, moments=()):
     """(NodeDefs, {(reference, candidate): tensor [max |reference - candidate|, max |reference|]})
     comparing each pair of tensors in `compared` over every element, in the graph: the
     difference and the reference stacked (a candidate that is neither of the reference's shape
-    nor broadcasts to it fails the run), flattened, and reduced. TensorFlow's Max returns NaN
-    where an element is NaN, and -inf over no element. dtypes: the references' {name: DataType}."""
+    nor broadcasts to it fails the run), flattened, and reduced. A half-precision pair adds, in
+    float32, [sum d * r, sum r * r] of the difference d and the reference r, each centred on its
+    mean over all but the last axis (a channel's): what the least-squares slope of d on r needs,
+    where a fold's scale error shows under rounding noise even when a channel's bias dominates
+    it. TensorFlow's Max returns NaN where an element is NaN, and -inf over no element. dtypes:
+    the references' {name: DataType}."""
     two_rows, axis = prefix + "two_rows", prefix + "axis"
     nodes = [graph_lib.const_node_def(two_rows, np.array([2, -1], np.int32)),
              graph_lib.const_node_def(axis, np.array(1, np.int32))]
@@ -37,7 +41,68 @@ def _compare_nodes(prefix, dtypes, compared):
             graph_lib.node_def(at + "maxima", "Max", [at + "magnitudes", axis],
                                {"T": dtype, "Tidx": int32, "keep_dims": tf.compat.v1.AttrValue(b=False)})])
         returned[(reference, candidate)] = at + "maxima:0"
+        if (reference, candidate) in moments:
+            nodes.extend(_moment_nodes(at, reference, dtype))
+            returned[(reference, candidate)] = at + "found:0"
     return nodes, returned
+
+
+def _moment_nodes(at, reference, dtype):
+    """The nodes of a pair's [max |d|, max |r|, sum d * r, sum r * r, sum d * d, elements]
+    (at + "found"), d and r centred on their channels' means,
+    in float32, from its "stacked" [d, r] and "maxima" (_compare_nodes)."""
+    int32, wide = graph_lib.type_attr(tf.int32), graph_lib.type_attr(tf.float32)
+    no_keep, keep = tf.compat.v1.AttrValue(b=False), tf.compat.v1.AttrValue(b=True)
+
+    def const(name, value):
+        return graph_lib.const_node_def(at + name, np.array(value, np.int32))
+    return [
+        # [2, elements, channels]: the channel count from the reference's last dimension
+        graph_lib.node_def(at + "shape", "Shape", [reference], {"T": dtype, "out_type": int32}),
+        const("last_begin", [-1]), const("last_end", [0]), const("last_stride", [1]),
+        graph_lib.node_def(at + "channels", "StridedSlice",
+                           [at + "shape", at + "last_begin", at + "last_end", at + "last_stride"],
+                           {"T": int32, "Index": int32, "end_mask": tf.compat.v1.AttrValue(i=1)}),
+        const("two_rows_of", [2, -1]), const("zero", 0),
+        graph_lib.node_def(at + "channel_rows_shape", "ConcatV2", [at + "two_rows_of", at + "channels", at + "zero"],
+                           {"T": int32, "N": tf.compat.v1.AttrValue(i=2), "Tidx": int32}),
+        _cast_node(at + "wide", at + "stacked", dtype, wide),
+        graph_lib.node_def(at + "channel_rows", "Reshape", [at + "wide", at + "channel_rows_shape"],
+                           {"T": wide, "Tshape": int32}),
+        const("one", 1),
+        graph_lib.node_def(at + "channel_means", "Mean", [at + "channel_rows", at + "one"],
+                           {"T": wide, "Tidx": int32, "keep_dims": keep}),
+        graph_lib.node_def(at + "centred", "Sub", [at + "channel_rows", at + "channel_means"], {"T": wide}),
+        graph_lib.node_def(at + "centred_reference", "GatherV2", [at + "centred", at + "one", at + "zero"],
+                           {"Tparams": wide, "Tindices": int32, "Taxis": int32,
+                            "batch_dims": tf.compat.v1.AttrValue(i=0)}),
+        graph_lib.node_def(at + "centred_difference", "GatherV2", [at + "centred", at + "zero", at + "zero"],
+                           {"Tparams": wide, "Tindices": int32, "Taxis": int32,
+                            "batch_dims": tf.compat.v1.AttrValue(i=0)}),
+        # [d * r, r * r, d * d]: the reference row times both rows, then the difference squared
+        graph_lib.node_def(at + "by_reference", "Mul", [at + "centred", at + "centred_reference"], {"T": wide}),
+        graph_lib.node_def(at + "squared_difference", "Square", [at + "centred_difference"], {"T": wide}),
+        graph_lib.node_def(at + "squared_difference_row", "ExpandDims", [at + "squared_difference", at + "zero"],
+                           {"T": wide, "Tdim": int32}),
+        graph_lib.node_def(at + "products", "ConcatV2", [at + "by_reference", at + "squared_difference_row",
+                                                         at + "zero"],
+                           {"T": wide, "N": tf.compat.v1.AttrValue(i=2), "Tidx": int32}),
+        const("element_axes", [1, 2]),
+        graph_lib.node_def(at + "sums", "Sum", [at + "products", at + "element_axes"],
+                           {"T": wide, "Tidx": int32, "keep_dims": no_keep}),
+        graph_lib.node_def(at + "size", "Size", [reference], {"T": dtype, "out_type": int32}),
+        _cast_node(at + "wide_size", at + "size", int32, wide),
+        graph_lib.node_def(at + "count", "Reshape", [at + "wide_size", at + "last_stride"],
+                           {"T": wide, "Tshape": int32}),
+        _cast_node(at + "wide_maxima", at + "maxima", dtype, wide),
+        graph_lib.node_def(at + "found", "ConcatV2", [at + "wide_maxima", at + "sums", at + "count", at + "zero"],
+                           {"T": wide, "N": tf.compat.v1.AttrValue(i=3), "Tidx": int32})]
+
+
+def _cast_node(name, tensor, source, destination):
+    """source, destination: AttrValues of DataTypes."""
+    return graph_lib.node_def(name, "Cast", [tensor], {"SrcT": source, "DstT": destination,
+                                                      "Truncate": tf.compat.v1.AttrValue(b=False)})
 
 
 def _placeholder(name, dtype_attr):
@@ -106,11 +171,12 @@ class Probe:
                 "compared": {pair: values[i] for pair, i in self._returned["compared"].items()}}
 
 
-def probe_function(sig, graph_def, weights, full, compared=(), float64=False, checks=None):
+def probe_function(sig, graph_def, weights, full, compared=(), float64=False, checks=None, moments=()):
     """A Probe of the signature's graph: a function of its inputs (in sorted key order, of any
     shape) that returns {"full": {tensor name: value} of the tensors named in `full`,
     "compared": {(reference, candidate): [max |reference - candidate|, max |reference|]} of the
-    pairs of tensor names in `compared`, over every element (_compare_nodes)}. A tensor in
+    pairs of tensor names in `compared`, over every element, followed for a pair in `moments`
+    by the two sums of its slope (_compare_nodes)}. A tensor in
     neither graph is left out of the result, and so is a pair that names one.
 
     weights: {node name of graph_def: tf.Variable or array it reads} (write.build's graphs, or
@@ -141,7 +207,8 @@ def probe_function(sig, graph_def, weights, full, compared=(), float64=False, ch
     compared = [pair for pair in compared if all(graph_lib.parse_input(t)[0] in present for t in pair)]
     prefix = "tf_bnfuse_probe_%s/" % suffix  # a name no graph node has
     comparisons, compared_outputs = _compare_nodes(
-        prefix, function_def_lib.dtypes_of(graph_def, [reference for reference, _ in compared]), compared)
+        prefix, function_def_lib.dtypes_of(graph_def, [reference for reference, _ in compared]), compared,
+        frozenset(moments))
     graph_def.node.extend(comparisons)
     fed.update({name + ":0": resource.handle for name, resource in sig.resources.items()})
     cast = [float64 and sig.inputs[k].dtype == tf.float32 for k in input_keys]

@@ -26,11 +26,16 @@ class Culprit:
     error_before: float  # max rel error of the failed output, every fold in place
     error_without: Optional[float]  # the same with `folds` left out (None: not found)
     checks: int  # pipeline re-runs spent
+    # Where no fold explains it: the first pass of the pipeline after which the output fails,
+    # every fold left out (None: not found)
+    pass_name: Optional[str] = None
 
     def describe(self):
         if not self.folds:
-            return "not caused by a fold: with every fold left out the output still differs (max rel error %.3g)" % (
-                self.error_without)
+            found = ("" if self.pass_name is None else
+                     "; caused by pass %s: the pipeline up to it fails, the one before it passes" % self.pass_name)
+            return ("not caused by a fold: with every fold left out the output still differs (max rel error %.3g)%s"
+                    % (self.error_without, found))
         what = " and ".join("the fold of %s (%s) into %s (%s)" % (f["node"], f["op"], f["linear_node"],
                                                                   f["linear_op"]) for f in self.folds)
         return "caused by %s: max rel error %.3g with it, %.3g without" % (what, self.error_before,
@@ -74,11 +79,30 @@ def bisect(folds, check_without):
     return candidates, found, calls[0]
 
 
+def first_failing(count, fails):
+    """The smallest k in 1..count with fails(k), by halving, given that fails(count) and that a
+    failure, once there, stays for larger k (a pass's change to an output is not undone by a
+    later pass); None where fails(count) is false. (k, calls of fails)."""
+    calls = 1
+    if not fails(count):
+        return None, calls
+    low, high = 0, count  # fails(high); not known to fail at low (0: nothing run)
+    while high - low > 1:
+        middle = (low + high) // 2
+        calls += 1
+        if fails(middle):
+            high = middle
+        else:
+            low = middle
+    return high, calls
+
+
 def recheck(function, expected, inputs, failed):
     """(passes, max rel error) of one output of `function` against the original's (expected: its
-    value there, compare.Expected), as the failed check compared it (same device, same tolerance)."""
-    tolerance = {"rtol": failed.rtol, "atol": failed.atol}
+    value there, compare.Expected), as the failed check judged it: same device, the folded graph
+    run as that check reported it (with Grappler: a check failed as written failed with it
+    too), held to the bound that failed (a tolerance's, or the models' own spread's)."""
     with tf.device(failed.device):
         actual = function(**{k: tf.constant(v) for k, v in inputs.items()})[failed.output].numpy()
-    _, max_rel, ok = verify_lib.compare(np.asarray(expected), np.asarray(actual), tolerance)
-    return ok, max_rel
+    _, max_rel, _ = verify_lib.compare(np.asarray(expected), np.asarray(actual), {"rtol": 0.0, "atol": 0.0})
+    return bool(max_rel <= failed.bound), max_rel

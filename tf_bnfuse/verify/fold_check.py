@@ -22,15 +22,16 @@ the output comparison covers on every device.
 
 import dataclasses
 import math
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import tensorflow as tf
 
 from tf_bnfuse import errors
-from tf_bnfuse import graph as graph_lib
+from tf_bnfuse.savedmodel import probe as probe_lib
 from tf_bnfuse.savedmodel import resources
 from tf_bnfuse.verify import compare
+from tf_bnfuse.verify import fold_plan
 
 # Machine epsilon of the dtypes a linear op computes in (np.finfo has no bfloat16).
 _EPSILON = {"float16": 2.0 ** -10, "bfloat16": 2.0 ** -7, "float32": 2.0 ** -23, "float64": 2.0 ** -52}
@@ -46,6 +47,22 @@ class FoldCheck:
     bound: float  # on max_rel_error
     ok: bool
     scale: float  # max |original| at output
+    # |least-squares slope of (original - folded) on original|: a scale error shows there below
+    # rounding; judged (slope_bound) where the linear op computes in half precision
+    slope: float = 0.0
+    slope_bound: Optional[float] = None
+    slope_significance: float = 0.0  # |slope| / its standard error: a slope over its bound fails only above
+    # verify.slope_significance (10), where rounding noise cannot have made it (slope_significant)
+    slope_significant: bool = False
+    # Its chain holds another fold's nodes (a later pass cut it there): a fold that fails its own
+    # chain alone is named first
+    shared: bool = False
+
+    @property
+    def excess(self):
+        """How far the check is along to its bounds (1: at one): the larger of its two ratios."""
+        return max(self.max_rel_error / self.bound,
+                   self.slope / self.slope_bound if self.slope_bound and self.slope_significant else 0.0)
 
 
 @dataclasses.dataclass
@@ -57,19 +74,24 @@ class FoldChecks:
 
     @property
     def ok(self):
+        """No checked fold failed (folds not checked: raise_if_failed decides)."""
         return all(c.ok for c in self.checks)
 
+    @property
+    def total(self):
+        return len(self.checks) + len(self.not_checked)
+
     def failures(self):
-        return sorted((c for c in self.checks if not c.ok), key=lambda c: -c.max_rel_error / c.bound)
+        return sorted((c for c in self.checks if not c.ok), key=lambda c: (c.shared, -c.excess))
 
     @property
     def worst(self):
         """The check nearest its bound (or furthest past it)."""
-        return max(self.checks, key=lambda c: c.max_rel_error / c.bound, default=None)
+        return max(self.checks, key=lambda c: c.excess, default=None)
 
     def to_dict(self):
         result = dataclasses.asdict(self)
-        result.update(checked=len(self.checks), ok=self.ok,
+        result.update(checked=len(self.checks), total=self.total, ok=self.ok,
                       worst=dataclasses.asdict(self.worst) if self.worst else None)
         return result
 
@@ -77,23 +99,48 @@ class FoldChecks:
         failed = self.failures()
         first = failed[0]
         more = " (and %d more: %s)" % (len(failed) - 1, ", ".join(c.node for c in failed[1:])) if len(failed) > 1 else ""
+        slope = ("" if first.slope_bound is None else
+                 ", slope of the difference on the original %.3g, bound %.3g" % (first.slope, first.slope_bound))
         return ("fold of %s into %s (signature %s) fails its own check: at %s, beside its original chain on the "
-                "same input, max rel error %.3g, bound %.3g%s" % (
+                "same input, max rel error %.3g, bound %.3g%s%s" % (
                     first.node, first.linear_node, first.signature, first.output, first.max_rel_error, first.bound,
-                    more))
+                    slope, more))
+
+
+HALF_PRECISION = fold_plan.HALF_PRECISION
+
+
+def _setting(verify_config, key):
+    """A number of the verify config, which config.validate_config completes with the defaults."""
+    return float(verify_config[key])
 
 
 def bound(check_point, verify_config):
-    """The bound on a fold's max rel error: fold_rounding_multiple * eps * sqrt(terms)."""
-    multiple = float(verify_config.get("fold_rounding_multiple", 8.0))
-    epsilon = _EPSILON.get(check_point.dtype, _EPSILON["float32"])
-    return multiple * epsilon * math.sqrt(max(check_point.terms or 1, 1))
+    """The bound on a fold's max rel error. A float32 or float64 linear op rounds as it sums its
+    `terms` products: fold_rounding_multiple * eps * sqrt(terms). A float16 or bfloat16 one sums
+    in float32 (TensorFlow's CPU kernels, measured; cuDNN and cuBLAS as TensorFlow calls them
+    by default) and rounds its output, the folded kernel and the bias to half precision:
+    half_rounding_multiple * eps(half) on top of float32's bound."""
+    multiple = _setting(verify_config, "fold_rounding_multiple")
+    summed = math.sqrt(max(check_point.terms or 1, 1))
+    if check_point.dtype in HALF_PRECISION:
+        return (multiple * _EPSILON["float32"] * summed
+                + _setting(verify_config, "half_rounding_multiple") * _EPSILON[check_point.dtype])
+    return multiple * _EPSILON.get(check_point.dtype, _EPSILON["float32"]) * summed
+
+
+def slope_bound(check_point, verify_config):
+    """The bound on |slope| (FoldCheck.slope) of a half-precision fold: slope_multiple * eps(half).
+    Rounding, unbiased, hardly correlates with the output (honest folds of mixed_float16 and
+    mixed_bfloat16 models: at most 0.13 eps, scripts/measure_half_precision.py), where a kernel
+    off by a factor 1 + e gives a slope near e. None for other dtypes, whose max rel error
+    bound is tight enough alone."""
+    if check_point.dtype not in HALF_PRECISION:
+        return None
+    return _setting(verify_config, "slope_multiple") * _EPSILON[check_point.dtype]
 
 
 NOTHING_PROBED = {"full": {}, "compared": {}}  # the values of a plan with no fold to check
-CHAIN_PREFIX = "tf_bnfuse_original_chain_%d/"  # a checked fold's original chain, in the folded probe
-# A chain is a few nodes a branch; the limit bounds the walk where a chain would reach the model's input.
-CHAIN_MAX_NODES = 1024
 
 
 def run_as_written(probe, input_specs, inputs, state=()):
@@ -113,91 +160,106 @@ def probe_inputs(input_specs, inputs):
 
 def run_probe(probe, input_specs, inputs):
     """{"full": {tensor: tensor}, "compared": {(reference, candidate): (max abs difference,
-    scale) as floats}}: one call of a savedmodel/probe.probe_function on a signature's inputs."""
+    scale), and for a half-precision pair the centred sums of difference * reference and
+    reference^2, as floats}}: one call of a savedmodel/probe.probe_function on a signature's
+    inputs."""
     result = probe(*[tf.constant(inputs[k]) for k in sorted(input_specs)])
     return {"full": dict(result["full"]),
             "compared": {pair: tuple(float(v) for v in maxima.numpy()) for pair, maxima in result["compared"].items()}}
 
 
-@dataclasses.dataclass
-class Plan:
-    """What the folded graph's probe of one signature adds and reads."""
-    chains: object  # GraphDef: each checked fold's original chain, its nodes renamed (CHAIN_PREFIX)
-    references: Dict[str, str]  # a checked fold's output -> its original chain's output in `chains`
-    folds: list  # the report.Folds to check
-    not_checked: Dict[str, str]
+def check_signatures(graphs, originals, signatures, folds, test_inputs, state, verify_config):
+    """The FoldChecks of one MetaGraph's signatures: for each, the Plan of its folds
+    (fold_plan.plan), one probe of its folded graph as built (graphs: {key: (GraphDef without
+    weights, weights)}) with the plan's chains beside it, run on the first device as written
+    (run_as_written; `state`: the variables the signatures write, given back their values), and
+    each fold judged (check). originals: {key: the original's frozen graph as before the
+    passes}; signatures: {key: the folded signature, whose store lets go of the original's
+    pinned weights once its check ran}; folds: {key: [report.Fold]}. An error building or
+    running a probe is tf_bnfuse's (BnFuseError, exit 3): never a fold silently unchecked."""
+    checks = FoldChecks(compare.visible_devices()[0])
+    for key, original in originals.items():
+        signature = signatures[key]
+        plan_ = fold_plan.plan(key, folds[key], original, graphs[key][0])
+        values = NOTHING_PROBED
+        if plan_.folds:
+            specs = test_inputs.input_specs[key]
+            try:
+                values = run_as_written(probe(signature, graphs[key], plan_), specs,
+                                        probe_inputs(specs, test_inputs.arrays[key]), state)
+            except (tf.errors.OpError, ValueError) as e:
+                raise errors.BnFuseError("the folds of signature %s cannot be checked by themselves, a tf_bnfuse "
+                                         "bug (nothing written): %s" % (key, errors.most_specific_line(e))) from e
+        signature.weights.unpin(signature.graph_def)
+        found, not_checked = check(key, plan_, values, verify_config)
+        checks.checks += found
+        checks.not_checked.update(not_checked)
+    return checks
 
-    @property
-    def compared(self):
-        """[(original chain's output, fold's output)]: what the probe compares."""
-        return [(self.references[output], output) for output in sorted(self.references)]
 
-
-def plan(signature, folds, original, folded_nodes):
-    """The Plan of one signature's folds, given the original's frozen graph as before the passes
-    and the names of the folded graph's nodes."""
-    nodes = {node.name: node for node in original.node}
-    chains = graph_lib.new_graph_def(original)
-    references, checked, not_checked = {}, [], {}
-    for fold in folds:
-        where, point = "%s: %s" % (signature, fold.node), fold.check
-        if point is None:
-            not_checked[where] = "inside a called function (a loop body or branch): covered by the output check"
-            continue
-        missing = [t for t in point.inputs + [point.output] if graph_lib.parse_input(t)[0] not in folded_nodes]
-        chain = graph_lib.computed_from(nodes.get, point.output, point.inputs, CHAIN_MAX_NODES)
-        if missing or chain is None:
-            not_checked[where] = ("%s is not a tensor of the folded graph" % missing[0] if missing else
-                                  "its chain in the original reads more than %s and constants, or is over %d "
-                                  "nodes" % (", ".join(point.inputs), CHAIN_MAX_NODES))
-            continue
-        checked.append(fold)
-        if point.output not in references:  # the branches of a concat share one
-            output, inputs = chain
-            renamed = {name: CHAIN_PREFIX % len(references) + name for name in inputs}
-            for name, read in inputs.items():
-                node = chains.node.add()
-                node.CopyFrom(nodes[name])
-                node.name, node.device = renamed[name], ""
-                graph_lib.set_inputs(node, [graph_lib.renamed_input(i, renamed) for i in read])
-                node.attr.pop("_class", None)  # colocation with nodes it does not hold
-            references[point.output] = graph_lib.renamed_input(output, renamed)
-    if chains.library.function and not any(graph_lib.called_function_names(node) for node in chains.node):
-        chains.library.Clear()
-    return Plan(chains, references, checked, not_checked)
+def probe(signature, graph, plan_):
+    """The probe of one signature's folded graph as built (graph: (GraphDef, weights)) with the
+    plan's original chains beside it, comparing each checked fold with its chain."""
+    return probe_lib.probe_function(signature, *graph, [], plan_.compared,
+                                    checks=(plan_.chains, probe_lib.stored_weights(plan_.chains, signature.weights)),
+                                    moments=plan_.sloped)
 
 
 def check(signature, plan_, values, verify_config):
     """([FoldCheck], {not checked: why}) of the planned folds: each original chain's output
-    against the folded graph's (run_probe of a probe with the plan's chains: Plan.compared)."""
+    against the folded graph's (run_probe of a probe with the plan's chains: fold_plan.Plan.compared).
+    Folds compared at one tensor (a concat's branches) are judged by the largest of their bounds."""
     checks, not_checked = [], dict(plan_.not_checked)
+    sharing = {}
+    for fold in plan_.folds:
+        sharing.setdefault(plan_.candidate(fold), []).append(fold)
     for fold in plan_.folds:  # plan kept only folds whose output and chain the probe holds
-        output = fold.check.output
-        error, scale = values["compared"][(plan_.references[output], output)]
+        output = plan_.candidate(fold)
+        error, scale, *moments = values["compared"][(plan_.references[output], output)]
         if not math.isfinite(scale) and scale != -math.inf:  # (-inf: Max over no element)
             not_checked["%s: %s" % (signature, fold.node)] = ("its original chain's output is not finite on the "
                                                               "test inputs: covered by the output check")
             continue
-        limit, relative = bound(fold.check, verify_config), relative_error(error, scale)
-        checks.append(FoldCheck(signature, fold.node, fold.linear_node, output, relative, limit,
-                                bool(relative <= limit), max(scale, 0.0)))
+        owners = sharing[output]
+        limit = max(bound(f.check, verify_config) for f in owners)
+        slope_limit = max((slope_bound(f.check, verify_config) or 0.0) for f in owners) or None
+        relative = compare.relative_error(error, scale)
+        slope, significance = fitted_slope(*moments) if moments else (0.0, 0.0)
+        significant = significance > _setting(verify_config, "slope_significance")
+        ok = relative <= limit and (slope_limit is None or slope <= slope_limit or not significant)
+        key = fold_plan.fold_key(fold)
+        checks.append(FoldCheck(signature, fold.node, fold.linear_node, plan_.at.get(key, fold.check.output),
+                                relative, limit, bool(ok), max(scale, 0.0), slope, slope_limit, significance,
+                                significant, key in plan_.shared))
     return checks, not_checked
 
 
-def relative_error(error, scale):
-    """max |folded - original| / max |original| from the probe's two maxima (compare.compare's
-    rule): infinite where the folded output is not finite and the original is, or where the
-    original is all zero and the folded output is not; 0 over no element."""
-    if error == -math.inf:
-        return 0.0
-    if not math.isfinite(error):
-        return math.inf
-    return error / scale if scale > 0 else (0.0 if error == 0 else math.inf)
+def fitted_slope(dot, energy, spread, count):
+    """(|slope|, |slope| / its standard error) of the least-squares line through the origin of
+    the difference d on the reference r, from sum d * r, sum r * r, sum d * d and the number of
+    elements (centred sums: probe._moment_nodes). Rounding noise gives a slope of a few standard
+    errors; a fold's scale error a slope of hundreds."""
+    if not energy > 0:
+        return (0.0, 0.0) if dot == 0 else (math.inf, math.inf)
+    slope = dot / energy
+    residual = max(spread - slope * dot, 0.0) / max(count - 1.0, 1.0)
+    error = math.sqrt(residual / energy)
+    return abs(slope), (abs(slope) / error if error > 0 else (0.0 if slope == 0 else math.inf))
 
 
-def raise_if_failed(fold_checks):
-    if fold_checks is not None and not fold_checks.ok:
+def raise_if_failed(fold_checks, verify_config):
+    """Raises VerificationError where a fold failed its check, or where one was not checked by
+    itself and verify_config does not accept that (accept_unchecked_folds)."""
+    if fold_checks is None:
+        return
+    if not fold_checks.ok:
         raise errors.VerificationError(
-            "verification failed: %s; a fold error, not rounding: verify.fold_rounding_multiple in a --config loosens "
-            "the bound; nothing written" % fold_checks.describe_failure())
-
+            "verification failed: %s; a fold error, not rounding: verify.fold_rounding_multiple (half precision: "
+            "half_rounding_multiple, slope_multiple) in a --config loosens the bound; nothing written" %
+            fold_checks.describe_failure())
+    if fold_checks.not_checked and not verify_config["accept_unchecked_folds"]:
+        (where, why), more = sorted(fold_checks.not_checked.items())[0], len(fold_checks.not_checked) - 1
+        raise errors.VerificationError(
+            "verification failed: %s of %d folds not checked by themselves: fold %s: %s%s; "
+            "verify.accept_unchecked_folds in a --config accepts them, the outputs deciding; nothing written" % (
+                len(fold_checks.not_checked), fold_checks.total, where, why, " (and %d more)" % more if more else ""))
