@@ -43,7 +43,7 @@ class Plan:
     references: Dict[str, str]  # a checked fold's output in the folded probe -> its original chain's output
     folds: list  # the report.Folds to check
     not_checked: Dict[str, str]
-    # fold_key -> its output in the probe, and the folded graph's tensor that is
+    # fold_key -> the probe's tensor it is compared at (candidates), and that tensor in the folded graph (at)
     candidates: Dict[tuple, str] = dataclasses.field(default_factory=dict)
     at: Dict[tuple, str] = dataclasses.field(default_factory=dict)
     shared: set = dataclasses.field(default_factory=set)  # folds whose chains hold other folds' nodes
@@ -232,10 +232,10 @@ def _probe_tensor(tensor, scope):
 
 def _chain(point, scope):
     """((computed_from's output, {node: inputs}, whether it starts above the fold's own inputs,
-    the tensors it starts from) of the fold's original chain, None), or (None, why not). A chain input that the folded graph
-    lacks, or holds with another value (a linear op an earlier fold scaled, an affine op a
-    forward fold removed), is replaced by the nearest tensors above it that it holds as they
-    were, the chain growing by what lies between."""
+    the tensors it starts from) of the fold's original chain, None), or (None, why not). A
+    chain input that the folded graph lacks, or holds with another value (a linear op an
+    earlier fold scaled, an affine op a forward fold removed), is replaced by the nearest
+    tensors above it that it holds as they were, the chain growing by what lies between."""
     inputs = graph_lib.nearest_kept(scope.nodes.get, point.inputs, scope.kept, CHAIN_MAX_NODES)
     if inputs is None:
         return None, ("%s is not a tensor of the folded graph, and nor is what computes it" %
