@@ -1,7 +1,7 @@
 """Folds a live zoo model in memory and writes what a user would write from it, for either Keras
 flavour (tf-keras runs this file in a subprocess: it cannot share a process with Keras 3):
 
-    python tests/live_models.py tf_keras NAME OUT_DIR
+    python tests/live_models.py tf_keras NAME OUT_DIR [positional_calls]
 
 fold_and_write returns (and the script pickles to OUT_DIR/facts.pkl) the facts the tests judge:
 the model's own outputs on seeded inputs (before the fold), the folded object's, whether every
@@ -57,11 +57,27 @@ def fold_and_write(keras, name, out_dir):
                 verified=folded.report.verification.ok)
 
 
-def main(flavour, name, out_dir):
+def positional_calls(keras, name, out_dir=None):
+    """{how the folded object was called: max |folded - model|} of a multi-input zoo model, called
+    as the Keras model is: by position, with a list, and with a dict by input name."""
+    import numpy as np
+    import tf_bnfuse
+
+    model, _ = model_zoo.build_model(keras, name)
+    folded = tf_bnfuse.fold(model)
+    rng = np.random.default_rng(11)
+    inputs = [rng.standard_normal([2] + list(t.shape[1:])).astype(np.float32) for t in model.inputs]
+    expected = np.asarray(model(inputs, training=False))
+    by_name = dict(zip([t.name.split(":")[0] for t in model.inputs], inputs))
+    calls = {"positional": folded(*inputs), "list": folded(inputs), "dict": folded(by_name)}
+    return {how: float(np.max(np.abs(np.asarray(value) - expected))) for how, value in calls.items()}
+
+
+def main(flavour, name, out_dir, what="fold_and_write"):
     sys.path.insert(0, os.path.join(os.path.dirname(HERE), "benchmarks"))
     import keras_flavour
     keras = keras_flavour.import_keras(flavour)
-    facts = fold_and_write(keras, name, out_dir)
+    facts = {"fold_and_write": fold_and_write, "positional_calls": positional_calls}[what](keras, name, out_dir)
     with open(os.path.join(out_dir, "facts.pkl"), "wb") as f:
         pickle.dump(facts, f)
 

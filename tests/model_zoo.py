@@ -317,6 +317,24 @@ def mixed_float16_project_expand(keras):
         keras.mixed_precision.set_global_policy("float32")
 
 
+def two_inputs_same_shape(keras):
+    """Two inputs of one shape, "second" before "first", feeding Subtract -> Conv2D -> batch norm:
+    only their order tells them apart."""
+    L = keras.layers
+    second, first = keras.Input((8, 8, 2), name="second"), keras.Input((8, 8, 2), name="first")
+    x = L.BatchNormalization()(L.Conv2D(4, 3, padding="same")(L.Subtract()([second, first])))
+    return keras.Model([second, first], x)
+
+
+def three_inputs(keras):
+    """Three inputs of different shapes (an image, a vector, a scale), not in sorted order."""
+    L = keras.layers
+    image, vector, scale = keras.Input((6, 6, 2), name="image"), keras.Input((4,), name="vector"), \
+        keras.Input((1,), name="a_scale")
+    x = L.GlobalAveragePooling2D()(L.BatchNormalization()(L.Conv2D(4, 3, padding="same")(image)))
+    return keras.Model([image, vector, scale], L.Multiply()([L.Add()([x, vector]), scale]))
+
+
 def _under_policy(policy, build):
     """A zoo builder that builds `build`'s model under a Keras mixed-precision policy."""
     def builder(keras):
@@ -333,7 +351,7 @@ def _under_policy(policy, build):
 HALF_PRECISION = [_under_policy(policy, build) for policy in ("mixed_float16", "mixed_bfloat16")
                   for build in (conv_bn_blocks, resnet50_small, mobilenet_v2_small)]
 
-MODELS = {f.__name__: f for f in HALF_PRECISION + [conv_bn_blocks, pool_bn_conv_bn, mixed_float16_project_expand, 
+MODELS = {f.__name__: f for f in HALF_PRECISION + [conv_bn_blocks, two_inputs_same_shape, three_inputs, pool_bn_conv_bn, mixed_float16_project_expand, 
     conv_bn, conv_no_bias_bn, conv_bn_swish, dilated_conv_bn, dilated_depthwise_bn, dense_rank3_bn, pool_bn_conv,
     mixed_float16_conv_bn, depthwise_bn, separable_bn, conv_transpose_bn, conv1d_bn, dense_bn, conv3d_bn,
     conv3d_no_bias_bn, channels_first_bn, branch_bn, preactivation_concat_bn, residual_leaky_relu, leaky_residual_then_bn, lstm_dense_bn,

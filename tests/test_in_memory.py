@@ -83,6 +83,42 @@ def test_tf_keras_model_folds_in_memory_and_saves_and_converts(name, tmp_path):
     _check_facts(facts, ["serving_default"])
 
 
+@pytest.mark.parametrize("name", ["two_inputs_same_shape", "three_inputs"])
+def test_a_folded_keras3_model_is_called_like_the_model_by_position_list_or_name(name):
+    """Inputs in the model's order, not sorted by name: "second" before "first", of one shape."""
+    import keras
+    errors_by_call = live_models.positional_calls(keras, name)
+    assert set(errors_by_call) == {"positional", "list", "dict"}
+    assert all(error < 1e-4 for error in errors_by_call.values()), errors_by_call
+
+
+@pytest.mark.parametrize("name", ["two_inputs_same_shape"])
+def test_a_folded_tf_keras_model_is_called_like_the_model_by_position_list_or_name(name, tmp_path):
+    env = dict(os.environ, TF_USE_LEGACY_KERAS="1")
+    result = subprocess.run([sys.executable, os.path.join(HERE, "live_models.py"), "tf_keras", name, str(tmp_path),
+                             "positional_calls"], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "facts.pkl", "rb") as f:
+        errors_by_call = pickle.load(f)
+    assert set(errors_by_call) == {"positional", "list", "dict"}
+    assert all(error < 1e-4 for error in errors_by_call.values()), errors_by_call
+
+
+def test_a_folded_saved_model_of_several_inputs_is_called_by_name_only(tmp_path):
+    """A loaded SavedModel's signature takes its inputs by name: positional arguments, which
+    it has no order for, are refused rather than matched by sorted name."""
+    import keras
+    model, _ = model_zoo.build_model(keras, "two_inputs_same_shape")
+    path = str(tmp_path / "sm")
+    model.export(path, verbose=False)
+    folded = tf_bnfuse.fold(tf.saved_model.load(path))
+    p, q = (np.random.default_rng(k).standard_normal((2, 8, 8, 2)).astype(np.float32) for k in (1, 2))
+    with pytest.raises(TypeError, match="by name"):
+        folded(p, q)
+    output = folded({"second": p, "first": q})  # one tensor, as the model returns one
+    assert _close(np.asarray(output), np.asarray(model([p, q])))
+
+
 class TwoSignatures(tf.Module):
     """A tf.Module with two input-signature tf.functions over conv -> batch norm weights."""
 

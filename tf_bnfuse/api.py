@@ -227,7 +227,7 @@ def fold(obj, signatures=None, config=None, verify=True, verify_inputs=None):
 def _fold_object(obj, signatures, config, verify, verify_inputs):
     config = _resolve_config(config)
     options = parts.Options(None, None, None, config, verify, verify_inputs, None)
-    root, functions = objects_lib.signatures_of(obj, signatures)
+    root, functions, input_order = objects_lib.signatures_of(obj, signatures)
     metagraph = parts.MetaGraph(DEFAULT_TAGS, None, releases=False)  # the input object stays whole
     report = report_lib.RunReport("(in memory: %s)" % objects_lib.described(obj), "(in memory)", {})
     progress = parts.Progress(report_lib.Timeline(), lambda boundary: None)
@@ -239,7 +239,7 @@ def _fold_object(obj, signatures, config, verify, verify_inputs):
         e.run_report = report
         raise
     report.phases = progress.timeline.to_list()
-    run.built.module.attach_run(report, run, objects_lib.returns_tensor(obj, functions))
+    run.built.module.attach_run(report, run, objects_lib.returns_tensor(obj, functions), input_order)
     return run
 
 

@@ -40,7 +40,7 @@ class Probed(tf.Module):
 
 def test_a_probe_reads_tensors_in_full_and_compares_pairs_over_every_element():
     module = Probed()
-    _, functions = objects_lib.signatures_of(module)  # as a signature: keyword inputs, a dict of outputs
+    _, functions, _ = objects_lib.signatures_of(module)  # as a signature: keyword inputs, a dict of outputs
     frozen = freeze_lib.freeze("serving_default", functions["serving_default"], resources.resource_owners(module),
                                graph_lib.WeightStore(), set(), set())
     assert any(graph_lib.WEIGHT_KEY_ATTR in n.attr for n in frozen.graph_def.node)  # w is read from the store

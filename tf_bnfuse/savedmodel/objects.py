@@ -90,12 +90,15 @@ def _functions(obj):
 
 
 def signatures_of(obj, signatures=None):
-    """(root, {key: ConcreteFunction in signature form}) of what tf_bnfuse.fold is given.
+    """(root, {key: ConcreteFunction in signature form}, {key: [input names in positional
+    order]}) of what tf_bnfuse.fold is given.
 
     root: the trackable that owns the variables and tables the functions read (for bare concrete
     functions, a tf.Module holding the variables they capture). signatures: as
     tf.saved_model.save takes it (a function, or {key: function}), instead of the object's own.
-    Raises BadInputError naming what cannot be folded.
+    The positional order is the function's own (a Keras model's inputs, in its order), for the
+    keys whose functions take their inputs by position. Raises BadInputError naming what cannot
+    be folded.
     """
     if signatures is not None:
         root = obj
@@ -106,7 +109,7 @@ def signatures_of(obj, signatures=None):
     if bad:
         raise errors.BadInputError("signature %s is no tf.function or ConcreteFunction" % ", ".join(bad))
     if all(_in_signature_form(f) for f in functions.values()):  # a loaded SavedModel's: as the CLI takes them
-        return (root if root is not None else variables_owner(functions)), dict(functions)
+        return (root if root is not None else variables_owner(functions)), dict(functions), {}
     first_key = {}  # id(function) -> the first key it is given under: one signature function for all
     for key, function in functions.items():
         first_key.setdefault(id(function), key)
@@ -115,7 +118,20 @@ def signatures_of(obj, signatures=None):
     except (ValueError, TypeError) as e:
         raise errors.BadInputError("cannot make signatures of %s: %s" % (described(obj), errors.first_line(e)))
     concrete = {key: distinct[first_key[id(function)]] for key, function in functions.items()}
-    return (root if root is not None else variables_owner(concrete)), concrete
+    order = {key: _positional_names(functions[key], concrete[key]) for key in concrete}
+    return (root if root is not None else variables_owner(concrete)), concrete, {
+        key: names for key, names in order.items() if names}
+
+
+def _positional_names(function, signature):
+    """The signature's input names in the order `function` takes them by position (a Keras
+    model's list of inputs flattened), or None where it takes them otherwise."""
+    specs = (function.structured_input_signature[0] if isinstance(function, tf.types.experimental.ConcreteFunction)
+             else getattr(function, "input_signature", None))
+    names = [spec.name for spec in tf.nest.flatten(specs or ()) if isinstance(spec, tf.TensorSpec)]
+    args, kwargs = signature.structured_input_signature
+    keyword = dict(kwargs) if kwargs else {spec.name: spec for spec in args}
+    return names if len(names) > 1 and sorted(names) == sorted(keyword) else None
 
 
 def _in_signature_form(function):
