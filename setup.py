@@ -15,7 +15,9 @@ setup(
     package_data={"tf_bnfuse.configs": ["*.json"]},
     python_requires=">=3.9",
     install_requires=["tensorflow>=2.16", "numpy", "absl-py"],
-    extras_require={"test": ["pytest", "tf-keras", "hypothesis", "ai-edge-litert"], "litert": ["ai-edge-litert"],
+    # pyflakes: the lint .ci/run runs before the tests (unused names and imports, undefined names)
+    extras_require={"test": ["pytest", "tf-keras", "hypothesis", "ai-edge-litert", "pyflakes"],
+                    "litert": ["ai-edge-litert"],
                     "bench": ["matplotlib"]},
     entry_points={"console_scripts": ["tf_bnfuse = tf_bnfuse.cli:run"]},
 )

@@ -10,17 +10,20 @@ that every layer above may use it.
 import os
 
 import tensorflow as tf
-# The SavedModel proto has no public class (tf.compat.v1 has MetaGraphDef, not SavedModel).
-from tensorflow.core.protobuf.saved_model_pb2 import SavedModel as SavedModelProto  # noqa: F401  (re-exported)
+from tensorflow.core.protobuf import saved_model_pb2 as _saved_model_pb2
 from tensorflow.core.framework.graph_debug_info_pb2 import GraphDebugInfo as _GraphDebugInfo
-# The FunctionDef proto has no public class either (graph/function_def.py makes them).
-from tensorflow.core.framework.function_pb2 import FunctionDef as FunctionDefProto  # noqa: F401  (re-exported)
+from tensorflow.core.framework import function_pb2 as _function_pb2
 from tensorflow.python.eager import context as _context
 from tensorflow.python.eager import wrap_function as _wrap_function
 from tensorflow.python.framework import convert_to_constants as _convert_to_constants
 from tensorflow.python.framework import function_def_to_graph as _function_def_to_graph
 from tensorflow.python.framework import op_def_registry as _op_def_registry
 from tensorflow.python.saved_model import load as _tf_load
+
+# The SavedModel proto has no public class (tf.compat.v1 has MetaGraphDef, not SavedModel).
+SavedModelProto = _saved_model_pb2.SavedModel
+# The FunctionDef proto has no public class either (graph/function_def.py makes them).
+FunctionDefProto = _function_pb2.FunctionDef
 
 
 def op_def(op_type):
