@@ -209,6 +209,7 @@ def test_pinned_weights_outlive_the_passes_until_unpinned(tmp_path):
                                graph_lib.WeightStore(), set(), set())
     original = graph_lib.copy_graph_def(frozen.graph_def)
     frozen.weights.pin(frozen.graph_def)
+    assert frozen.weights.copy().pinned == frozen.weights.pinned != frozenset()  # a copy keeps them too
     frozen.weights.releases = True
     graph_def, _ = runner.run_pipeline(frozen.release_graph_def(), frozen.output_tensors,
                                        config_lib.load_config(None)["pipeline"], owns_input=True,

@@ -58,6 +58,7 @@ class WeightStore:
         other.arrays.update(self.arrays)
         other.variables.update(self.variables)
         other.made |= self.made
+        other.pinned = self.pinned  # what the fold checks will read stays, whichever store retains
         return other
 
     def pin(self, graph_def):
