@@ -119,6 +119,32 @@ def test_a_folded_saved_model_of_several_inputs_is_called_by_name_only(tmp_path)
     assert _close(np.asarray(output), np.asarray(model([p, q])))
 
 
+def test_fold_leaves_the_callers_collector_and_optimizer_settings_as_it_found_them():
+    """A caller's gc.freeze() (a pre-fork server's) is still in effect after fold, nothing of the
+    run's stays frozen where the caller froze nothing, and TensorFlow's optimizer options (which
+    the checks as written switch) are as they were."""
+    import gc
+    import keras
+    model, _ = model_zoo.build_model(keras, "conv_bn")
+    options = tf.config.optimizer.get_experimental_options()
+    assert gc.get_freeze_count() == 0
+    tf_bnfuse.fold(model)
+    assert gc.get_freeze_count() == 0
+    callers = [[k] for k in range(1000)]  # objects of the caller's, alive throughout
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        tf_bnfuse.fold(model)
+        # Still frozen: outside the collector's generations (objects the caller froze that
+        # TensorFlow let go of meanwhile leave the count, so it may only fall a little).
+        collected = {id(o) for o in gc.get_objects()}
+        assert not any(id(o) in collected for o in callers)
+        assert frozen - 100 <= gc.get_freeze_count() <= frozen
+    finally:
+        gc.unfreeze()
+    assert tf.config.optimizer.get_experimental_options() == options
+
+
 class TwoSignatures(tf.Module):
     """A tf.Module with two input-signature tf.functions over conv -> batch norm weights."""
 

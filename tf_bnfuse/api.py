@@ -101,8 +101,8 @@ def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFA
     metagraphs, report = _metagraphs(model, tuple(tags) if tags else DEFAULT_TAGS, options, drop_other_metagraphs)
     progress = parts.Progress(report_lib.Timeline(), checkpoint or (lambda boundary: None))
     try:
-        with _long_lived_objects_frozen():
-            _run(model, metagraphs, options, progress)
+        with _long_lived_objects_frozen() as frozen:
+            _run(model, metagraphs, options, progress, frozen)
     except BaseException as e:  # KeyboardInterrupt too: the CLI reports what was done
         report.phases = progress.timeline.to_list()
         e.run_report = report
@@ -111,24 +111,43 @@ def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFA
     return report
 
 
+class _LongLivedObjects:
+    """Python's cyclic collector told to leave out the objects alive now (gc.freeze): a loaded
+    model is hundreds of thousands of long-lived Python objects, and each automatic full
+    collection walked them all (half the time of building a fold-check probe on ResNet50).
+    gc.freeze and gc.unfreeze act on the whole process and cannot tell whose objects they
+    freeze: where the caller has frozen objects of its own (a pre-fork server does), nothing
+    here freezes or unfreezes, so the caller's freeze stays as it was."""
+
+    def __init__(self):
+        self.ours = gc.get_freeze_count() == 0
+
+    def freeze(self):
+        if self.ours:
+            gc.freeze()
+
+    def collect_all(self):
+        """A full collection (a released input's cycles), of what this run froze too."""
+        if self.ours:
+            gc.unfreeze()
+        gc.collect()
+        self.freeze()
+
+    def release(self):
+        if self.ours:
+            gc.unfreeze()
+
+
 @contextlib.contextmanager
 def _long_lived_objects_frozen():
-    """Within, Python's cyclic collector leaves out the objects alive at entry and at each later
-    gc.freeze(): a loaded model is hundreds of thousands of long-lived Python objects, and each
-    automatic full collection walked them all (half the time of building a fold-check probe on
-    ResNet50). On the way out they are collectable again."""
-    gc.freeze()
+    """Within, the objects alive at entry and at each later freeze() are left out of the cyclic
+    collector's work (_LongLivedObjects); on the way out they are collectable again."""
+    frozen = _LongLivedObjects()
+    frozen.freeze()
     try:
-        yield
+        yield frozen
     finally:
-        gc.unfreeze()
-
-
-def _collect_all():
-    """A full collection of frozen objects too (a released input's cycles), the survivors frozen again."""
-    gc.unfreeze()
-    gc.collect()
-    gc.freeze()
+        frozen.release()
 
 
 def _metagraphs(model, tags, options, drop_other_metagraphs):
@@ -147,12 +166,12 @@ def _metagraphs(model, tags, options, drop_other_metagraphs):
     return metagraphs, report
 
 
-def _run(model, metagraphs, options, progress):
+def _run(model, metagraphs, options, progress, frozen):
     folded = []
     for metagraph, report in metagraphs:
         metagraph_progress = progress.of(metagraph)
         loaded = prepare.load(model, metagraph, options, metagraph_progress)
-        gc.freeze()  # the loaded model lives to the end of its verification
+        frozen.freeze()  # the loaded model lives to the end of its verification
         if metagraph is metagraphs[-1][0]:
             model.close()  # the parsed saved_model.pb: nothing reads it past the last load
         folded.append(_fold_metagraph(loaded, metagraph, options, metagraph_progress, report))
@@ -165,7 +184,7 @@ def _run(model, metagraphs, options, progress):
         folded, fold_checks = output.write(folded, built, folded[0].metagraph.releases, options, progress)
         # The written module's functions and graphs hold one another in cycles, and with them the
         # weights' variables: freed now, not in the verification, beside the reloaded copy.
-        _collect_all()
+        frozen.collect_all()
         for each, checks in zip(folded, fold_checks):
             output.verify(built, each, checks, options, progress.of(each.metagraph))
         if options.tflite:
