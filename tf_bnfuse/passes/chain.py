@@ -138,7 +138,7 @@ def detached(reason):
     """A NoMatch kept for the report, without its traceback and context: those hold the
     frames of the walk and of the pass (its GraphIndex, the whole input graph) in a
     reference cycle, which only the cyclic collector would free, and it is paused while
-    the passes run (pipeline._cyclic_gc_paused)."""
+    the passes run (runner._cyclic_gc_paused)."""
     reason.__traceback__ = reason.__context__ = reason.__cause__ = None
     return reason
 
