@@ -18,10 +18,10 @@ from tf_bnfuse.graph.index import GraphIndex
 from tf_bnfuse.graph.library import (CALL_ARGUMENTS, CALL_OPS, IF_OPS, WHILE_OPS, body_source, call_counts,
                                      called_function_names, called_functions, function_closure,
                                      functions_by_name, is_deterministic, renamed_functions)
-from tf_bnfuse.graph.names import (IDENTITY_OPS, attr_string, canonical_tensor, control_inputs, copy_graph_def,
-                                   const_node_def, data_inputs, data_positions, is_control, new_graph_def, node_def,
-                                   node_dtype, parse_input, renamed_input, renamed_nodes, set_inputs,
-                                   stable_function_name, string_attr, tensor_name, type_attr)
+from tf_bnfuse.graph.names import (IDENTITY_OPS, attr_string, canonical_tensor, cast_node_def, control_inputs,
+                                   copy_graph_def, const_node_def, data_inputs, data_positions, is_control,
+                                   new_graph_def, node_def, node_dtype, parse_input, renamed_input, renamed_nodes,
+                                   set_inputs, stable_function_name, string_attr, tensor_name, type_attr)
 from tf_bnfuse.graph.walks import (cleanup, computed_from, cone, constant_only_nodes, drop_dangling_colocation,
                                    forwarded_input, live_nodes, nearest_kept, qualifying_nodes)
 from tf_bnfuse.graph.weights import WEIGHT_KEY_ATTR, WeightStore, const_array, const_nbytes
@@ -45,6 +45,7 @@ __all__ = [
     "called_function_names",
     "called_functions",
     "canonical_tensor",
+    "cast_node_def",
     "cleanup",
     "computed_from",
     "const_node_def",

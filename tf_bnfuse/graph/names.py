@@ -109,6 +109,12 @@ def const_node_def(name, value):
     return node
 
 
+def cast_node_def(name, tensor, source, destination):
+    """A new Cast NodeDef of `tensor` from dtype `source` to `destination` (DTypes or DataType enums)."""
+    return node_def(name, "Cast", [tensor], {"SrcT": type_attr(source), "DstT": type_attr(destination),
+                                             "Truncate": tf.compat.v1.AttrValue(b=False)})
+
+
 def copy_graph_def(graph_def):
     new = tf.compat.v1.GraphDef()
     new.CopyFrom(graph_def)

@@ -141,12 +141,13 @@ def nearest_kept(node_of, tensors, kept, max_nodes):
     `kept`, walking data inputs; Consts on the way are left where they are. None where a walk
     reaches a node with no data input that is neither (a Placeholder) or passes max_nodes nodes.
     node_of(name): the NodeDef, or None."""
-    found, seen, stack = [], set(), list(tensors)
+    found, found_tensors, seen, stack = [], set(), set(), list(tensors)
     while stack:
         tensor = stack.pop()
         name = parse_input(tensor)[0]
         if name in kept:
-            if names.canonical_tensor(tensor) not in {names.canonical_tensor(t) for t in found}:
+            if names.canonical_tensor(tensor) not in found_tensors:
+                found_tensors.add(names.canonical_tensor(tensor))
                 found.append(tensor)
             continue
         if name in seen:

@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from tf_bnfuse import errors
 from tf_bnfuse.graph import tf_internal
+from tf_bnfuse.savedmodel import folded_model
 from tf_bnfuse.savedmodel import root_functions
 
 DEFAULT_KEY = "serving_default"
@@ -129,8 +130,7 @@ def _positional_names(function, signature):
     specs = (function.structured_input_signature[0] if isinstance(function, tf.types.experimental.ConcreteFunction)
              else getattr(function, "input_signature", None))
     names = [spec.name for spec in tf.nest.flatten(specs or ()) if isinstance(spec, tf.TensorSpec)]
-    args, kwargs = signature.structured_input_signature
-    keyword = dict(kwargs) if kwargs else {spec.name: spec for spec in args}
+    keyword = folded_model.keyword_input_specs(signature)
     return names if len(names) > 1 and sorted(names) == sorted(keyword) else None
 
 

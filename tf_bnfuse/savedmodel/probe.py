@@ -19,12 +19,12 @@ def _compare_nodes(prefix, dtypes, compared, moments=()):
     """(NodeDefs, {(reference, candidate): tensor [max |reference - candidate|, max |reference|]})
     comparing each pair of tensors in `compared` over every element, in the graph: the
     difference and the reference stacked (a candidate that is neither of the reference's shape
-    nor broadcasts to it fails the run), flattened, and reduced. A half-precision pair adds, in
-    float32, [sum d * r, sum r * r] of the difference d and the reference r, each centred on its
-    mean over all but the last axis (a channel's): what the least-squares slope of d on r needs,
-    where a fold's scale error shows under rounding noise even when a channel's bias dominates
-    it. TensorFlow's Max returns NaN where an element is NaN, and -inf over no element. dtypes:
-    the references' {name: DataType}."""
+    nor broadcasts to it fails the run), flattened, and reduced. A pair in `moments` adds, in
+    float32, [sum d * r, sum r * r, sum d * d, elements] of the difference d and the reference
+    r, each centred on its mean over all but the last axis (a channel's): what the least-squares
+    slope of d on r and its standard error need, where a fold's scale error shows under rounding
+    noise even when a channel's bias dominates it (_moment_nodes). TensorFlow's Max returns NaN
+    where an element is NaN, and -inf over no element. dtypes: the references' {name: DataType}."""
     two_rows, axis = prefix + "two_rows", prefix + "axis"
     nodes = [graph_lib.const_node_def(two_rows, np.array([2, -1], np.int32)),
              graph_lib.const_node_def(axis, np.array(1, np.int32))]
@@ -48,9 +48,9 @@ def _compare_nodes(prefix, dtypes, compared, moments=()):
 
 
 def _moment_nodes(at, reference, dtype):
-    """The nodes of a pair's [max |d|, max |r|, sum d * r, sum r * r, sum d * d, elements]
-    (at + "found"), d and r centred on their channels' means,
-    in float32, from its "stacked" [d, r] and "maxima" (_compare_nodes)."""
+    """The nodes of a pair's [max |d|, max |r|, sum d * r, sum r * r, sum d * d, elements] in
+    float32 (at + "found"), d and r centred on their channels' means, from its "stacked" [d, r]
+    and "maxima" (_compare_nodes)."""
     int32, wide = graph_lib.type_attr(tf.int32), graph_lib.type_attr(tf.float32)
     no_keep, keep = tf.compat.v1.AttrValue(b=False), tf.compat.v1.AttrValue(b=True)
 
@@ -66,7 +66,7 @@ def _moment_nodes(at, reference, dtype):
         const("two_rows_of", [2, -1]), const("zero", 0),
         graph_lib.node_def(at + "channel_rows_shape", "ConcatV2", [at + "two_rows_of", at + "channels", at + "zero"],
                            {"T": int32, "N": tf.compat.v1.AttrValue(i=2), "Tidx": int32}),
-        _cast_node(at + "wide", at + "stacked", dtype, wide),
+        graph_lib.cast_node_def(at + "wide", at + "stacked", dtype.type, tf.float32),
         graph_lib.node_def(at + "channel_rows", "Reshape", [at + "wide", at + "channel_rows_shape"],
                            {"T": wide, "Tshape": int32}),
         const("one", 1),
@@ -91,18 +91,12 @@ def _moment_nodes(at, reference, dtype):
         graph_lib.node_def(at + "sums", "Sum", [at + "products", at + "element_axes"],
                            {"T": wide, "Tidx": int32, "keep_dims": no_keep}),
         graph_lib.node_def(at + "size", "Size", [reference], {"T": dtype, "out_type": int32}),
-        _cast_node(at + "wide_size", at + "size", int32, wide),
+        graph_lib.cast_node_def(at + "wide_size", at + "size", tf.int32, tf.float32),
         graph_lib.node_def(at + "count", "Reshape", [at + "wide_size", at + "last_stride"],
                            {"T": wide, "Tshape": int32}),
-        _cast_node(at + "wide_maxima", at + "maxima", dtype, wide),
+        graph_lib.cast_node_def(at + "wide_maxima", at + "maxima", dtype.type, tf.float32),
         graph_lib.node_def(at + "found", "ConcatV2", [at + "wide_maxima", at + "sums", at + "count", at + "zero"],
                            {"T": wide, "N": tf.compat.v1.AttrValue(i=3), "Tidx": int32})]
-
-
-def _cast_node(name, tensor, source, destination):
-    """source, destination: AttrValues of DataTypes."""
-    return graph_lib.node_def(name, "Cast", [tensor], {"SrcT": source, "DstT": destination,
-                                                      "Truncate": tf.compat.v1.AttrValue(b=False)})
 
 
 def _placeholder(name, dtype_attr):
@@ -176,7 +170,7 @@ def probe_function(sig, graph_def, weights, full, compared=(), float64=False, ch
     shape) that returns {"full": {tensor name: value} of the tensors named in `full`,
     "compared": {(reference, candidate): [max |reference - candidate|, max |reference|]} of the
     pairs of tensor names in `compared`, over every element, followed for a pair in `moments`
-    by the two sums of its slope (_compare_nodes)}. A tensor in
+    by the sums its slope is fitted from (_compare_nodes)}. A tensor in
     neither graph is left out of the result, and so is a pair that names one.
 
     weights: {node name of graph_def: tf.Variable or array it reads} (write.build's graphs, or

@@ -1,23 +1,20 @@
-"""Checks every fold where it happens, each by itself.
+"""Checks every fold where it happens, each by itself: runs what verify/fold_plan.py plans and
+judges it.
 
-A fold knows which tensors must agree (report.CheckPoint): the tensors its chain starts from
-(the linear op's data input; a forward chain's x) and the tensor that holds its result (the
-batch norm's output, which keeps its name; a forward fold's linear op), named the same in the
-original and the folded graph. The original's frozen graph is kept as it was before the
-passes, and its weights with it (WeightStore.pin). After the passes one probe of the folded
-graph computes, beside it, each checked fold's original chain (the nodes that compute its
-result from its inputs and constants: graph.computed_from) reading the folded graph's own
-values at the chain's inputs. The chain and the fold then start from the very same tensor, so
-what reaches a fold from upstream, already rounded otherwise by the folds above it, cannot
-hide or fake an error in it, at any depth and whatever the model does after it (a softmax).
-The probe compares the two results over every element, in the graph, and returns two
-numbers a fold (savedmodel/probe.py): reading the tensors out would cost more than the check.
+The plan puts, beside the folded graph, each fold's original chain reading the folded graph's
+own values at the chain's inputs, so that the chain and the fold start from the very same
+tensor: what reaches a fold from upstream, already rounded otherwise by the folds above it,
+cannot hide or fake an error in it, at any depth and whatever the model does after it (a
+softmax). One probe of the folded graph (savedmodel/probe.py) compares the two results over
+every element, in the graph, and returns a few numbers a fold: reading the tensors out would
+cost more than the check. The probe runs as written (Grappler off) on the first device:
+Grappler's fusions and a GPU's TF32 convolutions round otherwise, which the output comparison
+covers on every device.
 
-A fold passes when max |folded - original| <= bound * max |original| over its output, with
-bound = fold_rounding_multiple * eps(the linear op's dtype) * sqrt(terms): float rounding of a
-sum of `terms` products grows like its square root. The probe runs as written (Grappler off)
-on the first device: Grappler's fusions and a GPU's TF32 convolutions round otherwise, which
-the output comparison covers on every device.
+A fold passes when max |folded - original| <= bound * max |original| over its output (bound),
+and, computing in half precision, when the slope of the difference on the original is within
+its bound or within its own noise (slope_bound, fitted_slope). A fold that is not checked
+fails the run unless the configuration accepts it (raise_if_failed).
 """
 
 import dataclasses
@@ -130,11 +127,11 @@ def bound(check_point, verify_config):
 
 
 def slope_bound(check_point, verify_config):
-    """The bound on |slope| (FoldCheck.slope) of a half-precision fold: slope_multiple * eps(half).
-    Rounding, unbiased, hardly correlates with the output (honest folds of mixed_float16 and
-    mixed_bfloat16 models: at most 0.13 eps, scripts/measure_half_precision.py), where a kernel
-    off by a factor 1 + e gives a slope near e. None for other dtypes, whose max rel error
-    bound is tight enough alone."""
+    """The bound on |slope| (FoldCheck.slope) of a half-precision fold: slope_multiple * eps(half),
+    judged only where the slope stands slope_significance standard errors out of its noise
+    (check): rounding, unbiased, hardly correlates with the output, where a kernel off by a
+    factor 1 + e gives a slope near e (docs/verification.md has the measured margins). None for
+    other dtypes, whose max rel error bound is tight enough alone."""
     if check_point.dtype not in HALF_PRECISION:
         return None
     return _setting(verify_config, "slope_multiple") * _EPSILON[check_point.dtype]
@@ -160,9 +157,8 @@ def probe_inputs(input_specs, inputs):
 
 def run_probe(probe, input_specs, inputs):
     """{"full": {tensor: tensor}, "compared": {(reference, candidate): (max abs difference,
-    scale), and for a half-precision pair the centred sums of difference * reference and
-    reference^2, as floats}}: one call of a savedmodel/probe.probe_function on a signature's
-    inputs."""
+    scale, and for a pair with moments the centred sums its slope is fitted from: fitted_slope)
+    as floats}}: one call of a savedmodel/probe.probe_function on a signature's inputs."""
     result = probe(*[tf.constant(inputs[k]) for k in sorted(input_specs)])
     return {"full": dict(result["full"]),
             "compared": {pair: tuple(float(v) for v in maxima.numpy()) for pair, maxima in result["compared"].items()}}
@@ -208,7 +204,8 @@ def probe(signature, graph, plan_):
 def check(signature, plan_, values, verify_config):
     """([FoldCheck], {not checked: why}) of the planned folds: each original chain's output
     against the folded graph's (run_probe of a probe with the plan's chains: fold_plan.Plan.compared).
-    Folds compared at one tensor (a concat's branches) are judged by the largest of their bounds."""
+    Folds compared at one tensor (a concat's branches; a forward and a backward fold into one
+    linear op) are judged by the largest of their bounds."""
     checks, not_checked = [], dict(plan_.not_checked)
     sharing = {}
     for fold in plan_.folds:

@@ -262,13 +262,13 @@ def _add_chain(chains, found, scope, number, zero_inputs=None):
     tensors = [graph_lib.tensor_name(*t) for t in boundary]
     wanted = scope.original_dtypes(tensors)
     present = scope.folded_dtypes(tensors)
+    zeroed = {graph_lib.canonical_tensor(t) for t in zero_inputs or ()}
     read_as = {}
     for k, tensor in enumerate(tensors):
         read_as[tensor] = _probe_tensor(tensor, scope)
         if present[tensor] != wanted[tensor]:  # a pass changed its precision: the chain reads it as before
             read_as[tensor] = _cast(chains, prefix + "cast_%d" % k, read_as[tensor], present[tensor], wanted[tensor])
-        if zero_inputs is not None and graph_lib.canonical_tensor(tensor) in {
-                graph_lib.canonical_tensor(t) for t in zero_inputs}:
+        if graph_lib.canonical_tensor(tensor) in zeroed:
             chains.node.extend([graph_lib.node_def(prefix + "zeros_%d" % k, "ZerosLike", [read_as[tensor]],
                                                    {"T": tf.compat.v1.AttrValue(type=wanted[tensor])})])
             read_as[tensor] = prefix + "zeros_%d:0" % k
@@ -287,9 +287,7 @@ def _add_chain(chains, found, scope, number, zero_inputs=None):
 
 
 def _cast(chains, name, tensor, source, destination):
-    chains.node.extend([graph_lib.node_def(name, "Cast", [tensor], {
-        "SrcT": tf.compat.v1.AttrValue(type=source), "DstT": tf.compat.v1.AttrValue(type=destination),
-        "Truncate": tf.compat.v1.AttrValue(b=False)})])
+    chains.node.extend([graph_lib.cast_node_def(name, tensor, source, destination)])
     return name + ":0"
 
 
