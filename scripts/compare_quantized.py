@@ -68,9 +68,9 @@ def run_flavour(flavour):
                 verify_inputs=samples(path, HELD_OUT, 2, path + "_held_out.npz"))
             tflite = report.tflite
             rows.append({"case": case, "flavour": flavour, "folds": len(report.signatures["serving_default"].folds),
-                         "before": _side(tflite.quantization.converter_alone_metrics, tflite.ops_before,
-                                         tflite.batch_norm_ops_before),
-                         "after": _side(tflite.quantization.metrics, tflite.ops_after, tflite.batch_norm_ops_after)})
+                         "before": _side(tflite.quantization.converter_alone_metrics, tflite.converter_alone_ops,
+                                         tflite.converter_alone_batch_norm_ops),
+                         "after": _side(tflite.quantization.metrics, tflite.ops, tflite.batch_norm_ops)})
     print("ROWS " + json.dumps(rows))
 
 

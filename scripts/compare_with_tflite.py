@@ -141,9 +141,9 @@ def run_flavour(flavour):
                 rows.append(row)
                 continue
             graph, tflite = report.signatures["serving_default"], report.tflite
-            row.update(folded=len(graph.folds), left=len(graph.skips), lowered=len(graph.lowered), before_ops=tflite.ops_before,
-                       before_bn_left=tflite.batch_norm_ops_before, before_error=tflite.before_error,
-                       after_ops=tflite.ops_after, after_bn_left=tflite.batch_norm_ops_after,
+            row.update(folded=len(graph.folds), left=len(graph.left_alone), lowered=len(graph.lowered), before_ops=tflite.converter_alone_ops,
+                       before_bn_left=tflite.converter_alone_batch_norm_ops, converter_alone_error=tflite.converter_alone_error,
+                       after_ops=tflite.ops, after_bn_left=tflite.batch_norm_ops,
                        promoted=tflite.promoted_float16)
             with open(tflite_path, "rb") as f:
                 row["error"] = max_rel_error(f.read(), path)
@@ -192,7 +192,7 @@ def main():
             after += ", float16 compute promoted to float32"
         print("| %s | %s | %s | %s | %s | %s |" % (
             row["case"], names[row["flavour"]], describe(row["before_ops"], row["before_bn_left"],
-                                                         row["before_error"]),
+                                                         row["converter_alone_error"]),
             folded, after, "%.1e" % row["error"] if "error" in row else "-"))
 
 

@@ -73,11 +73,60 @@ def positional_calls(keras, name, out_dir=None):
     return {how: float(np.max(np.abs(np.asarray(value) - expected))) for how, value in calls.items()}
 
 
+def _summary(report):
+    """(folds, {batch norm or chain left alone: reason}, verified) of each signature of a RunReport or
+    its to_dict(), keyed by signature: what the three ways of folding one model must agree on."""
+    report = report if isinstance(report, dict) else report.to_dict()
+    summary = {}
+    for key, graph in report["signatures"].items():
+        if graph.get("same_as"):
+            summary[key] = "same as %s" % graph["same_as"]
+            continue
+        folds = sum(len(p["folds"]) for p in graph["passes"])
+        # a scope's last part: the layer's name, which each way of tracing puts under other scopes
+        left = {entry["name"].split("/")[-1]: entry["reason"] for entry in graph["left_alone"]}
+        summary[key] = (folds, left)
+    return summary, report["verification"]["ok"]
+
+
+def three_ways(keras, names, out_dir):
+    """{name: {way: _summary}} of zoo models (NAME,NAME,...) folded three ways: live (fold(model)),
+    from the SavedModel the flavour writes, loaded in this process (fold(tf.saved_model.load(path))),
+    and by the CLI on that SavedModel."""
+    result = {}
+    for name in names.split(","):
+        os.makedirs(os.path.join(out_dir, name))
+        result[name] = _three_ways(keras, name, os.path.join(out_dir, name))
+    return result
+
+
+def _three_ways(keras, name, out_dir):
+    import json
+    import subprocess
+    import tensorflow as tf
+    import tf_bnfuse
+
+    model, _ = model_zoo.build_model(keras, name)
+    live = tf_bnfuse.fold(model)
+    path, _ = model_zoo.build(keras, name, out_dir)
+    loaded = tf_bnfuse.fold(tf.saved_model.load(path))
+    report_json = os.path.join(out_dir, "report.json")
+    result = subprocess.run([sys.executable, "-m", "tf_bnfuse", "--saved_model_dir", path, "--output_dir",
+                             os.path.join(out_dir, "cli"), "--report_json", report_json],
+                            capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr[-3000:])
+    with open(report_json) as f:
+        cli = json.load(f)
+    return {"live": _summary(live.report), "loaded": _summary(loaded.report), "cli": _summary(cli)}
+
+
 def main(flavour, name, out_dir, what="fold_and_write"):
     sys.path.insert(0, os.path.join(os.path.dirname(HERE), "benchmarks"))
     import keras_flavour
     keras = keras_flavour.import_keras(flavour)
-    facts = {"fold_and_write": fold_and_write, "positional_calls": positional_calls}[what](keras, name, out_dir)
+    run = {"fold_and_write": fold_and_write, "positional_calls": positional_calls, "three_ways": three_ways}[what]
+    facts = run(keras, name, out_dir)
     with open(os.path.join(out_dir, "facts.pkl"), "wb") as f:
         pickle.dump(facts, f)
 

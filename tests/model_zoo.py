@@ -207,6 +207,35 @@ def dropout_training(keras):
     return keras.Model(inputs, L.Dropout(0.5)(x, training=True))
 
 
+def bn_training(keras):
+    """A BatchNormalization called with training=True (the batch's statistics, its moving averages
+    updated on every call) after one that folds. (Keras 3 runs the layers after it in training
+    mode too.)"""
+    L = keras.layers
+    inputs = keras.Input((10, 10, 3), name="image")
+    x = L.BatchNormalization()(L.Conv2D(4, 3, padding="same")(inputs))
+    return keras.Model(inputs, L.BatchNormalization()(L.Conv2D(5, 3, padding="same")(x), training=True))
+
+
+def stateful_counter(keras):
+    """A layer that counts its calls in a variable it assigns (state the output must keep), then a
+    conv + batch norm that folds."""
+    import tensorflow as tf
+    L = keras.layers
+
+    class CallCounter(L.Layer):
+        def build(self, input_shape):
+            self.calls = self.add_weight(name="calls", shape=(), initializer="zeros", trainable=False)
+
+        def call(self, x):
+            self.calls.assign_add(1.0)
+            return x + 0.0 * tf.cast(self.calls, x.dtype)
+
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = CallCounter()(inputs)
+    return keras.Model(inputs, L.BatchNormalization()(L.Conv2D(4, 3)(x)))
+
+
 def _embedding_conv_bn(keras, rows):
     L = keras.layers
     inputs = keras.Input((6,), dtype="int32", name="ids")
@@ -355,7 +384,7 @@ MODELS = {f.__name__: f for f in HALF_PRECISION + [conv_bn_blocks, two_inputs_sa
     conv_bn, conv_no_bias_bn, conv_bn_swish, dilated_conv_bn, dilated_depthwise_bn, dense_rank3_bn, pool_bn_conv,
     mixed_float16_conv_bn, depthwise_bn, separable_bn, conv_transpose_bn, conv1d_bn, dense_bn, conv3d_bn,
     conv3d_no_bias_bn, channels_first_bn, branch_bn, preactivation_concat_bn, residual_leaky_relu, leaky_residual_then_bn, lstm_dense_bn,
-    gru_dense_bn, grouped_conv_bn, mixed_float16_float32_output, dropout_training, embedding4_conv_bn,
+    gru_dense_bn, grouped_conv_bn, mixed_float16_float32_output, dropout_training, bn_training, stateful_counter, embedding4_conv_bn,
     embedding1000_conv_bn, sequential_conv_dense_bn, subclassed_conv_bn, mobilenet_v2_small, resnet50_small, resnet50, mobilenet_v2, mobilenet_v2_softmax,
     efficientnet_b0, efficientnet_v2_b0]}
 

@@ -16,6 +16,7 @@ import tensorflow as tf
 
 import tf_bnfuse
 from tf_bnfuse import errors
+from tf_bnfuse.passes.left_alone import TRAINING_MODE
 from tf_bnfuse.phases import output as output_phase
 
 import live_models
@@ -81,6 +82,38 @@ def test_tf_keras_model_folds_in_memory_and_saves_and_converts(name, tmp_path):
     with open(tmp_path / "facts.pkl", "rb") as f:
         facts = pickle.load(f)
     _check_facts(facts, ["serving_default"])
+
+
+STATEFUL = "bn_training,stateful_counter,dropout_training"
+
+
+def _check_three_ways(by_name):
+    """Each model folded live, from its loaded SavedModel and by the CLI: the same folds, the same
+    batch norms left alone for the same reasons, verified; the training-mode one named as such."""
+    for name, ways in by_name.items():
+        assert ways["live"] == ways["loaded"] == ways["cli"], (name, ways)
+        by_key, verified = ways["live"]
+        assert verified, name
+        for folds, left_alone in (v for v in by_key.values() if not isinstance(v, str)):
+            assert folds == 1, (name, folds)
+            if name == "bn_training":
+                assert list(left_alone.values()) == [TRAINING_MODE], left_alone
+
+
+def test_keras3_models_with_state_fold_live_as_their_saved_models_do(tmp_path):
+    """A training-mode batch norm, a layer that assigns a variable, a Dropout with training=True
+    (its seed generator's state, which Keras 3's object graph does not reach)."""
+    import keras
+    _check_three_ways(live_models.three_ways(keras, STATEFUL, str(tmp_path)))
+
+
+def test_tf_keras_models_with_state_fold_live_as_their_saved_models_do(tmp_path):
+    env = dict(os.environ, TF_USE_LEGACY_KERAS="1")
+    result = subprocess.run([sys.executable, os.path.join(HERE, "live_models.py"), "tf_keras", STATEFUL,
+                             str(tmp_path), "three_ways"], env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "facts.pkl", "rb") as f:
+        _check_three_ways(pickle.load(f))
 
 
 @pytest.mark.parametrize("name", ["two_inputs_same_shape", "three_inputs"])
@@ -252,7 +285,7 @@ def test_export_litert_int8_writes_a_full_integer_model_without_the_batch_norm_o
     report = tf_bnfuse.export(model, path, format="litert", quantize="int8", io="int8", calibration=images,
                               verbose=False)
     assert report.tflite.quantization.calibration == "the calibration arrays given (serve 8 samples)"
-    assert report.tflite.batch_norm_ops_after == 0 and report.tflite.batch_norm_ops_before > 0
+    assert report.tflite.batch_norm_ops == 0 and report.tflite.converter_alone_batch_norm_ops > 0
     [ops] = run_in_fresh_process([(path, None, "ops", {})])
     assert "MUL" not in ops["ops"] and "ADD" not in ops["ops"], ops["ops"]
     assert "DEQUANTIZE" not in ops["ops"] and "QUANTIZE" not in ops["ops"], ops["ops"]

@@ -131,6 +131,10 @@ def test_keras3_export_signatures_are_folded_once_and_weights_stored_once(export
     report = fold_saved_model(src, out)
     assert sorted(report.signatures) == ["serve", "serving_default"]
     assert report.signatures["serving_default"].same_as == "serve"
+    # the report lists the function's passes once, under the signature that names the others
+    written = report.to_dict()["signatures"]
+    assert written["serve"]["shared_by"] == ["serving_default"] and len(written["serve"]["passes"]) > 1
+    assert "passes" not in written["serving_default"] and written["serving_default"]["same_as"] == "serve"
     assert [p["name"] for p in report.phases if p["name"].startswith("freeze")] == ["freeze serve"]
     weights = _folder_bytes(os.path.join(src, "variables"))
     assert _folder_bytes(os.path.join(out, "variables")) < 1.05 * weights

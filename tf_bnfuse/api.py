@@ -55,8 +55,7 @@ def fold_graph_def(graph_def, outputs=None, config=None):
     config = _resolve_config(config)
     if outputs is None:
         outputs = runner.default_outputs(graph_def)
-    new_graph_def, pass_reports = runner.run_pipeline(graph_def, list(outputs), config["pipeline"])
-    return new_graph_def, report_lib.GraphReport(len(graph_def.node), len(new_graph_def.node), pass_reports)
+    return runner.fold_graph(graph_def, list(outputs), config["pipeline"])
 
 
 def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFAULT_TAGS,

@@ -238,7 +238,7 @@ def _write_report(path, status, code, message, config, run_report):
 
 def _closing_line(report, seconds):
     folds = sum(len(g.folds) for g in report.signatures.values() if not g.same_as)
-    skips = sum(len(g.skips) for g in report.signatures.values() if not g.same_as)
+    skips = sum(len(g.left_alone) for g in report.signatures.values() if not g.same_as)
     verification = report.verification
     if verification is None:
         checked = "NOT compared with the input (--skip_verify)"

@@ -51,6 +51,15 @@ class Skip:
 
 
 @dataclasses.dataclass
+class LeftAlone:
+    """One batch norm (or affine chain) that did not fold: its name scope, the reason a user reads,
+    and the ops the passes left alone in it, each with its own reason (passes/left_alone.py)."""
+    name: str
+    reason: str
+    ops: List[Skip] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
 class Lowered:
     """A batch norm that did not fold, rewritten as the one form every runtime takes (lower_batch_norm)."""
     node: str
@@ -80,6 +89,10 @@ class GraphReport:
     passes: List[PassReport] = dataclasses.field(default_factory=list)
     # Another signature with the very same function: this one was folded with it, once.
     same_as: Optional[str] = None
+    # The skips of the passes, by the batch norm or chain they belong to
+    left_alone: List[LeftAlone] = dataclasses.field(default_factory=list)
+    # The other signatures with this very function (their same_as names this one)
+    shared_by: List[str] = dataclasses.field(default_factory=list)
 
     @property
     def folds(self):
@@ -94,6 +107,10 @@ class GraphReport:
         return [x for p in self.passes for x in p.lowered]
 
     def to_dict(self):
+        """Its fields; a signature folded with another (same_as) points there instead of repeating
+        its passes."""
+        if self.same_as:
+            return {"nodes_before": self.nodes_before, "nodes_after": self.nodes_after, "same_as": self.same_as}
         return dataclasses.asdict(self)
 
 
@@ -224,19 +241,21 @@ def _signature_lines(key, graph):
     if graph.same_as:
         return ["signature %s: the same function as %s, folded with it: %d -> %d nodes" % (
             key, graph.same_as, graph.nodes_before, graph.nodes_after)]
-    lines = ["signature %s: %d -> %d nodes, %d folded, %d left alone" % (
-        key, graph.nodes_before, graph.nodes_after, len(graph.folds), len(graph.skips))]
+    lines = ["signature %s: %d -> %d nodes, %d folded, %d left alone%s" % (
+        key, graph.nodes_before, graph.nodes_after, len(graph.folds), len(graph.left_alone),
+        " (the function of signature%s %s too)" % ("s" if len(graph.shared_by) > 1 else "", ", ".join(graph.shared_by))
+        if graph.shared_by else "")]
     for pass_report in graph.passes:
         extra = "; %d rewritten" % len(pass_report.lowered) if pass_report.lowered else ""
         extra += "; " + pass_report.note if pass_report.note else ""
-        lines.append("  pass %s: %d folded, %d left alone%s" % (
-            pass_report.pass_name, len(pass_report.folds), len(pass_report.skips), extra))
+        lines.append("  pass %s: %d folded%s" % (pass_report.pass_name, len(pass_report.folds), extra))
         for fold in pass_report.folds:
             lines.append("    folded  %s (%s) into %s (%s)" % (fold.node, fold.op, fold.linear_node, fold.linear_op))
-        for skip in pass_report.skips:
-            lines.append("    left    %s (%s): %s" % (skip.node, skip.op, skip.reason))
         for lowered in pass_report.lowered:
             lines.append("    rewritten %s (%s) as %s, not folded" % (lowered.node, lowered.op, lowered.into))
+    for entry in graph.left_alone:
+        lines.append("  left alone %s: %s" % (entry.name, entry.reason))
+        lines += ["    %s (%s): %s" % (skip.node, skip.op, skip.reason) for skip in entry.ops]
     return lines
 
 
@@ -288,19 +307,19 @@ def _op_list(counts):
 
 
 def _tflite_lines(tflite):
-    lines = ["tflite %s (%d bytes): %d ops: %s" % (tflite.path, tflite.size_bytes, sum(tflite.ops_after.values()),
-                                                   _op_list(tflite.ops_after)),
+    lines = ["tflite %s (%d bytes): %d ops: %s" % (tflite.path, tflite.size_bytes, sum(tflite.ops.values()),
+                                                   _op_list(tflite.ops)),
              "  run on %s" % tflite.runtime]
     if tflite.promoted_float16:
         lines.append("  float16 compute promoted to float32 for TFLite (it has no float16 conv kernels); "
                      "signature dtypes kept")
-    lines.append("  batch-norm MUL/ADD left next to a conv or fully connected op: %d" % tflite.batch_norm_ops_after)
-    if tflite.ops_before is not None:
+    lines.append("  batch-norm MUL/ADD left next to a conv or fully connected op: %d" % tflite.batch_norm_ops)
+    if tflite.converter_alone_ops is not None:
         lines.append("  converting the input directly: %d ops: %s; batch-norm MUL/ADD left next to a conv or "
-                     "fully connected op: %d" % (sum(tflite.ops_before.values()), _op_list(tflite.ops_before),
-                                                 tflite.batch_norm_ops_before))
+                     "fully connected op: %d" % (sum(tflite.converter_alone_ops.values()), _op_list(tflite.converter_alone_ops),
+                                                 tflite.converter_alone_batch_norm_ops))
     else:
-        lines.append("  converting the input directly fails: %s" % tflite.before_error)
+        lines.append("  converting the input directly fails: %s" % tflite.converter_alone_error)
     if tflite.quantization is not None:
         lines += _quantization_lines(tflite)
     for c in tflite.checks:
@@ -325,17 +344,17 @@ def _quantization_lines(tflite):
 
     rows = [("", "tf_bnfuse", "converter alone"),
             ("size", "%d bytes" % tflite.size_bytes,
-             "-" if tflite.size_bytes_before is None else "%d bytes" % tflite.size_bytes_before),
-            ("ops", str(sum(tflite.ops_after.values())),
-             "-" if tflite.ops_before is None else str(sum(tflite.ops_before.values()))),
-            ("batch-norm MUL/ADD", str(tflite.batch_norm_ops_after),
-             "-" if tflite.batch_norm_ops_before is None else str(tflite.batch_norm_ops_before))]
+             "-" if tflite.converter_alone_size_bytes is None else "%d bytes" % tflite.converter_alone_size_bytes),
+            ("ops", str(sum(tflite.ops.values())),
+             "-" if tflite.converter_alone_ops is None else str(sum(tflite.converter_alone_ops.values()))),
+            ("batch-norm MUL/ADD", str(tflite.batch_norm_ops),
+             "-" if tflite.converter_alone_batch_norm_ops is None else str(tflite.converter_alone_batch_norm_ops))]
     rows += [("%s/%s" % (m.signature, m.output), cell(m), cell(alone.get((m.signature, m.output))))
              for m in q.metrics]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines += ["  | %s |" % " | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-    if tflite.before_error:
-        lines.append("  the converter alone fails: %s" % tflite.before_error)
+    if tflite.converter_alone_error:
+        lines.append("  the converter alone fails: %s" % tflite.converter_alone_error)
     if q.max_error is not None:
         worst = q.worst
         lines.append("  --tflite_max_error %g: %s (worst: %s/%s, %.3g)" % (

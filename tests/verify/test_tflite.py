@@ -72,10 +72,10 @@ def test_batch_norms_the_converter_keeps_are_gone_from_the_tflite_model(keras3_e
     assert linear_op in ops and "MUL" not in ops, ops
     assert_tflite_matches_original(tflite_path, src)
     # The report says the same, and that converting the input directly kept the batch norm.
-    assert report.tflite.ok and report.tflite.batch_norm_ops_after == 0
-    assert report.tflite.ops_before is not None and report.tflite.ops_before.get("MUL", 0) >= 1
+    assert report.tflite.ok and report.tflite.batch_norm_ops == 0
+    assert report.tflite.converter_alone_ops is not None and report.tflite.converter_alone_ops.get("MUL", 0) >= 1
     if name != "pool_bn_conv":  # there the MUL comes before the conv, not after one
-        assert report.tflite.batch_norm_ops_before >= 1
+        assert report.tflite.converter_alone_batch_norm_ops >= 1
 
 
 def test_fused_batch_norm_v2_graph_converts_only_after_folding(tmp_path):
@@ -91,7 +91,7 @@ def test_fused_batch_norm_v2_graph_converts_only_after_folding(tmp_path):
     save_graph_def(graph_def, ["x"], [output], src)
     tflite_path = str(tmp_path / "model.tflite")
     report = fold_saved_model(src, str(tmp_path / "out"), tflite_output=tflite_path)
-    assert report.tflite.ops_before is None and report.tflite.before_error
+    assert report.tflite.converter_alone_ops is None and report.tflite.converter_alone_error
     ops = tflite_ops(tflite_path)
     assert "CONV_2D" in ops and "MUL" not in ops and "ADD" not in ops
     assert_tflite_matches_original(tflite_path, src)
@@ -110,7 +110,7 @@ def test_an_unfoldable_fused_batch_norm_v2_converts_as_one_fused_batch_norm_v3(t
     save_graph_def(graph_def, ["x"], [output], src)
     tflite_path = str(tmp_path / "model.tflite")
     report = fold_saved_model(src, out, tflite_output=tflite_path)
-    assert report.tflite.ops_before is None and "FusedBatchNormV2" in report.tflite.before_error
+    assert report.tflite.converter_alone_ops is None and "FusedBatchNormV2" in report.tflite.converter_alone_error
     assert [x.into for x in report.signatures["serving_default"].lowered] == ["FusedBatchNormV3"]
     assert [op for op in data_path_ops(out) if op.startswith("FusedBatchNorm")] == ["FusedBatchNormV3"]
     assert len(data_path_ops(out)) <= len(data_path_ops(src))
@@ -167,7 +167,7 @@ def test_mixed_float16_model_converts_after_folding_with_float32_compute(keras3_
     src = keras3_exported("mixed_float16_conv_bn")
     tflite_path = str(tmp_path / "model.tflite")
     report = fold_saved_model(src, str(tmp_path / "out"), tflite_output=tflite_path)
-    assert report.tflite.before_error and report.tflite.promoted_float16
+    assert report.tflite.converter_alone_error and report.tflite.promoted_float16
     ops = tflite_ops(tflite_path)
     assert "CONV_2D" in ops and "MUL" not in ops and "ADD" not in ops, ops
     # The .tflite keeps the signature's float16 output; it matches the original within float16 precision.

@@ -11,6 +11,8 @@ from absl import logging
 
 from tf_bnfuse import graph as graph_lib
 from tf_bnfuse import passes as passes_lib
+from tf_bnfuse import report as report_lib
+from tf_bnfuse.passes import left_alone
 from tf_bnfuse.passes.context import PassContext
 
 
@@ -62,6 +64,15 @@ def run_pipeline(graph_def, outputs, pipeline, owns_input=False, context=None, w
             weights.restore(current)  # current is this function's own graph by now
     _drop_skips_folded_later(reports)
     return current, reports
+
+
+def fold_graph(graph_def, outputs, pipeline, **kwargs):
+    """(new graph_def, GraphReport): run_pipeline(graph_def, outputs, pipeline, **kwargs), and what
+    it left alone grouped by batch norm (read from graph_def before the passes take it over)."""
+    nodes_before, scopes = len(graph_def.node), left_alone.batch_statistics_scopes(graph_def)
+    new_graph_def, pass_reports = run_pipeline(graph_def, outputs, pipeline, **kwargs)
+    return new_graph_def, report_lib.GraphReport(nodes_before, len(new_graph_def.node), pass_reports,
+                                                 left_alone=left_alone.grouped(scopes, pass_reports))
 
 
 @contextlib.contextmanager

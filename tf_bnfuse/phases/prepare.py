@@ -6,7 +6,6 @@ import dataclasses
 from absl import logging
 
 from tf_bnfuse import graph as graph_lib
-from tf_bnfuse import report as report_lib
 from tf_bnfuse.passes import runner
 from tf_bnfuse.passes.context import PassContext
 from tf_bnfuse.phases import parts
@@ -132,15 +131,14 @@ def fold_signatures(graphs, signatures, metagraph, pipeline, progress):
     for key, signature in graphs.items():
         signature.weights.releases = metagraph.releases  # the original's outputs are known by now
         with progress.phase("passes %s" % key):
-            nodes_before = len(signature.graph_def.node)
-            graph_def, pass_reports = runner.run_pipeline(
+            graph_def, reports[key] = runner.fold_graph(
                 signature.release_graph_def(), signature.output_tensors, pipeline, owns_input=True,
                 context=PassContext(signature.weights), weights_out=True)
             precisions[key] = verify_lib.output_precisions(graph_def, signature.outputs)
         folded[key] = dataclasses.replace(signature, graph_def=graph_def)
-        reports[key] = report_lib.GraphReport(nodes_before, len(graph_def.node), pass_reports)
     for key, first in signatures.same_as.items():
+        reports[first].shared_by.append(key)
         folded[key] = dataclasses.replace(folded[first], key=key)
-        reports[key] = dataclasses.replace(reports[first], same_as=first)
+        reports[key] = dataclasses.replace(reports[first], same_as=first, shared_by=[])
         precisions[key] = precisions[first]
     return parts.FoldedSignatures(folded, precisions, {k: reports[k] for k in signatures.output_specs})

@@ -83,11 +83,17 @@ def written_placeholders(graph_def):
 
 
 def resource_owners(loaded):
-    """{id(handle tensor): trackable} for every variable and resource under a loaded SavedModel."""
+    """{id(handle tensor): trackable} for every variable and resource under a loaded SavedModel (or
+    a live object)."""
     import tensorflow as tf  # only the I/O layer needs TF objects here
 
     owners = {}
-    for obj in tf.train.TrackableView(loaded).descendants():
+    # A live Keras 3 model lists variables its object graph does not reach (a Dropout's seed state)
+    listed = getattr(loaded, "variables", None)
+    listed = list(listed) if isinstance(listed, (list, tuple)) else []
+    for obj in list(tf.train.TrackableView(loaded).descendants()) + listed:
+        # A Keras 3 variable is a trackable wrapping the tf.Variable a function captures
+        obj = obj.value if isinstance(getattr(obj, "value", None), tf.Variable) else obj
         if isinstance(obj, tf.Variable):
             handle = obj.handle
         elif hasattr(type(obj), "resource_handle"):

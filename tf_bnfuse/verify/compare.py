@@ -113,7 +113,7 @@ class VerificationReport:
         return [c for c in self.checks if not c.ok]
 
     def to_dict(self):
-        result = dataclasses.asdict(self)
+        result = dict(dataclasses.asdict(self), ok=self.ok)
         result["random_outputs"] = self.random_outputs()
         result["folds"] = self.folds.to_dict() if self.folds is not None else None
         return result

@@ -36,12 +36,12 @@ SHAPE_ONLY_TFLITE_OPS = frozenset({"BATCH_TO_SPACE_ND", "RESHAPE", "SQUEEZE", "E
 class TfliteReport:
     path: str
     size_bytes: int
-    ops_after: Dict[str, int]
-    batch_norm_ops_after: int  # batch_norm_ops_next_to_linear of the folded .tflite
-    ops_before: Optional[Dict[str, int]] = None  # converting the input SavedModel directly
-    batch_norm_ops_before: Optional[int] = None
-    size_bytes_before: Optional[int] = None
-    before_error: Optional[str] = None  # why converting the input directly failed
+    ops: Dict[str, int]
+    batch_norm_ops: int  # batch_norm_ops_next_to_linear of the folded .tflite
+    converter_alone_ops: Optional[Dict[str, int]] = None  # converting the input SavedModel directly
+    converter_alone_batch_norm_ops: Optional[int] = None
+    converter_alone_size_bytes: Optional[int] = None
+    converter_alone_error: Optional[str] = None  # why converting the input directly failed
     checks: List[verify_lib.OutputCheck] = dataclasses.field(default_factory=list)
     promoted_float16: bool = False  # float16 compute was promoted to float32 before converting
     quantization: Optional[quantize_lib.QuantizationReport] = None  # --tflite_quantize other than none
@@ -307,10 +307,10 @@ def build(input_converter, folded_converter, tflite_path, original, test_inputs,
     before = None
     try:
         before = convert(input_converter, quantization)
-        report.ops_before, report.size_bytes_before = op_counts(before), len(before)
-        report.batch_norm_ops_before = batch_norm_ops_next_to_linear(before)
+        report.converter_alone_ops, report.converter_alone_size_bytes = op_counts(before), len(before)
+        report.converter_alone_batch_norm_ops = batch_norm_ops_next_to_linear(before)
     except Exception as e:  # converting the input directly may fail: that is worth reporting, not fatal
-        report.before_error = converter_error(e)
+        report.converter_alone_error = converter_error(e)
     if quantization is None:
         report.checks = check(model_content, original, test_inputs, verify_config, known)
         return model_content, report
