@@ -14,7 +14,8 @@ setup(
     package_dir={"tf_bnfuse.configs": "configs"},
     package_data={"tf_bnfuse.configs": ["*.json"]},
     python_requires=">=3.9",
-    install_requires=["tensorflow>=2.16", "numpy", "absl-py"],
+    # tqdm: the calibration progress bar in a terminal (issue 37)
+    install_requires=["tensorflow>=2.16", "numpy", "absl-py", "tqdm"],
     # pyflakes: the lint .ci/run runs before the tests (unused names and imports, undefined names)
     extras_require={"test": ["pytest", "tf-keras", "hypothesis", "ai-edge-litert", "pyflakes"],
                     "litert": ["ai-edge-litert"],

@@ -209,9 +209,10 @@ def test_cli_exits_1_naming_signature_output_and_device_when_verification_fails(
                                   "verify": {"fold_rounding_multiple": 1e9}}))
     out = tmp_path / "out"
     cli.FLAGS.unparse_flags()
-    # --verbosity=1 keeps this process's stderr as it is (the CLI otherwise re-points it).
+    # --verbosity=1 keeps this process's stderr as it is (the CLI otherwise re-points it);
+    # --quiet: the error line only.
     cli.FLAGS(["tf_bnfuse", "--saved_model_dir", example_model, "--output_dir", str(out),
-               "--config", str(config), "--verbosity=1"])
+               "--config", str(config), "--verbosity=1", "--quiet"])
     try:
         code = cli.main(["tf_bnfuse"])
     finally:

@@ -24,6 +24,9 @@ def test_cli_folds_the_example_and_prints_a_summary(example_model, tmp_path):
     assert result.returncode == 0, result.stderr
     assert error_lines(result.stderr) == []
     assert "load done in" in result.stderr and "verify done in" in result.stderr  # progress, by default
+    # TensorFlow's own log lines (its checkpoint writer's, say) are not shown as tf_bnfuse's, nor at all
+    assert all(line.startswith("tf_bnfuse [") for line in result.stderr.splitlines()), result.stderr
+    assert "fingerprint" not in result.stderr and "Sharding" not in result.stderr
     assert result.stdout.strip().splitlines()[-1].startswith(
         "wrote %s: 5 folded, 1 left alone, verified on 1 device, " % out)
     assert "signature serving_default: " in result.stdout
@@ -39,6 +42,16 @@ def test_cli_folds_the_example_and_prints_a_summary(example_model, tmp_path):
     expected = tf.saved_model.load(example_model).signatures["serving_default"](image=image)
     actual = tf.saved_model.load(out).signatures["serving_default"](image=image)
     np.testing.assert_allclose(actual["logits"].numpy(), expected["logits"].numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_the_tflite_phase_shows_its_steps_as_they_happen(example_model, tmp_path):
+    result = run_cli("--saved_model_dir", example_model, "--output_dir", str(tmp_path / "out"), "--tflite_output",
+                     str(tmp_path / "model.tflite"))
+    assert result.returncode == 0, result.stderr
+    lines = [line.split("] ", 1)[1] for line in result.stderr.splitlines()]
+    tflite = lines[lines.index("tflite ..."):]
+    assert [line.strip().split(" ")[0] for line in tflite[1:4]] == ["converting", "converting", "checking"], tflite
+    assert tflite[4].startswith("tflite done in"), tflite
 
 
 def test_console_script_is_installed(example_model, tmp_path):

@@ -311,6 +311,34 @@ def test_export_rejects_a_wrong_option_before_any_work(options, message, tmp_pat
 
 
 @pytest.mark.quick
+def test_fold_and_export_print_nothing_unless_asked_and_leave_the_logger_as_found(tmp_path, capfd, caplog):
+    """Quiet by default (TensorFlow's converter may still write its own C++ lines); verbose=True
+    shows each phase and each step of the TFLite phase as it starts, then the summary; the
+    tf_bnfuse logger at INFO (the caller's logging) gets the same lines without verbose."""
+    import logging
+    import keras
+    model, _ = model_zoo.build_model(keras, "conv_bn")
+    logger = logging.getLogger("tf_bnfuse")
+    state = (logger.level, list(logger.handlers), logger.propagate)
+    folded = tf_bnfuse.fold(model)
+    tf_bnfuse.export(folded, str(tmp_path / "quiet.tflite"), format="litert")
+    out, err = capfd.readouterr()
+    assert out == "" and "tf_bnfuse" not in err, (out, err)
+
+    report = tf_bnfuse.export(model, str(tmp_path / "verbose.tflite"), format="litert", verbose=True)
+    out, err = capfd.readouterr()
+    assert out.strip() == str(report).strip() and "folded" in out
+    steps = [line.split("] ", 1)[1].strip() for line in err.splitlines() if line.startswith("tf_bnfuse [")]
+    assert steps.index("verify ...") < steps.index("tflite ...")
+    tflite = steps[steps.index("tflite ..."):]
+    assert [s.split(" ")[0] for s in tflite[1:4]] == ["converting", "converting", "checking"], steps
+    assert state == (logger.level, list(logger.handlers), logger.propagate)
+
+    with caplog.at_level(logging.INFO, logger="tf_bnfuse"):
+        tf_bnfuse.fold(model)
+    assert "verify ..." in [r.getMessage() for r in caplog.records]
+
+
 def test_fold_names_what_it_cannot_fold():
     with pytest.raises(errors.BadInputError, match="no tf.function with an input_signature"):
         tf_bnfuse.fold(tf.Module())

@@ -6,6 +6,11 @@ The API is imported lazily so that `python -m tf_bnfuse` can quiet TensorFlow's
 start-up logging before TensorFlow loads.
 """
 
+import logging
+
+# A library speaks only when asked: the caller's logging configuration (or verbose=True) decides.
+logging.getLogger("tf_bnfuse").addHandler(logging.NullHandler())
+
 __version__ = "0.2.0"
 __all__ = ["fold", "export", "fold_saved_model", "fold_graph_def"]
 

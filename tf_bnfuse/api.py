@@ -61,7 +61,7 @@ def fold_graph_def(graph_def, outputs=None, config=None):
 def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFAULT_TAGS,
                      config=None, overwrite=False, verify=True, tflite_output=None,
                      drop_other_metagraphs=False, verify_inputs=None, checkpoint=None, tflite_quantize="none",
-                     tflite_io="float", calibration_inputs=None, tflite_max_error=None):
+                     tflite_io="float", calibration_inputs=None, tflite_max_error=None, verbose=False):
     """Folds every (or each named) signature of a SavedModel into a new SavedModel.
 
     The output is built in a temporary folder beside output_dir, verified
@@ -89,7 +89,21 @@ def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFA
     place"; it may raise to end the run there (the CLI ends on a SIGINT or SIGTERM it
     recorded, so that one TensorFlow swallowed is not lost). After "move into place" the
     output is complete.
+    verbose: progress lines on stderr as the run goes, and the summary printed at the end (else
+    nothing is printed unless the `tf_bnfuse` logger is configured to show INFO).
     """
+    with report_lib.speaking(verbose):
+        report = _fold_saved_model(saved_model_dir, output_dir, signature_keys, tags, config, overwrite, verify,
+                                   tflite_output, drop_other_metagraphs, verify_inputs, checkpoint, tflite_quantize,
+                                   tflite_io, calibration_inputs, tflite_max_error)
+    if verbose:
+        print(report)
+    return report
+
+
+def _fold_saved_model(saved_model_dir, output_dir, signature_keys, tags, config, overwrite, verify, tflite_output,
+                      drop_other_metagraphs, verify_inputs, checkpoint, tflite_quantize, tflite_io, calibration_inputs,
+                      tflite_max_error):
     config = _resolve_config(config)
     preflight.check_all(saved_model_dir, output_dir, overwrite, tflite_output, verify_inputs=verify_inputs)
     preflight.check_tflite_options(tflite_output, tflite_quantize, tflite_io, calibration_inputs, tflite_max_error)
@@ -222,7 +236,7 @@ class _InMemoryRun:
         self.built, self.folded, self.fold_checks, self.options = built, folded, fold_checks, options
 
 
-def fold(obj, signatures=None, config=None, verify=True, verify_inputs=None):
+def fold(obj, signatures=None, config=None, verify=True, verify_inputs=None, verbose=False):
     """Folds batch norms in a live object; returns a folded_model.FoldedModel, verified in memory.
 
     obj: a Keras 3 model (functional, Sequential, or subclassed once called), a tf-keras model,
@@ -238,8 +252,14 @@ def fold(obj, signatures=None, config=None, verify=True, verify_inputs=None):
     tf.lite.TFLiteConverter.from_concrete_functions(list(result.signatures.values()), result).
     Verified against obj on every visible device as the CLI verifies; raises BadInputError (also
     a ValueError) or VerificationError, with the RunReport as the exception's run_report.
+    verbose: progress lines on stderr, and the summary (str(result.report)) printed; by default
+    nothing is printed unless the `tf_bnfuse` logger is configured to show INFO.
     """
-    return _fold_object(obj, signatures, config, verify, verify_inputs).built.module
+    with report_lib.speaking(verbose):
+        folded = _fold_object(obj, signatures, config, verify, verify_inputs).built.module
+    if verbose:
+        print(folded.report)
+    return folded
 
 
 def _fold_object(obj, signatures, config, verify, verify_inputs):
@@ -276,7 +296,7 @@ EXPORT_FORMATS = ("tf_saved_model", "litert")
 
 def export(obj, path, format="tf_saved_model", signatures=None, config=None, verify=True,  # noqa: A002 (Keras' name)
            verify_inputs=None, quantize="none", io="float", calibration=None, max_error=None, overwrite=False,
-           verbose=True):
+           verbose=False):
     """Writes a folded model to `path`, as Keras' model.export(path, format=...) writes one.
 
     obj: what fold takes, or what it returned (then fold's own options apply and the fold is
@@ -287,9 +307,21 @@ def export(obj, path, format="tf_saved_model", signatures=None, config=None, ver
     calibration: {input or signature/input: samples along axis 0}, a .npz of them, or one array
     for a model of one input; max_error:
     the relative L2 error a quantized output may have), measured beside the converter given
-    the input alone. A wrong option raises ValueError before any work. verbose: print the
-    run's summary (the CLI's, with the side-by-side TFLite table). Returns the RunReport.
+    the input alone. A wrong option raises ValueError before any work. verbose: progress lines
+    on stderr (each step of the TFLite conversion and measurement too) and the run's summary
+    printed (the CLI's, with the side-by-side TFLite table); else nothing is printed unless the
+    `tf_bnfuse` logger is configured to show INFO. Returns the RunReport (str() is the summary).
     """
+    with report_lib.speaking(verbose):
+        report = _export(obj, path, format, signatures, config, verify, verify_inputs, quantize, io, calibration,
+                         max_error, overwrite)
+    if verbose:
+        print(report)
+    return report
+
+
+def _export(obj, path, format, signatures, config, verify, verify_inputs, quantize, io, calibration,  # noqa: A002
+            max_error, overwrite):
     path = os.fspath(path)
     _check_export_options(path, format, quantize, io, calibration, max_error, overwrite)
     run = getattr(obj, "in_memory_run", None) if isinstance(obj, folded_model.FoldedModel) else None
@@ -307,8 +339,6 @@ def export(obj, path, format="tf_saved_model", signatures=None, config=None, ver
     finally:
         report.phases = report.phases + progress.timeline.to_list()
     report.output_dir = path
-    if verbose:
-        print(report_lib.format_run(report))
     return report
 
 

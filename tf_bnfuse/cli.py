@@ -7,6 +7,7 @@ lines and the traceback of an internal error.
 """
 
 import atexit
+import contextlib
 import ctypes
 import json
 import logging as std_logging
@@ -30,6 +31,7 @@ from tf_bnfuse import report as report_lib  # noqa: E402
 from tf_bnfuse.savedmodel import preflight  # noqa: E402
 
 EXIT_INTERRUPTED = 130
+_log = std_logging.getLogger(__name__)
 FLAGS = flags.FLAGS
 flags.DEFINE_string("saved_model_dir", None, "SavedModel folder to read (never modified).")
 flags.DEFINE_string("output_dir", None, "Folder for the folded SavedModel.")
@@ -141,25 +143,29 @@ def _silence_native_stderr():
     logging.get_absl_handler().python_handler.stream = sys.stderr
 
 
-class _ProgressFormatter(std_logging.Formatter):
-    """'tf_bnfuse [  3.1 s] message': progress lines with the time since the run started."""
-
-    def __init__(self, started):
-        super().__init__()
-        self.started = started
-
-    def format(self, record):
-        level = "" if record.levelno == std_logging.INFO else record.levelname + ": "
-        return "tf_bnfuse [%5.1f s] %s%s" % (time.monotonic() - self.started, level, record.getMessage())
-
-
-def _set_up_logging(started):
+@contextlib.contextmanager
+def _logging_set_up(started):
+    """Within, tf_bnfuse's progress lines on stderr, timed from `started` (none with --quiet);
+    TensorFlow's own lines only with --verbosity=1, in their own format. The tf_bnfuse logger is
+    as it was afterwards (main() may run in a caller's process: the tests)."""
     verbose = FLAGS["verbosity"].present and FLAGS.verbosity >= 1
     if not verbose:
         _silence_native_stderr()
-        logging.get_absl_handler().setFormatter(_ProgressFormatter(started))
     if not FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING if FLAGS.quiet else logging.INFO)
+        logging.set_verbosity(logging.WARNING)  # absl's, which TensorFlow's Python side logs through
+    handler = std_logging.StreamHandler(sys.stderr)
+    handler.setFormatter(report_lib.ProgressFormatter(started))
+    logger = std_logging.getLogger(report_lib.PACKAGE_LOGGER)
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(std_logging.WARNING if FLAGS.quiet else std_logging.INFO)
+    logger.propagate = False  # not again through absl's handler on the root logger
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 class _Terminated(BaseException):
@@ -276,12 +282,12 @@ def _main(argv):
     config, failure = _preflight(argv)
     if failure is not None:
         return failure
-    _set_up_logging(started)
     _freed_weights_back_to_the_os()
     signals = _Signals()
     previous = {s: signal.signal(s, signals.handle) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return _fold_and_report(config, signals, started)
+        with _logging_set_up(started):
+            return _fold_and_report(config, signals, started)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -335,7 +341,7 @@ def _fold(config, signals):
     """(RunReport or None, exit code, message) of the run; SIGTERM ends it as SIGTERM means."""
     run_report, code, message = None, errors.EXIT_OK, ""
     try:
-        logging.info("importing TensorFlow ...")
+        _log.info("importing TensorFlow ...")
         import tensorflow as tf
         tf.get_logger().setLevel("ERROR")
         from tf_bnfuse import api

@@ -3,12 +3,14 @@ the CLI prints. Imports nothing of tf_bnfuse, so that every layer may use it."""
 
 import contextlib
 import dataclasses
+import logging
 import os
 import resource
+import sys
 import time
 from typing import List, Optional
 
-from absl import logging
+_log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -134,6 +136,9 @@ class RunReport:
     # The signal (SIGINT, SIGTERM) that arrived once the output was being moved into place, if any
     interrupted_after_output: Optional[str] = None
 
+    def __str__(self):
+        return format_run(self)
+
     def to_dict(self):
         return {
             "saved_model_dir": self.saved_model_dir,
@@ -159,6 +164,57 @@ def _tflite_dict(tflite):
 
 
 # --- Phases: time and memory, logged and kept for the report ---------------------------------
+
+PACKAGE_LOGGER = "tf_bnfuse"  # the parent of every module's logger; quiet unless the caller asks
+
+
+class ProgressFormatter(logging.Formatter):
+    """'tf_bnfuse [  3.1 s] message': progress lines with the time since `started` (monotonic)."""
+
+    def __init__(self, started):
+        super().__init__()
+        self.started = started
+
+    def format(self, record):
+        level = "" if record.levelno == logging.INFO else record.levelname + ": "
+        return "tf_bnfuse [%5.1f s] %s%s" % (time.monotonic() - self.started, level, record.getMessage())
+
+
+@contextlib.contextmanager
+def speaking(verbose):
+    """Within, with verbose, tf_bnfuse's progress lines go to stderr (a Python call's verbose=True),
+    unless the caller's own logging configuration shows them already; the logger is left as it was."""
+    logger = logging.getLogger(PACKAGE_LOGGER)
+    if not verbose or logger.isEnabledFor(logging.INFO) and _has_real_handler(logger):
+        yield
+        return
+    handler, level = logging.StreamHandler(sys.stderr), logger.level
+    handler.setFormatter(ProgressFormatter(time.monotonic()))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def _has_real_handler(logger):
+    """Whether a record of this logger reaches a handler other than a NullHandler."""
+    while logger is not None:
+        if any(not isinstance(h, logging.NullHandler) for h in logger.handlers):
+            return True
+        logger = logger.parent if logger.propagate else None
+    return False
+
+
+def progress_bar(iterable, total, description):
+    """iterable, shown as a progress bar (tqdm) on stderr where stderr is a terminal and progress is
+    being shown; elsewhere the step's own log line is all (no line per item)."""
+    if not (sys.stderr.isatty() and _log.isEnabledFor(logging.INFO) and _has_real_handler(_log)):
+        return iterable
+    import tqdm  # pylint: disable=import-outside-toplevel
+    return tqdm.tqdm(iterable, total=total, desc="tf_bnfuse %s" % description, leave=False, file=sys.stderr)
 
 def rss_mb():
     """The process's resident set size now, in MB (Linux /proc; 0 where unavailable)."""
@@ -189,12 +245,16 @@ class Timeline:
     @contextlib.contextmanager
     def phase(self, name):
         started = time.perf_counter()
-        logging.info("%s ...", name)
+        _log.info("%s ...", name)
         yield
         record = PhaseRecord(name, time.perf_counter() - started, rss_mb(), peak_rss_mb())
         self.phases.append(record)
-        logging.info("%s done in %.2f s (RSS %.0f MB, peak %.0f MB)", name, record.seconds,
-                     record.rss_mb, record.peak_rss_mb)
+        _log.info("%s done in %.2f s (RSS %.0f MB, peak %.0f MB)", name, record.seconds,
+                  record.rss_mb, record.peak_rss_mb)
+
+    def step(self, what):
+        """A step inside the phase that is running (a TFLite conversion, a measurement), logged as it starts."""
+        _log.info("  %s ...", what)
 
     def to_list(self):
         return [dataclasses.asdict(p) for p in self.phases]

@@ -5,9 +5,8 @@ The argument is never modified.
 
 import contextlib
 import gc
+import logging
 import time
-
-from absl import logging
 
 from tf_bnfuse import graph as graph_lib
 from tf_bnfuse import passes as passes_lib
@@ -51,9 +50,9 @@ def run_pipeline(graph_def, outputs, pipeline, owns_input=False, context=None, w
                 context.graph_changed()  # and with it the last reference to the replaced graph
                 weights.retain(result)
             current = result
-            logging.debug("pass %s: %d -> %d nodes, %d folded, %d skipped (%.3f s)", name,
-                          report.nodes_before, report.nodes_after, len(report.folds),
-                          len(report.skips), time.perf_counter() - started)
+            logging.getLogger(__name__).debug(
+                "pass %s: %d -> %d nodes, %d folded, %d skipped (%.3f s)", name, report.nodes_before,
+                report.nodes_after, len(report.folds), len(report.skips), time.perf_counter() - started)
             reports.append(report)
         context.graph_changed()
         if current is graph_def:  # the result is never the caller's argument itself

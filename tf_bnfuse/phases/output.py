@@ -2,11 +2,11 @@
 written, and move it into place."""
 
 import dataclasses
+import logging
 import os
 import uuid
 
 import tensorflow as tf
-from absl import logging
 
 from tf_bnfuse import errors
 from tf_bnfuse import graph as graph_lib
@@ -22,6 +22,8 @@ from tf_bnfuse.verify import culprit as culprit_lib
 from tf_bnfuse.verify import fold_check
 from tf_bnfuse.verify import root_functions as root_function_checks
 from tf_bnfuse.verify import test_inputs as test_inputs_lib
+
+_log = logging.getLogger(__name__)
 
 
 def build(folded_metagraphs, release_weights, options, progress, own_variables=False):
@@ -72,8 +74,8 @@ def verify(built, folded, fold_checks, options, progress):
         # Even unverified, the output is loaded and run: a model that cannot run is never written.
         verify_object(load_written(built, folded.metagraph.tags), folded, fold_checks, options, progress)
     if not options.verify:
-        logging.warning("verification skipped: the output of %s ran on test inputs but was NOT "
-                        "compared with the input", options.output_dir)
+        _log.warning("verification skipped: the output of %s ran on test inputs but was NOT "
+                     "compared with the input", options.output_dir)
 
 
 def verify_object(model, folded, fold_checks, options, progress):
@@ -106,9 +108,9 @@ def verify_object(model, folded, fold_checks, options, progress):
                                accepted=verify_lib.spread_bounds(folded.report.verification, reference.expected)
                                if options.verify else None)
     if options.verify and not folded.report.verification.compared:
-        logging.warning("verification compared NOTHING: every output is random (it differs between two "
-                        "calls of the original on the same input): %s", ", ".join(
-                            folded.report.verification.random_outputs()))
+        _log.warning("verification compared NOTHING: every output is random (it differs between two "
+                     "calls of the original on the same input): %s", ", ".join(
+                         folded.report.verification.random_outputs()))
 
 
 class OriginalEvaluatedAgain:
@@ -139,7 +141,7 @@ class OriginalEvaluatedAgain:
                 values = fold_check.run_as_written(probe, folded.test_inputs.input_specs[key], arrays,
                                                    state=folded.signatures.state)["full"]
             except tf.errors.OpError as e:  # an op without a float64 kernel, say
-                logging.info("the original cannot be evaluated %s: %s", what, errors.most_specific_line(e))
+                _log.info("the original cannot be evaluated %s: %s", what, errors.most_specific_line(e))
                 continue
             found.append(({k: values[t].numpy() for k, t in tensors.items() if t in values}, what))
         return found

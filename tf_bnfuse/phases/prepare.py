@@ -2,8 +2,7 @@
 original's outputs on them, and the passes."""
 
 import dataclasses
-
-from absl import logging
+import logging
 
 from tf_bnfuse import graph as graph_lib
 from tf_bnfuse.passes import runner
@@ -17,6 +16,8 @@ from tf_bnfuse.savedmodel import root_functions
 from tf_bnfuse.verify import compare as verify_lib
 from tf_bnfuse.verify import root_functions as root_function_checks
 from tf_bnfuse.verify import test_inputs as test_inputs_lib
+
+_log = logging.getLogger(__name__)
 
 
 def load(model, metagraph, options, progress):
@@ -55,7 +56,7 @@ def freeze_signatures(loaded, metagraph, progress):
         first = first_with.setdefault(freeze_lib.signature_fingerprint(function), key)
         if first != key:
             same_as[key] = first
-            logging.info("signature %s is the same function as %s: folded once", key, first)
+            _log.info("signature %s is the same function as %s: folded once", key, first)
     distinct = list(first_with.values())
     # What more than one signature reads stays whole in the original (WeightStore.releases).
     shared = freeze_lib.shared_variables([loaded.functions[k] for k in distinct]) if metagraph.releases else None

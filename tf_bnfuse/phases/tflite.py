@@ -69,7 +69,7 @@ def check_and_convert(input_converter, folded_converter, folded, options, progre
         model_content, report = tflite_lib.build(
             input_converter, folded_converter(_promoted(folded.folded) if promote else None), tflite.output,
             references, folded.test_inputs.arrays, options.verify_config, quantization, folded.test_inputs.arrays,
-            known)
+            known, progress.timeline.step)
         report.promoted_float16 = promote
         if quantization is not None:
             report.quantization.max_error = tflite.max_error

@@ -6,6 +6,7 @@ with the same settings and calibration samples and measured on the same held-out
 """
 
 import dataclasses
+import logging
 import math
 import os
 from typing import List, Optional
@@ -13,10 +14,11 @@ from typing import List, Optional
 import numpy as np
 import tensorflow as tf
 
-from absl import logging
-
 from tf_bnfuse import errors
+from tf_bnfuse import report as report_lib
 from tf_bnfuse.verify import test_inputs as test_inputs_lib
+
+_log = logging.getLogger(__name__)
 
 CALIBRATION_SAMPLES = 16  # per signature, when no --calibration_inputs are given
 
@@ -77,9 +79,9 @@ def calibration(calibration_inputs, input_specs, random_inputs):
         return samples, "%s (%s samples)" % (
             "the calibration arrays given" if not isinstance(calibration_inputs, (str, os.PathLike))
             else "--calibration_inputs %s" % calibration_inputs, ", ".join("%s %d" % kv for kv in sorted(counts.items())))
-    logging.warning("int8 calibration on random inputs, which are not representative of real data: pass "
-                    "--calibration_inputs (calibration= in Python) with samples of real inputs for a model worth "
-                    "deploying")
+    _log.warning("int8 calibration on random inputs, which are not representative of real data: pass "
+                 "--calibration_inputs (calibration= in Python) with samples of real inputs for a model worth "
+                 "deploying")
     return random_inputs(input_specs), ("%d seeded random samples per signature (no --calibration_inputs): NOT "
                                         "representative of real data" % CALIBRATION_SAMPLES)
 
@@ -103,7 +105,9 @@ def configure(converter, quantization):
     if quantization.mode == "float16":
         converter.target_spec.supported_types = [tf.float16]
     elif quantization.mode == "int8":
-        converter.representative_dataset = lambda: _samples(quantization.calibration)
+        total = sum(sample_count(arrays) for arrays in quantization.calibration.values())
+        converter.representative_dataset = lambda: report_lib.progress_bar(
+            _samples(quantization.calibration), total, "calibrating")
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         if quantization.io == "int8":
             converter.inference_input_type = tf.int8

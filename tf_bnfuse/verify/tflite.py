@@ -289,15 +289,18 @@ def reference_outputs(original, inputs):
 
 
 def build(input_converter, folded_converter, tflite_path, original, test_inputs, verify_config,
-          quantization=None, held_out=None, known=None):
+          quantization=None, held_out=None, known=None, step=lambda what: None):
     """Converts the folded model (folded_converter makes its TFLiteConverter) to tflite_path's
     content (not written here); compares; returns (bytes, report).
 
     Float (quantization None): each output within tolerance of the original on test_inputs.
     Quantized: per-output metrics on held_out inputs, for the folded model and for the input
     converted alone with the same settings (input_converter; report.quantization).
-    known: check's.
+    known: check's. step(what) is called as each step starts (the progress lines).
     """
+    how = "" if quantization is None else " (%s%s)" % (quantization.mode, ", calibrating" if quantization.calibration
+                                                         is not None else "")
+    step("converting the folded model%s" % how)
     try:
         model_content = convert(folded_converter, quantization)
     except Exception as e:  # the converter raises many types; the user needs the first line
@@ -305,6 +308,7 @@ def build(input_converter, folded_converter, tflite_path, original, test_inputs,
     report = TfliteReport(tflite_path, len(model_content), op_counts(model_content),
                           batch_norm_ops_next_to_linear(model_content), runtime=runtime()[0])
     before = None
+    step("converting the input with the converter alone%s, for comparison" % how)
     try:
         before = convert(input_converter, quantization)
         report.converter_alone_ops, report.converter_alone_size_bytes = op_counts(before), len(before)
@@ -312,12 +316,15 @@ def build(input_converter, folded_converter, tflite_path, original, test_inputs,
     except Exception as e:  # converting the input directly may fail: that is worth reporting, not fatal
         report.converter_alone_error = converter_error(e)
     if quantization is None:
+        step("checking the .tflite model against the original on %s" % report.runtime)
         report.checks = check(model_content, original, test_inputs, verify_config, known)
         return model_content, report
+    step("measuring the quantized model against the original on held-out inputs")
     references = reference_outputs(original, held_out)
     report.quantization = quantize_lib.QuantizationReport(quantization.mode, quantization.io,
                                                           quantization.calibration_source, quantization.held_out_source)
     report.quantization.metrics = quantization_metrics(model_content, references, held_out)
     if before is not None:
+        step("measuring the converter alone's model on the same inputs")
         report.quantization.converter_alone_metrics = quantization_metrics(before, references, held_out)
     return model_content, report
