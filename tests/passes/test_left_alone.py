@@ -46,3 +46,19 @@ def test_each_training_mode_batch_norm_is_one_entry_with_the_users_reason_and_it
     assert all(op.node == name or op.node.startswith(name + "/") for name, entry in by_name.items()
                for op in entry.ops)
     assert "frozen" not in by_name and "frozen" in [f.node for f in report.folds]
+
+
+def test_raw_ops_in_one_function_call_are_one_entry_each():
+    """Batch norms in a tf.function without layers share the call's scope, not one entry."""
+    def build():
+        x = tf.compat.v1.placeholder(tf.float32, [None, 6, 6, 3], name="x")
+        with tf.name_scope("StatefulPartitionedCall"):
+            outs = []
+            for name in ("a", "b"):
+                conv = tf.nn.conv2d(x, graphs.const(graphs.random((1, 1, 3, 3)), name + "_w"), 1, "SAME",
+                                    name=name + "_conv")
+                outs += [graphs.fused_batch_norm(conv, 3, name + "_bn")[0], tf.nn.relu(conv)]  # conv: 2 consumers
+        tf.identity(tf.add_n(outs), name="out")
+    _, report = runner.fold_graph(graphs.build(build)[0], ["out"], PIPELINE)
+    assert [entry.name for entry in report.left_alone] == ["StatefulPartitionedCall/a_bn", "StatefulPartitionedCall/b_bn"]
+    assert all("2 consumers" in entry.reason for entry in report.left_alone)

@@ -24,7 +24,7 @@ def batch_statistics_scopes(graph_def):
         by_name = {node.name: node for node in nodes}
         for node in nodes:
             if node.op.startswith("FusedBatchNorm") and grammar.is_training(node):
-                scopes.add(prefix + _scope(node.name))
+                scopes.add(prefix + _owner(node.name))
             elif node.op == "Mean" and node.name.endswith(_MOMENTS_MEAN) and _reduces_batch_axis(node, by_name):
                 scopes.add(prefix + node.name[:-len(_MOMENTS_MEAN)])
     return scopes
@@ -43,14 +43,24 @@ def _scope(name):
     return name.rsplit("/", 1)[0] if "/" in name else name
 
 
+_CALL_SCOPES = ("StatefulPartitionedCall", "PartitionedCall")  # a function call's, not a layer's
+
+
+def _owner(name):
+    """The batch norm or chain an op belongs to: the layer whose name scope holds it, or the op
+    itself where no layer does (raw ops in a tf.function, whose scope is the call's)."""
+    scope = _scope(name)
+    return name if scope == name or scope.rsplit("/", 1)[-1] in _CALL_SCOPES else scope
+
+
 def grouped(scopes, pass_reports):
     """[LeftAlone]: one per batch-statistics scope (TRAINING_MODE, its skipped ops under it, if
-    any), then one per name scope of the other skipped ops, with its first op's reason; an op
-    two passes left alone is listed once."""
+    any), then one per batch norm or layer of the other skipped ops (_owner), with its first
+    op's reason; an op two passes left alone is listed once."""
     groups = {scope: report_lib.LeftAlone(scope, TRAINING_MODE) for scope in sorted(scopes)}
     by_depth = sorted(scopes, key=len, reverse=True)  # the innermost scope a node is in
     for skip in (s for p in pass_reports for s in p.skips):
-        scope = next((s for s in by_depth if skip.node.startswith(s + "/")), None) or _scope(skip.node)
+        scope = next((s for s in by_depth if skip.node.startswith(s + "/")), None) or _owner(skip.node)
         group = groups.setdefault(scope, report_lib.LeftAlone(scope, skip.reason))
         if all(op.node != skip.node for op in group.ops):  # backward and forward: one op, its first reason
             group.ops.append(skip)
