@@ -124,7 +124,7 @@ def test_existing_output_is_refused_untouched_and_replaced_with_overwrite(exampl
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
-    with pytest.raises(errors.BadInputError, match="not empty; pass --overwrite"):
+    with pytest.raises(errors.BadInputError, match="not empty; pass overwrite=True"):  # the CLI's: --overwrite
         fold_saved_model(example_model, str(out))
     assert (out / "keep.txt").read_text() == "user data"
     fold_saved_model(example_model, str(out), overwrite=True)

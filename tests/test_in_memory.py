@@ -299,15 +299,39 @@ def test_export_litert_int8_writes_a_full_integer_model_without_the_batch_norm_o
     (dict(format="litert", quantize="int4"), "quantize='int4'"),
     (dict(format="litert", io="int8"), "for quantize=\"int8\""),
     (dict(format="litert", quantize="float16", max_error=0), "max_error=0"),
-    (dict(format="litert", quantize="int8", calibration="missing.npz"), "missing.npz"),
+    (dict(format="litert", quantize="int8", calibration="missing.npz"), "calibration missing.npz does not exist"),
+    (dict(format="tf_saved_model", path="model.tflite"), "ends in .tflite"),
 ])
 def test_export_rejects_a_wrong_option_before_any_work(options, message, tmp_path, monkeypatch):
     def no_work(*args, **kwargs):
         raise AssertionError("work started before the options were checked")
     monkeypatch.setattr("tf_bnfuse.api._fold_object", no_work)
+    path = str(tmp_path / options.pop("path", "out"))
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        tf_bnfuse.export(TwoSignatures(), str(tmp_path / "out"), **options)
+        tf_bnfuse.export(TwoSignatures(), path, **options)
     assert not os.listdir(tmp_path)
+
+
+def test_export_speaks_in_its_own_parameters_and_checks_calibration_before_folding(tmp_path):
+    """A calibration array named for no input is refused by the load phase, before anything is
+    frozen, in export's terms (calibration, not --calibration_inputs)."""
+    import keras
+    model, _ = model_zoo.build_model(keras, "conv_bn")
+    wrong = {"not_an_input": np.zeros((4, 8, 8, 3), np.float32)}
+    with pytest.raises(errors.BadInputError) as raised:
+        tf_bnfuse.export(model, str(tmp_path / "model.tflite"), quantize="int8", calibration=wrong)
+    assert str(raised.value).startswith("calibration (arrays): not_an_input names no signature input")
+    assert not [p for p in raised.value.run_report.phases if p["name"].startswith("freeze")]
+    assert not os.listdir(tmp_path)
+
+
+def test_export_of_a_folded_model_refuses_folds_options_and_takes_the_format_from_the_suffix(tmp_path):
+    module = TwoSignatures(seed=3)
+    folded = tf_bnfuse.fold(module)
+    with pytest.raises(ValueError, match="^config, verify: fold's options"):
+        tf_bnfuse.export(folded, str(tmp_path / "out"), config={"verify": {}}, verify=False)
+    report = tf_bnfuse.export(folded, str(tmp_path / "model.tflite"))  # no format: litert by the suffix
+    assert os.path.isfile(tmp_path / "model.tflite") and report.tflite is not None and report.tflite.ok
 
 
 @pytest.mark.quick
@@ -344,6 +368,8 @@ def test_fold_names_what_it_cannot_fold():
         tf_bnfuse.fold(tf.Module())
     with pytest.raises(ValueError, match="cannot fold a builtins.int"):
         tf_bnfuse.fold(3)
+    with pytest.raises(ValueError, match=r"not a path: .* call tf_bnfuse.fold_saved_model\('/models/net', output_dir\)"):
+        tf_bnfuse.fold("/models/net")
 
 
 def test_export_of_a_folded_object_writes_a_verified_saved_model_and_does_not_fold_again(tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ import os
 import numpy as np
 
 from tf_bnfuse import config as config_lib
+from tf_bnfuse import errors
 from tf_bnfuse import report as report_lib
 from tf_bnfuse.passes import runner
 from tf_bnfuse.phases import output
@@ -92,7 +93,7 @@ def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFA
     verbose: progress lines on stderr as the run goes, and the summary printed at the end (else
     nothing is printed unless the `tf_bnfuse` logger is configured to show INFO).
     """
-    with report_lib.speaking(verbose):
+    with report_lib.speaking(verbose), errors.speaking_to("fold_saved_model"):
         report = _fold_saved_model(saved_model_dir, output_dir, signature_keys, tags, config, overwrite, verify,
                                    tflite_output, drop_other_metagraphs, verify_inputs, checkpoint, tflite_quantize,
                                    tflite_io, calibration_inputs, tflite_max_error)
@@ -255,16 +256,18 @@ def fold(obj, signatures=None, config=None, verify=True, verify_inputs=None, ver
     verbose: progress lines on stderr, and the summary (str(result.report)) printed; by default
     nothing is printed unless the `tf_bnfuse` logger is configured to show INFO.
     """
-    with report_lib.speaking(verbose):
+    with report_lib.speaking(verbose), errors.speaking_to("fold"):
         folded = _fold_object(obj, signatures, config, verify, verify_inputs).built.module
     if verbose:
         print(folded.report)
     return folded
 
 
-def _fold_object(obj, signatures, config, verify, verify_inputs):
+def _fold_object(obj, signatures, config, verify, verify_inputs, tflite=None):
+    """The _InMemoryRun of fold; tflite: export's TfliteOptions, whose calibration samples the load
+    phase checks before any work."""
     config = _resolve_config(config)
-    options = parts.Options(None, None, None, config, verify, verify_inputs, None)
+    options = parts.Options(None, None, None, config, verify, verify_inputs, tflite)
     root, functions, input_order = objects_lib.signatures_of(obj, signatures)
     metagraph = parts.MetaGraph(DEFAULT_TAGS, None, releases=False)  # the input object stays whole
     report = report_lib.RunReport("(in memory: %s)" % objects_lib.described(obj), "(in memory)", {})
@@ -294,13 +297,15 @@ def _fold_in_memory(root, functions, metagraph, options, progress, report):
 EXPORT_FORMATS = ("tf_saved_model", "litert")
 
 
-def export(obj, path, format="tf_saved_model", signatures=None, config=None, verify=True,  # noqa: A002 (Keras' name)
+def export(obj, path, format=None, signatures=None, config=None, verify=None,  # noqa: A002 (Keras' name)
            verify_inputs=None, quantize="none", io="float", calibration=None, max_error=None, overwrite=False,
            verbose=False):
     """Writes a folded model to `path`, as Keras' model.export(path, format=...) writes one.
 
     obj: what fold takes, or what it returned (then fold's own options apply and the fold is
-    not repeated). format "tf_saved_model": a SavedModel folder with every signature, loaded
+    not repeated: signatures, config, verify and verify_inputs are fold's, and are refused here).
+    format: by path's suffix when not given (".tflite": "litert", else "tf_saved_model"); a
+    suffix that contradicts it is refused. "tf_saved_model": a SavedModel folder with every signature, loaded
     again and verified before it is moved into place (as the CLI writes one). "litert": a
     .tflite file, converted with TFLiteConverter.from_concrete_functions and checked against
     the input (quantize none, float16, dynamic or int8; io int8 for integer inputs and outputs;
@@ -312,7 +317,7 @@ def export(obj, path, format="tf_saved_model", signatures=None, config=None, ver
     printed (the CLI's, with the side-by-side TFLite table); else nothing is printed unless the
     `tf_bnfuse` logger is configured to show INFO. Returns the RunReport (str() is the summary).
     """
-    with report_lib.speaking(verbose):
+    with report_lib.speaking(verbose), errors.speaking_to("export"):
         report = _export(obj, path, format, signatures, config, verify, verify_inputs, quantize, io, calibration,
                          max_error, overwrite)
     if verbose:
@@ -323,14 +328,18 @@ def export(obj, path, format="tf_saved_model", signatures=None, config=None, ver
 def _export(obj, path, format, signatures, config, verify, verify_inputs, quantize, io, calibration,  # noqa: A002
             max_error, overwrite):
     path = os.fspath(path)
+    format = _export_format(path, format)  # noqa: A001
     _check_export_options(path, format, quantize, io, calibration, max_error, overwrite)
+    tflite = parts.TfliteOptions(path, quantize, io, calibration, max_error) if format == "litert" else None
     run = getattr(obj, "in_memory_run", None) if isinstance(obj, folded_model.FoldedModel) else None
     if run is None:
-        run = _fold_object(obj, signatures, config, verify, verify_inputs)
+        run = _fold_object(obj, signatures, config, True if verify is None else verify, verify_inputs, tflite)
+    else:
+        _refuse_fold_options(signatures=signatures, config=config, verify=verify, verify_inputs=verify_inputs)
+        prepare.check_calibration(tflite, run.folded.loaded.input_specs)  # before the conversion starts
     report, progress = run.folded.report, parts.Progress(report_lib.Timeline(), lambda boundary: None)
     try:
         if format == "litert":
-            tflite = parts.TfliteOptions(path, quantize, io, calibration, max_error)
             options = dataclasses.replace(run.options, tflite=tflite)
             content = tflite_phase.convert_object(run.built.module, run.folded, options, progress)
             output_dir_lib.write_file_atomically(path, content)
@@ -358,6 +367,27 @@ def _export_saved_model(run, path, progress):
         output_dir_lib.remove_scratch(scratch)
 
 
+def _export_format(path, format):  # noqa: A002
+    """format, or the one path's suffix says; ValueError where they disagree."""
+    suffix = "litert" if path.lower().endswith(".tflite") else None
+    if format is None:
+        return suffix or "tf_saved_model"
+    if suffix == "litert" and format == "tf_saved_model":
+        raise ValueError("path %s ends in .tflite, but format=\"tf_saved_model\" writes a SavedModel folder: "
+                         "give format=\"litert\" (or leave format out), or another path" % path)
+    return format
+
+
+def _refuse_fold_options(**given):
+    """ValueError naming fold's options given to export with a model fold already made: they
+    would change nothing."""
+    named = [name for name, value in given.items() if value is not None]
+    if named:
+        raise ValueError("%s: fold's option%s, which export of an already folded model cannot apply; pass %s to "
+                         "tf_bnfuse.fold, or give export the original model" % (
+                             ", ".join(named), "s" if len(named) > 1 else "", "them" if len(named) > 1 else "it"))
+
+
 def _check_export_options(path, format, quantize, io, calibration, max_error, overwrite):  # noqa: A002
     """ValueError for a wrong export option, before any work."""
     if format not in EXPORT_FORMATS:
@@ -374,7 +404,7 @@ def _check_export_options(path, format, quantize, io, calibration, max_error, ov
     if max_error is not None and (quantize == "none" or not max_error > 0):
         raise ValueError("max_error=%r: a relative L2 error above 0, for a quantized model" % (max_error,))
     if isinstance(calibration, (str, os.PathLike)):
-        preflight.check_npz(calibration, "calibration")
+        preflight.check_npz(calibration, "{--calibration_inputs}")
     elif calibration is not None and not isinstance(calibration, (dict, np.ndarray)):
         raise ValueError("calibration: a .npz path, a dict of arrays, or one array; got %s" % type(calibration).__name__)
     if os.path.lexists(path) and not overwrite:

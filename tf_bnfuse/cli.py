@@ -80,6 +80,8 @@ example:
 
 
 def _fail(message, code):
+    if isinstance(message, errors.BnFuseError):
+        message.caller = errors.CLI  # its options named as flags
     sys.stderr.write("tf_bnfuse: error: %s\n" % " ".join(str(message).split()))
     sys.stderr.flush()
     return code
@@ -332,6 +334,7 @@ def _preflight(argv):
                                        FLAGS.calibration_inputs, FLAGS.tflite_max_error)
     except errors.BnFuseError as e:
         if FLAGS.report_json:
+            e.caller = errors.CLI
             _write_report(FLAGS.report_json, "failed", e.exit_code, str(e), config, None)
         return config, _fail(e, e.exit_code)
     return config, None
@@ -355,6 +358,7 @@ def _fold(config, signals):
         if signals.received is not None:
             run_report.interrupted_after_output = signal.Signals(signals.received).name
     except errors.BnFuseError as e:
+        e.caller = errors.CLI
         run_report, code, message = getattr(e, "run_report", None), e.exit_code, str(e)
     except KeyboardInterrupt as e:
         run_report, code, message = getattr(e, "run_report", None), EXIT_INTERRUPTED, "interrupted; nothing written"

@@ -8,8 +8,49 @@ EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 3
 
 
+# A message names an option as "{--flag}": one message, shown in the terms of whoever called.
+# The CLI shows the flag; a Python call the parameter of the function the caller called.
+_OPTION = re.compile(r"\{--([a-z_0-9]+)\}")
+_PYTHON_NAMES = {
+    "fold_saved_model": {"overwrite": "overwrite=True", "skip_verify": "verify=False",
+                         "drop_other_metagraphs": "drop_other_metagraphs=True"},
+    "export": {"overwrite": "overwrite=True", "skip_verify": "verify=False", "signature_keys": "signatures",
+               "tflite_output": "path", "tflite_quantize": "quantize", "tflite_io": "io",
+               "calibration_inputs": "calibration", "tflite_max_error": "max_error"},
+    "fold": {"skip_verify": "verify=False", "signature_keys": "signatures"},
+}
+CLI = "cli"
+
+
+def in_terms_of(message, caller):
+    """message with each "{--flag}" as `caller` ("cli", or the API function called) names it."""
+    if caller == CLI:
+        return _OPTION.sub(lambda m: "--" + m.group(1), message)
+    names = _PYTHON_NAMES.get(caller, _PYTHON_NAMES["fold_saved_model"])
+    return _OPTION.sub(lambda m: names.get(m.group(1), m.group(1)), message)
+
+
 class BnFuseError(Exception):
     exit_code = EXIT_INTERNAL
+    caller = "fold_saved_model"  # whose terms str() speaks in (in_terms_of); set by speaking_to
+
+    def __str__(self):
+        return in_terms_of(super().__str__(), self.caller)
+
+
+class speaking_to:  # noqa: N801 (used as `with errors.speaking_to("export"):`)
+    """A context in which a BnFuseError raised is told who called (the outermost caller's terms)."""
+
+    def __init__(self, caller):
+        self.caller = caller
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, traceback):
+        if isinstance(value, BnFuseError):
+            value.caller = self.caller
+        return False
 
 
 class BadInputError(BnFuseError, ValueError):

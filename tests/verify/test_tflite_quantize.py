@@ -133,6 +133,7 @@ def test_bad_calibration_inputs_and_options_exit_2_with_one_line(models, tmp_pat
     base = ["--saved_model_dir", src, "--output_dir", str(tmp_path / "out"), "--tflite_output", str(tmp_path / "m.tflite")]
     result = run_cli(*base, "--tflite_quantize", "int8", "--calibration_inputs", str(tmp_path / "wrong.npz"))
     assert_one_line_error(result, 2, "--calibration_inputs", "has shape")
+    assert "freeze" not in result.stderr, result.stderr  # refused in the load phase, before any work
     assert_one_line_error(run_cli(*base, "--calibration_inputs", str(tmp_path / "wrong.npz")), 2, "int8")
     assert_one_line_error(run_cli(*base[:4], "--tflite_quantize", "int8"), 2, "--tflite_output")
     assert_one_line_error(run_cli(*base, "--tflite_quantize", "int4"), 2, "int4")

@@ -14,6 +14,7 @@ from tf_bnfuse.savedmodel import objects as objects_lib
 from tf_bnfuse.savedmodel import resources
 from tf_bnfuse.savedmodel import root_functions
 from tf_bnfuse.verify import compare as verify_lib
+from tf_bnfuse.verify import quantize as quantize_lib
 from tf_bnfuse.verify import root_functions as root_function_checks
 from tf_bnfuse.verify import test_inputs as test_inputs_lib
 
@@ -30,8 +31,26 @@ def load(model, metagraph, options, progress):
                                                  metagraph.label)
         aliases, dropped, pending = root_functions.find(loaded, functions)
     input_specs = {k: freeze_lib.signature_inputs(f) for k, f in functions.items()}
-    given = {} if options.verify_inputs is None else test_inputs_lib.given_inputs(options.verify_inputs, input_specs)
+    given = _given_inputs_checked(options, input_specs)
     return parts.LoadedSignatures(loaded, functions, aliases, dropped, pending, vocabulary, input_specs, given)
+
+
+def _given_inputs_checked(options, input_specs):
+    """The verification inputs given ({signature: {input: array}}, none: {}), and the int8
+    calibration samples checked against the signatures (names, dtypes, shapes, sample counts)
+    before any work: a wrong one is refused here, not after the folding."""
+    given = {} if options.verify_inputs is None else test_inputs_lib.given_inputs(options.verify_inputs, input_specs)
+    check_calibration(options.tflite, input_specs)
+    return given
+
+
+def check_calibration(tflite, input_specs):
+    """BadInputError for calibration samples (TfliteOptions.calibration_inputs) that name no input
+    of these signatures, or that the inputs do not take (dtype, shape, sample counts)."""
+    if tflite is not None and tflite.calibration_inputs is not None:
+        for arrays in test_inputs_lib.given_inputs(tflite.calibration_inputs, input_specs,
+                                                   "{--calibration_inputs}").values():
+            quantize_lib.sample_count(arrays)
 
 
 def from_object(root, functions, options, progress):
@@ -41,8 +60,8 @@ def from_object(root, functions, options, progress):
     if objects_lib.has_root_functions(root):
         aliases, dropped, pending = root_functions.find(root, functions)
     input_specs = {k: freeze_lib.signature_inputs(f) for k, f in functions.items()}
-    given = {} if options.verify_inputs is None else test_inputs_lib.given_inputs(options.verify_inputs, input_specs)
-    return parts.LoadedSignatures(root, functions, aliases, dropped, pending, [], input_specs, given)
+    return parts.LoadedSignatures(root, functions, aliases, dropped, pending, [], input_specs,
+                                  _given_inputs_checked(options, input_specs))
 
 
 def freeze_signatures(loaded, metagraph, progress):

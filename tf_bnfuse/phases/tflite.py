@@ -84,7 +84,7 @@ def _raise_if_failed(report):
         worst = quantized.worst
         raise errors.VerificationError(
             "TFLite %s model: signature %s output %s has relative L2 error %.3g against the original, above "
-            "--tflite_max_error %g; nothing written" % (quantized.mode, worst.signature, worst.output,
+            "{--tflite_max_error} %g; nothing written" % (quantized.mode, worst.signature, worst.output,
                                                         worst.relative_l2_error, quantized.max_error))
     if not report.ok:
         bad = next(c for c in report.checks if not c.ok)

@@ -64,7 +64,7 @@ def select_signatures(loaded, keys, path, other_metagraph=None):
         keys = [k for k in keys if k in loaded.signatures]
     unknown = [k for k in keys if k not in loaded.signatures]
     if unknown:
-        hint = "" if other_metagraph is None else " (or pass --drop_other_metagraphs)"
+        hint = "" if other_metagraph is None else " (or pass {--drop_other_metagraphs})"
         raise errors.BadInputError("SavedModel %s has no signature %s; available: %s%s" % (
             where, ", ".join(unknown), ", ".join(available), hint))
     return {k: loaded.signatures[k] for k in keys}

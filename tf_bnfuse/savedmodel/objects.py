@@ -7,6 +7,7 @@ tf.function with an input signature: "serving_default"; several: each by its att
 loaded SavedModel's own signatures. The freeze phase takes them from there, as from a SavedModel.
 """
 
+import os
 import re
 
 import tensorflow as tf
@@ -58,6 +59,10 @@ def described(obj):
 
 def _functions(obj):
     """(root trackable, {key: tf.function or ConcreteFunction}) of obj, before canonicalization."""
+    if isinstance(obj, (str, bytes, os.PathLike)):
+        raise errors.BadInputError("fold takes a live model or function, not a path: for a SavedModel folder call "
+                                   "tf_bnfuse.fold_saved_model(%r, output_dir), or fold(tf.saved_model.load(%r))"
+                                   % (os.fspath(obj), os.fspath(obj)))
     if isinstance(obj, tf.types.experimental.ConcreteFunction):
         return None, {DEFAULT_KEY: obj}
     if isinstance(obj, (list, tuple)) and obj and all(isinstance(f, tf.types.experimental.ConcreteFunction)

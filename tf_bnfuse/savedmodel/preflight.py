@@ -52,7 +52,7 @@ def check_output_dir(saved_model_dir, output_dir, overwrite):
         if not os.path.isdir(output_dir):
             raise errors.BadInputError("output path %s is a file, not a folder" % output_dir)
         if os.listdir(output_dir) and not overwrite:
-            raise errors.BadInputError("output folder %s exists and is not empty; pass --overwrite "
+            raise errors.BadInputError("output folder %s exists and is not empty; pass {--overwrite} "
                                        "to replace it" % output_dir)
     _check_parent(output_dir, "output folder %s" % output_dir)
 
@@ -66,19 +66,19 @@ def _check_file_target(path, flag, saved_model_dir, output_dir, overwrite=True):
     if os.path.isdir(path):
         raise errors.BadInputError("%s %s is a folder, not a file" % (flag, path))
     if os.path.exists(path) and not overwrite:
-        raise errors.BadInputError("%s %s exists; pass --overwrite to replace it" % (flag, path))
+        raise errors.BadInputError("%s %s exists; pass {--overwrite} to replace it" % (flag, path))
     _check_parent(path, "%s %s" % (flag, path))
 
 
 def check_tflite_output(path, saved_model_dir, output_dir, overwrite):
-    _check_file_target(path, "--tflite_output", saved_model_dir, output_dir, overwrite)
+    _check_file_target(path, "{--tflite_output}", saved_model_dir, output_dir, overwrite)
 
 
 def check_report_json(path, saved_model_dir, output_dir):
-    _check_file_target(path, "--report_json", saved_model_dir, output_dir)
+    _check_file_target(path, "{--report_json}", saved_model_dir, output_dir)
 
 
-def check_npz(path, flag="--verify_inputs"):
+def check_npz(path, flag="{--verify_inputs}"):
     """The file exists and is a .npz archive (its arrays are checked against the signatures later)."""
     if not os.path.isfile(path):
         raise errors.BadInputError("%s %s %s" % (
@@ -90,23 +90,23 @@ def check_npz(path, flag="--verify_inputs"):
 def check_tflite_options(tflite_output, quantize, io, calibration_inputs, max_error):
     """The quantization flags only with --tflite_output, and with each other where they need it."""
     if quantize not in QUANTIZE_MODES:
-        raise errors.BadInputError("--tflite_quantize %s: one of %s" % (quantize, ", ".join(QUANTIZE_MODES)))
+        raise errors.BadInputError("{--tflite_quantize} %s: one of %s" % (quantize, ", ".join(QUANTIZE_MODES)))
     if io not in TFLITE_IO:
-        raise errors.BadInputError("--tflite_io %s: one of %s" % (io, ", ".join(TFLITE_IO)))
-    given = [flag for flag, value in (("--tflite_quantize", quantize != "none"), ("--tflite_io", io != "float"),
-                                      ("--calibration_inputs", calibration_inputs),
-                                      ("--tflite_max_error", max_error is not None)) if value]
+        raise errors.BadInputError("{--tflite_io} %s: one of %s" % (io, ", ".join(TFLITE_IO)))
+    given = [flag for flag, value in (("{--tflite_quantize}", quantize != "none"), ("{--tflite_io}", io != "float"),
+                                      ("{--calibration_inputs}", calibration_inputs),
+                                      ("{--tflite_max_error}", max_error is not None)) if value]
     if given and not tflite_output:
-        raise errors.BadInputError("%s need --tflite_output" % ", ".join(given))
+        raise errors.BadInputError("%s need {--tflite_output}" % ", ".join(given))
     if max_error is not None and quantize == "none":
-        raise errors.BadInputError("--tflite_max_error is for --tflite_quantize float16, dynamic or int8 (a float "
+        raise errors.BadInputError("{--tflite_max_error} is for {--tflite_quantize} float16, dynamic or int8 (a float "
                                    ".tflite model is checked within tolerance of the original)")
     if (io != "float" or calibration_inputs) and quantize != "int8":
-        raise errors.BadInputError("--tflite_io and --calibration_inputs are for --tflite_quantize int8")
+        raise errors.BadInputError("{--tflite_io} and {--calibration_inputs} are for {--tflite_quantize} int8")
     if max_error is not None and not max_error > 0:
-        raise errors.BadInputError("--tflite_max_error %s: a relative L2 error above 0" % max_error)
+        raise errors.BadInputError("{--tflite_max_error} %s: a relative L2 error above 0" % max_error)
     if calibration_inputs:
-        check_npz(calibration_inputs, "--calibration_inputs")
+        check_npz(calibration_inputs, "{--calibration_inputs}")
 
 
 def check_all(saved_model_dir, output_dir, overwrite=False, tflite_output=None, report_json=None,

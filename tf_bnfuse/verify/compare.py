@@ -324,7 +324,7 @@ def verify(expected, folded, inputs, output_specs, verify_config, precisions=Non
         if not any(c.signature == key for c in report.checks):
             raise errors.BadInputError(
                 "the original signature %s fails on its test inputs on every device: %s; pass "
-                "--verify_inputs or --skip_verify" % (key, report.not_run["%s on %s" % (key, expected.devices[0])]))
+                "{--verify_inputs} or {--skip_verify}" % (key, report.not_run["%s on %s" % (key, expected.devices[0])]))
     return report
 
 
@@ -484,8 +484,8 @@ def scale_of(array):
 
 
 # What a user can do about a failed check (docs/verification.md#when-verification-fails).
-WHAT_TO_DO = ("to loosen the bound, raise verify.tolerance or verify.spread_multiple in a --config; to judge on real "
-              "data, pass --verify_inputs")
+WHAT_TO_DO = ("to loosen the bound, raise verify.tolerance or verify.spread_multiple in a {--config}; to judge on real "
+              "data, pass {--verify_inputs}")
 
 
 def raise_if_failed(verification):

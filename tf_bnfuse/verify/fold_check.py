@@ -252,11 +252,11 @@ def raise_if_failed(fold_checks, verify_config):
     if not fold_checks.ok:
         raise errors.VerificationError(
             "verification failed: %s; a fold error, not rounding: verify.fold_rounding_multiple (half precision: "
-            "half_rounding_multiple, slope_multiple) in a --config loosens the bound; nothing written" %
+            "half_rounding_multiple, slope_multiple) in a {--config} loosens the bound; nothing written" %
             fold_checks.describe_failure())
     if fold_checks.not_checked and not verify_config["accept_unchecked_folds"]:
         (where, why), more = sorted(fold_checks.not_checked.items())[0], len(fold_checks.not_checked) - 1
         raise errors.VerificationError(
             "verification failed: %s of %d folds not checked by themselves: fold %s: %s%s; "
-            "verify.accept_unchecked_folds in a --config accepts them, the outputs deciding; nothing written" % (
+            "verify.accept_unchecked_folds in a {--config} accepts them, the outputs deciding; nothing written" % (
                 len(fold_checks.not_checked), fold_checks.total, where, why, " (and %d more)" % more if more else ""))

@@ -71,8 +71,8 @@ def calibration(calibration_inputs, input_specs, random_inputs):
     signatures of input_specs: those of calibration_inputs (--calibration_inputs, a .npz), else
     random_inputs(input_specs), CALIBRATION_SAMPLES each, with a warning."""
     if calibration_inputs is not None:
-        samples = test_inputs_lib.given_inputs(calibration_inputs, input_specs, "--calibration_inputs")
-        test_inputs_lib.check_complete(samples, input_specs, "--calibration_inputs %s" % (
+        samples = test_inputs_lib.given_inputs(calibration_inputs, input_specs, "{--calibration_inputs}")
+        test_inputs_lib.check_complete(samples, input_specs, "{--calibration_inputs} %s" % (
             "" if not isinstance(calibration_inputs, (str, os.PathLike)) else calibration_inputs))
         samples = {k: samples[k] for k in input_specs}
         counts = {k: sample_count(a) for k, a in samples.items()}
@@ -128,7 +128,7 @@ def sample_count(arrays):
     """The number of samples along axis 0 of one signature's arrays (scalars go with every one)."""
     counts = {a.shape[0] for a in arrays.values() if a.ndim}
     if len(counts) > 1:
-        raise errors.BadInputError("--calibration_inputs: the inputs of one signature differ in their number of "
+        raise errors.BadInputError("{--calibration_inputs}: the inputs of one signature differ in their number of "
                                    "samples (axis 0): %s" % ", ".join(
                                        "%s %d" % (k, a.shape[0]) for k, a in sorted(arrays.items()) if a.ndim))
     return counts.pop() if counts else 1

@@ -122,7 +122,7 @@ def index_bounds(graph_def, inputs):
     return bounds
 
 
-def given_inputs(path, input_specs, flag="--verify_inputs"):
+def given_inputs(path, input_specs, flag="{--verify_inputs}"):
     """{signature: {input: array}} from a .npz (or a dict) of arrays named INPUT or SIGNATURE/INPUT
     (or one array, for signatures of one input).
 
@@ -257,7 +257,7 @@ def random_inputs(input_specs, rng, batch_size, unknown_dim_size, vocabulary=(),
         known = spec.shape if spec.shape is not None else shapes.get(key)
         if known is None:
             raise errors.BadInputError(
-                "input %s has unknown rank, and no op it feeds says which: pass --verify_inputs" % key)
+                "input %s has unknown rank, and no op it feeds says which: pass {--verify_inputs}" % key)
         shape = [(batch_size if i == 0 else unknown_dim_size) if d is None else d
                  for i, d in enumerate(known)]
         dtype = spec.dtype
@@ -276,10 +276,10 @@ def random_inputs(input_specs, rng, batch_size, unknown_dim_size, vocabulary=(),
         elif dtype == tf.string:
             raise errors.BadInputError(
                 "input %s is a string, and the SavedModel has no vocabulary (text asset or string "
-                "constant) to draw test words from; pass --verify_inputs" % key)
+                "constant) to draw test words from; pass {--verify_inputs}" % key)
         else:
             raise errors.BadInputError(
-                "input %s has dtype %s, for which no test input can be made; pass --verify_inputs"
+                "input %s has dtype %s, for which no test input can be made; pass {--verify_inputs}"
                 % (key, dtype.name))
         values[key] = value
     return values
