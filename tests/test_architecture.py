@@ -94,6 +94,8 @@ def test_the_fold_math_imports_no_tensorflow():
     assert not [n for n in _imports(MODULES["fold_math.py"]) if n.split(".")[0] in ("tensorflow", "keras")]
 
 
+# TensorFlow's namespaces of internals reached as attributes (tf.__internal__.tracking...)
+TF_PRIVATE_NAMESPACES = {"__internal__", "__operators__"}
 PYTHON_PRIVATE_USES = {"os._exit", "atexit._run_exitfuncs"}  # the CLI's exit without teardown: Python's, not TF's
 
 
@@ -102,7 +104,9 @@ def _private_attributes(source):
     and getattr(obj, "_name"))."""
     found = []
     for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+        if isinstance(node, ast.Attribute) and node.attr in TF_PRIVATE_NAMESPACES:
+            found.append("%s.%s" % (ast.unparse(node.value), node.attr))
+        elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
             if ast.unparse(node.value) not in ("self", "cls"):
                 found.append("%s.%s" % (ast.unparse(node.value), node.attr))
         elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr")

@@ -80,7 +80,7 @@ def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFA
     drop_other_metagraphs: write only that MetaGraph; without it every MetaGraph of the
     input is folded into the output, under its own tags.
     verify_inputs: a .npz of arrays named INPUT or SIGNATURE/INPUT to verify
-    on, instead of generated values (see verify/test_inputs.given_inputs).
+    on, instead of generated values (see verify/verification_inputs.given_inputs).
     tflite_quantize: none, float16, dynamic or int8 (full-integer, calibrated on
     calibration_inputs, a .npz like verify_inputs with samples along axis 0, else on seeded
     random inputs); tflite_io int8 gives the int8 model integer inputs and outputs. A

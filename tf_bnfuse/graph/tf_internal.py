@@ -129,6 +129,12 @@ def tf1_initializer_parts(initializer):
     return getattr(initializer, "_init_fn", None), getattr(initializer, "_asset_paths", None)
 
 
+def is_trackable(obj):
+    """Whether obj is a Trackable (a tf.Module, a Keras layer, a loaded SavedModel's object). Why:
+    tf.train.TrackableView takes one and names no class to test for; tf.__internal__ has it."""
+    return isinstance(obj, tf.__internal__.tracking.Trackable)
+
+
 def track(resource, trackable, name):
     """Makes `resource` track `trackable` under `name`. Why: a TrackableResource does not track
     its attributes, and its assets must be saved with it; public alternative: hold them in a

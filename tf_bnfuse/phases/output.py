@@ -20,8 +20,8 @@ from tf_bnfuse.savedmodel import write as write_lib
 from tf_bnfuse.verify import compare as verify_lib
 from tf_bnfuse.verify import culprit as culprit_lib
 from tf_bnfuse.verify import fold_check
-from tf_bnfuse.verify import root_functions as root_function_checks
-from tf_bnfuse.verify import test_inputs as test_inputs_lib
+from tf_bnfuse.verify import root_function_checks
+from tf_bnfuse.verify import verification_inputs
 
 _log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def verify_object(model, folded, fold_checks, options, progress):
                                                                folded.roots, test_inputs),
             evaluated_again=OriginalEvaluatedAgain(folded))
         verification.folds = fold_checks
-        verification.inputs = test_inputs_lib.describe_integer_inputs(test_inputs.input_specs,
+        verification.inputs = verification_inputs.describe_integer_inputs(test_inputs.input_specs,
                                                                       test_inputs.bounds, test_inputs.given)
         folded.report.verification = verification
         if not verification.ok:

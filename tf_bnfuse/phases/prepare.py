@@ -15,8 +15,8 @@ from tf_bnfuse.savedmodel import resources
 from tf_bnfuse.savedmodel import root_functions
 from tf_bnfuse.verify import compare as verify_lib
 from tf_bnfuse.verify import quantize as quantize_lib
-from tf_bnfuse.verify import root_functions as root_function_checks
-from tf_bnfuse.verify import test_inputs as test_inputs_lib
+from tf_bnfuse.verify import root_function_checks
+from tf_bnfuse.verify import verification_inputs
 
 _log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def load(model, metagraph, options, progress):
     """The LoadedSignatures of one MetaGraph of a SavedModelFile."""
     with progress.phase("load"):
         # Before the load: it prunes the proto's function library.
-        vocabulary = test_inputs_lib.model_vocabulary(options.saved_model_dir, model.proto)
+        vocabulary = verification_inputs.model_vocabulary(options.saved_model_dir, model.proto)
         loaded = load_lib.load(model, metagraph.tags)
         functions = freeze_lib.select_signatures(loaded, options.signature_keys, options.saved_model_dir,
                                                  metagraph.label)
@@ -39,7 +39,7 @@ def _given_inputs_checked(options, input_specs):
     """The verification inputs given ({signature: {input: array}}, none: {}), and the int8
     calibration samples checked against the signatures (names, dtypes, shapes, sample counts)
     before any work: a wrong one is refused here, not after the folding."""
-    given = {} if options.verify_inputs is None else test_inputs_lib.given_inputs(options.verify_inputs, input_specs)
+    given = {} if options.verify_inputs is None else verification_inputs.given_inputs(options.verify_inputs, input_specs)
     check_calibration(options.tflite, input_specs)
     return given
 
@@ -48,7 +48,7 @@ def check_calibration(tflite, input_specs):
     """BadInputError for calibration samples (TfliteOptions.calibration_inputs) that name no input
     of these signatures, or that the inputs do not take (dtype, shape, sample counts)."""
     if tflite is not None and tflite.calibration_inputs is not None:
-        for arrays in test_inputs_lib.given_inputs(tflite.calibration_inputs, input_specs,
+        for arrays in verification_inputs.given_inputs(tflite.calibration_inputs, input_specs,
                                                    "{--calibration_inputs}").values():
             quantize_lib.sample_count(arrays)
 
@@ -83,8 +83,8 @@ def freeze_signatures(loaded, metagraph, progress):
     for key in distinct:
         with progress.phase("freeze %s" % key):
             frozen = freeze_lib.freeze(key, loaded.functions[key], owners, graph_lib.WeightStore(), written, shared)
-            bounds[key] = test_inputs_lib.index_bounds(frozen.graph_def, frozen.inputs)
-            shapes[key] = test_inputs_lib.input_shapes(frozen.graph_def, frozen.inputs)
+            bounds[key] = verification_inputs.index_bounds(frozen.graph_def, frozen.inputs)
+            shapes[key] = verification_inputs.input_shapes(frozen.graph_def, frozen.inputs)
         graphs[key] = frozen
     for key, first in same_as.items():
         bounds[key], shapes[key] = bounds[first], shapes[first]
@@ -94,7 +94,7 @@ def freeze_signatures(loaded, metagraph, progress):
 
 def make_test_inputs(loaded, signatures, verify_config):
     """The TestInputs every signature runs on."""
-    arrays = test_inputs_lib.make_inputs(loaded.input_specs, verify_config, loaded.vocabulary, signatures.bounds,
+    arrays = verification_inputs.make_inputs(loaded.input_specs, verify_config, loaded.vocabulary, signatures.bounds,
                                          loaded.given, signatures.shapes)
     return parts.TestInputs(arrays, loaded.input_specs, signatures.bounds, signatures.shapes, loaded.given,
                             loaded.vocabulary)

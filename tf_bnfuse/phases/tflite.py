@@ -10,7 +10,7 @@ from tf_bnfuse.passes.context import PassContext
 from tf_bnfuse.phases import prepare
 from tf_bnfuse.savedmodel import write as write_lib
 from tf_bnfuse.verify import quantize as quantize_lib
-from tf_bnfuse.verify import test_inputs as test_inputs_lib
+from tf_bnfuse.verify import verification_inputs
 from tf_bnfuse.verify import tflite as tflite_lib
 
 
@@ -112,7 +112,7 @@ def _quantization(tflite, folded, options):
         quantization.calibration, quantization.calibration_source = quantize_lib.calibration(
             tflite.calibration_inputs,
             {k: s for k, s in test_inputs.input_specs.items() if k not in folded.signatures.same_as},
-            lambda specs: test_inputs_lib.make_inputs(specs, config, test_inputs.vocabulary, test_inputs.bounds, None,
+            lambda specs: verification_inputs.make_inputs(specs, config, test_inputs.vocabulary, test_inputs.bounds, None,
                                                       test_inputs.shapes))
     return quantization
 

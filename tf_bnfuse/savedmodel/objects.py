@@ -85,7 +85,7 @@ def _functions(obj):
     signatures = getattr(obj, "signatures", None)
     if signatures is not None and len(signatures):  # a loaded SavedModel: already signatures
         return obj, dict(signatures)
-    if isinstance(obj, tf.__internal__.tracking.Trackable):  # a tf.Module, or any other trackable
+    if tf_internal.is_trackable(obj):  # a tf.Module, or any other trackable
         found = _of_module(obj)
         if found:
             return obj, found

@@ -1,6 +1,6 @@
 """Proves a folded SavedModel computes what the original does, on every visible device.
 
-Both models get the same inputs (test_inputs.py). An output passes when
+Both models get the same inputs (verification_inputs.py). An output passes when
 
     max |folded - original| <= atol + rtol * max |original|
 

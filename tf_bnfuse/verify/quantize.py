@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from tf_bnfuse import errors
 from tf_bnfuse import report as report_lib
-from tf_bnfuse.verify import test_inputs as test_inputs_lib
+from tf_bnfuse.verify import verification_inputs
 
 _log = logging.getLogger(__name__)
 
@@ -71,8 +71,8 @@ def calibration(calibration_inputs, input_specs, random_inputs):
     signatures of input_specs: those of calibration_inputs (--calibration_inputs, a .npz), else
     random_inputs(input_specs), CALIBRATION_SAMPLES each, with a warning."""
     if calibration_inputs is not None:
-        samples = test_inputs_lib.given_inputs(calibration_inputs, input_specs, "{--calibration_inputs}")
-        test_inputs_lib.check_complete(samples, input_specs, "{--calibration_inputs} %s" % (
+        samples = verification_inputs.given_inputs(calibration_inputs, input_specs, "{--calibration_inputs}")
+        verification_inputs.check_complete(samples, input_specs, "{--calibration_inputs} %s" % (
             "" if not isinstance(calibration_inputs, (str, os.PathLike)) else calibration_inputs))
         samples = {k: samples[k] for k in input_specs}
         counts = {k: sample_count(a) for k, a in samples.items()}
