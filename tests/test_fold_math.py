@@ -46,6 +46,15 @@ def random_bn(channels):
             RNG.normal(0, 1, channels), RNG.uniform(0.1, 2, channels))
 
 
+def fold_backward(kernel, bias, scale, shift, out_channel_axes):
+    """(new kernel, new bias) as a backward fold computes them (passes/emit.fold_weights): the
+    kernel scaled per output channel, rounded to float64 here; the bias, the linear op's own
+    (None: none) composed with the affine step after it (passes/chain.py)."""
+    new_kernel, _ = fold_math.scale_kernel_as(kernel, scale, out_channel_axes, np.float64)
+    _, new_bias = fold_math.compose_affine((1.0, 0.0 if bias is None else np.asarray(bias)), (scale, shift))
+    return new_kernel, new_bias
+
+
 def test_batch_norm_to_affine_matches_the_batch_norm_formula():
     gamma, beta, mean, var = random_bn(5)
     x = RNG.normal(size=(3, 5))
@@ -65,7 +74,7 @@ def test_conv2d_fold_matches_numpy_conv_then_batch_norm(with_bias, stride):
     expected = reference_bn(expected, gamma, beta, mean, var, 1e-3)
 
     scale, shift = fold_math.batch_norm_to_affine(gamma, beta, mean, var, 1e-3)
-    new_kernel, new_bias = fold_math.fold_affine_into_linear(kernel, bias, scale, shift, (3,))
+    new_kernel, new_bias = fold_backward(kernel, bias, scale, shift, (3,))
     np.testing.assert_allclose(numpy_conv2d(x, new_kernel, stride) + new_bias, expected, rtol=1e-10)
 
 
@@ -75,7 +84,7 @@ def test_depthwise_fold_with_multiplier_two_matches_numpy():
     gamma, beta, mean, var = random_bn(6)
     expected = reference_bn(numpy_depthwise(x, kernel), gamma, beta, mean, var, 1e-5)
     scale, shift = fold_math.batch_norm_to_affine(gamma, beta, mean, var, 1e-5)
-    new_kernel, new_bias = fold_math.fold_affine_into_linear(kernel, None, scale, shift, (2, 3))
+    new_kernel, new_bias = fold_backward(kernel, None, scale, shift, (2, 3))
     np.testing.assert_allclose(numpy_depthwise(x, new_kernel) + new_bias, expected, rtol=1e-10)
 
 
@@ -88,7 +97,7 @@ def test_matmul_fold_matches_numpy(transpose_b):
     expected = reference_bn(x @ weights + bias, gamma, beta, mean, var, 1e-3)
     scale, shift = fold_math.batch_norm_to_affine(gamma, beta, mean, var, 1e-3)
     stored = weights.T if transpose_b else weights
-    new_kernel, new_bias = fold_math.fold_affine_into_linear(stored, bias, scale, shift,
+    new_kernel, new_bias = fold_backward(stored, bias, scale, shift,
                                                              (0,) if transpose_b else (1,))
     product = x @ (new_kernel.T if transpose_b else new_kernel)
     np.testing.assert_allclose(product + new_bias, expected, rtol=1e-10)
@@ -106,7 +115,7 @@ def test_transposed_conv_fold_matches_tensorflow_conv2d_transpose():
 
     expected = reference_bn(deconv(kernel), gamma, beta, mean, var, 1e-3)
     scale, shift = fold_math.batch_norm_to_affine(gamma, beta, mean, var, 1e-3)
-    new_kernel, new_bias = fold_math.fold_affine_into_linear(kernel, None, scale, shift, (2,))
+    new_kernel, new_bias = fold_backward(kernel, None, scale, shift, (2,))
     np.testing.assert_allclose(deconv(new_kernel) + new_bias, expected, rtol=1e-9, atol=1e-12)
 
 

@@ -37,19 +37,6 @@ def compose_affine(first, second):
     return scale1 * scale2, shift1 * scale2 + shift2
 
 
-def scale_kernel(kernel, scale, out_channel_axes):
-    """Multiplies the kernel entries of output channel c by scale[c].
-
-    out_channel_axes are the kernel axes whose row-major flattening numbers the
-    output channels: (3,) for a Conv2D HWIO kernel, (2, 3) for a depthwise
-    [H, W, in, multiplier] kernel whose output channel is in * multiplier + m.
-    """
-    kernel = np.asarray(kernel)
-    # dtype=float64 widens each entry as it is multiplied: the same products as
-    # converting the kernel first, without a float64 copy of it.
-    return np.multiply(kernel, _along_channels(kernel, scale, out_channel_axes), dtype=np.float64)
-
-
 def _along_channels(kernel, scale, out_channel_axes):
     """scale as float64, shaped to broadcast against kernel along its output-channel axes."""
     broadcast_shape = [1] * kernel.ndim
@@ -70,11 +57,14 @@ PARALLEL_MIN_ELEMENTS = 1 << 22
 
 
 def scale_kernel_as(kernel, scale, out_channel_axes, dtype, workers=None):
-    """scale_kernel(kernel, scale, out_channel_axes) rounded to the numpy `dtype`, and
-    (max, min) of the float64 products before rounding (NaN when one is NaN).
+    """The kernel entries of output channel c times scale[c], each product in float64 rounded
+    to the numpy `dtype`, and (max, min) of the float64 products (NaN when one is NaN).
 
-    The same numbers as rounding scale_kernel's result, computed in slices along the
-    leading axes; a big kernel's slices by `workers` threads (default: the CPUs).
+    out_channel_axes are the kernel axes whose row-major flattening numbers the output
+    channels: (3,) for a Conv2D HWIO kernel, (2, 3) for a depthwise [H, W, in, multiplier]
+    kernel whose output channel is in * multiplier + m. Computed in slices along the leading
+    axes (no float64 copy of the kernel); a big kernel's slices by `workers` threads (default:
+    the CPUs).
     """
     kernel = np.asarray(kernel)
     scale = _along_channels(kernel, scale, out_channel_axes)
@@ -128,22 +118,6 @@ def _scale_into(kernel, scale, out):
 
     fill(kernel, scale, out)
     return (np.nan, np.nan) if seen["nan"] else (seen["max"], seen["min"])
-
-
-def fold_affine_into_linear(kernel, bias, scale, shift, out_channel_axes):
-    """Returns (new_kernel, new_bias) of `linear(x, kernel) + bias` then `* scale + shift`.
-
-    bias may be None (no bias). scale and shift are per output channel vectors.
-    """
-    scale = np.asarray(scale, dtype=np.float64)
-    shift = np.asarray(shift, dtype=np.float64)
-    new_kernel = scale_kernel(kernel, scale, out_channel_axes)
-    old_bias = np.zeros_like(scale) if bias is None else np.asarray(bias, dtype=np.float64)
-    return new_kernel, old_bias * scale + shift
-
-
-def out_channel_count(kernel_shape, out_channel_axes):
-    return int(np.prod([kernel_shape[a] for a in out_channel_axes]))
 
 
 def as_channel_vector(value, rank, channel_axis, channels):

@@ -240,10 +240,6 @@ class PassThrough:
     doc: str = ""  # when it is passed (docs/folding.md's table)
 
 
-def _same(index, node, layout):
-    return layout
-
-
 def _identity(index, node, layout):
     if node.op == "IdentityN" and len(data_inputs(node)) != 1:
         raise NoMatch("IdentityN %s forwards %d tensors" % (node.name, len(data_inputs(node))))
