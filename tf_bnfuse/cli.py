@@ -267,9 +267,9 @@ def _freed_weights_back_to_the_os():
     """glibc: every allocation of 8 MiB or more by mmap, so that a big buffer freed (a pass's
     GraphDef copy, the frozen graph) goes back to the OS at once. By default glibc raises its
     mmap threshold after the first big free and keeps later ones in its heap, where
-    TensorFlow's own allocations do not reuse them. Measured side by side on Keras 3
-    ResNet50: peak RSS 1.55-1.57 GB -> 1.47 GB, wall time unchanged (10.8-10.9 s against
-    11.2 s); at 128 KiB the peak is the same and the run 25% slower (every weight an mmap).
+    TensorFlow's own allocations do not reuse them: a lower peak RSS at the same wall time,
+    measured side by side when this was added (a smaller threshold makes every weight an
+    mmap, and the run slower).
     Only the CLI's own process; the Python API leaves malloc alone."""
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -388,8 +388,8 @@ def _exit_without_teardown(code):
     """Exits with `code` once everything is written, skipping the interpreter's teardown.
 
     Tearing down a process that has loaded TensorFlow and two SavedModels
-    (freeing every Python object, then TF's C++ destructors) took 0.65-0.7 s
-    of a 6.6 s run on Keras 3 MobileNetV2, after the output was in place.
+    (freeing every Python object, then TF's C++ destructors) is a noticeable
+    part of a run, and comes after the output is in place.
     atexit handlers still run (absl and logging flush there) and both streams
     are flushed; then os._exit. Only for the CLI's own process, and only once
     TensorFlow is loaded: --help and errors before it exit as usual.

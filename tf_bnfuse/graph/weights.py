@@ -1,7 +1,7 @@
 """The weight store: big Consts held outside the protobuf while the passes run.
 
 Every pass that changes a graph writes a new GraphDef, and protobuf copies each node it
-keeps, weights included (100 MB per pass on ResNet50). While the passes run, each big
+keeps, weights included (every weight, once per pass). While the passes run, each big
 Const's bytes live instead in a WeightStore as a read-only numpy array, and the node
 keeps its dtype and shape and names its array in WEIGHT_KEY_ATTR: copying the node copies a
 key. Weights are read from the proto once, kernels scaled into new arrays, and written

@@ -39,7 +39,7 @@ def convert(built, scratch, folded, options, progress):
 def convert_object(model, folded, options, progress):
     """The .tflite content of a folded object in memory (tf_bnfuse.export), checked the same way;
     the converter alone is given the input object's signature functions (not a Keras model's
-    from_keras_model: it exports the model to a SavedModel first, 8 s on MobileNetV2)."""
+    from_keras_model: it exports the model to a SavedModel first, at the cost of a whole export)."""
     loaded = folded.loaded
 
     def folded_converter(promoted):

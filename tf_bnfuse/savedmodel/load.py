@@ -102,9 +102,9 @@ def _load_without_unreferenced_functions(model, tags):
     (__inference__traced_save/_restore, one op per variable) into the library,
     where only the MetaGraph's saver nodes call them; TF's loader imports every
     library function into a graph all the same, and restores the variables
-    from the checkpoint without them. On Keras 3 MobileNetV2 they are 3,167 of
-    the library's 3,997 nodes, and leaving them out takes the load from 1.0 to
-    0.6 s. Uses TF's own Loader on the pruned proto (what load_partial does);
+    from the checkpoint without them. On Keras 3 MobileNetV2 they are most of
+    the library's nodes, and a large part of its load time. Uses TF's own Loader
+    on the pruned proto (what load_partial does);
     None where that does not apply (a TF1 model, nothing to leave out).
     """
     if sys.byteorder != "little":  # TF byte-swaps function constants first; left to TF's load

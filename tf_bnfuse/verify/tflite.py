@@ -92,8 +92,7 @@ def functions_converter(functions, trackable=None):
     a SavedModel). Without a trackable (the converter alone, for the side-by-side table), a
     tf.Module holds their variables: the input object itself would not do (a Keras model's
     training functions mark its variables written, and they stay READ_VARIABLE ops that int8
-    fails on); and converting a frozen graph instead took 7 to 8.5 s on ResNet50 against 5.5
-    to 6 s this way."""
+    fails on); and converting a frozen graph instead was slower."""
     distinct = {}
     for key, function in functions.items():
         distinct.setdefault(id(function), (key, function))
