@@ -18,7 +18,8 @@ import pytest
 
 pytestmark = pytest.mark.quick  # the quick tier (scripts/test.sh --quick)
 
-PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tf_bnfuse")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = os.path.join(ROOT, "tf_bnfuse")
 SHARED = {"errors", "report"}
 ALLOWED = {  # layer -> the layers it may import (besides itself and SHARED)
     "fold_math": set(),
@@ -174,3 +175,16 @@ def test_a_run_keeps_its_state_in_named_parts(relative):
         if isinstance(node, ast.ClassDef) and any("dataclass" in ast.unparse(d) for d in node.decorator_list):
             fields = [s for s in node.body if isinstance(s, ast.AnnAssign)]
             assert len(fields) <= MAX_RUN_PART_FIELDS, "%s: %s has %d fields" % (relative, node.name, len(fields))
+
+
+def test_the_supported_tensorflow_range_is_the_one_the_tests_run_on():
+    """pyproject.toml's TensorFlow range admits the TensorFlow under test, and constraints.txt pins it."""
+    import tomllib
+    import tensorflow as tf
+    from packaging.requirements import Requirement
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        dependencies = [Requirement(d) for d in tomllib.load(f)["project"]["dependencies"]]
+    [tensorflow] = [d for d in dependencies if d.name == "tensorflow"]
+    assert tensorflow.specifier.contains(tf.__version__), (str(tensorflow.specifier), tf.__version__)
+    with open(os.path.join(ROOT, "constraints.txt")) as f:
+        assert "tensorflow==%s\n" % tf.__version__ in f.read()

@@ -68,21 +68,15 @@ def frozen_graph_def(function, keep):
     Why: there is no public TF2 freezing API. convert_variables_to_constants_v2 spends most
     of its time (and a second copy of every weight) wrapping the frozen GraphDef into a new
     ConcreteFunction that we would only turn back into a GraphDef; its two private steps
-    before that are called directly when this TensorFlow has them. keep: names of capture
-    placeholders to leave as placeholders (variables the function writes). Control flow
-    stays functional (While/If with body functions).
+    before that are called directly (TensorFlow 2.21, the one the package supports). keep:
+    names of capture placeholders to leave as placeholders (variables the function writes).
+    Control flow stays functional (While/If with body functions).
     """
-    converter_data = getattr(_convert_to_constants, "_FunctionConverterDataInEager", None)
-    replace = getattr(_convert_to_constants, "_replace_variables_by_constants", None)
-    if converter_data is not None and replace is not None:
-        data = converter_data(func=function, lower_control_flow=False, aggressive_inlining=False,
-                              variable_names_denylist=set(keep) or None)
-        graph_def, _ = replace(converter_data=data)
-        return graph_def, list(function.outputs)
-    if keep:
-        raise ValueError("this TensorFlow's converter cannot keep written variables as variables")
-    frozen = _convert_to_constants.convert_variables_to_constants_v2(function, lower_control_flow=False)
-    return frozen.graph.as_graph_def(), list(frozen.outputs)
+    data = _convert_to_constants._FunctionConverterDataInEager(  # pylint: disable=protected-access
+        func=function, lower_control_flow=False, aggressive_inlining=False, variable_names_denylist=set(keep) or None)
+    graph_def, _ = _convert_to_constants._replace_variables_by_constants(  # pylint: disable=protected-access
+        converter_data=data)
+    return graph_def, list(function.outputs)
 
 
 def read_debug_info(path):
