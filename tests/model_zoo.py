@@ -236,6 +236,15 @@ def stateful_counter(keras):
     return keras.Model(inputs, L.BatchNormalization()(L.Conv2D(4, 3)(x)))
 
 
+def softmax_100(keras):
+    """Conv + batch norm, then a 100-class Dense and its softmax as separate layers (the logits
+    are a layer's output): nearly equal probabilities, which int8 quantization ties."""
+    L = keras.layers
+    inputs = keras.Input((12, 12, 3), name="image")
+    x = L.GlobalAveragePooling2D()(L.ReLU()(L.BatchNormalization()(L.Conv2D(16, 3, padding="same")(inputs))))
+    return keras.Model(inputs, L.Activation("softmax")(L.Dense(100, name="logits")(x)))
+
+
 def _embedding_conv_bn(keras, rows):
     L = keras.layers
     inputs = keras.Input((6,), dtype="int32", name="ids")
@@ -384,7 +393,7 @@ MODELS = {f.__name__: f for f in HALF_PRECISION + [conv_bn_blocks, two_inputs_sa
     conv_bn, conv_no_bias_bn, conv_bn_swish, dilated_conv_bn, dilated_depthwise_bn, dense_rank3_bn, pool_bn_conv,
     mixed_float16_conv_bn, depthwise_bn, separable_bn, conv_transpose_bn, conv1d_bn, dense_bn, conv3d_bn,
     conv3d_no_bias_bn, channels_first_bn, branch_bn, preactivation_concat_bn, residual_leaky_relu, leaky_residual_then_bn, lstm_dense_bn,
-    gru_dense_bn, grouped_conv_bn, mixed_float16_float32_output, dropout_training, bn_training, stateful_counter, embedding4_conv_bn,
+    gru_dense_bn, grouped_conv_bn, mixed_float16_float32_output, dropout_training, bn_training, stateful_counter, softmax_100, embedding4_conv_bn,
     embedding1000_conv_bn, sequential_conv_dense_bn, subclassed_conv_bn, mobilenet_v2_small, resnet50_small, resnet50, mobilenet_v2, mobilenet_v2_softmax,
     efficientnet_b0, efficientnet_v2_b0]}
 

@@ -394,7 +394,7 @@ def _quantization_lines(tflite):
     q = tflite.quantization
     lines = ["  quantized %s%s; calibration: %s; measured on %s" % (
         q.mode, " with int8 input and output" if q.io == "int8" else "", q.calibration or "none needed", q.held_out)]
-    alone = {(m.signature, m.output): m for m in q.converter_alone_metrics}
+    alone = {(m.signature, m.output, m.logits_of): m for m in q.converter_alone_metrics}
 
     def cell(metric):
         if metric is None:
@@ -409,12 +409,17 @@ def _quantization_lines(tflite):
              "-" if tflite.converter_alone_ops is None else str(sum(tflite.converter_alone_ops.values()))),
             ("batch-norm MUL/ADD", str(tflite.batch_norm_ops),
              "-" if tflite.converter_alone_batch_norm_ops is None else str(tflite.converter_alone_batch_norm_ops))]
-    rows += [("%s/%s" % (m.signature, m.output), cell(m), cell(alone.get((m.signature, m.output))))
-             for m in q.metrics]
+    rows += [("%s/%s%s" % (m.signature, m.output, " logits" if m.logits_of else ""), cell(m),
+              cell(alone.get((m.signature, m.output, m.logits_of)))) for m in q.metrics]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines += ["  | %s |" % " | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     if tflite.converter_alone_error:
         lines.append("  the converter alone fails: %s" % tflite.converter_alone_error)
+    softmax = sorted({"%s/%s" % (m.signature, m.output) for m in q.metrics if m.logits_of})
+    if softmax:
+        lines.append("  %s: a softmax; its row's top-1 compares quantized probabilities, which tie when they are "
+                     "close, the logits row the order of the softmax's input (log of the original's probabilities, "
+                     "both less their row mean): read the logits row" % ", ".join(softmax))
     if q.max_error is not None:
         worst = q.worst
         lines.append("  --tflite_max_error %g: %s (worst: %s/%s, %.3g)" % (

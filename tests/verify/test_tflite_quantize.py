@@ -18,6 +18,7 @@ from ai_edge_litert.interpreter import Interpreter  # the runtime users deploy .
 import keras
 import model_zoo
 from cli_checks import assert_one_line_error, run_cli
+from tf_bnfuse.graph import tf_internal
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LINEAR = {"CONV_2D", "CONV_3D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"}
@@ -163,3 +164,44 @@ def test_int8_of_signatures_the_converter_writes_as_one(example_model, tmp_path)
     metrics = json.loads(report_path.read_text())["tflite"]["quantization"]["metrics"]
     assert {m["signature"] for m in metrics} == {"embedding", "serving_default"}
     assert all(0 < m["relative_l2_error"] < 0.2 for m in metrics)
+
+
+@pytest.mark.filterwarnings("ignore:.*experimental_preserve_all_tensors:UserWarning")
+def test_a_softmax_output_is_measured_on_its_logits_too(tmp_path):
+    """int8 ties a softmax's nearly equal probabilities (top-1 agreement near 0 on them); the
+    logits (the SOFTMAX's input in the .tflite, against log of the original's probabilities)
+    keep the original's order: both rows, on both sides, and the summary says which to read.
+    The logits the .tflite computes are checked against the Keras model's own logits layer."""
+    import tf_bnfuse
+    model, _ = model_zoo.build_model(keras, "softmax_100")
+    rng = np.random.default_rng(8)
+    calibration = rng.standard_normal((32, 12, 12, 3)).astype(np.float32)
+    path = str(tmp_path / "m.tflite")
+    report = tf_bnfuse.export(model, path, quantize="int8", calibration=calibration)
+    quantization = report.tflite.quantization
+    for metrics in (quantization.metrics, quantization.converter_alone_metrics):
+        by_row = {(m.signature, m.logits_of): m for m in metrics}
+        for key in ("serve", "serving_default"):
+            probabilities, logits = by_row[(key, None)], by_row[(key, "output_0")]
+            assert logits.top1_agreement == 1.0 and logits.top1_agreement > probabilities.top1_agreement
+            assert logits.relative_l2_error < 0.05 < probabilities.relative_l2_error
+    assert quantization.worst.logits_of is None  # --tflite_max_error judges outputs only
+    assert "serve/output_0 logits" in str(report) and "read the logits row" in str(report)
+    # Independently: the .tflite's SOFTMAX input orders classes as the Keras model's logits do.
+    interpreter = Interpreter(model_path=path, experimental_preserve_all_tensors=True)
+    runner = interpreter.get_signature_runner("serving_default")
+    x = rng.standard_normal((16, 12, 12, 3)).astype(np.float32)
+    [softmax] = [op for op in tf_internal.tflite_ops(interpreter) if op["op_name"] == "SOFTMAX"]
+    [details] = [d for d in interpreter.get_tensor_details() if d["index"] == softmax["inputs"][0]]
+    scale, zero_point = details["quantization"]
+    [[name, spec]] = runner.get_input_details().items()
+    in_scale, in_zero = spec["quantization"]
+
+    tflite_logits = []
+    for sample in x:
+        fed = sample[None] if not in_scale else np.clip(np.round(sample[None] / in_scale + in_zero), -128, 127)
+        runner(**{name: fed.astype(spec["dtype"])})
+        tflite_logits.append((interpreter.get_tensor(details["index"]).astype(np.float64) - zero_point) * scale)
+    keras_logits = keras.Model(model.inputs, model.get_layer("logits").output)([x]).numpy()
+    agree = np.mean(np.argmax(np.concatenate(tflite_logits), -1) == np.argmax(keras_logits, -1))
+    assert agree >= 0.9, agree

@@ -42,6 +42,9 @@ class OutputMetric:
     relative_l2_error: float  # ||quantized - original|| / ||original||
     snr_db: float  # 10 log10(||original||^2 / ||quantized - original||^2); inf when equal
     top1_agreement: Optional[float] = None  # rank-2 outputs with more than one class
+    # The softmax output whose input (the logits) this measures: log of the original's
+    # probabilities and the quantized model's SOFTMAX input, each less its row's mean
+    logits_of: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -58,8 +61,8 @@ class QuantizationReport:
 
     @property
     def worst(self):
-        """The OutputMetric with the largest relative L2 error, or None."""
-        return max(self.metrics, key=lambda m: m.relative_l2_error, default=None)
+        """The output's OutputMetric with the largest relative L2 error (logits rows aside), or None."""
+        return max((m for m in self.metrics if m.logits_of is None), key=lambda m: m.relative_l2_error, default=None)
 
     @property
     def ok(self):
@@ -152,6 +155,18 @@ def run_signature(runner, inputs):
         scale, zero_point = runner.get_output_details()[name]["quantization"]
         result[name] = (value.astype(np.float32) - zero_point) * scale if scale else value
     return result
+
+
+def logits_metric(key, output, probabilities, logits):
+    """The OutputMetric of a softmax output's logits: the original's are log(probabilities), the
+    logits up to a constant per row (which softmax ignores; underflowed zeros at float32's
+    smallest normal), so both sides are compared less their row means."""
+    reference = np.log(np.maximum(np.asarray(probabilities, np.float64), np.finfo(np.float32).tiny))
+    actual = np.asarray(logits, np.float64).reshape(reference.shape)
+    centred = [a - a.mean(axis=-1, keepdims=True) for a in (reference, actual)]
+    metric = output_metric(key, output, *centred)
+    metric.logits_of = output
+    return metric
 
 
 def output_metric(key, output, reference, actual):

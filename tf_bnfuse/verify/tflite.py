@@ -58,6 +58,8 @@ def _without_interpreter_deprecation():
     installed (the warning points to it); the converter's int8 calibration makes one too."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated", category=UserWarning)
+        # LiteRT's note that keeping every tensor is for debugging: asked for, for the logits only
+        warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors", category=UserWarning)
         yield
 
 
@@ -72,9 +74,11 @@ def runtime():
     return "LiteRT %s (ai-edge-litert)" % importlib.metadata.version("ai-edge-litert"), litert.Interpreter
 
 
-def interpreter_of(model_content):
+def interpreter_of(model_content, preserve_all_tensors=False):
+    """An interpreter of the model; preserve_all_tensors keeps intermediate tensors readable
+    after a run (a softmax's input: the logits)."""
     with _without_interpreter_deprecation():
-        return runtime()[1](model_content=model_content)
+        return runtime()[1](model_content=model_content, experimental_preserve_all_tensors=preserve_all_tensors)
 
 
 def saved_model_converter(saved_model_dir, signature_keys, tags):
@@ -270,14 +274,45 @@ def quantization_metrics(model_content, references, held_out):
     """[OutputMetric] of a quantized .tflite model against the original's outputs on held_out inputs.
 
     references: {signature: {output: array}}, the original SavedModel's outputs on held_out.
+    An output a SOFTMAX computes is measured on its logits too (OutputMetric.logits_of): a
+    quantized softmax over nearly equal values ties in its 256 levels and loses the order its
+    input has, so a top-1 figure from the probabilities alone misleads.
     """
     interpreter = interpreter_of(model_content)
-    metrics = []
+    ops, metrics = _ops(interpreter), []
+    logits = {key: _softmax_inputs(ops, _runner(interpreter, key).get_output_details()) for key in references}
+    if any(logits.values()):  # every tensor kept (more memory) only where there are logits to read
+        interpreter = interpreter_of(model_content, preserve_all_tensors=True)
     for key in sorted(references):
         actual = quantize_lib.run_signature(_runner(interpreter, key), held_out[key])
         for output in sorted(references[key]):
             metrics.append(quantize_lib.output_metric(key, output, references[key][output], actual[output]))
+            if output in logits[key]:
+                metrics.append(quantize_lib.logits_metric(key, output, references[key][output],
+                                                          _dequantized(interpreter, logits[key][output])))
     return metrics
+
+
+def _softmax_inputs(ops, output_details):
+    """{output name: index of the tensor a SOFTMAX computes it from} for the outputs a SOFTMAX
+    computes (through (de)quantization and reshapes)."""
+    producer = {t: op for op in ops for t in op["outputs"]}
+    found = {}
+    for name, details in output_details.items():
+        op = producer.get(details["index"])
+        while op is not None and op["op_name"] in SHAPE_ONLY_TFLITE_OPS:
+            op = producer.get(op["inputs"][0])
+        if op is not None and op["op_name"] == "SOFTMAX":
+            found[name] = op["inputs"][0]
+    return found
+
+
+def _dequantized(interpreter, index):
+    """A tensor of the last run, in float (an int8 tensor by its scale and zero point)."""
+    value = interpreter.get_tensor(index)
+    [details] = [d for d in interpreter.get_tensor_details() if d["index"] == index]
+    scale, zero_point = details["quantization"]
+    return (value.astype(np.float64) - zero_point) * scale if scale else value.astype(np.float64)
 
 
 def reference_outputs(original, inputs):
