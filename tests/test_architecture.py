@@ -170,11 +170,13 @@ def test_one_helper_per_graph_primitive():
 @pytest.mark.parametrize("relative", sorted(p for p in MODULES if p == "api.py" or p.startswith("phases/")))
 def test_a_run_keeps_its_state_in_named_parts(relative):
     """No bag of state that every phase reads and writes: each part of a run is a small record
-    made by one phase (phases/parts.py)."""
+    made by one phase (phases/parts.py), frozen: a later phase makes a new one, never changes it."""
     for node in ast.walk(ast.parse(MODULES[relative])):
         if isinstance(node, ast.ClassDef) and any("dataclass" in ast.unparse(d) for d in node.decorator_list):
             fields = [s for s in node.body if isinstance(s, ast.AnnAssign)]
             assert len(fields) <= MAX_RUN_PART_FIELDS, "%s: %s has %d fields" % (relative, node.name, len(fields))
+            if relative == "phases/parts.py":
+                assert any("frozen=True" in ast.unparse(d) for d in node.decorator_list), node.name
 
 
 def test_the_supported_tensorflow_range_is_the_one_the_tests_run_on():

@@ -1,7 +1,10 @@
 """The named parts of a run: what the caller asked for, and what each phase makes.
 
 Each phase function takes the parts it reads and returns the part it makes; api.fold_saved_model
-is the sequence of those calls. A part is made by one phase and only read after that.
+is the sequence of those calls. A part is made by one phase and only read after that: every
+part is a frozen dataclass, and a later phase that needs one changed makes a new one
+(dataclasses.replace). The RunReport a FoldedMetaGraph carries is the run's record, which
+each phase adds to.
 """
 
 import dataclasses
@@ -50,7 +53,7 @@ class MetaGraph:
     releases: bool
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Progress:
     """The phase timeline and the caller's checkpoint, called at each phase boundary."""
     timeline: report_lib.Timeline
@@ -67,7 +70,7 @@ class Progress:
         return Progress(self.timeline, self.checkpoint, metagraph.label)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class LoadedSignatures:
     """The load phase's: the input's loaded object and the signatures to fold."""
     loaded: object  # what tf.saved_model.load gives
@@ -80,7 +83,7 @@ class LoadedSignatures:
     given: dict  # signature -> {input: array} from --verify_inputs
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Signatures:
     """What the freeze phase learns of the signatures, besides their frozen graphs (which the
     passes take over)."""
@@ -94,7 +97,7 @@ class Signatures:
         return self.same_as.get(key, key)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class TestInputs:
     """The test-inputs phase's: what every signature runs on, and how it was chosen."""
     arrays: Dict[str, dict]  # signature -> {input: array}
@@ -105,7 +108,7 @@ class TestInputs:
     vocabulary: list
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class RootFunctions:
     """The root object's functions the output keeps, once those matched by value are known."""
     aliases: Dict[str, list]  # name -> [RootAlias]
@@ -116,7 +119,7 @@ class RootFunctions:
         return sorted(self.aliases)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Reference:
     """The reference phase's: the original's outputs on the test inputs, before the passes."""
     expected: object  # compare.Expected
@@ -126,7 +129,7 @@ class Reference:
     originals: dict
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class FoldedSignatures:
     """The passes' result: every signature's folded graph (signatures of one function share it)."""
     signatures: Dict[str, freeze_lib.FrozenSignature]
@@ -134,7 +137,7 @@ class FoldedSignatures:
     reports: Dict[str, report_lib.GraphReport]  # in the input's order
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class FoldedMetaGraph:
     """What the write, the verification and the TFLite phase read of one MetaGraph."""
     metagraph: MetaGraph

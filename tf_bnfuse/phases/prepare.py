@@ -103,13 +103,13 @@ def make_test_inputs(loaded, signatures, verify_config):
 def match_root_functions(loaded, test_inputs, verify_config, progress):
     """RootFunctions: those a signature wraps, and the pending traces that compute a signature's
     outputs on its test inputs (root_functions.match_by_value)."""
-    aliases = {name: list(group) for name, group in loaded.aliases.items()}
-    dropped = dict(loaded.dropped_functions)
-    if loaded.pending_traces:
-        with progress.phase("match root functions"):
-            root_function_checks.match_by_value(loaded.loaded, loaded.functions, loaded.pending_traces, aliases,
-                                                dropped, test_inputs.arrays, verify_config)
-    return parts.RootFunctions(aliases, dropped)
+    if not loaded.pending_traces:
+        return parts.RootFunctions({name: list(group) for name, group in loaded.aliases.items()},
+                                   dict(loaded.dropped_functions))
+    with progress.phase("match root functions"):
+        return parts.RootFunctions(*root_function_checks.match_by_value(
+            loaded.loaded, loaded.functions, loaded.pending_traces, loaded.aliases, loaded.dropped_functions,
+            test_inputs.arrays, verify_config))
 
 
 def run_original(loaded, graphs, signatures, roots, test_inputs, progress):

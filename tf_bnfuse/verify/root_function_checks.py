@@ -21,8 +21,11 @@ def match_by_value(loaded, signatures, pending, aliases, dropped, inputs, verify
     the trace's outputs must equal one signature output within that output's
     tolerance. The trace then calls that signature in the output, like a
     wrapped one; check() compares it with the original again after writing.
-    Updates aliases and dropped in place.
+    Returns new (aliases, dropped): those given with the traces kept and the ones not kept
+    added; the arguments are left as they are.
     """
+    aliases = {name: list(group) for name, group in aliases.items()}
+    dropped = dict(dropped)
     for name, traces in sorted(pending.items()):
         parameters = root_functions.parameters_of(getattr(loaded, name))
         for concrete in traces:
@@ -36,6 +39,7 @@ def match_by_value(loaded, signatures, pending, aliases, dropped, inputs, verify
                 continue
             alias.parameters = parameters
             aliases.setdefault(name, []).append(alias)
+    return aliases, dropped
 
 
 def _alias_by_value(loaded, name, concrete, key, signature, feeds, verify_config):
