@@ -16,7 +16,7 @@ from tf_bnfuse.savedmodel import freeze as freeze_lib
 from tf_bnfuse.savedmodel import objects as objects_lib
 from tf_bnfuse.savedmodel import probe as probe_lib
 from tf_bnfuse.savedmodel import resources
-from tf_bnfuse.verify import compare as verify_compare
+from tf_bnfuse.verify import tolerance as tolerance_lib
 from tf_bnfuse.verify import fold_check
 from tf_bnfuse.verify import fold_plan
 
@@ -71,12 +71,12 @@ def test_a_probe_reads_tensors_in_full_and_compares_pairs_over_every_element():
     (0.5, 2.0, 0.25), (-np.inf, -np.inf, 0.0), (np.nan, 2.0, np.inf), (np.inf, 2.0, np.inf), (0.0, 0.0, 0.0),
     (1e-3, 0.0, np.inf)])
 def test_the_relative_error_of_two_maxima_follows_the_output_comparison(error, scale, relative):
-    """compare.relative_error of the probe's maxima gives what compare.compare gives on arrays
+    """tolerance.relative_error of the probe's maxima gives what tolerance.compare gives on arrays
     with those maxima (NaN: the folded output has one where the original has none)."""
-    assert verify_compare.relative_error(error, scale) == relative
+    assert tolerance_lib.relative_error(error, scale) == relative
     reference = np.array([scale, 0.0]) if np.isfinite(scale) else np.zeros(0)
     candidate = reference + np.array([error, 0.0]) if np.isfinite(scale) else reference
-    assert verify_compare.compare(reference, candidate, {"rtol": 0.0, "atol": 0.0})[1] == relative
+    assert tolerance_lib.compare(reference, candidate, {"rtol": 0.0, "atol": 0.0})[1] == relative
 
 
 def test_a_fold_is_judged_by_the_probes_maxima_and_left_to_the_output_check_where_its_original_is_not_finite():

@@ -87,7 +87,7 @@ def test_integer_ids_are_drawn_below_the_embedding_rows(exported, tmp_path, name
 
 @pytest.mark.parametrize("users_setting", [False, True])
 def test_the_original_runs_without_grappler_and_the_users_setting_comes_back(users_setting):
-    from tf_bnfuse.verify import compare as verify
+    from tf_bnfuse.verify import execution as verify
 
     def meta_optimizer_disabled():
         return tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)

@@ -43,7 +43,7 @@ def register_functions(function_defs):
 def call_function(name, inputs, num_outputs):
     """The outputs of a function register_functions added, called eagerly as a ConcreteFunction
     calls its own: with the process's function options (tf.config.optimizer's, which
-    compare.as_written sets). Why: as register_functions; the public raw op,
+    verify/execution.as_written sets). Why: as register_functions; the public raw op,
     StatefulPartitionedCall, instantiates with its own config_proto attr instead."""
     return _context.context().call_function(name.encode(), list(inputs), num_outputs)
 

@@ -18,6 +18,7 @@ from tf_bnfuse.savedmodel import output_dir as output_dir_lib
 from tf_bnfuse.savedmodel import probe as probe_lib
 from tf_bnfuse.savedmodel import write as write_lib
 from tf_bnfuse.verify import compare as verify_lib
+from tf_bnfuse.verify import records
 from tf_bnfuse.verify import culprit as culprit_lib
 from tf_bnfuse.verify import fold_check
 from tf_bnfuse.verify import root_function_checks
@@ -63,7 +64,7 @@ def check_folds(graphs, folded, options, progress):
             {key: folded.report.signatures[key].folds for key in folded.reference.originals},
             folded.test_inputs, folded.signatures.state, options.verify_config)
     if not checks.ok or checks.not_checked:
-        folded.report.verification = verify_lib.VerificationReport(devices=[checks.device], folds=checks)
+        folded.report.verification = records.VerificationReport(devices=[checks.device], folds=checks)
         fold_check.raise_if_failed(checks, options.verify_config)
     return checks
 

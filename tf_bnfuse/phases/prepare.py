@@ -14,6 +14,7 @@ from tf_bnfuse.savedmodel import objects as objects_lib
 from tf_bnfuse.savedmodel import resources
 from tf_bnfuse.savedmodel import root_functions
 from tf_bnfuse.verify import compare as verify_lib
+from tf_bnfuse.verify import tolerance as tolerance_lib
 from tf_bnfuse.verify import quantize as quantize_lib
 from tf_bnfuse.verify import root_function_checks
 from tf_bnfuse.verify import verification_inputs
@@ -154,7 +155,7 @@ def fold_signatures(graphs, signatures, metagraph, pipeline, progress):
             graph_def, reports[key] = runner.fold_graph(
                 signature.release_graph_def(), signature.output_tensors, pipeline, owns_input=True,
                 context=PassContext(signature.weights), weights_out=True)
-            precisions[key] = verify_lib.output_precisions(graph_def, signature.outputs)
+            precisions[key] = tolerance_lib.output_precisions(graph_def, signature.outputs)
         folded[key] = dataclasses.replace(signature, graph_def=graph_def)
     for key, first in signatures.same_as.items():
         reports[first].shared_by.append(key)

@@ -41,198 +41,16 @@ folded model reproduces both runs (a counter's state): a random output is
 reported as such and not compared.
 """
 
-import contextlib
 import dataclasses
-import math
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 import tensorflow as tf
 
 from tf_bnfuse import errors
-from tf_bnfuse import graph as graph_lib
-
-HALF_PRECISIONS = ("float16", "bfloat16")  # loosest first
-
-
-@dataclasses.dataclass
-class OutputCheck:
-    signature: str
-    output: str
-    device: str
-    dtype: str
-    max_abs_error: float
-    max_rel_error: float  # max abs error / max |original|
-    rtol: float
-    atol: float
-    ok: bool
-    precision: str = ""  # what set the tolerance: "float32 output", "float16 compute", ...
-    random: bool = False  # the original gives other values on a second call: not compared
-    # Where the tolerance did not suffice: max |original - itself evaluated otherwise| / max
-    # |original| (in float64, as written in float32): the original's own spread (None: not measured)
-    own_spread: Optional[float] = None
-    bound: Optional[float] = None  # on max_rel_error
-    bound_source: str = ""  # what set it: the tolerance's precision, or the original's own spread
-
-
-    def describe_bound(self):
-        """What the check held the output to, for the summary and the error."""
-        bound = "bound %.3g: rtol %g, atol %g, set by %s" % (
-            self.bound if self.bound is not None else float("nan"), self.rtol, self.atol, self.bound_source or self.precision)
-        return bound if self.own_spread is None else "%s; the models' own spread %.3g" % (bound, self.own_spread)
-
-
-@dataclasses.dataclass
-class VerificationReport:
-    devices: List[str]
-    checks: List[OutputCheck] = dataclasses.field(default_factory=list)
-    # "signature on device" -> why the ORIGINAL cannot run there (nothing to compare with)
-    not_run: Dict[str, str] = dataclasses.field(default_factory=dict)
-    # "signature/input" -> how integer test values were chosen
-    inputs: Dict[str, str] = dataclasses.field(default_factory=dict)
-    # "signature on device" -> max abs difference between the folded model and the original as
-    # TensorFlow runs it, where the folded model matched only the original as written (a
-    # TensorFlow bug in Grappler; module docstring)
-    grappler_differs: Dict[str, float] = dataclasses.field(default_factory=dict)
-    # The fold that explains the first failed check (verify/culprit.Culprit), when one failed
-    culprit: object = None
-    folds: object = None  # fold_check.FoldChecks: every fold checked by itself
-
-    @property
-    def ok(self):
-        return all(c.ok for c in self.checks) and (self.folds is None or self.folds.ok)
-
-    @property
-    def compared(self):
-        return [c for c in self.checks if not c.random]
-
-    def random_outputs(self):
-        return sorted({"%s/%s" % (c.signature, c.output) for c in self.checks if c.random})
-
-    def failures(self):
-        return [c for c in self.checks if not c.ok]
-
-    def to_dict(self):
-        result = dict(dataclasses.asdict(self), ok=self.ok)
-        result["random_outputs"] = self.random_outputs()
-        result["folds"] = self.folds.to_dict() if self.folds is not None else None
-        return result
-
-
-@contextlib.contextmanager
-def as_written():
-    """Functions first called inside run their graphs without Grappler (a function called under
-    another optimizer config than before is instantiated again).
-
-    The setting is the process's: a function another thread first calls meanwhile is built
-    without Grappler too. The caller's own setting comes back on exit."""
-    before = tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
-    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
-    try:
-        yield
-    finally:
-        tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": before})
-
-
-def unless_accepted_as_written(first, attempt, accepted):
-    """(result, as_written): first, with False, when accepted(first); else attempt() run again
-    under as_written(), with True, when accepted(that); else first, with False.
-
-    first is attempt()'s result as TensorFlow runs the original (with Grappler). The one
-    fallback every comparison with the original makes (module docstring).
-    """
-    if accepted(first):
-        return first, False
-    with as_written():
-        again = attempt()
-    return (again, True) if accepted(again) else (first, False)
-
-
-def visible_devices():
-    """Every logical CPU and GPU device TensorFlow can see, CPU first."""
-    return [d.name for d in tf.config.list_logical_devices("CPU") + tf.config.list_logical_devices("GPU")]
-
-
-def compare(reference, candidate, tolerance):
-    """(max abs error, max rel error, ok) of one output pair."""
-    reference = np.asarray(reference)
-    candidate = np.asarray(candidate)
-    if reference.shape != candidate.shape:
-        return float("inf"), float("inf"), False
-    if not np.issubdtype(reference.dtype, np.floating) and reference.dtype.name != "bfloat16":
-        ok = bool(np.array_equal(reference, candidate))
-        return (0.0, 0.0, ok) if ok else (float("inf"), float("inf"), False)
-    reference = reference.astype(np.float64)
-    candidate = candidate.astype(np.float64)
-    if reference.size == 0:
-        return 0.0, 0.0, True
-    if not np.array_equal(np.isfinite(reference), np.isfinite(candidate)):
-        return float("inf"), float("inf"), False
-    finite = np.isfinite(reference)
-    max_abs = float(np.max(np.abs(reference - candidate)[finite], initial=0.0))
-    scale = float(np.max(np.abs(reference[finite]), initial=0.0))
-    ok = max_abs <= tolerance["atol"] + tolerance["rtol"] * scale
-    return max_abs, relative_error(max_abs, scale), ok
-
-
-def relative_error(error, scale):
-    """max |candidate - reference| / max |reference| from those two maxima, the one definition
-    of relative error (compare, and the fold checks' in-graph maxima): infinite where the error
-    is not finite (a NaN where the reference is finite) or where the reference is all zero and
-    the candidate is not; 0 over no element (Max over none: -inf)."""
-    if error == -math.inf:
-        return 0.0
-    if not math.isfinite(error):
-        return math.inf
-    return error / scale if scale > 0 else (0.0 if error == 0 else math.inf)
-
-
-def _looser(a, b):
-    return {"rtol": max(a["rtol"], b["rtol"]), "atol": max(a["atol"], b["atol"])}
-
-
-def tolerance_for(dtype, verify_config, precision=None):
-    """(tolerance, what set it) for an output of `dtype` computed at `precision` (or None)."""
-    table = verify_config.get("tolerance", {})
-    default = table.get("float32", {"rtol": 1e-4, "atol": 1e-6})
-    name = tf.as_dtype(dtype).name
-    tolerance, source = table.get(name, default), "%s output" % name
-    if precision and precision in table:
-        looser = _looser(tolerance, table[precision])
-        if looser != tolerance:
-            tolerance, source = looser, "%s compute" % precision
-    return tolerance, source
-
-
-def output_precisions(graph_def, outputs):
-    """{output key: "float16" | "bfloat16"} for outputs some half-precision op or Cast computes.
-
-    outputs: {key: TensorSpecInfo}. Looks at every node an output depends on,
-    and into the functions those call (loop bodies, XLA clusters).
-    """
-    index = graph_lib.GraphIndex(graph_def)
-    functions = graph_lib.functions_by_name(graph_def)
-    half = {tf.as_dtype(p).as_datatype_enum: p for p in HALF_PRECISIONS}
-
-    def precisions_of(node_defs):
-        found = set()
-        for node in node_defs:
-            for attr in node.attr.values():
-                if attr.type in half:
-                    found.add(half[attr.type])
-                found.update(half[t] for t in attr.list.type if t in half)
-        return found
-
-    result = {}
-    for key, spec in outputs.items():
-        ancestors = [index.node(n) for n in graph_lib.live_nodes(graph_def, [spec.tensor], keep_ops=())
-                     if index.node(n) is not None]
-        called = graph_lib.function_closure(
-            functions, [f for n in ancestors for f in graph_lib.called_function_names(n)])
-        found = precisions_of(ancestors + [n for name in called for n in functions[name].node_def])
-        if found:
-            result[key] = next(p for p in HALF_PRECISIONS if p in found)
-    return result
+from tf_bnfuse.verify import execution
+from tf_bnfuse.verify import records
+from tf_bnfuse.verify import tolerance as tolerance_lib
 
 
 def smoke_test(folded, inputs):
@@ -272,7 +90,7 @@ def expected_outputs(original, inputs, devices=None, deterministic=()):
     deterministic: the signatures whose graphs have no stateful op (graph.is_deterministic), called
     once: a second call could only repeat the first.
     """
-    expected = Expected(list(devices or visible_devices()))
+    expected = Expected(list(devices or execution.visible_devices()))
     for key in sorted(original):
         for device in expected.devices:
             with tf.device(device):
@@ -306,7 +124,7 @@ def verify(expected, folded, inputs, output_specs, verify_config, precisions=Non
     called only where an output still fails (module docstring).
     """
     precisions = precisions or {}
-    report = VerificationReport(devices=list(expected.devices))
+    report = records.VerificationReport(devices=list(expected.devices))
     report.not_run = {"%s on %s" % kd: line for kd, line in expected.not_run.items()}
     for key in sorted(folded):
         for device in expected.devices:
@@ -364,12 +182,12 @@ class _Judged:
             except tf.errors.OpError:
                 return None
             return self.against(again)
-        checks, as_written_only = unless_accepted_as_written(
+        checks, as_written_only = execution.unless_accepted_as_written(
             checks, against_original_again if original_again else lambda: None,
             lambda found: found is not None and all(c.ok for c in found))
         if not as_written_only:
             return checks, None
-        return checks, max(compare(self.first[0][k], self.calls[0].get(k), {"rtol": 0.0, "atol": 0.0})[0]
+        return checks, max(tolerance_lib.compare(self.first[0][k], self.calls[0].get(k), {"rtol": 0.0, "atol": 0.0})[0]
                            for k in self.first[0])
 
     def within_own_error(self, checks, references):
@@ -377,7 +195,7 @@ class _Judged:
         folded model's is its distance from itself run as written (one more call, here)."""
         multiple = float(self.verify_config.get("spread_multiple", 8.0))
         tensors = {k: tf.constant(v) for k, v in self.inputs.items()}
-        with as_written(), tf.device(self.device):  # a function called under another config is instantiated anew
+        with execution.as_written(), tf.device(self.device):  # a function called under another config is instantiated anew
             folded_as_written = _call(self.function, tensors)
         return [_within_own_error(c, self.first[0][c.output], self.calls[0][c.output], references,
                                   folded_as_written.get(c.output), multiple)
@@ -397,8 +215,8 @@ def _compare_calls(key, device, expected, folded_outputs, output_specs, verify_c
     (a second only where the original's output changed between its two).
     """
     dtypes = {k: _dtype(k, expected[0], output_specs) for k in expected[0]}
-    tolerances = {k: tolerance_for(dtypes[k], verify_config, precisions.get(k)) for k in expected[0]}
-    repeatable = {k: compare(expected[0][k], expected[1].get(k), tolerances[k][0])[2] for k in expected[0]}
+    tolerances = {k: tolerance_lib.tolerance_for(dtypes[k], verify_config, precisions.get(k)) for k in expected[0]}
+    repeatable = {k: tolerance_lib.compare(expected[0][k], expected[1].get(k), tolerances[k][0])[2] for k in expected[0]}
     actual = folded_outputs(1 if all(repeatable.values()) else 2)  # state or randomness: does it repeat?
     return [_check(key, output_key, device, dtypes[output_key].name, expected, actual, tolerances[output_key],
                    repeatable[output_key]) for output_key in sorted(expected[0])]
@@ -413,14 +231,14 @@ def spread_bounds(verification, expected):
         calls = expected.calls.get((c.signature, c.device))
         if c.own_spread is None or c.bound is None or c.device != expected.devices[0] or calls is None:
             continue
-        bounds.setdefault(c.signature, {})[c.output] = c.bound * scale_of(calls[0][c.output])
+        bounds.setdefault(c.signature, {})[c.output] = c.bound * tolerance_lib.scale_of(calls[0][c.output])
     return bounds
 
 
 def _own_spread(original, references, output_key):
     """(max abs, max rel) distance of the original's output from its other evaluations; (None,
     None) where none is finite."""
-    found = [compare(r[output_key], original, {"rtol": 0.0, "atol": 0.0})[:2] for r, _ in references
+    found = [tolerance_lib.compare(r[output_key], original, {"rtol": 0.0, "atol": 0.0})[:2] for r, _ in references
              if output_key in r]
     found = [f for f in found if np.isfinite(f[0])]
     return max(found) if found else (None, None)
@@ -433,8 +251,8 @@ def _within_own_error(check, original, folded, references, folded_as_written, mu
     that of the original: a fold error moves the folded output, not the spreads."""
     own, own_rel = _own_spread(original, references, check.output)
     if folded_as_written is not None:
-        folded_own = compare(folded, folded_as_written, {"rtol": 0.0, "atol": 0.0})[0]
-        scale = scale_of(original)
+        folded_own = tolerance_lib.compare(folded, folded_as_written, {"rtol": 0.0, "atol": 0.0})[0]
+        scale = tolerance_lib.scale_of(original)
         if np.isfinite(folded_own) and scale > 0 and (own is None or folded_own > own):
             own, own_rel = folded_own, folded_own / scale
     if own is None:
@@ -456,31 +274,21 @@ def _check(key, output_key, device, dtype, expected, actual, tolerance, repeatab
     tol, source = tolerance
 
     def made(max_abs, max_rel, ok, random=False):
-        scale = scale_of(expected[0].get(output_key))
+        scale = tolerance_lib.scale_of(expected[0].get(output_key))
         bound = None if random else (tol["atol"] + tol["rtol"] * scale) / scale if scale > 0 else float("inf")
-        return OutputCheck(key, output_key, device, dtype, max_abs, max_rel, tol["rtol"], tol["atol"], ok, source,
+        return records.OutputCheck(key, output_key, device, dtype, max_abs, max_rel, tol["rtol"], tol["atol"], ok, source,
                            random=random, bound=bound, bound_source="" if random else source)
     if any(output_key not in a for a in actual):
         return made(float("inf"), float("inf"), False)
-    max_abs, max_rel, ok = compare(expected[0][output_key], actual[0][output_key], tol)
+    max_abs, max_rel, ok = tolerance_lib.compare(expected[0][output_key], actual[0][output_key], tol)
     if not repeatable:
         # The original changed between two calls on the same input: state the folded model
         # reproduces call for call (a counter), or randomness nothing can be compared on.
-        again_abs, again_rel, again_ok = compare(expected[1][output_key], actual[1][output_key], tol)
+        again_abs, again_rel, again_ok = tolerance_lib.compare(expected[1][output_key], actual[1][output_key], tol)
         if ok and again_ok:
             return made(max(max_abs, again_abs), max(max_rel, again_rel), True)
         return made(float("nan"), float("nan"), True, random=True)
     return made(max_abs, max_rel, ok)
-
-
-def scale_of(array):
-    """max |array| over its finite elements (1 where that is not a number: an integer output's
-    bound is exact equality anyway)."""
-    array = np.asarray(array)
-    if array.dtype.kind not in "fc" and array.dtype.name != "bfloat16":
-        return 1.0
-    values = np.abs(array.astype(np.float64))
-    return float(np.max(values[np.isfinite(values)], initial=0.0))
 
 
 # What a user can do about a failed check (docs/verification.md#when-verification-fails).

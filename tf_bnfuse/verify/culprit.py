@@ -13,7 +13,7 @@ from typing import List, Optional
 import numpy as np
 import tensorflow as tf
 
-from tf_bnfuse.verify import compare as verify_lib
+from tf_bnfuse.verify import tolerance as tolerance_lib
 
 
 @dataclasses.dataclass
@@ -104,5 +104,5 @@ def recheck(function, expected, inputs, failed):
     too), held to the bound that failed (a tolerance's, or the models' own spread's)."""
     with tf.device(failed.device):
         actual = function(**{k: tf.constant(v) for k, v in inputs.items()})[failed.output].numpy()
-    _, max_rel, _ = verify_lib.compare(np.asarray(expected), np.asarray(actual), {"rtol": 0.0, "atol": 0.0})
+    _, max_rel, _ = tolerance_lib.compare(np.asarray(expected), np.asarray(actual), {"rtol": 0.0, "atol": 0.0})
     return bool(max_rel <= failed.bound), max_rel

@@ -27,7 +27,8 @@ import tensorflow as tf
 from tf_bnfuse import errors
 from tf_bnfuse.savedmodel import probe as probe_lib
 from tf_bnfuse.savedmodel import resources
-from tf_bnfuse.verify import compare
+from tf_bnfuse.verify import execution
+from tf_bnfuse.verify import tolerance as tolerance_lib
 from tf_bnfuse.verify import fold_plan
 
 # Machine epsilon of the dtypes a linear op computes in (np.finfo has no bfloat16).
@@ -141,10 +142,10 @@ NOTHING_PROBED = {"full": {}, "compared": {}}  # the values of a plan with no fo
 
 
 def run_as_written(probe, input_specs, inputs, state=()):
-    """run_probe on the first device, as written (Grappler off: compare.as_written), the
+    """run_probe on the first device, as written (Grappler off: execution.as_written), the
     variables in `state` (those the signatures write) given back their values afterwards, as
     after the original's own calls. Raises what TensorFlow raises."""
-    with compare.as_written(), tf.device(compare.visible_devices()[0]), resources.values_restored(state):
+    with execution.as_written(), tf.device(execution.visible_devices()[0]), resources.values_restored(state):
         return run_probe(probe, input_specs, inputs)
 
 
@@ -173,7 +174,7 @@ def check_signatures(graphs, originals, signatures, folds, test_inputs, state, v
     passes}; signatures: {key: the folded signature, whose store lets go of the original's
     pinned weights once its check ran}; folds: {key: [report.Fold]}. An error building or
     running a probe is tf_bnfuse's (BnFuseError, exit 3): never a fold silently unchecked."""
-    checks = FoldChecks(compare.visible_devices()[0])
+    checks = FoldChecks(execution.visible_devices()[0])
     for key, original in originals.items():
         signature = signatures[key]
         plan_ = fold_plan.plan(key, folds[key], original, graphs[key][0])
@@ -220,7 +221,7 @@ def check(signature, plan_, values, verify_config):
         owners = sharing[output]
         limit = max(bound(f.check, verify_config) for f in owners)
         slope_limit = max((slope_bound(f.check, verify_config) or 0.0) for f in owners) or None
-        relative = compare.relative_error(error, scale)
+        relative = tolerance_lib.relative_error(error, scale)
         slope, significance = fitted_slope(*moments) if moments else (0.0, 0.0)
         significant = significance > _setting(verify_config, "slope_significance")
         ok = relative <= limit and (slope_limit is None or slope <= slope_limit or not significant)

@@ -10,7 +10,8 @@ import tensorflow as tf
 
 from tf_bnfuse import errors
 from tf_bnfuse.savedmodel import root_functions
-from tf_bnfuse.verify import compare as verify_lib
+from tf_bnfuse.verify import execution
+from tf_bnfuse.verify import tolerance as tolerance_lib
 
 
 def match_by_value(loaded, signatures, pending, aliases, dropped, inputs, verify_config):
@@ -67,7 +68,7 @@ def _alias_by_value(loaded, name, concrete, key, signature, feeds, verify_config
     try:
         # Grappler can compute two graphs of one model differently (a TensorFlow bug,
         # compare.py); as written, both compute what the model says.
-        output_keys, _ = verify_lib.unless_accepted_as_written(output_keys_by_value(), output_keys_by_value,
+        output_keys, _ = execution.unless_accepted_as_written(output_keys_by_value(), output_keys_by_value,
                                                                lambda keys: keys is not None)
     except (tf.errors.OpError, ValueError, TypeError):
         return None
@@ -87,8 +88,8 @@ def _matching_outputs(flat, expected, verify_config):
         for output_key, reference in sorted(expected.items()):
             if reference.dtype != value.dtype or reference.shape != value.shape:
                 continue
-            tolerance, _ = verify_lib.tolerance_for(tf.as_dtype(reference.dtype), verify_config or {})
-            if verify_lib.compare(reference, value, tolerance)[2]:
+            tolerance, _ = tolerance_lib.tolerance_for(tf.as_dtype(reference.dtype), verify_config or {})
+            if tolerance_lib.compare(reference, value, tolerance)[2]:
                 match = output_key
                 break
         if match is None:
@@ -183,7 +184,7 @@ def check(expected, reloaded, aliases, inputs, verify_config=None, precisions=No
                 calls = [(_call_flat(original, alias, feeds), call_reloaded()) for _ in range(2)]
                 return _first_mismatch(calls, alias, verify_config, precisions, own_error)
             if original_again is not None:
-                mismatch, _ = verify_lib.unless_accepted_as_written(
+                mismatch, _ = execution.unless_accepted_as_written(
                     mismatch, mismatch_with_original_again, lambda found: found is None)
             if mismatch is not None:
                 raise errors.VerificationError(
@@ -198,14 +199,14 @@ def _first_mismatch(calls, alias, verify_config, precisions, accepted):
     (first, actual), (second, again) = calls
     for i, expected in enumerate(first):
         precision = (precisions or {}).get(alias.signature, {}).get(alias.output_keys[i])
-        tolerance, _ = verify_lib.tolerance_for(expected.dtype, verify_config, precision)
-        max_abs, _, ok = verify_lib.compare(expected, actual[i], tolerance)
+        tolerance, _ = tolerance_lib.tolerance_for(expected.dtype, verify_config, precision)
+        max_abs, _, ok = tolerance_lib.compare(expected, actual[i], tolerance)
         if not ok and alias.output_keys[i] in accepted:
             ok = bool(max_abs <= accepted[alias.output_keys[i]])
         if np.array_equal(expected, second[i]):
             if not ok:
                 return i, max_abs
-        elif ok and not verify_lib.compare(second[i], again[i], tolerance)[2]:
-            return i, verify_lib.compare(second[i], again[i], tolerance)[0]
+        elif ok and not tolerance_lib.compare(second[i], again[i], tolerance)[2]:
+            return i, tolerance_lib.compare(second[i], again[i], tolerance)[0]
         # otherwise random: the first call already differs, and the original differs from itself
     return None

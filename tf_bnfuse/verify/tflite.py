@@ -21,7 +21,9 @@ from tf_bnfuse import errors
 from tf_bnfuse.graph import tf_internal
 from tf_bnfuse.savedmodel import folded_model
 from tf_bnfuse.savedmodel import objects as objects_lib
-from tf_bnfuse.verify import compare as verify_lib
+from tf_bnfuse.verify import execution
+from tf_bnfuse.verify import records
+from tf_bnfuse.verify import tolerance as tolerance_lib
 from tf_bnfuse.verify import quantize as quantize_lib
 
 LINEAR_TFLITE_OPS = frozenset({"CONV_2D", "CONV_3D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV",
@@ -42,7 +44,7 @@ class TfliteReport:
     converter_alone_batch_norm_ops: Optional[int] = None
     converter_alone_size_bytes: Optional[int] = None
     converter_alone_error: Optional[str] = None  # why converting the input directly failed
-    checks: List[verify_lib.OutputCheck] = dataclasses.field(default_factory=list)
+    checks: List[records.OutputCheck] = dataclasses.field(default_factory=list)
     promoted_float16: bool = False  # float16 compute was promoted to float32 before converting
     quantization: Optional[quantize_lib.QuantizationReport] = None  # --tflite_quantize other than none
     runtime: str = ""  # the interpreter the .tflite model was run on (runtime())
@@ -245,7 +247,7 @@ def check(model_content, original, test_inputs, verify_config, known=None):
                                verify_config)
             first = (_checks(key, known[key], actual, tflite_tolerance, verify_config) if key in (known or {})
                      else against_original())
-            found, _ = verify_lib.unless_accepted_as_written(first, against_original,
+            found, _ = execution.unless_accepted_as_written(first, against_original,
                                                              lambda found: all(c.ok for c in found))
         checks += found
     return checks
@@ -258,14 +260,14 @@ def _checks(key, expected, actual, tflite_tolerance, verify_config):
         reference = np.asarray(expected[output_key])
         # The looser of TFLite's tolerance and the output dtype's (a float16
         # output is only as exact as float16, whoever computes it).
-        dtype_tolerance, _ = verify_lib.tolerance_for(tf.string if reference.dtype == object else reference.dtype,
+        dtype_tolerance, _ = tolerance_lib.tolerance_for(tf.string if reference.dtype == object else reference.dtype,
                                                       verify_config)
         tolerance = {k: max(tflite_tolerance[k], dtype_tolerance[k]) for k in ("rtol", "atol")}
         if output_key in actual:
-            max_abs, max_rel, ok = verify_lib.compare(reference, actual[output_key], tolerance)
+            max_abs, max_rel, ok = tolerance_lib.compare(reference, actual[output_key], tolerance)
         else:
             max_abs, max_rel, ok = float("inf"), float("inf"), False
-        checks.append(verify_lib.OutputCheck(key, output_key, "TFLite interpreter", reference.dtype.name,
+        checks.append(records.OutputCheck(key, output_key, "TFLite interpreter", reference.dtype.name,
                                              max_abs, max_rel, tolerance["rtol"], tolerance["atol"], ok))
     return checks
 
