@@ -62,3 +62,22 @@ def test_raw_ops_in_one_function_call_are_one_entry_each():
     _, report = runner.fold_graph(graphs.build(build)[0], ["out"], PIPELINE)
     assert [entry.name for entry in report.left_alone] == ["StatefulPartitionedCall/a_bn", "StatefulPartitionedCall/b_bn"]
     assert all("2 consumers" in entry.reason for entry in report.left_alone)
+
+
+def test_raw_moments_in_a_function_call_do_not_mark_the_call_training_mode():
+    """tf.nn.moments over the batch with no layer around it: its own scope is training mode, a
+    batch norm left alone beside it in the same call keeps its own reason."""
+    def build():
+        x = tf.compat.v1.placeholder(tf.float32, [None, 6, 6, 3], name="x")
+        with tf.name_scope("StatefulPartitionedCall"):
+            y = tf.nn.conv2d(x, graphs.const(graphs.random((1, 1, 3, 3)), "w1"), 1, "SAME")
+            mean, variance = tf.nn.moments(y, axes=[0, 1, 2], keepdims=True)
+            batch = (y - mean) * tf.math.rsqrt(variance + 1e-3)
+            conv = tf.nn.conv2d(batch, graphs.const(graphs.random((1, 1, 3, 3)), "w2"), 1, "SAME", name="conv")
+            out = graphs.fused_batch_norm(conv, 3, "bn")[0] + tf.nn.relu(conv)  # conv: 2 consumers
+        tf.identity(out, name="out")
+    graph_def = graphs.build(build)[0]
+    assert left_alone.batch_statistics_scopes(graph_def) == {"StatefulPartitionedCall/moments"}
+    _, report = runner.fold_graph(graph_def, ["out"], PIPELINE)
+    by_name = {entry.name: entry for entry in report.left_alone}
+    assert "2 consumers" in by_name["StatefulPartitionedCall/bn"].reason

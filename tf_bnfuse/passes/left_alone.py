@@ -26,7 +26,8 @@ def batch_statistics_scopes(graph_def):
             if node.op.startswith("FusedBatchNorm") and grammar.is_training(node):
                 scopes.add(prefix + _owner(node.name))
             elif node.op == "Mean" and node.name.endswith(_MOMENTS_MEAN) and _reduces_batch_axis(node, by_name):
-                scopes.add(prefix + node.name[:-len(_MOMENTS_MEAN)])
+                # the layer holding the moments; without one (raw ops in a function), the moments alone
+                scopes.add(prefix + _owner(node.name[:-len("/mean")]))
     return scopes
 
 
