@@ -1,5 +1,6 @@
 """Errors that end a run with a one-line message and a documented exit code."""
 
+import contextlib
 import re
 
 EXIT_OK = 0
@@ -38,19 +39,14 @@ class BnFuseError(Exception):
         return in_terms_of(super().__str__(), self.caller)
 
 
-class speaking_to:  # noqa: N801 (used as `with errors.speaking_to("export"):`)
-    """A context in which a BnFuseError raised is told who called (the outermost caller's terms)."""
-
-    def __init__(self, caller):
-        self.caller = caller
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, value, traceback):
-        if isinstance(value, BnFuseError):
-            value.caller = self.caller
-        return False
+@contextlib.contextmanager
+def speaking_to(caller):
+    """Within, a BnFuseError raised is told who called (the outermost caller's terms)."""
+    try:
+        yield
+    except BnFuseError as e:
+        e.caller = caller
+        raise
 
 
 class BadInputError(BnFuseError, ValueError):
