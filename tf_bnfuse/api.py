@@ -93,13 +93,20 @@ def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFA
     verbose: progress lines on stderr as the run goes, and the summary printed at the end (else
     nothing is printed unless the `tf_bnfuse` logger is configured to show INFO).
     """
-    with report_lib.speaking(verbose), errors.speaking_to("fold_saved_model"):
-        report = _fold_saved_model(saved_model_dir, output_dir, signature_keys, tags, config, overwrite, verify,
-                                   tflite_output, drop_other_metagraphs, verify_inputs, checkpoint, tflite_quantize,
-                                   tflite_io, calibration_inputs, tflite_max_error)
+    return _called("fold_saved_model", verbose, lambda: _fold_saved_model(
+        saved_model_dir, output_dir, signature_keys, tags, config, overwrite, verify, tflite_output,
+        drop_other_metagraphs, verify_inputs, checkpoint, tflite_quantize, tflite_io, calibration_inputs,
+        tflite_max_error))
+
+
+def _called(name, verbose, run, report_of=lambda result: result):
+    """run() as the API function `name` runs it: its errors in that function's terms, progress
+    lines on stderr and the summary printed at the end only with verbose."""
+    with report_lib.speaking(verbose), errors.speaking_to(name):
+        result = run()
     if verbose:
-        print(report)
-    return report
+        print(report_of(result))
+    return result
 
 
 def _fold_saved_model(saved_model_dir, output_dir, signature_keys, tags, config, overwrite, verify, tflite_output,
@@ -256,11 +263,8 @@ def fold(obj, signatures=None, config=None, verify=True, verify_inputs=None, ver
     verbose: progress lines on stderr, and the summary (str(result.report)) printed; by default
     nothing is printed unless the `tf_bnfuse` logger is configured to show INFO.
     """
-    with report_lib.speaking(verbose), errors.speaking_to("fold"):
-        folded = _fold_object(obj, signatures, config, verify, verify_inputs).built.module
-    if verbose:
-        print(folded.report)
-    return folded
+    return _called("fold", verbose, lambda: _fold_object(obj, signatures, config, verify, verify_inputs).built.module,
+                   lambda folded: folded.report)
 
 
 def _fold_object(obj, signatures, config, verify, verify_inputs, tflite=None):
@@ -317,12 +321,8 @@ def export(obj, path, format=None, signatures=None, config=None, verify=None,  #
     printed (the CLI's, with the side-by-side TFLite table); else nothing is printed unless the
     `tf_bnfuse` logger is configured to show INFO. Returns the RunReport (str() is the summary).
     """
-    with report_lib.speaking(verbose), errors.speaking_to("export"):
-        report = _export(obj, path, format, signatures, config, verify, verify_inputs, quantize, io, calibration,
-                         max_error, overwrite)
-    if verbose:
-        print(report)
-    return report
+    return _called("export", verbose, lambda: _export(obj, path, format, signatures, config, verify, verify_inputs,
+                                                      quantize, io, calibration, max_error, overwrite))
 
 
 def _export(obj, path, format, signatures, config, verify, verify_inputs, quantize, io, calibration,  # noqa: A002
