@@ -150,11 +150,15 @@ def run_signature(runner, inputs):
             value = np.clip(np.round(value / scale + zero_point), info.min, info.max)
         fed[name] = np.asarray(value).astype(dtype)
     outputs = runner(**fed)
-    result = {}
-    for name, value in outputs.items():
-        scale, zero_point = runner.get_output_details()[name]["quantization"]
-        result[name] = (value.astype(np.float32) - zero_point) * scale if scale else value
-    return result
+    return {name: dequantized(value, runner.get_output_details()[name]["quantization"])
+            for name, value in outputs.items()}
+
+
+def dequantized(value, quantization, dtype=np.float32):
+    """A TFLite tensor's value in float: an integer one by its (scale, zero point); one without a
+    scale as it is."""
+    scale, zero_point = quantization
+    return (value.astype(dtype) - zero_point) * scale if scale else value
 
 
 def logits_metric(key, output, probabilities, logits):

@@ -311,10 +311,8 @@ def _softmax_inputs(ops, output_details):
 
 def _dequantized(interpreter, index):
     """A tensor of the last run, in float (an int8 tensor by its scale and zero point)."""
-    value = interpreter.get_tensor(index)
     [details] = [d for d in interpreter.get_tensor_details() if d["index"] == index]
-    scale, zero_point = details["quantization"]
-    return (value.astype(np.float64) - zero_point) * scale if scale else value.astype(np.float64)
+    return quantize_lib.dequantized(interpreter.get_tensor(index), details["quantization"], np.float64)
 
 
 def reference_outputs(original, inputs):
