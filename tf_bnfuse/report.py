@@ -375,8 +375,9 @@ def _tflite_lines(tflite):
                      "signature dtypes kept")
     lines.append("  batch-norm MUL/ADD left next to a conv or fully connected op: %d" % tflite.batch_norm_ops)
     if tflite.converter_alone_ops is not None:
+        alone = tflite.converter_alone_ops
         lines.append("  converting the input directly: %d ops: %s; batch-norm MUL/ADD left next to a conv or "
-                     "fully connected op: %d" % (sum(tflite.converter_alone_ops.values()), _op_list(tflite.converter_alone_ops),
+                     "fully connected op: %d" % (sum(alone.values()), _op_list(alone),
                                                  tflite.converter_alone_batch_norm_ops))
     else:
         lines.append("  converting the input directly fails: %s" % tflite.converter_alone_error)

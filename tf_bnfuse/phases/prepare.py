@@ -40,7 +40,8 @@ def _given_inputs_checked(options, input_specs):
     """The verification inputs given ({signature: {input: array}}, none: {}), and the int8
     calibration samples checked against the signatures (names, dtypes, shapes, sample counts)
     before any work: a wrong one is refused here, not after the folding."""
-    given = {} if options.verify_inputs is None else verification_inputs.given_inputs(options.verify_inputs, input_specs)
+    given = ({} if options.verify_inputs is None
+             else verification_inputs.given_inputs(options.verify_inputs, input_specs))
     check_calibration(options.tflite, input_specs)
     return given
 

@@ -112,8 +112,8 @@ def _quantization(tflite, folded, options):
         quantization.calibration, quantization.calibration_source = quantize_lib.calibration(
             tflite.calibration_inputs,
             {k: s for k, s in test_inputs.input_specs.items() if k not in folded.signatures.same_as},
-            lambda specs: verification_inputs.make_inputs(specs, config, test_inputs.vocabulary, test_inputs.bounds, None,
-                                                      test_inputs.shapes))
+            lambda specs: verification_inputs.make_inputs(specs, config, test_inputs.vocabulary, test_inputs.bounds,
+                                                          None, test_inputs.shapes))
     return quantization
 
 

@@ -195,7 +195,8 @@ class _Judged:
         folded model's is its distance from itself run as written (one more call, here)."""
         multiple = float(self.verify_config.get("spread_multiple", 8.0))
         tensors = {k: tf.constant(v) for k, v in self.inputs.items()}
-        with execution.as_written(), tf.device(self.device):  # a function called under another config is instantiated anew
+        # a function called under another config is instantiated anew
+        with execution.as_written(), tf.device(self.device):
             folded_as_written = _call(self.function, tensors)
         return [_within_own_error(c, self.first[0][c.output], self.calls[0][c.output], references,
                                   folded_as_written.get(c.output), multiple)
@@ -216,7 +217,8 @@ def _compare_calls(key, device, expected, folded_outputs, output_specs, verify_c
     """
     dtypes = {k: _dtype(k, expected[0], output_specs) for k in expected[0]}
     tolerances = {k: tolerance_lib.tolerance_for(dtypes[k], verify_config, precisions.get(k)) for k in expected[0]}
-    repeatable = {k: tolerance_lib.compare(expected[0][k], expected[1].get(k), tolerances[k][0])[2] for k in expected[0]}
+    repeatable = {k: tolerance_lib.compare(expected[0][k], expected[1].get(k), tolerances[k][0])[2]
+                  for k in expected[0]}
     actual = folded_outputs(1 if all(repeatable.values()) else 2)  # state or randomness: does it repeat?
     return [_check(key, output_key, device, dtypes[output_key].name, expected, actual, tolerances[output_key],
                    repeatable[output_key]) for output_key in sorted(expected[0])]
@@ -276,8 +278,8 @@ def _check(key, output_key, device, dtype, expected, actual, tolerance, repeatab
     def made(max_abs, max_rel, ok, random=False):
         scale = tolerance_lib.scale_of(expected[0].get(output_key))
         bound = None if random else (tol["atol"] + tol["rtol"] * scale) / scale if scale > 0 else float("inf")
-        return records.OutputCheck(key, output_key, device, dtype, max_abs, max_rel, tol["rtol"], tol["atol"], ok, source,
-                           random=random, bound=bound, bound_source="" if random else source)
+        return records.OutputCheck(key, output_key, device, dtype, max_abs, max_rel, tol["rtol"], tol["atol"], ok,
+                                   source, random=random, bound=bound, bound_source="" if random else source)
     if any(output_key not in a for a in actual):
         return made(float("inf"), float("inf"), False)
     max_abs, max_rel, ok = tolerance_lib.compare(expected[0][output_key], actual[0][output_key], tol)
