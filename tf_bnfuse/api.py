@@ -62,7 +62,8 @@ def fold_graph_def(graph_def, outputs=None, config=None):
 def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFAULT_TAGS,
                      config=None, overwrite=False, verify=True, tflite_output=None,
                      drop_other_metagraphs=False, verify_inputs=None, checkpoint=None, tflite_quantize="none",
-                     tflite_io="float", calibration_inputs=None, tflite_max_error=None, verbose=False):
+                     tflite_io="float", calibration_inputs=None, tflite_max_error=None, explorer_data=None,
+                     verbose=False):
     """Folds every (or each named) signature of a SavedModel into a new SavedModel.
 
     The output is built in a temporary folder beside output_dir, verified
@@ -86,6 +87,9 @@ def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFA
     random inputs); tflite_io int8 gives the int8 model integer inputs and outputs. A
     quantized model is measured on held-out inputs beside the converter quantizing the input
     alone; tflite_max_error (relative L2) fails the run when an output is worse.
+    explorer_data: with tflite_output, also write Model Explorer node data for the .tflite model
+    to this file: each folded op coloured by its check's error over its bound, each batch norm
+    left alone by why (docs/tflite.md).
     checkpoint: called with the name of each phase before it starts, then with "moved into
     place"; it may raise to end the run there (the CLI ends on a SIGINT or SIGTERM it
     recorded, so that one TensorFlow swallowed is not lost). After "move into place" the
@@ -96,7 +100,7 @@ def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFA
     return _called("fold_saved_model", verbose, lambda: _fold_saved_model(
         saved_model_dir, output_dir, signature_keys, tags, config, overwrite, verify, tflite_output,
         drop_other_metagraphs, verify_inputs, checkpoint, tflite_quantize, tflite_io, calibration_inputs,
-        tflite_max_error))
+        tflite_max_error, explorer_data))
 
 
 def _called(name, verbose, run, report_of=lambda result: result):
@@ -111,12 +115,14 @@ def _called(name, verbose, run, report_of=lambda result: result):
 
 def _fold_saved_model(saved_model_dir, output_dir, signature_keys, tags, config, overwrite, verify, tflite_output,
                       drop_other_metagraphs, verify_inputs, checkpoint, tflite_quantize, tflite_io, calibration_inputs,
-                      tflite_max_error):
+                      tflite_max_error, explorer_data):
     config = _resolve_config(config)
     preflight.check_all(saved_model_dir, output_dir, overwrite, tflite_output, verify_inputs=verify_inputs)
     preflight.check_tflite_options(tflite_output, tflite_quantize, tflite_io, calibration_inputs, tflite_max_error)
+    if explorer_data:
+        preflight.check_explorer_data(explorer_data, tflite_output, saved_model_dir, output_dir, overwrite)
     tflite = parts.TfliteOptions(tflite_output, tflite_quantize, tflite_io, calibration_inputs,
-                                 tflite_max_error) if tflite_output else None
+                                 tflite_max_error, explorer_data or None) if tflite_output else None
     options = parts.Options(saved_model_dir, output_dir, signature_keys, config, verify, verify_inputs or None, tflite)
     model = load_lib.read(saved_model_dir)  # the one parse of saved_model.pb
     metagraphs, report = _metagraphs(model, tuple(tags) if tags else DEFAULT_TAGS, options, drop_other_metagraphs)
@@ -199,7 +205,7 @@ def _run(model, metagraphs, options, progress, frozen):
         del loaded  # the FoldedMetaGraph holds it, and lets go of it after the write in a releasing run
     parent = os.path.dirname(os.path.realpath(options.output_dir))
     output_dir_lib.remove_stale_scratch(parent)
-    scratch, tflite_scratch = output_dir_lib.make_scratch(parent), None
+    scratch, tflite_files = output_dir_lib.make_scratch(parent), []
     try:
         built = os.path.join(scratch, "saved_model")
         folded, fold_checks = output.write(folded, built, folded[0].metagraph.releases, options, progress)
@@ -209,13 +215,11 @@ def _run(model, metagraphs, options, progress, frozen):
         for each, checks in zip(folded, fold_checks):
             output.verify(built, each, checks, options, progress.of(each.metagraph))
         if options.tflite:
-            tflite_scratch = tflite_phase.convert(built, scratch, folded[0], options, progress)
-        output.move_into_place(built, options.output_dir, scratch, tflite_scratch,
-                               options.tflite.output if options.tflite else None, progress)
+            tflite_files = tflite_phase.convert(built, scratch, folded[0], options, progress)
+        output.move_into_place(built, options.output_dir, scratch, tflite_files, progress)
     finally:
         output_dir_lib.remove_scratch(scratch)
-        if tflite_scratch and os.path.exists(tflite_scratch):
-            os.remove(tflite_scratch)
+        tflite_phase.remove_scratch_files(tflite_files)
 
 
 def _fold_metagraph(loaded, metagraph, options, progress, report):
@@ -303,7 +307,7 @@ EXPORT_FORMATS = ("tf_saved_model", "litert")
 
 def export(obj, path, format=None, signatures=None, config=None, verify=None,  # noqa: A002 (Keras' name)
            verify_inputs=None, quantize="none", io="float", calibration=None, max_error=None, overwrite=False,
-           verbose=False):
+           explorer_data=None, verbose=False):
     """Writes a folded model to `path`, as Keras' model.export(path, format=...) writes one.
 
     obj: what fold takes, or what it returned (then fold's own options apply and the fold is
@@ -315,22 +319,25 @@ def export(obj, path, format=None, signatures=None, config=None, verify=None,  #
     the input (quantize none, float16, dynamic or int8; io int8 for integer inputs and outputs;
     calibration: {input or signature/input: samples along axis 0}, a .npz of them, or one array
     for a model of one input; max_error:
-    the relative L2 error a quantized output may have), measured beside the converter given
+    the relative L2 error a quantized output may have; explorer_data: a file for Model Explorer
+    node data drawn on the .tflite model, docs/tflite.md), measured beside the converter given
     the input alone. A wrong option raises ValueError before any work. verbose: progress lines
     on stderr (each step of the TFLite conversion and measurement too) and the run's summary
     printed (the CLI's, with the side-by-side TFLite table); else nothing is printed unless the
     `tf_bnfuse` logger is configured to show INFO. Returns the RunReport (str() is the summary).
     """
     return _called("export", verbose, lambda: _export(obj, path, format, signatures, config, verify, verify_inputs,
-                                                      quantize, io, calibration, max_error, overwrite))
+                                                      quantize, io, calibration, max_error, overwrite, explorer_data))
 
 
 def _export(obj, path, format, signatures, config, verify, verify_inputs, quantize, io, calibration,  # noqa: A002
-            max_error, overwrite):
+            max_error, overwrite, explorer_data):
     path = os.fspath(path)
     format = _export_format(path, format)  # noqa: A001
-    _check_export_options(path, format, quantize, io, calibration, max_error, overwrite)
-    tflite = parts.TfliteOptions(path, quantize, io, calibration, max_error) if format == "litert" else None
+    explorer_data = os.fspath(explorer_data) if explorer_data is not None else None
+    _check_export_options(path, format, quantize, io, calibration, max_error, overwrite, explorer_data)
+    tflite = parts.TfliteOptions(path, quantize, io, calibration, max_error, explorer_data) \
+        if format == "litert" else None
     run = getattr(obj, "in_memory_run", None) if isinstance(obj, folded_model.FoldedModel) else None
     if run is None:
         run = _fold_object(obj, signatures, config, True if verify is None else verify, verify_inputs, tflite)
@@ -343,6 +350,9 @@ def _export(obj, path, format, signatures, config, verify, verify_inputs, quanti
             options = dataclasses.replace(run.options, tflite=tflite)
             content = tflite_phase.convert_object(run.built.module, run.folded, options, progress)
             output_dir_lib.write_file_atomically(path, content)
+            if explorer_data:
+                output_dir_lib.write_file_atomically(explorer_data,
+                                                     tflite_phase.node_data(content, run.folded, tflite))
         else:
             _export_saved_model(run, path, progress)
     finally:
@@ -362,7 +372,7 @@ def _export_saved_model(run, path, progress):
         with progress.phase("write"):
             write_lib.save(run.built, written)
         output.verify(written, run.folded, run.fold_checks, options, progress)
-        output.move_into_place(written, path, scratch, None, None, progress)
+        output.move_into_place(written, path, scratch, [], progress)
     finally:
         output_dir_lib.remove_scratch(scratch)
 
@@ -388,10 +398,21 @@ def _refuse_fold_options(**given):
                              ", ".join(named), "s" if len(named) > 1 else "", "them" if len(named) > 1 else "it"))
 
 
-def _check_export_options(path, format, quantize, io, calibration, max_error, overwrite):  # noqa: A002
+def _check_export_options(path, format, quantize, io, calibration, max_error, overwrite,  # noqa: A002
+                          explorer_data):
     """ValueError for a wrong export option, before any work."""
     if format not in EXPORT_FORMATS:
         raise ValueError("format=%r: one of %s" % (format, ", ".join(EXPORT_FORMATS)))
+    if explorer_data is not None:
+        if format != "litert":
+            raise ValueError("explorer_data is for format=\"litert\": the node data is drawn on the .tflite model "
+                             "(Model Explorer numbers a SavedModel's nodes by position)")
+        if os.path.realpath(explorer_data) == os.path.realpath(path):
+            raise ValueError("explorer_data %s is the .tflite model's own path" % explorer_data)
+        if os.path.lexists(explorer_data) and not overwrite:
+            raise ValueError("%s exists; pass overwrite=True to replace it" % explorer_data)
+        if not os.path.isdir(os.path.dirname(os.path.abspath(explorer_data))):
+            raise ValueError("the folder of %s does not exist" % explorer_data)
     if format != "litert" and (quantize != "none" or io != "float" or calibration is not None
                                or max_error is not None):
         raise ValueError("quantize, io, calibration and max_error are for format=\"litert\"")

@@ -57,10 +57,13 @@ flags.DEFINE_string("calibration_inputs", None, "With --tflite_quantize int8: a 
                     "axis 0, named like --verify_inputs (default: seeded random inputs, not representative).")
 flags.DEFINE_float("tflite_max_error", None, "With --tflite_quantize: fail (exit 1, nothing written) when an output's "
                    "relative L2 error against the original is above this.")
+flags.DEFINE_string("explorer_data", None, "With --tflite_output: also write Model Explorer node data for the "
+                    ".tflite model to this file (each fold coloured by its check's error over its bound, each batch "
+                    "norm left alone by why): model-explorer MODEL.tflite --node_data_paths=FILE.")
 flags.DEFINE_bool("quiet", False, "No progress lines on stderr; errors and warnings still show.")
 OWN_FLAGS = ["saved_model_dir", "output_dir", "signature_keys", "tags", "config", "overwrite", "skip_verify",
              "verify_inputs", "report_json", "tflite_output", "tflite_quantize", "tflite_io", "calibration_inputs",
-             "tflite_max_error", "drop_other_metagraphs", "quiet"]
+             "tflite_max_error", "drop_other_metagraphs", "explorer_data", "quiet"]
 
 HELP_EPILOG = """\
   --verbosity=1: also TensorFlow's own log lines, and tracebacks of internal errors
@@ -332,6 +335,9 @@ def _preflight(argv):
                             verify_inputs=FLAGS.verify_inputs)
         preflight.check_tflite_options(FLAGS.tflite_output, FLAGS.tflite_quantize, FLAGS.tflite_io,
                                        FLAGS.calibration_inputs, FLAGS.tflite_max_error)
+        if FLAGS.explorer_data:
+            preflight.check_explorer_data(FLAGS.explorer_data, FLAGS.tflite_output, FLAGS.saved_model_dir,
+                                          FLAGS.output_dir, FLAGS.overwrite)
     except errors.BnFuseError as e:
         if FLAGS.report_json:
             e.caller = errors.CLI
@@ -354,7 +360,7 @@ def _fold(config, signals):
             tflite_output=FLAGS.tflite_output, drop_other_metagraphs=FLAGS.drop_other_metagraphs,
             verify_inputs=FLAGS.verify_inputs, checkpoint=signals.checkpoint, tflite_quantize=FLAGS.tflite_quantize,
             tflite_io=FLAGS.tflite_io, calibration_inputs=FLAGS.calibration_inputs,
-            tflite_max_error=FLAGS.tflite_max_error)
+            tflite_max_error=FLAGS.tflite_max_error, explorer_data=FLAGS.explorer_data)
         if signals.received is not None:
             run_report.interrupted_after_output = signal.Signals(signals.received).name
     except errors.BnFuseError as e:

@@ -62,6 +62,15 @@ class LeftAlone:
 
 
 @dataclasses.dataclass
+class ExplorerData:
+    """The Model Explorer node data written for a .tflite model (phases/explorer_data.py): how many
+    folds and batch norms left alone it draws, and how many name no op of the model."""
+    path: str
+    drawn: int
+    not_drawn: int
+
+
+@dataclasses.dataclass
 class Lowered:
     """A batch norm that did not fold, rewritten as the one form every runtime takes (lower_batch_norm)."""
     node: str
@@ -387,6 +396,12 @@ def _tflite_lines(tflite):
         lines.append("  %s/%s on the TFLite runtime: max abs error %.3g, max rel error %.3g "
                      "(rtol %g, atol %g) %s" % (c.signature, c.output, c.max_abs_error, c.max_rel_error,
                                                 c.rtol, c.atol, "ok" if c.ok else "FAILED"))
+    if tflite.explorer_data is not None:
+        data = tflite.explorer_data
+        lines.append("  Model Explorer node data %s: %d folds and batch norms left alone drawn%s; open with "
+                     "model-explorer %s --node_data_paths=%s" % (
+                         data.path, data.drawn, ", %d name no op of the model" % data.not_drawn if data.not_drawn
+                         else "", tflite.path, data.path))
     return lines
 
 

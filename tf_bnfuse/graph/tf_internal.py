@@ -179,3 +179,31 @@ def set_default_save_signature(trackable, function):
     no signatures. Why: TF looks for it under this private attribute name (what tf-keras sets on
     its models); there is no public way."""
     setattr(trackable, "_default_save_signature", function)
+
+
+def tflite_subgraphs(content):
+    """([(name, [(output tensor names, constant input tensor names) of each op])] of each subgraph,
+    {signature key: its subgraph's index}) of a .tflite model's bytes. Why: Model Explorer keys a .tflite's nodes by subgraph name and
+    output tensor name (explorer_data.py); the interpreter names no subgraph and lists the
+    tensors of the first only, the flatbuffer schema TensorFlow ships has both (no public API)."""
+    from tensorflow.lite.python import schema_py_generated as schema  # pylint: disable=import-outside-toplevel
+    model, subgraphs = schema.Model.GetRootAs(content, 0), []
+    for s in range(model.SubgraphsLength()):
+        subgraph = model.Subgraphs(s)
+        produced = {subgraph.Operators(o).Outputs(i) for o in range(subgraph.OperatorsLength())
+                    for i in range(subgraph.Operators(o).OutputsLength())}
+        produced.update(subgraph.Inputs(i) for i in range(subgraph.InputsLength()))
+
+        def names(indices):
+            return [subgraph.Tensors(t).Name().decode() for t in indices]
+
+        ops = []
+        for o in range(subgraph.OperatorsLength()):
+            op = subgraph.Operators(o)
+            inputs = [op.Inputs(i) for i in range(op.InputsLength())]
+            ops.append((names(op.Outputs(i) for i in range(op.OutputsLength())),
+                        names(t for t in inputs if t >= 0 and t not in produced)))
+        subgraphs.append(((subgraph.Name() or b"").decode(), ops))
+    signatures = {model.SignatureDefs(i).SignatureKey().decode(): model.SignatureDefs(i).SubgraphIndex()
+                  for i in range(model.SignatureDefsLength())}
+    return subgraphs, signatures

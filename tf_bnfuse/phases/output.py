@@ -192,9 +192,10 @@ def find_culprit(failed, folded, options, progress):
                                failed.max_rel_error, error, checks, pass_name)
 
 
-def move_into_place(built, output_dir, scratch, tflite_scratch, tflite_output, progress):
+def move_into_place(built, output_dir, scratch, files, progress):
+    """The SavedModel at `built` renamed to output_dir, then files [(scratch path, final path)]."""
     with progress.phase("move into place"):
         output_dir_lib.move_into_place(built, output_dir, scratch)
-        if tflite_output:
-            os.replace(tflite_scratch, tflite_output)
+        for file_scratch, path in files:
+            os.replace(file_scratch, path)
     progress.checkpoint("moved into place")

@@ -25,6 +25,7 @@ class TfliteOptions:
     io: str = "float"
     calibration_inputs: Optional[str] = None
     max_error: Optional[float] = None
+    explorer_data: Optional[str] = None  # Model Explorer node data for the .tflite model, written beside it
 
 
 @dataclasses.dataclass(frozen=True)

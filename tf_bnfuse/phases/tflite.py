@@ -5,8 +5,10 @@ import dataclasses
 import os
 
 from tf_bnfuse import errors
+from tf_bnfuse import report as report_lib
 from tf_bnfuse.passes import promote_float16
 from tf_bnfuse.passes.context import PassContext
+from tf_bnfuse.phases import explorer_data as explorer_data_lib
 from tf_bnfuse.phases import prepare
 from tf_bnfuse.savedmodel import write as write_lib
 from tf_bnfuse.verify import quantize as quantize_lib
@@ -16,8 +18,9 @@ from tf_bnfuse.verify import tflite as tflite_lib
 
 def convert(built, scratch, folded, options, progress):
     """Converts the --tags MetaGraph's written output (folded, never a releasing one: the original
-    runs here) to TFLite, checked (check_and_convert). Returns the path of the .tflite file
-    written beside its final name."""
+    runs here) to TFLite, checked (check_and_convert). Returns [(scratch path, final path)] of
+    the .tflite file and of its Model Explorer node data (--explorer_data), each written beside
+    its final name, so that its rename cannot cross filesystems."""
     keys, tags = list(folded.loaded.functions), folded.metagraph.tags
 
     def folded_converter(promoted):
@@ -29,11 +32,33 @@ def convert(built, scratch, folded, options, progress):
 
     model_content = check_and_convert(tflite_lib.saved_model_converter(options.saved_model_dir, keys, tags),
                                       folded_converter, folded, options, progress)
-    # Written beside its final name, so that its rename cannot cross filesystems.
-    tflite_scratch = "%s.tf_bnfuse-%d.tmp" % (options.tflite.output, os.getpid())
-    with open(tflite_scratch, "wb") as f:
-        f.write(model_content)
-    return tflite_scratch
+    files = [(options.tflite.output, model_content)]
+    if options.tflite.explorer_data:
+        files.append((options.tflite.explorer_data, node_data(model_content, folded, options.tflite)))
+    written = []
+    try:
+        for path, content in files:
+            written.append(("%s.tf_bnfuse-%d.tmp" % (path, os.getpid()), path))
+            with open(written[-1][0], "wb") as f:
+                f.write(content)
+    except BaseException:
+        remove_scratch_files(written)
+        raise
+    return written
+
+
+def remove_scratch_files(written):
+    """Removes what convert wrote and did not move into place."""
+    for scratch, _ in written:
+        if os.path.exists(scratch):
+            os.remove(scratch)
+
+
+def node_data(model_content, folded, tflite):
+    """The Model Explorer node data of the .tflite model's content, recorded in the run's TFLite report."""
+    content, (drawn, not_drawn) = explorer_data_lib.node_data(model_content, folded.report)
+    folded.report.tflite.explorer_data = report_lib.ExplorerData(tflite.explorer_data, drawn, not_drawn)
+    return content
 
 
 def convert_object(model, folded, options, progress):

@@ -74,6 +74,16 @@ def check_tflite_output(path, saved_model_dir, output_dir, overwrite):
     _check_file_target(path, "{--tflite_output}", saved_model_dir, output_dir, overwrite)
 
 
+def check_explorer_data(path, tflite_output, saved_model_dir, output_dir, overwrite):
+    """--explorer_data: a file to write, beside a .tflite model to draw it on."""
+    if not tflite_output:
+        raise errors.BadInputError("{--explorer_data} needs {--tflite_output}: the node data is drawn on the .tflite "
+                                   "model (Model Explorer numbers a SavedModel's nodes by position)")
+    if os.path.realpath(path) == os.path.realpath(tflite_output):
+        raise errors.BadInputError("{--explorer_data} %s is the .tflite model's own path" % path)
+    _check_file_target(path, "{--explorer_data}", saved_model_dir, output_dir, overwrite)
+
+
 def check_report_json(path, saved_model_dir, output_dir):
     _check_file_target(path, "{--report_json}", saved_model_dir, output_dir)
 

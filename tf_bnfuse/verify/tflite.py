@@ -48,6 +48,7 @@ class TfliteReport:
     promoted_float16: bool = False  # float16 compute was promoted to float32 before converting
     quantization: Optional[quantize_lib.QuantizationReport] = None  # --tflite_quantize other than none
     runtime: str = ""  # the interpreter the .tflite model was run on (runtime())
+    explorer_data: Optional[object] = None  # report.ExplorerData, with --explorer_data
 
     @property
     def ok(self):
