@@ -48,7 +48,7 @@ def _variable_name(node_name):
     return re.sub(r"[^A-Za-z0-9_.\-]", "_", node_name)
 
 
-def _split_weights(graph_def, variables, store=None, release=False, own_variables=False):
+def _split_weights(graph_def, variables, store=None, release=False, own_variables=False, dedupe=True):
     """(graph_def with big float Consts turned into Placeholders, {node name: tf.Variable}).
 
     variables: a cache shared by all signatures, so equal weights are stored once:
@@ -57,6 +57,8 @@ def _split_weights(graph_def, variables, store=None, release=False, own_variable
     Consts name), which is written as it is, never copied here. release: drop each
     array from the store once its variable holds the value (nothing reads it again).
     own_variables: an input's variable is copied into a new one instead of written as it is.
+    dedupe: other graphs share the cache, so folded weights are keyed by a digest of their bytes
+    (one graph: by identity, and nothing is hashed; 2.9 GB of kernels take seconds to hash).
     """
     stripped = graph_lib.new_graph_def(graph_def)
     weights = {}
@@ -72,7 +74,7 @@ def _split_weights(graph_def, variables, store=None, release=False, own_variable
                 store.restore_node(stripped.node[-1])
             continue
         if variable is not None:  # of the input, or one a releasing store made for a fold
-            digest = store.variable_digest(node)
+            digest = store.variable_digest(node) if dedupe else None
             key = ("variable", id(variable)) if digest is None else (node.name, digest)
             if key not in variables:
                 # An in-memory fold's output owns its weights (the input may go on training): a copy
@@ -81,8 +83,11 @@ def _split_weights(graph_def, variables, store=None, release=False, own_variable
                                   if own_variables and digest is None else variable)
         else:
             array = store.array(node) if stored else None
-            key = (node.name, (array.dtype.str, array.shape, hashlib.sha256(np.ascontiguousarray(array)).digest())
-                   if stored else _tensor_digest(tensor))
+            if stored and not dedupe:
+                key = ("node", node.name)  # one graph: its node names are unique
+            else:
+                key = (node.name, (array.dtype.str, array.shape, hashlib.sha256(np.ascontiguousarray(array)).digest())
+                       if stored else _tensor_digest(tensor))
             if key not in variables:
                 value = array if stored else tf.make_ndarray(tensor)
                 variables[key] = tf.Variable(value, trainable=False, name=_variable_name(node.name))
@@ -245,15 +250,16 @@ class MetaGraphToWrite:
     root_aliases: dict = dataclasses.field(default_factory=dict)  # root_functions.find's
 
 
-def _signature_functions(signatures, variables, release, own_variables):
+def _signature_functions(signatures, variables, release, own_variables, dedupe):
     """({key: wrapped function}, {key: (GraphDef without weights, weights)}) of one MetaGraph's
-    folded signatures; variables: the shared weight cache."""
+    folded signatures; variables: the shared weight cache (dedupe: _split_weights')."""
     split = {}  # id(folded GraphDef) -> (its GraphDef without weights, weights); signatures may share one
     functions = {}
     written = {}  # what a function computes -> the function; signatures folded once share one
     for key, sig in signatures.items():
         if id(sig.graph_def) not in split:
-            split[id(sig.graph_def)] = _split_weights(sig.graph_def, variables, sig.weights, release, own_variables)
+            split[id(sig.graph_def)] = _split_weights(sig.graph_def, variables, sig.weights, release, own_variables,
+                                                      dedupe)
         # Keras 3's "serve" and "serving_default" are one function: written once, the
         # SavedModel holds one copy of the graph, and loading and the first call cost half.
         same = (id(sig.graph_def), tuple(sorted((k, v.tensor) for k, v in sig.inputs.items())),
@@ -291,8 +297,10 @@ def build(metagraphs, release_weights=False, own_variables=False):
     output saves them as they are)."""
     variables = {}
     saved, graphs, functions_of = {}, [], []
+    dedupe = len({id(sig.graph_def) for m in metagraphs for sig in m.signatures.values()}) > 1
     for index, metagraph in enumerate(metagraphs):
-        functions, split = _signature_functions(metagraph.signatures, variables, release_weights, own_variables)
+        functions, split = _signature_functions(metagraph.signatures, variables, release_weights, own_variables,
+                                                dedupe)
         graphs.append(split)
         functions_of.append(functions)
         saved.update(functions if len(metagraphs) == 1 else
