@@ -24,7 +24,10 @@ VERIFY_MULTIPLES = {"fold_rounding_multiple": 8.0, "half_rounding_multiple": 4.0
                     "spread_multiple": 8.0}
 # verify key -> its default: switches
 VERIFY_SWITCHES = {"accept_unchecked_folds": False}  # a fold not checked by itself fails the run unless true
-KNOWN_VERIFY_KEYS = (set(_VERIFY_INTEGERS) | set(VERIFY_MULTIPLES) | set(VERIFY_SWITCHES)
+# verify key -> its default: the bytes of the original's weights one probe of the fold checks
+# reads back at a time (verify/fold_check.py; a chain that reads more is checked alone)
+VERIFY_BYTES = {"fold_check_batch_bytes": 1 << 27}
+KNOWN_VERIFY_KEYS = (set(_VERIFY_INTEGERS) | set(VERIFY_MULTIPLES) | set(VERIFY_SWITCHES) | set(VERIFY_BYTES)
                      | {"tolerance", "tflite_tolerance"})
 
 
@@ -73,7 +76,7 @@ def validate_config(config, source="config"):
     verify = config.get("verify", {})
     if not isinstance(verify, dict) or set(verify) - KNOWN_VERIFY_KEYS:
         raise errors.BadInputError("%s: \"verify\" takes only %s" % (source, sorted(KNOWN_VERIFY_KEYS)))
-    for key, minimum in _VERIFY_INTEGERS.items():
+    for key, minimum in list(_VERIFY_INTEGERS.items()) + [(key, 1) for key in VERIFY_BYTES]:
         value = verify.get(key, minimum)
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise errors.BadInputError("%s: verify.%s must be a whole number >= %d, not %s" % (
@@ -95,6 +98,6 @@ def validate_config(config, source="config"):
             raise errors.BadInputError("%s: tolerance for %s must be {\"rtol\": x, \"atol\": y}"
                                        % (source, dtype))
     config = copy.deepcopy(config)
-    # What the verification reads without a default of its own: the multiples and switches.
-    config["verify"] = {**VERIFY_MULTIPLES, **VERIFY_SWITCHES, **config.get("verify", {})}
+    # What the verification reads without a default of its own: the multiples, switches and sizes.
+    config["verify"] = {**VERIFY_MULTIPLES, **VERIFY_SWITCHES, **VERIFY_BYTES, **config.get("verify", {})}
     return config

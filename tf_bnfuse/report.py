@@ -104,6 +104,9 @@ class GraphReport:
     left_alone: List[LeftAlone] = dataclasses.field(default_factory=list)
     # The other signatures with this very function (their same_as names this one)
     shared_by: List[str] = dataclasses.field(default_factory=list)
+    # The most bytes of weight values its weight store kept alive through the passes and the fold
+    # checks (graph/weights.py, WeightStore.held_bytes): one copy of each kernel and one in flight
+    weights_peak_bytes: Optional[int] = None
 
     @property
     def folds(self):

@@ -13,6 +13,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2 as _saved_model_pb2
 from tensorflow.core.framework.graph_debug_info_pb2 import GraphDebugInfo as _GraphDebugInfo
 from tensorflow.core.framework import function_pb2 as _function_pb2
+from tensorflow.core.protobuf import trackable_object_graph_pb2 as _trackable_object_graph_pb2
 from tensorflow.python.eager import context as _context
 from tensorflow.python.eager import wrap_function as _wrap_function
 from tensorflow.python.framework import convert_to_constants as _convert_to_constants
@@ -91,15 +92,35 @@ def read_debug_info(path):
 
 
 def load_object_graph(proto, meta_graph, path, debug_info):
-    """The root object TF's Loader restores from a (pruned) SavedModel proto. Why: this is what
-    tf.saved_model.load does after parsing, and load_partial uses the same Loader; no public
-    API loads from a proto in memory."""
+    """(root object, {id(tf.Variable): its key in the SavedModel's checkpoint}) TF's Loader restores
+    from a (pruned) SavedModel proto. Why: this is what tf.saved_model.load does after parsing,
+    and load_partial uses the same Loader; no public API loads from a proto in memory. The
+    checkpoint's object graph numbers its objects as the SavedModel's does, which the Loader
+    restores by number: the keys let a variable the passes released be read again from the
+    input's own files (graph/weights.py); no public API names a loaded variable's key."""
     with tf.init_scope():
         loader = _tf_load.Loader(meta_graph.object_graph_def, proto, path, tf.train.CheckpointOptions(),
                                  tf.saved_model.LoadOptions(), None)
         root = loader.get(0)
         root.graph_debug_info = loader.adjust_debug_info_func_names(debug_info)
-    return root
+    keys = {}
+    prefix = checkpoint_prefix(path)
+    if tf.io.gfile.exists(prefix + ".index"):
+        object_graph = _trackable_object_graph_pb2.TrackableObjectGraph()
+        object_graph.ParseFromString(tf.train.load_checkpoint(prefix).get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+        for node_id, node in enumerate(object_graph.nodes):
+            for attribute in node.attributes:
+                if attribute.name == "VARIABLE_VALUE" and node_id < len(meta_graph.object_graph_def.nodes):
+                    obj = loader.get(node_id)
+                    if isinstance(obj, tf.Variable):
+                        keys[id(obj)] = attribute.checkpoint_key
+    return root, keys
+
+
+def checkpoint_prefix(path):
+    """The prefix of a SavedModel folder's checkpoint files. Why: tf.saved_model names no API for
+    it (saved_model/path_helpers.py: variables/variables)."""
+    return os.path.join(path, "variables", "variables")
 
 
 def function_from_graph_def(graph_def, inputs, outputs, captures):

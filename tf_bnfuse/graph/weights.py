@@ -12,6 +12,13 @@ A stored weight may also be a variable of the loaded SavedModel, not yet read (f
 puts the variables it can there, savedmodel/freeze.py): its value is read the first time
 a pass asks for it, and one no pass asks for is never copied; the writer saves the
 variable itself.
+
+The fold checks read the original's weights after the passes (verify/fold_check.py). A
+variable with a source in the input's checkpoint is released all the same once its fold is
+emitted, and read back from the checkpoint into a tensor when a check needs it
+(value_to_feed), a batch of checks at a time; one without is pinned until the checks ran.
+The store counts the bytes it keeps alive (held_bytes, peak_bytes), so that a test can hold
+it to one copy of each kernel and one in flight.
 """
 
 import functools
@@ -43,9 +50,12 @@ class WeightStore:
         self.releases = False  # see the module docstring
         self.releasable = set()  # keys of input variables nothing but this store's graph reads
         self.made = set()  # keys of the variables this store made (put), not the input's
-        # Keys kept whatever the graph names (pin): the original graph's weights, until the fold
-        # checks have read them (verify/fold_check.py).
+        # Keys kept whatever the graph names (pin): the original graph's weights that cannot be
+        # read again (no source), until the fold checks have read them (verify/fold_check.py).
         self.pinned = frozenset()
+        self.sources = {}  # key -> (checkpoint prefix, checkpoint key) of an input variable
+        self.peak_bytes = 0  # the most held_bytes was
+        self._fed_bytes = 0  # originals read back from their sources for the probe being fed
         self.min_bytes = STORED_MIN_BYTES if min_bytes is None else min_bytes
         self._prefix = key_prefix
         self._keys = itertools.count(1)
@@ -58,26 +68,77 @@ class WeightStore:
         other.arrays.update(self.arrays)
         other.variables.update(self.variables)
         other.made |= self.made
+        other.sources.update(self.sources)
         other.pinned = self.pinned  # what the fold checks will read stays, whichever store retains
         return other
 
     def pin(self, graph_def):
-        """Keeps every weight graph_def names, whatever later graphs name, until unpin."""
-        self.pinned = frozenset(self.named_keys(graph_def))
+        """Keeps every weight graph_def names that cannot be read again from its source, whatever
+        later graphs name, until unpin."""
+        self.pinned = frozenset(k for k in self.named_keys(graph_def) if k not in self.sources)
 
     def unpin(self, graph_def):
         """Lets go of the pinned weights graph_def (the folded graph) does not name, as retain."""
         self.pinned = frozenset()
         self.retain(graph_def)
 
-    def put_variable(self, variable, releasable=False):
+    def put_variable(self, variable, releasable=False, source=None):
         """A key for a variable's value, read when a pass first asks for it. releasable: nothing
-        else of the run reads the variable, so a releasing store may shrink it (forget_read)."""
+        else of the run reads the variable, so a releasing store may shrink it (forget_read).
+        source: (checkpoint prefix, key) its value can be read again from once released."""
         key = "%sv%d" % (self._prefix, next(self._keys))
         self.variables[key] = variable
         if releasable:
             self.releasable.add(key)
+        if source is not None:
+            self.sources[key] = source
+        self._note()
         return key
+
+    def value_to_feed(self, node):
+        """What a probe feeds for a stored Const: the variable it stands for, as it is; an input
+        variable released since, read back from its checkpoint into a tensor (no numpy copy;
+        counted in held_bytes until fed_released); else the array."""
+        key = node.attr[WEIGHT_KEY_ATTR].s.decode()
+        if key in self.variables:
+            return self.variables[key]
+        if key not in self.arrays and key in self.sources:
+            value = self._restored(node)
+            self._fed_bytes += value.shape.num_elements() * value.dtype.size
+            self._note()
+            return value
+        return self.array(node)
+
+    def released_source(self, node):
+        """(checkpoint prefix, key) of a stored Const's input variable that this store no longer
+        holds (released, or never read), None for one it holds or cannot read again."""
+        key = node.attr[WEIGHT_KEY_ATTR].s.decode()
+        if key in self.variables or key in self.arrays:
+            return None
+        return self.sources.get(key)
+
+    def _restored(self, node):
+        """The value of a stored Const's input variable, read from its checkpoint into a tensor."""
+        prefix, name = self.sources[node.attr[WEIGHT_KEY_ATTR].s.decode()]
+        return tf.raw_ops.RestoreV2(prefix=prefix, tensor_names=[name], shape_and_slices=[""],
+                                    dtypes=[tf.as_dtype(node.attr["dtype"].type)])[0]
+
+    def fed_released(self):
+        """The probe fed with value_to_feed's tensors is gone: they no longer count."""
+        self._fed_bytes = 0
+
+    def held_bytes(self):
+        """Bytes of weight values alive because of this store: its arrays, the variables it made,
+        the input's releasable variables not released yet (the others live with the input
+        whatever the store does), and originals read back for a probe."""
+        held = sum(a.nbytes for a in self.arrays.values()) + self._fed_bytes
+        for key, variable in self.variables.items():
+            if key in self.made or key in self.releasable:
+                held += variable.shape.num_elements() * variable.dtype.size
+        return held
+
+    def _note(self):
+        self.peak_bytes = max(self.peak_bytes, self.held_bytes())
 
     def forget_read(self, node, last_reader=False):
         """Drops the copy read so far of the variable a stored Const stands for (a folded kernel's
@@ -121,10 +182,12 @@ class WeightStore:
         if self.releases and array.nbytes >= VARIABLE_MIN_BYTES and np.issubdtype(array.dtype, np.floating):
             self.made.add(key)
             self.variables[key] = tf.Variable(array, trainable=False)  # in TensorFlow's memory (docstring)
+            self._note()
             return key
         array = array.view()
         array.setflags(write=False)
         self.arrays[key] = array
+        self._note()
         return key
 
     def holds(self, array, dtype):
@@ -135,11 +198,12 @@ class WeightStore:
         """The array a stored Const names (a variable's is read here, once)."""
         key = node.attr[WEIGHT_KEY_ATTR].s.decode()
         if key not in self.arrays:
-            if key not in self.variables:
+            if key not in self.variables and key not in self.sources:
                 raise KeyError("Const %s names weight %s, which this store does not hold" % (node.name, key))
-            array = self.variables[key].numpy()
+            array = self.variables[key].numpy() if key in self.variables else self._restored(node).numpy()
             array.setflags(write=False)
             self.arrays[key] = array
+            self._note()
         return self.arrays[key]
 
     def strip(self, graph_def):

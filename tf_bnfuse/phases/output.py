@@ -63,6 +63,8 @@ def check_folds(graphs, folded, options, progress):
             graphs, folded.reference.originals, folded.folded,
             {key: folded.report.signatures[key].folds for key in folded.reference.originals},
             folded.test_inputs, folded.signatures.state, options.verify_config)
+    for key in folded.reference.originals:
+        folded.report.signatures[key].weights_peak_bytes = folded.folded[key].weights.peak_bytes
     if not checks.ok or checks.not_checked:
         folded.report.verification = records.VerificationReport(devices=[checks.device], folds=checks)
         fold_check.raise_if_failed(checks, options.verify_config)

@@ -82,6 +82,7 @@ class LoadedSignatures:
     vocabulary: list  # the words of the model's own vocabulary, for string test inputs
     input_specs: dict  # signature -> {input: TensorSpecInfo}
     given: dict  # signature -> {input: array} from --verify_inputs
+    checkpoint: object = None  # load.CheckpointKeys of the loaded variables, None for a live object
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,13 +27,14 @@ def load(model, metagraph, options, progress):
     with progress.phase("load"):
         # Before the load: it prunes the proto's function library.
         vocabulary = verification_inputs.model_vocabulary(options.saved_model_dir, model.proto)
-        loaded = load_lib.load(model, metagraph.tags)
+        loaded, checkpoint = load_lib.load_with_checkpoint_keys(model, metagraph.tags)
         functions = freeze_lib.select_signatures(loaded, options.signature_keys, options.saved_model_dir,
                                                  metagraph.label)
         aliases, dropped, pending = root_functions.find(loaded, functions)
     input_specs = {k: freeze_lib.signature_inputs(f) for k, f in functions.items()}
     given = _given_inputs_checked(options, input_specs)
-    return parts.LoadedSignatures(loaded, functions, aliases, dropped, pending, vocabulary, input_specs, given)
+    return parts.LoadedSignatures(loaded, functions, aliases, dropped, pending, vocabulary, input_specs, given,
+                                  checkpoint)
 
 
 def _given_inputs_checked(options, input_specs):
@@ -84,7 +85,8 @@ def freeze_signatures(loaded, metagraph, progress):
     graphs, bounds, shapes = {}, {}, {}
     for key in distinct:
         with progress.phase("freeze %s" % key):
-            frozen = freeze_lib.freeze(key, loaded.functions[key], owners, graph_lib.WeightStore(), written, shared)
+            frozen = freeze_lib.freeze(key, loaded.functions[key], owners, graph_lib.WeightStore(), written, shared,
+                                       loaded.checkpoint)
             bounds[key] = verification_inputs.index_bounds(frozen.graph_def, frozen.inputs)
             shapes[key] = verification_inputs.input_shapes(frozen.graph_def, frozen.inputs)
         graphs[key] = frozen

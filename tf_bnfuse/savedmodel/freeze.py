@@ -103,7 +103,7 @@ def _shape_list(shape):
     return None if shape.rank is None else shape.as_list()
 
 
-def _frozen(function, written, weights, shared):
+def _frozen(function, written, weights, shared, checkpoint):
     """(frozen GraphDef, output tensors): TensorFlow's freezing, except that big variables the
     graph only reads (every consumer a ReadVariableOp, once calls are inlined) are left to
     `weights`; freezing would copy each into a Const through numpy and protobuf."""
@@ -117,7 +117,8 @@ def _frozen(function, written, weights, shared):
     only_read = _only_read(graph_def, stored)
     if len(only_read) < len(stored):  # the others (read in a call or loop body, gathered) frozen by TF
         graph_def, outputs = tf_internal.frozen_graph_def(function, written | only_read)
-    return _reads_as_stored_consts(graph_def, {n: stored[n] for n in only_read}, weights, shared), outputs
+    return _reads_as_stored_consts(graph_def, {n: stored[n] for n in only_read}, weights, shared,
+                                   checkpoint), outputs
 
 
 def _big_variables(function, written, min_bytes):
@@ -165,11 +166,12 @@ def _only_read(graph_def, placeholders):
     return {name for name in placeholders if readers.get(name) == {True}}
 
 
-def _reads_as_stored_consts(graph_def, variables, weights, shared):
+def _reads_as_stored_consts(graph_def, variables, weights, shared, checkpoint):
     """graph_def with each ReadVariableOp of these placeholders a Const that names its variable in
     `weights` (same name, dtype and shape; no value), and the placeholders (and the Identities
     that pass them on) gone. shared: ids of variables others read too (not releasable; None: all)."""
-    keys = {name: weights.put_variable(variable, releasable=shared is not None and id(variable) not in shared)
+    keys = {name: weights.put_variable(variable, releasable=shared is not None and id(variable) not in shared,
+                                       source=checkpoint.source(variable) if checkpoint is not None else None)
             for name, variable in variables.items()}
     sources = _resource_sources(graph_def, keys)
     frozen = graph_lib.new_graph_def(graph_def)
@@ -232,7 +234,7 @@ def shared_variables(functions):
     return {i for i, count in counts.items() if count > 1}
 
 
-def freeze(key, function, owners, weights, written, shared=None):
+def freeze(key, function, owners, weights, written, shared=None, checkpoint=None):
     """Freezes a signature's ConcreteFunction into a FrozenSignature.
 
     Variables the signature only reads become constants; variables it writes
@@ -244,7 +246,8 @@ def freeze(key, function, owners, weights, written, shared=None):
     needs the value: no weight is copied by freezing. written: written_handles
     of every signature, this one included (those stay variables here). shared:
     ids of the variables something else of the run reads (shared_variables),
-    which a releasing store must keep; None: all of them.
+    which a releasing store must keep; None: all of them. checkpoint: the loaded variables'
+    load.CheckpointKeys, from which a fold check reads a released one again (None: none is).
     """
     # The graph was read for its writes once, by written_handles.
     written = {inner.op.name for outer, inner in function.graph.captures if id(outer) in written}
@@ -253,7 +256,7 @@ def freeze(key, function, owners, weights, written, shared=None):
     # tables are initialized by the objects that own them, not by this graph.
     function.graph.clear_collection(tf.compat.v1.GraphKeys.TABLE_INITIALIZERS)
     try:
-        graph_def, output_tensors = _frozen(function, written, weights, shared)
+        graph_def, output_tensors = _frozen(function, written, weights, shared, checkpoint)
     except Exception as e:
         raise errors.BadInputError("cannot freeze signature %s: %s" % (key, errors.first_line(e)))
     # A signature's inputs and outputs are dicts; the function's own input and

@@ -66,8 +66,26 @@ def read(path):
     return SavedModelFile(path, proto)
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckpointKeys:
+    """Where the loaded variables' values are in the input's own checkpoint: a variable the passes
+    released is read again from there by a fold check (graph/weights.py)."""
+    prefix: str
+    by_variable: dict  # id(tf.Variable) -> checkpoint key, for as long as the loaded object lives
+
+    def source(self, variable):
+        """(checkpoint prefix, key) of a loaded variable, or None."""
+        key = self.by_variable.get(id(variable))
+        return None if key is None else (self.prefix, key)
+
+
 def load(model, tags):
     """The loaded object of a SavedModelFile's MetaGraph for `tags`, as tf.saved_model.load gives it."""
+    return load_with_checkpoint_keys(model, tags)[0]
+
+
+def load_with_checkpoint_keys(model, tags):
+    """(load(model, tags), its variables' CheckpointKeys, or None where TF's own load was used)."""
     model.check_tags(tags)
     try:
         try:
@@ -75,7 +93,7 @@ def load(model, tags):
         except Exception:  # pylint: disable=broad-except
             loaded = None  # TF's own load below gives the error, or the object, as the user would get it
         if loaded is None:
-            loaded = tf.saved_model.load(model.path, tags=list(tags) if tags else None)
+            return tf.saved_model.load(model.path, tags=list(tags) if tags else None), None
         return loaded
     except Exception as e:  # TF raises many types here; all mean the same to the user.
         raise errors.BadInputError("cannot load SavedModel %s with tags %s: %s" % (
@@ -96,7 +114,8 @@ def _functions_the_object_graph_calls(meta_graph):
 
 
 def _load_without_unreferenced_functions(model, tags):
-    """tf.saved_model.load of a TF2 SavedModel, minus the library functions no object calls.
+    """(tf.saved_model.load of a TF2 SavedModel, minus the library functions no object calls, and
+    its variables' CheckpointKeys), or None.
 
     tf.saved_model.save writes its checkpoint's save and restore functions
     (__inference__traced_save/_restore, one op per variable) into the library,
@@ -105,7 +124,7 @@ def _load_without_unreferenced_functions(model, tags):
     from the checkpoint without them. On Keras 3 MobileNetV2 they are most of
     the library's nodes, and a large part of its load time. Uses TF's own Loader
     on the pruned proto (what load_partial does);
-    None where that does not apply (a TF1 model, nothing to leave out).
+    None where that does not apply (a TF1 model).
     """
     if sys.byteorder != "little":  # TF byte-swaps function constants first; left to TF's load
         return None
@@ -117,12 +136,11 @@ def _load_without_unreferenced_functions(model, tags):
         return None
     called = _functions_the_object_graph_calls(meta_graph)
     library = meta_graph.graph_def.library.function
-    if len(called) == len(library):
-        return None
-    kept = [f for f in library if f.signature.name in called]
-    del library[:]
-    library.extend(kept)
-    root = tf_internal.load_object_graph(proto, meta_graph, model.path, tf_internal.read_debug_info(model.path))
+    if len(called) < len(library):
+        kept = [f for f in library if f.signature.name in called]
+        del library[:]
+        library.extend(kept)
+    root, keys = tf_internal.load_object_graph(proto, meta_graph, model.path, tf_internal.read_debug_info(model.path))
     root.tensorflow_version = meta_graph.meta_info_def.tensorflow_version
     root.tensorflow_git_version = meta_graph.meta_info_def.tensorflow_git_version
-    return root
+    return root, CheckpointKeys(tf_internal.checkpoint_prefix(model.path), keys)

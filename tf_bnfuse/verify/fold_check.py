@@ -182,11 +182,12 @@ def check_signatures(graphs, originals, signatures, folds, test_inputs, state, v
         if plan_.folds:
             specs = test_inputs.input_specs[key]
             try:
-                values = run_as_written(probe(signature, graphs[key], plan_), specs,
+                values = run_as_written(probe(signature, graphs[key], plan_, verify_config), specs,
                                         probe_inputs(specs, test_inputs.arrays[key]), state)
             except (tf.errors.OpError, ValueError) as e:
                 raise errors.BnFuseError("the folds of signature %s cannot be checked by themselves, a tf_bnfuse "
                                          "bug (nothing written): %s" % (key, errors.most_specific_line(e))) from e
+            signature.weights.fed_released()  # the probe, and what it was fed, are gone
         signature.weights.unpin(signature.graph_def)
         found, not_checked = check(key, plan_, values, verify_config)
         checks.checks += found
@@ -194,11 +195,16 @@ def check_signatures(graphs, originals, signatures, folds, test_inputs, state, v
     return checks
 
 
-def probe(signature, graph, plan_):
+def probe(signature, graph, plan_, verify_config):
     """The probe of one signature's folded graph as built (graph: (GraphDef, weights)) with the
-    plan's original chains beside it, comparing each checked fold with its chain."""
+    plan's original chains beside it, comparing each checked fold with its chain. The
+    original's weights the passes released are read back from the input's checkpoint inside
+    the probe, verify.fold_check_batch_bytes of them at a time (fold_plan.reading_originals_in_turn)."""
+    store = signature.weights
+    chains = fold_plan.reading_originals_in_turn(plan_, int(verify_config["fold_check_batch_bytes"]),
+                                                 store.released_source)
     return probe_lib.probe_function(signature, *graph, [], plan_.compared,
-                                    checks=(plan_.chains, probe_lib.stored_weights(plan_.chains, signature.weights)),
+                                    checks=(chains, probe_lib.stored_weights(chains, store)),
                                     moments=plan_.sloped)
 
 

@@ -23,6 +23,7 @@ folded graph as they were, it finds where they are:
 import dataclasses
 from typing import Dict, List
 
+import numpy as np
 import tensorflow as tf
 
 from tf_bnfuse import graph as graph_lib
@@ -67,6 +68,59 @@ def fold_key(fold):
     """What tells a signature's folds apart: a batch norm that folds backward into one linear op
     and forward into the next is two folds of one node."""
     return fold.node, fold.linear_node
+
+
+def reading_originals_in_turn(plan_, max_bytes, source_of):
+    """plan_'s chains, each stored Const that source_of(node) finds in the input's checkpoint
+    ((prefix, key), or None) read there instead by a RestoreV2 node of its name: in groups of
+    chains that read at most max_bytes of them together (a chain that reads more is one alone),
+    in the plan's order, each group's reads after the previous group's chains have run. One
+    probe call then holds the original's released weights of one group at a time, and runs
+    the folded graph once (verify/fold_check.py)."""
+    nodes = {node.name: node for node in plan_.chains.node}
+    groups = []  # [[reference node names, {stored Const read from the checkpoint: bytes}]]
+    for candidate, reference in sorted(plan_.references.items()):
+        read = {n: graph_lib.const_nbytes(nodes[n]) for n in _needed(nodes, [candidate, reference])
+                if graph_lib.WEIGHT_KEY_ATTR in nodes[n].attr and source_of(nodes[n]) is not None}
+        read = {n: size for n, size in read.items() if not any(n in g[1] for g in groups)}  # read once
+        if groups and sum({**groups[-1][1], **read}.values()) <= max_bytes:
+            groups[-1][0].add(graph_lib.parse_input(reference)[0])
+            groups[-1][1].update(read)
+        else:
+            groups.append([{graph_lib.parse_input(reference)[0]}, read])
+    after = {}  # stored Const -> the chains its read waits for
+    for previous, group in zip([None] + groups[:-1], groups):
+        after.update((name, sorted(previous[0]) if previous else []) for name in group[1])
+    chains = graph_lib.new_graph_def(plan_.chains)
+    for node in plan_.chains.node:
+        if node.name in after:
+            chains.node.extend(_restore_nodes(node, source_of(node), after[node.name]))
+        else:
+            chains.node.add().CopyFrom(node)
+    return chains
+
+
+def _restore_nodes(const, source, after):
+    """A RestoreV2 node named as the stored Const, reading its value from the checkpoint source
+    (prefix, key) once the nodes `after` have run, and the string Consts it reads."""
+    prefix, key = source
+    inputs = [graph_lib.const_node_def("%s/tf_bnfuse_restore_%s" % (const.name, what), np.array(value))
+              for what, value in (("prefix", prefix.encode()), ("key", [key.encode()]), ("slice", [b""]))]
+    dtype = tf.compat.v1.AttrValue(list=tf.compat.v1.AttrValue.ListValue(type=[const.attr["dtype"].type]))
+    restore = graph_lib.node_def(const.name, "RestoreV2", [n.name for n in inputs] + ["^" + a for a in after],
+                                 {"dtypes": dtype})
+    return inputs + [restore]
+
+
+def _needed(nodes, tensors):
+    """The names of the nodes of `nodes` the tensors are computed from (themselves included)."""
+    needed, pending = set(), [graph_lib.parse_input(t)[0] for t in tensors]
+    while pending:
+        name = pending.pop()
+        if name in nodes and name not in needed:
+            needed.add(name)
+            pending += [graph_lib.parse_input(i)[0] for i in nodes[name].input]
+    return needed
 
 
 BODY_PREFIX = "tf_bnfuse_called_function_%d/"  # a called function inlined in the folded probe

@@ -1,0 +1,77 @@
+"""A fold check holds one original kernel at a time (issue 36): the passes release each original
+kernel as its fold is emitted, and the check reads it back from the input's own checkpoint, a
+batch of folds at a time (verify.fold_check_batch_bytes). Judged by the weight store's own
+byte count, not RSS, so that the test does not depend on the machine."""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from planted_errors import kernel_scaled
+from savedmodel_checks import compare_in_fresh_process
+from tf_bnfuse import config as config_lib
+from tf_bnfuse import errors
+from tf_bnfuse import fold_saved_model
+
+C, LAYERS = 128, 4  # a 3x3 C -> C float32 kernel is 576 KB; the batch norms' vectors are not stored
+KERNEL_BYTES = 9 * C * C * 4
+
+
+class Stack(tf.Module):
+    def __init__(self):
+        rng = np.random.default_rng(11)
+        self.kernels = [tf.Variable((rng.standard_normal((3, 3, C, C)) / np.sqrt(9 * C)).astype(np.float32))
+                        for _ in range(LAYERS)]
+        self.stats = [[tf.Variable(v.astype(np.float32)) for v in (
+            rng.uniform(0.5, 1.5, C), rng.normal(0, 0.5, C), rng.normal(0, 0.5, C), rng.uniform(0.2, 2.0, C))]
+            for _ in range(LAYERS)]
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 6, 6, C], tf.float32, name="x")])
+    def serve(self, x):
+        for kernel, (gamma, beta, mean, variance) in zip(self.kernels, self.stats):
+            y = tf.nn.conv2d(x, kernel, 1, "SAME")
+            x = tf.nn.relu(tf.raw_ops.FusedBatchNormV3(x=y, scale=gamma, offset=beta, mean=mean, variance=variance,
+                                                       epsilon=1e-3, is_training=False)[0])
+        return {"y": x}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("stack") / "saved_model")
+    module = Stack()
+    tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
+    return path
+
+
+def _config(tmp_path, batch_bytes):
+    config = config_lib.load_config()
+    config["verify"]["fold_check_batch_bytes"] = batch_bytes
+    path = tmp_path / ("config_%d.json" % batch_bytes)
+    path.write_text(json.dumps(config))
+    return str(path)
+
+
+def test_the_weight_store_holds_one_copy_of_each_kernel_and_one_in_flight(stack, tmp_path):
+    out = str(tmp_path / "out")
+    report = fold_saved_model(stack, out, config=_config(tmp_path, 1))  # each fold checked alone
+    folds = report.verification.folds
+    assert folds.ok and len(folds.checks) == LAYERS and folds.not_checked == {}
+    peak = report.signatures["serving_default"].weights_peak_bytes
+    # Holding the original kernels until the checks ran would be 2 * LAYERS kernels.
+    assert LAYERS * KERNEL_BYTES <= peak <= (LAYERS + 1) * KERNEL_BYTES, peak / KERNEL_BYTES
+    x = np.random.default_rng(2).standard_normal((2, 6, 6, C)).astype(np.float32)
+    compare_in_fresh_process(stack, out, {"serving_default": [{"x": x}]})
+
+
+@pytest.mark.parametrize("batch_bytes", [1, 1 << 27])
+def test_a_planted_error_is_caught_and_named_whether_folds_are_checked_alone_or_together(
+        stack, tmp_path, monkeypatch, batch_bytes):
+    out = str(tmp_path / "out")
+    with kernel_scaled(monkeypatch, "Conv2D_2", 1.001) as hit:
+        with pytest.raises(errors.VerificationError, match="fails its own check") as raised:
+            fold_saved_model(stack, out, config=_config(tmp_path, batch_bytes))
+    folds = raised.value.run_report.verification.folds
+    assert [c.linear_node for c in folds.failures()] == hit and len(hit) == 1
+    assert len(folds.checks) == LAYERS and folds.not_checked == {}
