@@ -19,6 +19,7 @@ from tensorflow.python.eager import wrap_function as _wrap_function
 from tensorflow.python.framework import convert_to_constants as _convert_to_constants
 from tensorflow.python.framework import function_def_to_graph as _function_def_to_graph
 from tensorflow.python.framework import op_def_registry as _op_def_registry
+from tensorflow.python.ops import resource_variable_ops as _resource_variable_ops
 from tensorflow.python.saved_model import load as _tf_load
 
 # The SavedModel proto has no public class (tf.compat.v1 has MetaGraphDef, not SavedModel).
@@ -115,6 +116,18 @@ def load_object_graph(proto, meta_graph, path, debug_info):
                     if isinstance(obj, tf.Variable):
                         keys[id(obj)] = attribute.checkpoint_key
     return root, keys
+
+
+def variable_holding(array):
+    """A tf.Variable (not trainable) holding a copy of a numpy array, made with one copy of it.
+    Why: tf.Variable(array) converts the array to a tensor and then copies that into the
+    variable (measured: a 200 MB array took 400 MB more on the way; a folded kernel is that
+    big); a variable made uninitialized and then assigned takes the converted tensor itself.
+    Public alternative: none that keeps the variable's static shape."""
+    variable = _resource_variable_ops.UninitializedVariable(shape=array.shape, dtype=tf.as_dtype(array.dtype),
+                                                             trainable=False)
+    tf.raw_ops.AssignVariableOp(resource=variable.handle, value=array)
+    return variable
 
 
 def checkpoint_prefix(path):

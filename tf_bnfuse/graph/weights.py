@@ -29,6 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_bnfuse.graph import names
+from tf_bnfuse.graph import tf_internal
 
 WEIGHT_KEY_ATTR = "_tf_bnfuse_weight"
 STORED_MIN_BYTES = 1 << 14
@@ -181,7 +182,7 @@ class WeightStore:
         key = "%s%d" % (self._prefix, next(self._keys))
         if self.releases and array.nbytes >= VARIABLE_MIN_BYTES and np.issubdtype(array.dtype, np.floating):
             self.made.add(key)
-            self.variables[key] = tf.Variable(array, trainable=False)  # in TensorFlow's memory (docstring)
+            self.variables[key] = tf_internal.variable_holding(array)  # in TensorFlow's memory (docstring)
             self._note()
             return key
         array = array.view()
@@ -200,7 +201,11 @@ class WeightStore:
         if key not in self.arrays:
             if key not in self.variables and key not in self.sources:
                 raise KeyError("Const %s names weight %s, which this store does not hold" % (node.name, key))
-            array = self.variables[key].numpy() if key in self.variables else self._restored(node).numpy()
+            # A read-only view of the variable's own buffer, not a copy: a folded kernel's original is
+            # then held once while its fold is computed (TensorFlow copies a variable on write while
+            # another tensor shares its buffer).
+            array = (np.asarray(self.variables[key].read_value()) if key in self.variables
+                     else self._restored(node).numpy())
             array.setflags(write=False)
             self.arrays[key] = array
             self._note()
