@@ -4,10 +4,12 @@ batch of folds at a time (verify.fold_check_batch_bytes). Judged by the weight s
 byte count, not RSS, so that the test does not depend on the machine."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from planted_errors import kernel_scaled
 from savedmodel_checks import compare_in_fresh_process
@@ -15,33 +17,22 @@ from tf_bnfuse import config as config_lib
 from tf_bnfuse import errors
 from tf_bnfuse import fold_saved_model
 
-C, LAYERS = 128, 4  # a 3x3 C -> C float32 kernel is 576 KB; the batch norms' vectors are not stored
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                                "benchmarks"))
+import big_models  # noqa: E402  (benchmarks/ is not a package)
+
+C = 128  # a 3x3 C -> C float32 kernel is 576 KB; the batch norms' vectors are not stored
 KERNEL_BYTES = 9 * C * C * 4
-
-
-class Stack(tf.Module):
-    def __init__(self):
-        rng = np.random.default_rng(11)
-        self.kernels = [tf.Variable((rng.standard_normal((3, 3, C, C)) / np.sqrt(9 * C)).astype(np.float32))
-                        for _ in range(LAYERS)]
-        self.stats = [[tf.Variable(v.astype(np.float32)) for v in (
-            rng.uniform(0.5, 1.5, C), rng.normal(0, 0.5, C), rng.normal(0, 0.5, C), rng.uniform(0.2, 2.0, C))]
-            for _ in range(LAYERS)]
-
-    @tf.function(input_signature=[tf.TensorSpec([None, 6, 6, C], tf.float32, name="x")])
-    def serve(self, x):
-        for kernel, (gamma, beta, mean, variance) in zip(self.kernels, self.stats):
-            y = tf.nn.conv2d(x, kernel, 1, "SAME")
-            x = tf.nn.relu(tf.raw_ops.FusedBatchNormV3(x=y, scale=gamma, offset=beta, mean=mean, variance=variance,
-                                                       epsilon=1e-3, is_training=False)[0])
-        return {"y": x}
+LAYERS = big_models.LAYERS
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
+    """The big-model benchmark's model (benchmarks/big_models.py), small: LAYERS 3x3 convs of C
+    channels, each followed by a FusedBatchNormV3 with random statistics, saved by
+    tf.saved_model.save in a fresh process."""
     path = str(tmp_path_factory.mktemp("stack") / "saved_model")
-    module = Stack()
-    tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
+    subprocess.run([sys.executable, "-c", big_models.BUILD, path, str(C), str(LAYERS)], check=True, timeout=300)
     return path
 
 
@@ -61,7 +52,7 @@ def test_the_weight_store_holds_one_copy_of_each_kernel_and_one_in_flight(stack,
     peak = report.signatures["serving_default"].weights_peak_bytes
     # Holding the original kernels until the checks ran would be 2 * LAYERS kernels.
     assert LAYERS * KERNEL_BYTES <= peak <= (LAYERS + 1) * KERNEL_BYTES, peak / KERNEL_BYTES
-    x = np.random.default_rng(2).standard_normal((2, 6, 6, C)).astype(np.float32)
+    x = np.random.default_rng(2).standard_normal((1, 8, 8, C)).astype(np.float32)
     compare_in_fresh_process(stack, out, {"serving_default": [{"x": x}]})
 
 
