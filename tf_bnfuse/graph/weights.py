@@ -15,8 +15,9 @@ variable itself.
 
 The fold checks read the original's weights after the passes (verify/fold_check.py). A
 variable with a source in the input's checkpoint is released all the same once its fold is
-emitted, and read back from the checkpoint into a tensor when a check needs it
-(value_to_feed), a batch of checks at a time; one without is pinned until the checks ran.
+emitted; the check's probe reads it back from the checkpoint itself, a group at a time
+(released_source, verify/fold_plan.reading_originals_in_turn), and any other probe through
+value_to_feed. One without a source is pinned until the checks ran.
 The store counts the bytes it keeps alive (held_bytes, peak_bytes), so that a test can hold
 it to one copy of each kernel and one in flight.
 """
