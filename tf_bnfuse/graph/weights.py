@@ -16,8 +16,8 @@ variable itself.
 The fold checks read the original's weights after the passes (verify/fold_check.py). A
 variable with a source in the input's checkpoint is released all the same once its fold is
 emitted; the check's probe reads it back from the checkpoint itself, a group at a time
-(released_source, verify/fold_plan.reading_originals_in_turn), and any other probe through
-value_to_feed. One without a source is pinned until the checks ran.
+(released_source, verify/fold_plan.reading_originals_in_turn). One without a source is
+pinned until the checks ran.
 The store counts the bytes it keeps alive (held_bytes, peak_bytes), so that a test can hold
 it to one copy of each kernel and one in flight.
 """
@@ -57,7 +57,6 @@ class WeightStore:
         self.pinned = frozenset()
         self.sources = {}  # key -> (checkpoint prefix, checkpoint key) of an input variable
         self.peak_bytes = 0  # the most held_bytes was
-        self._fed_bytes = 0  # originals read back from their sources for the probe being fed
         self.min_bytes = STORED_MIN_BYTES if min_bytes is None else min_bytes
         self._prefix = key_prefix
         self._keys = itertools.count(1)
@@ -97,20 +96,6 @@ class WeightStore:
         self._note()
         return key
 
-    def value_to_feed(self, node):
-        """What a probe feeds for a stored Const: the variable it stands for, as it is; an input
-        variable released since, read back from its checkpoint into a tensor (no numpy copy;
-        counted in held_bytes until fed_released); else the array."""
-        key = node.attr[WEIGHT_KEY_ATTR].s.decode()
-        if key in self.variables:
-            return self.variables[key]
-        if key not in self.arrays and key in self.sources:
-            value = self._restored(node)
-            self._fed_bytes += value.shape.num_elements() * value.dtype.size
-            self._note()
-            return value
-        return self.array(node)
-
     def released_source(self, node):
         """(checkpoint prefix, key) of a stored Const's input variable that this store no longer
         holds (released, or never read), None for one it holds or cannot read again."""
@@ -119,21 +104,11 @@ class WeightStore:
             return None
         return self.sources.get(key)
 
-    def _restored(self, node):
-        """The value of a stored Const's input variable, read from its checkpoint into a tensor."""
-        prefix, name = self.sources[node.attr[WEIGHT_KEY_ATTR].s.decode()]
-        return tf.raw_ops.RestoreV2(prefix=prefix, tensor_names=[name], shape_and_slices=[""],
-                                    dtypes=[tf.as_dtype(node.attr["dtype"].type)])[0]
-
-    def fed_released(self):
-        """The probe fed with value_to_feed's tensors is gone: they no longer count."""
-        self._fed_bytes = 0
-
     def held_bytes(self):
         """Bytes of weight values alive because of this store: its arrays, the variables it made,
-        the input's releasable variables not released yet (the others live with the input
-        whatever the store does), and originals read back for a probe."""
-        held = sum(a.nbytes for a in self.arrays.values()) + self._fed_bytes
+        and the input's releasable variables not released yet (the others live with the input
+        whatever the store does)."""
+        held = sum(a.nbytes for a in self.arrays.values())
         for key, variable in self.variables.items():
             if key in self.made or key in self.releasable:
                 held += variable.shape.num_elements() * variable.dtype.size
@@ -200,13 +175,12 @@ class WeightStore:
         """The array a stored Const names (a variable's is read here, once)."""
         key = node.attr[WEIGHT_KEY_ATTR].s.decode()
         if key not in self.arrays:
-            if key not in self.variables and key not in self.sources:
+            if key not in self.variables:
                 raise KeyError("Const %s names weight %s, which this store does not hold" % (node.name, key))
             # A read-only view of the variable's own buffer, not a copy: a folded kernel's original is
             # then held once while its fold is computed (TensorFlow copies a variable on write while
             # another tensor shares its buffer).
-            array = (np.asarray(self.variables[key].read_value()) if key in self.variables
-                     else self._restored(node).numpy())
+            array = np.asarray(self.variables[key].read_value())
             array.setflags(write=False)
             self.arrays[key] = array
             self._note()

@@ -115,20 +115,21 @@ def _fed_weights(graph_def, weights):
             continue
         dtype = tf.as_dtype(node.attr["dtype"].type)
         # The raw read: a third of convert_to_tensor's Python, on a hundred variables a probe.
-        if isinstance(value, tf.Variable):
-            value = tf.raw_ops.ReadVariableOp(resource=value.handle, dtype=value.dtype)
-        elif not tf.is_tensor(value):
-            value = tf.constant(np.asarray(value))
+        value = (tf.raw_ops.ReadVariableOp(resource=value.handle, dtype=value.dtype)
+                 if isinstance(value, tf.Variable) else tf.constant(np.asarray(value)))
         fed[node.name + ":0"] = value if value.dtype == dtype else tf.cast(value, dtype)
     return fed
 
 
 def stored_weights(graph_def, store):
-    """{node name: the input's variable, a tensor read back from its checkpoint, or the array}: the
-    stored Consts of graph_def, which probe_function reads from their values in the store (a
-    variable as it is, not copied; WeightStore.value_to_feed)."""
-    return {node.name: store.value_to_feed(node) for node in graph_def.node
-            if node.op == "Const" and graph_lib.WEIGHT_KEY_ATTR in node.attr}
+    """{node name: the input's variable, or the array}: the stored Consts of graph_def, which
+    probe_function reads from their values in the store (a variable as it is, not copied)."""
+    weights = {}
+    for node in graph_def.node:
+        if node.op == "Const" and graph_lib.WEIGHT_KEY_ATTR in node.attr:
+            variable = store.variable_of(node)
+            weights[node.name] = store.array(node) if variable is None else variable
+    return weights
 
 
 def _as_placeholders(graph_def, names):

@@ -187,7 +187,6 @@ def check_signatures(graphs, originals, signatures, folds, test_inputs, state, v
             except (tf.errors.OpError, ValueError) as e:
                 raise errors.BnFuseError("the folds of signature %s cannot be checked by themselves, a tf_bnfuse "
                                          "bug (nothing written): %s" % (key, errors.most_specific_line(e))) from e
-            signature.weights.fed_released()  # the probe, and what it was fed, are gone
         signature.weights.unpin(signature.graph_def)
         found, not_checked = check(key, plan_, values, verify_config)
         checks.checks += found
