@@ -57,6 +57,7 @@ class WeightStore:
         self.pinned = frozenset()
         self.sources = {}  # key -> (checkpoint prefix, checkpoint key) of an input variable
         self.peak_bytes = 0  # the most held_bytes was
+        self._held = 0  # held_bytes, kept as entries come and go (a store holds hundreds)
         self.min_bytes = STORED_MIN_BYTES if min_bytes is None else min_bytes
         self._prefix = key_prefix
         self._keys = itertools.count(1)
@@ -71,6 +72,7 @@ class WeightStore:
         other.made |= self.made
         other.sources.update(self.sources)
         other.pinned = self.pinned  # what the fold checks will read stays, whichever store retains
+        other.recount()
         return other
 
     def pin(self, graph_def):
@@ -91,9 +93,10 @@ class WeightStore:
         self.variables[key] = variable
         if releasable:
             self.releasable.add(key)
+            self._held += _variable_bytes(variable)
+            self._note()
         if source is not None:
             self.sources[key] = source
-        self._note()
         return key
 
     def released_source(self, node):
@@ -108,14 +111,33 @@ class WeightStore:
         """Bytes of weight values alive because of this store: its arrays, the variables it made,
         and the input's releasable variables not released yet (the others live with the input
         whatever the store does)."""
-        held = sum(a.nbytes for a in self.arrays.values())
-        for key, variable in self.variables.items():
-            if key in self.made or key in self.releasable:
-                held += variable.shape.num_elements() * variable.dtype.size
-        return held
+        return self._held
+
+    def recount(self):
+        """held_bytes counted anew from the entries (a copy: its releasable keys are its own)."""
+        self._held = sum(a.nbytes for a in self.arrays.values()) + sum(
+            _variable_bytes(v) for k, v in self.variables.items() if k in self.made or k in self.releasable)
+        self._note()
 
     def _note(self):
-        self.peak_bytes = max(self.peak_bytes, self.held_bytes())
+        self.peak_bytes = max(self.peak_bytes, self._held)
+
+    def _hold_array(self, key, array):
+        self.arrays[key] = array
+        self._held += array.nbytes
+        self._note()
+
+    def _drop_array(self, key):
+        array = self.arrays.pop(key, None)
+        if array is not None:
+            self._held -= array.nbytes
+
+    def _drop_variable(self, key):
+        """Takes a variable out of the store (None if it holds none), no longer counted."""
+        variable = self.variables.pop(key, None)
+        if variable is not None and (key in self.made or key in self.releasable):
+            self._held -= _variable_bytes(variable)
+        return variable
 
     def forget_read(self, node, last_reader=False):
         """Drops the copy read so far of the variable a stored Const stands for (a folded kernel's
@@ -124,7 +146,7 @@ class WeightStore:
         the value; a releasing store then shrinks a releasable variable to nothing."""
         key = node.attr[WEIGHT_KEY_ATTR].s.decode()
         if key in self.variables:
-            self.arrays.pop(key, None)
+            self._drop_array(key)
         if last_reader:
             self._release(key)
 
@@ -142,13 +164,13 @@ class WeightStore:
         """Drops the array a stored Const names (the writer, once a variable holds its value)."""
         key = node.attr[WEIGHT_KEY_ATTR].s.decode()
         if key not in self.pinned:
-            self.arrays.pop(key, None)
+            self._drop_array(key)
 
     def forget_read_variables(self):
         """Drops the arrays read from variables: a variable no fold changed is written as the
         variable it is, and its copy would only hold memory."""
         for key in self.variables:
-            self.arrays.pop(key, None)
+            self._drop_array(key)
 
     def variable_of(self, node):
         """The variable a stored Const stands for, or None (its value is an array of this store)."""
@@ -159,12 +181,12 @@ class WeightStore:
         if self.releases and array.nbytes >= VARIABLE_MIN_BYTES and np.issubdtype(array.dtype, np.floating):
             self.made.add(key)
             self.variables[key] = tf_internal.variable_holding(array)  # in TensorFlow's memory (docstring)
+            self._held += array.nbytes
             self._note()
             return key
         array = array.view()
         array.setflags(write=False)
-        self.arrays[key] = array
-        self._note()
+        self._hold_array(key, array)
         return key
 
     def holds(self, array, dtype):
@@ -182,8 +204,7 @@ class WeightStore:
             # another tensor shares its buffer).
             array = np.asarray(self.variables[key].read_value())
             array.setflags(write=False)
-            self.arrays[key] = array
-            self._note()
+            self._hold_array(key, array)
         return self.arrays[key]
 
     def strip(self, graph_def):
@@ -214,18 +235,19 @@ class WeightStore:
         store shrinks the releasable variables among them."""
         named = self.named_keys(graph_def) | self.pinned
         for key in [k for k in self.arrays if k not in named]:
-            del self.arrays[key]
+            self._drop_array(key)
         for key in [k for k in self.variables if k not in named]:
             self._release(key)
-            self.variables.pop(key, None)
+            self._drop_variable(key)
             self.made.discard(key)
 
     def _release(self, key):
         """Shrinks the input variable of a releasable key, which nothing reads now, in a releasing
         store; it leaves the store (a read would fail, not return nothing)."""
         if self.releases and key in self.releasable and key not in self.pinned:
+            variable = self._drop_variable(key)
             self.releasable.discard(key)
-            shrink(self.variables.pop(key))
+            shrink(variable)
 
     @staticmethod
     def named_keys(graph_def):
@@ -261,6 +283,10 @@ class WeightStore:
         for dim in tensor.tensor_shape.dim:
             elements *= max(dim.size, 0)
         return elements * dtype.size >= self.min_bytes
+
+
+def _variable_bytes(variable):
+    return variable.shape.num_elements() * variable.dtype.size
 
 
 def shrink(variable):
