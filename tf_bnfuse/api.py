@@ -407,12 +407,7 @@ def _check_export_options(path, format, quantize, io, calibration, max_error, ov
         if format != "litert":
             raise ValueError("explorer_data is for format=\"litert\": the node data is drawn on the .tflite model "
                              "(Model Explorer numbers a SavedModel's nodes by position)")
-        if os.path.realpath(explorer_data) == os.path.realpath(path):
-            raise ValueError("explorer_data %s is the .tflite model's own path" % explorer_data)
-        if os.path.lexists(explorer_data) and not overwrite:
-            raise ValueError("%s exists; pass overwrite=True to replace it" % explorer_data)
-        if not os.path.isdir(os.path.dirname(os.path.abspath(explorer_data))):
-            raise ValueError("the folder of %s does not exist" % explorer_data)
+        preflight.check_explorer_data(explorer_data, path, None, None, overwrite)
     if format != "litert" and (quantize != "none" or io != "float" or calibration is not None
                                or max_error is not None):
         raise ValueError("quantize, io, calibration and max_error are for format=\"litert\"")

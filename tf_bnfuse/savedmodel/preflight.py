@@ -59,7 +59,7 @@ def check_output_dir(saved_model_dir, output_dir, overwrite):
 
 def _check_file_target(path, flag, saved_model_dir, output_dir, overwrite=True):
     target = os.path.realpath(path)
-    for folder in (saved_model_dir, output_dir):
+    for folder in (f for f in (saved_model_dir, output_dir) if f is not None):  # None: a Python export's
         folder = os.path.realpath(folder)
         if target == folder or target.startswith(folder + os.sep):
             raise errors.BadInputError("%s %s is inside %s" % (flag, path, folder))
