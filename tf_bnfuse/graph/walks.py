@@ -99,9 +99,12 @@ def live_nodes(graph_def, outputs, keep_ops=("Placeholder",), ignored_control_in
 
 
 def cone(node_of, tensors):
-    """Names of the nodes the given tensors are computed from (control inputs included)."""
-    return reachable([parse_input(t)[0] for t in tensors],
-                     lambda name: [parse_input(i)[0] for i in node_of(name).input])
+    """Names of the nodes the given tensors are computed from (control inputs included); a name
+    node_of(name) gives no node for (another graph's) is left out and not walked through."""
+    def sources(name):
+        node = node_of(name)
+        return None if node is None else [parse_input(i)[0] for i in node.input]
+    return reachable([parse_input(t)[0] for t in tensors], sources)
 
 
 def computed_from(node_of, tensor, boundary, max_nodes, readable=None):

@@ -80,7 +80,7 @@ def reading_originals_in_turn(plan_, max_bytes, source_of):
     nodes = {node.name: node for node in plan_.chains.node}
     groups = []  # [[reference node names, {stored Const read from the checkpoint: bytes}]]
     for candidate, reference in sorted(plan_.references.items()):
-        read = {n: graph_lib.const_nbytes(nodes[n]) for n in _needed(nodes, [candidate, reference])
+        read = {n: graph_lib.const_nbytes(nodes[n]) for n in graph_lib.cone(nodes.get, [candidate, reference])
                 if graph_lib.WEIGHT_KEY_ATTR in nodes[n].attr and source_of(nodes[n]) is not None}
         read = {n: size for n, size in read.items() if not any(n in g[1] for g in groups)}  # read once
         if groups and sum({**groups[-1][1], **read}.values()) <= max_bytes:
@@ -110,17 +110,6 @@ def _restore_nodes(const, source, after):
     restore = graph_lib.node_def(const.name, "RestoreV2", [n.name for n in inputs] + ["^" + a for a in after],
                                  {"dtypes": dtype})
     return inputs + [restore]
-
-
-def _needed(nodes, tensors):
-    """The names of the nodes of `nodes` the tensors are computed from (themselves included)."""
-    needed, pending = set(), [graph_lib.parse_input(t)[0] for t in tensors]
-    while pending:
-        name = pending.pop()
-        if name in nodes and name not in needed:
-            needed.add(name)
-            pending += [graph_lib.parse_input(i)[0] for i in nodes[name].input]
-    return needed
 
 
 BODY_PREFIX = "tf_bnfuse_called_function_%d/"  # a called function inlined in the folded probe
