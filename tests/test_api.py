@@ -6,6 +6,7 @@ The reference is the original SavedModel, loaded and run independently here.
 import json
 import os
 import re
+import threading
 
 import numpy as np
 import pytest
@@ -183,6 +184,25 @@ def test_an_output_that_does_not_load_is_an_internal_error_and_nothing_is_writte
             fold_saved_model(example_model, str(tmp_path / "out"), verify=verify)
         assert raised.value.exit_code == errors.EXIT_INTERNAL
         assert os.listdir(tmp_path) == []
+
+
+def test_a_write_that_fails_beside_the_fold_checks_is_raised_and_nothing_is_written(example_model, tmp_path,
+                                                                                       monkeypatch):
+    """The write runs in a thread of its own while the folds are checked: its error reaches the
+    caller, from the caller's thread, once the checks are done, and the partly written output goes."""
+    from tf_bnfuse.savedmodel import write as write_lib
+    saved, threads = write_lib.save, []
+
+    def save_then_fail(model, path):
+        threads.append(threading.current_thread())
+        saved(model, path)
+        raise errors.BnFuseError("cannot write the folded SavedModel: no space left on device")
+    monkeypatch.setattr(write_lib, "save", save_then_fail)
+    with pytest.raises(errors.BnFuseError, match="no space left on device") as raised:
+        fold_saved_model(example_model, str(tmp_path / "out"))
+    assert threads and threads[0] is not threading.main_thread()
+    assert raised.value.run_report.verification is None or raised.value.run_report.verification.folds.ok
+    assert os.listdir(tmp_path) == []
 
 
 def test_skip_verify_writes_without_checking(example_model, tmp_path):

@@ -30,27 +30,38 @@ _log = logging.getLogger(__name__)
 def build(folded_metagraphs, release_weights, options, progress, own_variables=False):
     """(write_lib.BuiltModel of every MetaGraph's folded signatures, their FoldChecks: None without
     verification): the folded model built in memory, each fold checked by itself (check_folds)."""
-    with progress.phase("build"):
-        # Without TFLite nothing writes the folded signatures again: each kernel leaves them as it is built.
-        model = write_lib.build([write_lib.MetaGraphToWrite(m.metagraph.tags, m.folded, m.initializers,
-                                                            m.roots.aliases) for m in folded_metagraphs],
-                                release_weights=release_weights, own_variables=own_variables)
-    fold_checks = [check_folds(graphs, m, options, progress.of(m.metagraph)) if options.verify else None
-                   for graphs, m in zip(model.graphs, folded_metagraphs)]
-    return model, fold_checks
+    model = _built_model(folded_metagraphs, release_weights, progress, own_variables)
+    return model, _checked_folds(model, folded_metagraphs, options, progress)
 
 
 def write(folded_metagraphs, built, release_weights, options, progress):
     """Writes every MetaGraph's folded signatures into one SavedModel at built, checking each fold
-    by itself on the way (build). Returns the FoldedMetaGraphs without what a releasing
-    MetaGraph lets go of now (the written model holds the weights, and what runs the original
-    after this loads it again: OriginalAgain), and their FoldChecks (None without verification)."""
-    model, fold_checks = build(folded_metagraphs, release_weights, options, progress)
-    with progress.phase("write"):
-        write_lib.save(model, built)
+    by itself meanwhile: the write runs in a thread of its own beside the checks (one is I/O and
+    checksums, the other compute), and the "write" phase is what is left of it once the checks
+    are done. Returns the FoldedMetaGraphs without what a releasing MetaGraph lets go of now (the
+    written model holds the weights, and what runs the original after this loads it again:
+    OriginalAgain), and their FoldChecks (None without verification)."""
+    model = _built_model(folded_metagraphs, release_weights, progress)
+    with write_lib.SavingInBackground(model, built) as saving:
+        fold_checks = _checked_folds(model, folded_metagraphs, options, progress)
+        with progress.phase("write"):
+            saving.wait()
     del model
     return [dataclasses.replace(m, loaded=None, folded=None) if m.metagraph.releases else m
             for m in folded_metagraphs], fold_checks
+
+
+def _built_model(folded_metagraphs, release_weights, progress, own_variables=False):
+    with progress.phase("build"):
+        # Without TFLite nothing writes the folded signatures again: each kernel leaves them as it is built.
+        return write_lib.build([write_lib.MetaGraphToWrite(m.metagraph.tags, m.folded, m.initializers,
+                                                           m.roots.aliases) for m in folded_metagraphs],
+                               release_weights=release_weights, own_variables=own_variables)
+
+
+def _checked_folds(model, folded_metagraphs, options, progress):
+    return [check_folds(graphs, m, options, progress.of(m.metagraph)) if options.verify else None
+            for graphs, m in zip(model.graphs, folded_metagraphs)]
 
 
 def check_folds(graphs, folded, options, progress):

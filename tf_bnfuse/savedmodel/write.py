@@ -4,6 +4,7 @@ import dataclasses
 import hashlib
 import os
 import re
+import threading
 
 import numpy as np
 import tensorflow as tf
@@ -331,6 +332,37 @@ def save(built, path):
         raise errors.BnFuseError("cannot write the folded SavedModel: %s" % errors.first_line(e))
     if len(built.metagraphs) > 1 or sorted(built.metagraphs[0].tags) != ["serve"]:
         _split_metagraphs(path, built.metagraphs)
+
+
+class SavingInBackground:
+    """save(built, path) in a thread of its own, for the run's other work to go on meanwhile (the
+    fold checks' compute beside the write's I/O and checksums). Leaving the `with` block waits for
+    the save to end, so that an exception raised within it (a failed check, Ctrl-C) reaches the
+    caller, which removes the scratch folder, with nothing writing into it any more. wait()
+    returns once the save is done, and raises what it raised."""
+
+    def __init__(self, built, path):
+        self._error = None
+        self._thread = threading.Thread(target=self._save, args=(built, path), name="tf_bnfuse save", daemon=True)
+
+    def _save(self, built, path):
+        try:
+            save(built, path)
+        except BaseException as e:  # pylint: disable=broad-except  (raised again by wait, in the caller's thread)
+            self._error = e
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self._thread.join()
+        return False
+
+    def wait(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 def write(metagraphs, path, release_weights=False):
