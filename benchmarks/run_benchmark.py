@@ -6,8 +6,10 @@ latency before and after folding, and pass time on synthetic graphs up to 100k n
 
 Each conversion runs in a fresh process, so its wall time includes importing
 TensorFlow and its peak RSS (from wait4) is the whole process's, for
-tf_bnfuse (the CLI, verification on CPU included) and the TFLite converter
-alike. Phases come from the CLI's --report_json. Figures go to
+tf_bnfuse (the CLI, verification on CPU included), a plain tf.saved_model.load +
+tf.saved_model.save of the same model (the round trip, the floor for SavedModel in,
+SavedModel out) and the TFLite converter alike, side by side, each after reading the
+model's files once (the same page cache for all three). Phases come from the CLI's --report_json. Figures go to
 build/bench/results.json and, when matplotlib is installed, a PNG plot.
 Models are built once into build/bench/models (weights=None, random batch
 norm statistics) and reused.
@@ -17,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,6 +28,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
+
+import big_models  # noqa: E402  (benchmarks/ is not a package)
 
 MODELS = ["ResNet50", "MobileNetV2", "EfficientNetB0"]
 FLAVOURS = ["keras3", "tf_keras"]
@@ -60,12 +65,19 @@ def build_models(models_dir, flavours, models, input_size):
                             "--out", models_dir, "--input_size", str(input_size)] + missing, check=True, cwd=ROOT)
 
 
-def bench_model(path, work_dir, rounds):
+def bench_model(path, work_dir, rounds, config=None):
     name = os.path.basename(path)
     folded = os.path.join(work_dir, name + "_folded")
     report_json = os.path.join(work_dir, name + "_report.json")
+    round_trip = os.path.join(work_dir, name + "_round_trip")
+    big_models.read_into_page_cache(path)
+    round_trip_wall, round_trip_rss, _ = measured_run_rss([sys.executable, "-c", big_models.ROUND_TRIP, path,
+                                                           round_trip])
+    shutil.rmtree(round_trip)
+    big_models.read_into_page_cache(path)
     wall, rss, _ = measured_run_rss([sys.executable, "-m", "tf_bnfuse", "--saved_model_dir", path,
-                                     "--output_dir", folded, "--overwrite", "--report_json", report_json])
+                                     "--output_dir", folded, "--overwrite", "--report_json", report_json]
+                                    + (["--config", config] if config else []))
     with open(report_json) as f:
         report = json.load(f)
     phases = {}
@@ -75,6 +87,7 @@ def bench_model(path, work_dir, rounds):
     phases["startup"] = wall - sum(phases.values())  # Python, TensorFlow import, flags
     graphs = [g for g in report["signatures"].values() if not g.get("same_as")]
     serving = report["signatures"]["serving_default"]
+    big_models.read_into_page_cache(path)
     tflite_wall, tflite_rss, _ = measured_run_rss([sys.executable, "-c", TFLITE_CONVERT, path,
                                                    os.path.join(work_dir, name + ".tflite")])
     _, _, latency_json = measured_run_rss([sys.executable, os.path.join(HERE, "latency.py"), path, folded,
@@ -84,9 +97,12 @@ def bench_model(path, work_dir, rounds):
         "model": name,
         "tf_bnfuse": {"wall_s": wall, "peak_rss_mb": rss, "phases_s": phases,
                       "passes_share": passes_s / wall},
+        "round_trip": {"wall_s": round_trip_wall, "peak_rss_mb": round_trip_rss},
         "tflite_converter": {"wall_s": tflite_wall, "peak_rss_mb": tflite_rss},
         "wall_ratio": wall / tflite_wall,
         "rss_ratio": rss / tflite_rss,
+        "round_trip_wall_ratio": wall / round_trip_wall,
+        "round_trip_rss_ratio": rss / round_trip_rss,
         "nodes_before": serving["nodes_before"],
         "nodes_after": serving["nodes_after"],
         "folds": sum(len(p["folds"]) for g in graphs[:1] for p in g["passes"]),
@@ -141,22 +157,24 @@ def machine():
 def markdown(results):
     lines = [
         "| model | tf_bnfuse wall (load / freeze / reference / passes / write / verify / startup) "
-        "| TFLite converter wall "
-        "| wall ratio | tf_bnfuse peak RSS | TFLite peak RSS | RSS ratio | passes share "
+        "| round trip wall | TFLite converter wall | wall ratio to round trip, converter | tf_bnfuse peak RSS "
+        "| round trip peak RSS | TFLite peak RSS | RSS ratio to round trip, converter | passes share "
         "| latency b1 orig -> folded (ratio) | latency b8 orig -> folded (ratio) | nodes | max rel error |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["models"]:
         t, p = r["tf_bnfuse"], r["tf_bnfuse"]["phases_s"]
-        lat = r["latency"]
+        floor, lat = r["round_trip"], r["latency"]
         lines.append(
-            "| %s | %.1f s (%.1f / %.1f / %.1f / %.2f / %.1f / %.1f / %.1f) | %.1f s | %.2f | %.2f GB | %.2f GB | %.2f "
+            "| %s | %.1f s (%.1f / %.1f / %.1f / %.2f / %.1f / %.1f / %.1f) | %.1f s | %.1f s | %.2f, %.2f "
+            "| %.2f GB | %.2f GB | %.2f GB | %.2f, %.2f "
             "| %.1f%% | %.1f -> %.1f ms (%.2f) | %.1f -> %.1f ms (%.2f) | %d -> %d | %.1e |" % (
                 r["model"], t["wall_s"], p.get("load", 0), p.get("freeze", 0), p.get("reference", 0),
-                p.get("passes", 0),
-                p.get("write", 0), p.get("verify", 0), p.get("startup", 0), r["tflite_converter"]["wall_s"],
-                r["wall_ratio"], t["peak_rss_mb"] / 1024, r["tflite_converter"]["peak_rss_mb"] / 1024,
-                r["rss_ratio"], 100 * t["passes_share"], lat["1"]["original_ms"], lat["1"]["folded_ms"],
-                lat["1"]["ratio"], lat["8"]["original_ms"], lat["8"]["folded_ms"], lat["8"]["ratio"],
+                p.get("passes", 0), p.get("write", 0), p.get("verify", 0), p.get("startup", 0),
+                floor["wall_s"], r["tflite_converter"]["wall_s"], r["round_trip_wall_ratio"], r["wall_ratio"],
+                t["peak_rss_mb"] / 1024, floor["peak_rss_mb"] / 1024, r["tflite_converter"]["peak_rss_mb"] / 1024,
+                r["round_trip_rss_ratio"], r["rss_ratio"], 100 * t["passes_share"],
+                lat["1"]["original_ms"], lat["1"]["folded_ms"], lat["1"]["ratio"],
+                lat["8"]["original_ms"], lat["8"]["folded_ms"], lat["8"]["ratio"],
                 r["nodes_before"], r["nodes_after"], r["max_rel_error"]))
     lines += ["", "| synthetic graph nodes | batch norms | pass time | per node |", "|---|---|---|---|"]
     for s in results["pass_scaling"]:
@@ -167,8 +185,11 @@ def markdown(results):
 
 
 def targets(results):
-    """The two speed targets of issue 10, as this run measured them."""
+    """The speed targets of issues 10 and 36, as this run measured them."""
     lines = []
+    for r in results["models"]:
+        lines.append("%s: %.2f times the round trip's wall, %.2f its peak RSS (target: at most 1.0 each)" % (
+            r["model"], r["round_trip_wall_ratio"], r["round_trip_rss_ratio"]))
     for r in results["models"]:
         if r["model"].endswith("ResNet50"):
             lines.append("%s: passes %.1f%% of the whole CLI (target: under 2%%)" % (
@@ -232,10 +253,13 @@ def main():
     parser.add_argument("--work_dir", default=os.path.join(ROOT, "build", "bench"))
     parser.add_argument("--rounds", type=int, default=30, help="interleaved latency runs per batch size")
     parser.add_argument("--replot", action="store_true", help="only redraw the plot from results.json")
+    parser.add_argument("--config", default=None, help="the tf_bnfuse CLI's --config for the small models")
     parser.add_argument("--big", action="store_true",
                         help="only the big-model rows (benchmarks/big_models.py): tf_bnfuse against a plain "
                              "load + save and the TFLite converter, per size of weights")
     parser.add_argument("--big_sizes_gb", nargs="+", type=float, default=[1, 2.9])
+    parser.add_argument("--big_rounds", type=int, default=3,
+                        help="big models: the round trip and tf_bnfuse this many times each, in turn (medians)")
     parser.add_argument("--big_without_converter", action="store_true",
                         help="big models: only the round trip and tf_bnfuse (a 6 GB model's conversion needs 31 GB)")
     parser.add_argument("--plot", default=None,
@@ -266,10 +290,11 @@ def main():
         for model in models:
             path = os.path.join(models_dir, "%s_%s" % (flavour, model))
             print("benchmarking", os.path.basename(path), "...", flush=True)
-            results["models"].append(bench_model(path, runs_dir, rounds))
+            results["models"].append(bench_model(path, runs_dir, rounds, args.config))
             r = results["models"][-1]
-            print("  tf_bnfuse %.1f s %.2f GB, TFLite converter %.1f s %.2f GB" % (
+            print("  tf_bnfuse %.1f s %.2f GB, round trip %.1f s %.2f GB, TFLite converter %.1f s %.2f GB" % (
                 r["tf_bnfuse"]["wall_s"], r["tf_bnfuse"]["peak_rss_mb"] / 1024,
+                r["round_trip"]["wall_s"], r["round_trip"]["peak_rss_mb"] / 1024,
                 r["tflite_converter"]["wall_s"], r["tflite_converter"]["peak_rss_mb"] / 1024), flush=True)
     print("pass scaling ...", flush=True)
     results["pass_scaling"] = bench_pass_scaling(sizes)
@@ -287,14 +312,13 @@ def main():
 
 
 def main_big(args):
-    import big_models
     work_dir = os.path.join(args.work_dir, "big")
     os.makedirs(work_dir, exist_ok=True)
     rows = []
     for size in args.big_sizes_gb:
         print("big model, %g GB of weights ..." % size, flush=True)
         rows.append(big_models.bench_big(size, work_dir, measured_run_rss,
-                                         None if args.big_without_converter else TFLITE_CONVERT))
+                                         None if args.big_without_converter else TFLITE_CONVERT, args.big_rounds))
         print(big_models.markdown(rows[-1:]).splitlines()[-1], flush=True)
     with open(os.path.join(args.work_dir, "results_big.json"), "w") as f:
         json.dump({"machine": machine(), "big": rows}, f, indent=2)

@@ -27,11 +27,15 @@ def test_every_block_of_a_synthetic_chain_folds_and_outputs_match():
     assert np.abs(actual - expected).max() <= 1e-4 * scale
 
 
-def test_the_benchmark_prints_both_speed_targets_from_its_own_figures():
+def test_the_benchmark_prints_its_speed_targets_from_its_own_figures():
     import run_benchmark  # benchmarks/, on the path above
-    results = {"models": [{"model": "keras3_ResNet50", "tf_bnfuse": {"passes_share": 0.034}},
-                          {"model": "keras3_MobileNetV2", "tf_bnfuse": {"passes_share": 0.5}}],
+    results = {"models": [{"model": "keras3_ResNet50", "tf_bnfuse": {"passes_share": 0.034},
+                           "round_trip_wall_ratio": 0.874, "round_trip_rss_ratio": 1.004},
+                          {"model": "keras3_MobileNetV2", "tf_bnfuse": {"passes_share": 0.5},
+                           "round_trip_wall_ratio": 0.7, "round_trip_rss_ratio": 0.98}],
                "pass_scaling": [{"nodes": 1000, "us_per_node": 80.0}, {"nodes": 100000, "us_per_node": 116.0}]}
     lines = run_benchmark.targets(results)
-    assert lines == ["keras3_ResNet50: passes 3.4% of the whole CLI (target: under 2%)",
+    assert lines == ["keras3_ResNet50: 0.87 times the round trip's wall, 1.00 its peak RSS (target: at most 1.0 each)",
+                     "keras3_MobileNetV2: 0.70 times the round trip's wall, 0.98 its peak RSS (target: at most 1.0 each)",
+                     "keras3_ResNet50: passes 3.4% of the whole CLI (target: under 2%)",
                      "per-node pass time at 100000 nodes / at 1000: 1.45x (target: within 1.5x)"]
