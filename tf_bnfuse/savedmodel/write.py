@@ -338,8 +338,9 @@ class SavingInBackground:
     """save(built, path) in a thread of its own, for the run's other work to go on meanwhile (the
     fold checks' compute beside the write's I/O and checksums). Leaving the `with` block waits for
     the save to end, so that an exception raised within it (a failed check, Ctrl-C) reaches the
-    caller, which removes the scratch folder, with nothing writing into it any more. wait()
-    returns once the save is done, and raises what it raised."""
+    caller, which removes the scratch folder, with nothing writing into it any more; a signal's
+    exception that arrives during that wait is raised once the save ended. wait() returns once
+    the save is done, and raises what it raised."""
 
     def __init__(self, built, path):
         self._error = None
@@ -356,7 +357,14 @@ class SavingInBackground:
         return self
 
     def __exit__(self, *exc_info):
-        self._thread.join()
+        signalled = None
+        while self._thread.is_alive():
+            try:
+                self._thread.join()
+            except BaseException as e:  # pylint: disable=broad-except  (Ctrl-C: raised once the save ended)
+                signalled = e
+        if signalled is not None:
+            raise signalled
         return False
 
     def wait(self):
