@@ -76,7 +76,7 @@ def channels_for(size_gb):
 
 def bench_big(size_gb, work_dir, measured_run_rss, tflite_convert=None, rounds=1):
     """One row: the round trip and tf_bnfuse `rounds` times each, in turn (the round trip's own
-    wall varies by a third from one run to the next on a shared machine: its save waits for the
+    wall varies by half from one run to the next on a shared machine: its save waits for the
     disk), each side's median wall and peak RSS, and the converter once."""
     channels = channels_for(size_gb)
     path = os.path.join(work_dir, "big_%gGB" % size_gb)
