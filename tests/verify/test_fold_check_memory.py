@@ -1,7 +1,8 @@
 """A fold check holds one original kernel at a time (issue 36): the passes release each original
 kernel as its fold is emitted, and the check reads it back from the input's own checkpoint, a
-batch of folds at a time (verify.fold_check_batch_bytes). Judged by the weight store's own
-byte count, not RSS, so that the test does not depend on the machine."""
+batch of folds at a time (verify.fold_check_batch_bytes); a TF1 model's from where its saver
+restored it. Judged by the weight store's own byte count, not RSS, so that the test does not
+depend on the machine."""
 
 import json
 import os
@@ -10,7 +11,9 @@ import sys
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
+from cli_checks import assert_one_line_error, run_cli
 from planted_errors import kernel_scaled
 from savedmodel_checks import compare_in_fresh_process
 from tf_bnfuse import config as config_lib
@@ -36,6 +39,35 @@ def stack(tmp_path_factory):
     return path
 
 
+def _tf1_stack(path, main_op_scales=None):
+    """The same stack as a TF1 user saves it (resource variables, Builder, a 1-batch input);
+    main_op_scales: a variable the main op multiplies by 1.5 after the saver restored it."""
+    rng = np.random.default_rng(0)
+    graph = tf.Graph()
+    with graph.as_default():
+        v1 = tf.compat.v1
+        x = v1.placeholder(tf.float32, [1, 8, 8, C], name="x")
+        y, variables = x, {}
+        for i in range(LAYERS):
+            kernel = (rng.standard_normal((3, 3, C, C)) / np.sqrt(9 * C)).astype(np.float32)
+            variables["k%d" % i] = v1.get_variable("k%d" % i, initializer=kernel, use_resource=True)
+            gamma, beta, mean, variance = [tf.constant(v.astype(np.float32)) for v in (
+                rng.uniform(0.5, 1.5, C), rng.normal(0, 0.5, C), rng.normal(0, 0.5, C), rng.uniform(0.2, 2.0, C))]
+            y = tf.nn.relu(v1.nn.fused_batch_norm(tf.nn.conv2d(y, variables["k%d" % i], 1, "SAME"), gamma, beta,
+                                                  mean, variance, epsilon=1e-3, is_training=False)[0])
+        main_op = None
+        if main_op_scales is not None:
+            main_op = variables[main_op_scales].assign(variables[main_op_scales] * 1.5).op
+        with v1.Session(graph=graph) as session:
+            session.run(v1.global_variables_initializer())
+            builder = v1.saved_model.Builder(path)
+            builder.add_meta_graph_and_variables(
+                session, ["serve"], {"serving_default": v1.saved_model.predict_signature_def({"x": x}, {"y": y})},
+                main_op=main_op)
+            builder.save()
+    return path
+
+
 def _config(tmp_path, batch_bytes):
     config = config_lib.load_config()
     config["verify"]["fold_check_batch_bytes"] = batch_bytes
@@ -54,6 +86,29 @@ def test_the_weight_store_holds_one_copy_of_each_kernel_and_one_in_flight(stack,
     assert LAYERS * KERNEL_BYTES <= peak <= (LAYERS + 1) * KERNEL_BYTES, peak / KERNEL_BYTES
     x = np.random.default_rng(2).standard_normal((1, 8, 8, C)).astype(np.float32)
     compare_in_fresh_process(stack, out, {"serving_default": [{"x": x}]})
+
+
+def test_a_tf1_model_holds_one_copy_of_each_kernel_and_one_in_flight(tmp_path):
+    """A TF1 model's released kernels are read back from where its saver restored them."""
+    source = _tf1_stack(str(tmp_path / "tf1"))
+    out = str(tmp_path / "out")
+    report = fold_saved_model(source, out, config=_config(tmp_path, 1))
+    folds = report.verification.folds
+    assert folds.ok and len(folds.checks) == LAYERS and folds.not_checked == {}
+    peak = report.signatures["serving_default"].weights_peak_bytes
+    assert LAYERS * KERNEL_BYTES <= peak <= (LAYERS + 1) * KERNEL_BYTES, peak / KERNEL_BYTES
+    x = np.random.default_rng(2).standard_normal((1, 8, 8, C)).astype(np.float32)
+    compare_in_fresh_process(source, out, {"serving_default": [{"x": x}]})
+
+
+def test_a_tf1_model_whose_main_op_writes_a_restored_kernel_is_refused_up_front(tmp_path):
+    """Its output would hold the kernel as written and write it again each time it loads (and the
+    checkpoint's value is not the one the model computes with)."""
+    source = _tf1_stack(str(tmp_path / "tf1"), main_op_scales="k2")
+    out = tmp_path / "out"
+    result = run_cli("--saved_model_dir", source, "--output_dir", str(out))
+    assert_one_line_error(result, errors.EXIT_BAD_INPUT, source, "writes variable k2 after the saver restores it")
+    assert "check folds" not in result.stderr and not out.exists()
 
 
 @pytest.mark.parametrize("batch_bytes", [1, 1 << 27])

@@ -11,6 +11,7 @@ from google.protobuf import text_format
 from tf_bnfuse import errors
 from tf_bnfuse import graph as graph_lib
 from tf_bnfuse.graph import tf_internal
+from tf_bnfuse.savedmodel import tf1
 from tf_bnfuse.savedmodel.preflight import check_saved_model_dir
 
 
@@ -85,19 +86,47 @@ def load(model, tags):
 
 
 def load_with_checkpoint_keys(model, tags):
-    """(load(model, tags), its variables' CheckpointKeys, or None where TF's own load was used)."""
+    """(load(model, tags), its variables' CheckpointKeys, or None where none is known)."""
     model.check_tags(tags)
+    tf1_keys = _tf1_checkpoint_keys(model, tags)  # before the load: it may refuse the model
     try:
         try:
             loaded = _load_without_unreferenced_functions(model, tags)
         except Exception:  # pylint: disable=broad-except
             loaded = None  # TF's own load below gives the error, or the object, as the user would get it
-        if loaded is None:
-            return tf.saved_model.load(model.path, tags=list(tags) if tags else None), None
-        return loaded
+        if loaded is not None:
+            return loaded
+        loaded = tf.saved_model.load(model.path, tags=list(tags) if tags else None)
     except Exception as e:  # TF raises many types here; all mean the same to the user.
         raise errors.BadInputError("cannot load SavedModel %s with tags %s: %s" % (
             model.path, ",".join(tags or []), errors.first_line(e)))
+    if not tf1_keys:
+        return loaded, None
+    by_variable = {id(v): tf1_keys[v.name.rsplit(":", 1)[0]] for v in getattr(loaded, "variables", ())
+                   if v.name.rsplit(":", 1)[0] in tf1_keys}
+    return loaded, CheckpointKeys(tf_internal.checkpoint_prefix(model.path), by_variable) if by_variable else None
+
+
+def _tf1_checkpoint_keys(model, tags):
+    """{variable name: checkpoint key} of a TF1 MetaGraph's variables as its saver restores them
+    (tf1.checkpoint_keys), {} for another MetaGraph or where none is found. BadInputError where
+    its init op writes one of them: the output would keep the value written and write it again."""
+    meta_graphs = [m for m in model.proto.meta_graphs if not m.HasField("object_graph_def")
+                   and (sorted(m.meta_info_def.tags) == sorted(tags) if tags else len(model.proto.meta_graphs) == 1)]
+    if len(meta_graphs) != 1:
+        return {}
+    try:
+        keys = tf1.checkpoint_keys(meta_graphs[0], tf.train.load_checkpoint(tf_internal.checkpoint_prefix(model.path)))
+    except (tf.errors.OpError, ValueError):  # no checkpoint to read back from: the weights stay held
+        return {}
+    rewritten = sorted(tf1.written_at_load(meta_graphs[0]) & set(keys))
+    if rewritten:
+        raise errors.BadInputError(
+            "SavedModel %s: its init op (main_op or legacy_init_op) writes %s after the saver restores %s, each "
+            "time the model loads; tf_bnfuse cannot keep that (the output would hold the value written and write "
+            "it again)" % (model.path, ("variable " if len(rewritten) == 1 else "variables ") + ", ".join(rewritten),
+                           "it" if len(rewritten) == 1 else "them"))
+    return keys
 
 
 def _functions_the_object_graph_calls(meta_graph):
