@@ -315,6 +315,28 @@ def branch_conv_bn(path):
     return {"serving_default": [{"x": x, "normalized": np.bool_(True)}, {"x": x, "normalized": np.bool_(False)}]}
 
 
+def bn_then_scale(path):
+    """conv -> FusedBatchNormV3 -> times a scalar variable: the batch norm folds into the conv,
+    then the scale into the same conv (fold_affine), which takes the batch norm's output away."""
+
+    class Scaled(tf.Module):
+        def __init__(self):
+            self.kernel = tf.Variable(RNG.normal(0, 0.3, (3, 3, 3, 4)).astype(np.float32))
+            self.bn = [tf.Variable(v) for v in _random_bn(4)]
+            self.scale = tf.Variable(np.float32(-1.7))
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 3], tf.float32, name="x")])
+        def serve(self, x):
+            gamma, beta, mean, variance = self.bn
+            y = tf.raw_ops.FusedBatchNormV3(x=tf.nn.conv2d(x, self.kernel, 1, "SAME"), scale=gamma, offset=beta,
+                                            mean=mean, variance=variance, epsilon=1e-3, is_training=False)[0]
+            return {"y": y * self.scale}
+
+    module = Scaled()
+    tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
+    return {"serving_default": [{"x": RNG.standard_normal((2, 8, 8, 3)).astype(np.float32)}]}
+
+
 def tf1_builder(path):
     """TF1 Builder: a vocabulary asset, a table, a main_op, and two MetaGraphs (serve; gpu,serve with
     one more signature). Returns {tag set: {signature: [inputs]}}."""

@@ -19,6 +19,7 @@ import io_models
 import keras
 import model_zoo
 from planted_errors import kernel_scaled
+from savedmodel_checks import compare_in_fresh_process
 from tf_bnfuse import config as config_lib
 from tf_bnfuse import errors
 from tf_bnfuse import fold_saved_model
@@ -121,6 +122,24 @@ def test_a_backward_fold_whose_input_a_forward_fold_removed_is_checked(built, tm
     [forward] = passes["fold_forward"]
     [backward] = [f for f in passes["fold_affine"] + passes["fold_batch_norm"] if f.linear_node == forward.linear_node]
     _assert_caught(src, str(tmp_path / "out"), monkeypatch, backward.linear_node, 1.001)
+
+
+def test_a_fold_whose_output_a_second_fold_into_the_same_linear_op_took_is_checked_below_it(
+        built, tmp_path, monkeypatch):
+    """conv -> batch norm -> scale: the batch norm folds into the conv, then the scale into the
+    same conv. The batch norm's check runs its chain down to the scale's output, where the conv
+    now holds both (it was compared at the conv, and failed the run); a planted error is caught."""
+    src = built("bn_then_scale")
+    out = str(tmp_path / "honest")
+    report = fold_saved_model(src, out)
+    folds = _assert_every_fold_checked(report)
+    assert len(folds) == 2 and len({f.linear_node for f in folds}) == 1
+    [bn_check] = [c for c in report.verification.folds.checks if "FusedBatchNorm" in c.node]
+    [scale_check] = [c for c in report.verification.folds.checks if c is not bn_check]
+    assert bn_check.output == scale_check.output and bn_check.shared
+    x = np.random.default_rng(3).standard_normal((2, 8, 8, 3)).astype(np.float32)
+    compare_in_fresh_process(src, out, {"serving_default": [{"x": x}]})
+    _assert_caught(src, str(tmp_path / "out"), monkeypatch, folds[0].linear_node, 1.001)
 
 
 @pytest.mark.parametrize("factor", [None, 1.01])

@@ -14,7 +14,8 @@ folded graph as they were, it finds where they are:
 - an input another fold changed or removed: the nearest tensors above it that the folded
   graph holds as they were (the chain then spans both folds: Plan.shared);
 - an output a pass bypassed: what the output was an Identity of; an output another fold
-  changed: the nearest tensor below it the folded graph holds as it was;
+  changed, or took away folding into the same linear op (a scale after the batch norm): the
+  nearest tensor below it the folded graph holds as it was, the chain running down to it;
 - an output a later fold took away (its bias moved into the next linear op): where its bias
   was added, against the chain on the same input less the chain on zeros;
 - a dtype a later pass changed: read cast back to the original's.
@@ -168,9 +169,12 @@ class _Planner:
         self.compared_as = {}  # a tensor of the probe -> what is compared for it (a cast of it, or itself)
         self.shared = set()  # folds whose check spans another fold's nodes (started above, or compared below)
         self.changed = {}  # called function (None: the signature's graph) -> nodes whose values folds changed
+        self.changed_by = {}  # called function -> {node: the fold_keys of the folds that changed it}
         for fold in folds:
             if fold.check is not None:
                 self.changed.setdefault(fold.check.function, set()).update(fold.check.changed)
+                for node in fold.check.changed:
+                    self.changed_by.setdefault(fold.check.function, {}).setdefault(node, set()).add(fold_key(fold))
 
     def _scope(self, function):
         """The _Scope of the signature's graph (None) or of a called function; a string: why none."""
@@ -203,10 +207,12 @@ class _Planner:
             "the pass that made it says nothing of where to check it"
         if isinstance(scope, str):
             return self._not_checked(fold, scope)
-        output = _compared_output(point, scope, self.changed[point.function])
+        by_others = {node for node, keys in self.changed_by[point.function].items() if keys - {fold_key(fold)}}
+        output = _compared_output(point, scope, by_others)
         if output is None:
             return self.absorbed.append(fold)
-        found, why = _chain(point, scope)
+        # Compared below its own output (another fold's result), the chain runs down to it too.
+        found, why = _chain(point, scope, point.output if output in (point.output, point.output_alias) else output)
         if found is None:
             return self._not_checked(fold, why)
         if output not in (point.output, point.output_alias) or found[2]:
@@ -224,7 +230,7 @@ class _Planner:
         on zeros, the two subtracted (its result less its value at a zero input)."""
         point = fold.check
         scope, unbiased = self.scopes[point.function], point.unbiased
-        found, why = _chain(point, scope) if unbiased is not None else (None, None)
+        found, why = _chain(point, scope, point.output) if unbiased is not None else (None, None)
         if unbiased is None or graph_lib.parse_input(unbiased)[0] not in scope.names or found is None:
             return self._not_checked(fold, why or "%s is not a tensor of the folded graph" % point.output)
         number = len(self.references)
@@ -245,20 +251,25 @@ class _Planner:
                     self.shared)
 
 
-def _compared_output(point, scope, changed):
+def _compared_output(point, scope, changed_by_others):
     """The folded graph's tensor that holds the fold's result: its output; where a pass bypassed
-    that, the tensor the output was an Identity of; where another fold changed it (a forward
-    fold's linear op, which a backward fold then scaled), the nearest tensor below it, through
-    single consumers, that the folded graph holds as it was (the other fold's result). None
-    where there is none."""
+    that, the tensor the output was an Identity of; where another fold changed either (a forward
+    fold's linear op, which a backward fold then scaled; a linear op a batch norm folded into,
+    which then took the scale after it), the nearest tensor below it, through single consumers,
+    that the folded graph holds as it was (the other fold's result), also where that fold, into
+    the same linear op, took the output away with its own. None where there is none."""
     if graph_lib.parse_input(point.output)[0] in scope.kept:
         return point.output
     alias = point.output_alias
-    if alias is not None and graph_lib.parse_input(alias)[0] in scope.names - (changed - set(point.changed)):
+    alias_name = graph_lib.parse_input(alias)[0] if alias is not None else None
+    if alias_name in scope.names and alias_name not in changed_by_others:
         return alias
     name = graph_lib.parse_input(point.output)[0]
     if name not in scope.names:
-        return None
+        if alias_name in scope.names:
+            name = alias_name  # the other fold's result is below the output, which the alias stood for
+        elif not changed_by_others & set(point.changed):
+            return None  # taken away by a fold into another linear op (its bias moved into the next)
     for _ in range(CHAIN_MAX_NODES):
         consumers = scope.consumers().get(name, [])
         if len(consumers) != 1:
@@ -273,9 +284,10 @@ def _probe_tensor(tensor, scope):
     return graph_lib.renamed_input(graph_lib.tensor_name(*graph_lib.canonical_tensor(tensor)), scope.renamed)
 
 
-def _chain(point, scope):
+def _chain(point, scope, output):
     """((computed_from's output, {node: inputs}, whether it starts above the fold's own inputs,
-    the tensors it starts from) of the fold's original chain, None), or (None, why not). A
+    the tensors it starts from) of the fold's original chain down to `output` (its own, or
+    where it is compared below it), None), or (None, why not). A
     chain input that the folded graph lacks, or holds with another value (a linear op an
     earlier fold scaled, an affine op a forward fold removed), is replaced by the nearest
     tensors above it that it holds as they were, the chain growing by what lies between."""
@@ -285,7 +297,7 @@ def _chain(point, scope):
                       next(t for t in point.inputs if graph_lib.parse_input(t)[0] not in scope.kept))
     # What the folded graph holds as it was may be read from it (a Reshape's shape computed from
     # the input): the same value, and the chain stays the fold's own nodes.
-    found = graph_lib.computed_from(scope.nodes.get, point.output, inputs + scope.arguments, CHAIN_MAX_NODES,
+    found = graph_lib.computed_from(scope.nodes.get, output, inputs + scope.arguments, CHAIN_MAX_NODES,
                                     readable=lambda name: name in scope.kept and scope.nodes[name].op != "Const")
     if found is None:
         return None, ("its chain in the original reads more than %s and constants, or is over %d nodes" %
