@@ -376,6 +376,32 @@ def tf1_builder(path):
             "gpu,serve": {"serving_default": [both], "features": [{"images": both["images"]}]}}
 
 
+def tf1_local_variable(path, read=True):
+    """TF1 Builder: conv -> batch norm, times a local variable (not in the checkpoint) that the
+    main op initializes each time the model loads; read=False: no signature reads it."""
+    graph = tf.Graph()
+    with graph.as_default():
+        v1 = tf.compat.v1
+        x = v1.placeholder(tf.float32, [None, 8, 8, 3], name="x")
+        kernel = v1.get_variable("kernel", initializer=RNG.standard_normal((3, 3, 3, 4)).astype(np.float32),
+                                 use_resource=True)
+        scale = v1.get_variable("scale", initializer=np.float32(-1.5), use_resource=True,
+                                collections=[v1.GraphKeys.LOCAL_VARIABLES])
+        gamma, beta, mean, variance = [tf.constant(v) for v in _random_bn(4)]
+        y, _, _ = v1.nn.fused_batch_norm(tf.nn.conv2d(x, kernel, 1, "SAME"), gamma, beta, mean, variance,
+                                         epsilon=1e-3, is_training=False)
+        if read:
+            y = y * scale
+        with v1.Session(graph=graph) as session:
+            session.run([v1.global_variables_initializer(), v1.local_variables_initializer()])
+            builder = v1.saved_model.Builder(path)
+            builder.add_meta_graph_and_variables(
+                session, ["serve"], {"serving_default": v1.saved_model.predict_signature_def({"x": x}, {"y": y})},
+                main_op=v1.local_variables_initializer())
+            builder.save()
+    return {"serving_default": [{"x": RNG.standard_normal((2, 8, 8, 3)).astype(np.float32)}]}
+
+
 def keras3_string_lookup(path):
     """Keras 3: StringLookup + Embedding + Conv1D + BatchNormalization, exported with model.export."""
     import keras

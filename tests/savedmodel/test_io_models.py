@@ -196,6 +196,16 @@ def test_tf1_builder_with_asset_table_and_main_op(tmp_path):
         fold_saved_model(src, str(tmp_path / "refused"), tags=["gpu", "serve"], signature_keys=["features"])
     assert not os.path.exists(tmp_path / "refused")
 
+@pytest.mark.parametrize("read", [True, False], ids=["read", "unread"])
+def test_tf1_main_op_initializing_a_local_variable(tmp_path, read):
+    """The main op initializes a local variable: the output keeps it with the main op (it was an
+    internal error at the write: the kept init function captured a variable the output did not
+    hold), and a scale it holds folds into the conv after the batch norm."""
+    src, out, inputs, report = _fold(lambda path: io_models.tf1_local_variable(path, read), tmp_path)
+    assert len(report.signatures["serving_default"].folds) == (2 if read else 1) and report.verification.ok
+    compare_in_fresh_process(src, out, inputs)
+
+
 def test_keras3_string_lookup_embedding_conv1d_bn(tmp_path):
     src, out, inputs, report = _fold(io_models.keras3_string_lookup, tmp_path)
     assert signature_defs(out) == signature_defs(src)

@@ -13,7 +13,7 @@ class _TF1Initializer(tf.saved_model.experimental.TrackableResource):
     """A TF1 model's main_op / table initializers, run when the output loads (like TF's own
     load_v1_in_v2._Initializer, which TF saves when re-exporting a TF1 model)."""
 
-    def __init__(self, init_fn, asset_paths):
+    def __init__(self, init_fn, asset_paths, variables=()):
         super().__init__()
         self._init_fn = init_fn
         self._asset_paths = list(asset_paths)
@@ -21,6 +21,10 @@ class _TF1Initializer(tf.saved_model.experimental.TrackableResource):
             # Tracked, so that the files are copied into the output's assets/ and the
             # loaded output reads its own copies (a resource does not track attributes).
             tf_internal.track(self, asset, "asset_%d" % i)
+        for i, variable in enumerate(variables):
+            # The variables it initializes (a local variable no signature reads): saved
+            # with it, or its function would capture what the output does not hold.
+            tf_internal.track(self, variable, "variable_%d" % i)
 
     def _create_resource(self):
         return tf.constant(1.0)  # a value for the traced create function; the work is in _initialize
@@ -60,7 +64,10 @@ def initializers_to_keep(loaded):
     init_fn, asset_paths = tf_internal.tf1_initializer_parts(initializer)
     if init_fn is None or asset_paths is None:  # another TF's loader: keep it whole
         return [initializer] + list(getattr(loaded, "asset_paths", []))
-    return [_TF1Initializer(_without_unused_captures(init_fn), asset_paths)]
+    init_fn = _without_unused_captures(init_fn)
+    captured = {id(outer) for outer, _ in init_fn.graph.captures}
+    variables = [v for v in getattr(loaded, "variables", ()) if id(v.handle) in captured]
+    return [_TF1Initializer(init_fn, asset_paths, variables)]
 
 
 # The init ops a TF1 loader runs after the saver has restored the variables.
