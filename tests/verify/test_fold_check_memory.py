@@ -39,9 +39,10 @@ def stack(tmp_path_factory):
     return path
 
 
-def _tf1_stack(path, main_op_scales=None):
-    """The same stack as a TF1 user saves it (resource variables, Builder, a 1-batch input);
-    main_op_scales: a variable the main op multiplies by 1.5 after the saver restored it."""
+def _tf1_stack(path, main_op_scales=None, resource=True):
+    """The same stack as a TF1 user saves it (Builder, a 1-batch input): resource variables, or
+    reference variables (TF 1.x's default, which TensorFlow's freezing makes Consts); main_op_scales:
+    a variable the main op multiplies by 1.5 after the saver restored it."""
     rng = np.random.default_rng(0)
     graph = tf.Graph()
     with graph.as_default():
@@ -50,7 +51,7 @@ def _tf1_stack(path, main_op_scales=None):
         y, variables = x, {}
         for i in range(LAYERS):
             kernel = (rng.standard_normal((3, 3, C, C)) / np.sqrt(9 * C)).astype(np.float32)
-            variables["k%d" % i] = v1.get_variable("k%d" % i, initializer=kernel, use_resource=True)
+            variables["k%d" % i] = v1.get_variable("k%d" % i, initializer=kernel, use_resource=resource)
             gamma, beta, mean, variance = [tf.constant(v.astype(np.float32)) for v in (
                 rng.uniform(0.5, 1.5, C), rng.normal(0, 0.5, C), rng.normal(0, 0.5, C), rng.uniform(0.2, 2.0, C))]
             y = tf.nn.relu(v1.nn.fused_batch_norm(tf.nn.conv2d(y, variables["k%d" % i], 1, "SAME"), gamma, beta,
@@ -88,9 +89,10 @@ def test_the_weight_store_holds_one_copy_of_each_kernel_and_one_in_flight(stack,
     compare_in_fresh_process(stack, out, {"serving_default": [{"x": x}]})
 
 
-def test_a_tf1_model_holds_one_copy_of_each_kernel_and_one_in_flight(tmp_path):
+@pytest.mark.parametrize("resource", [True, False], ids=["resource_variables", "reference_variables"])
+def test_a_tf1_model_holds_one_copy_of_each_kernel_and_one_in_flight(tmp_path, resource):
     """A TF1 model's released kernels are read back from where its saver restored them."""
-    source = _tf1_stack(str(tmp_path / "tf1"))
+    source = _tf1_stack(str(tmp_path / "tf1"), resource=resource)
     out = str(tmp_path / "out")
     report = fold_saved_model(source, out, config=_config(tmp_path, 1))
     folds = report.verification.folds

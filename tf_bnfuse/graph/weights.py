@@ -16,8 +16,9 @@ variable itself.
 The fold checks read the original's weights after the passes (verify/fold_check.py). A
 variable with a source in the input's checkpoint is released all the same once its fold is
 emitted; the check's probe reads it back from the checkpoint itself, a group at a time
-(released_source, verify/fold_plan.reading_originals_in_turn). One without a source is
-pinned until the checks ran.
+(released_source, verify/fold_plan.reading_originals_in_turn); so is a stored Const with a
+source (a TF1 reference variable as TensorFlow's freezing makes it, strip(sources=...)). One
+without a source is pinned until the checks ran.
 The store counts the bytes it keeps alive (held_bytes, peak_bytes), so that a test can hold
 it to one copy of each kernel and one in flight.
 """
@@ -149,6 +150,8 @@ class WeightStore:
             self._drop_array(key)
         if last_reader:
             self._release(key)
+            if key in self.sources and key not in self.pinned:  # a Const of the input's checkpoint
+                self._drop_array(key)
 
     def variable_digest(self, node):
         """(dtype, shape, sha256) of the value of a variable this store made for a stored Const (read
@@ -207,14 +210,17 @@ class WeightStore:
             self._hold_array(key, array)
         return self.arrays[key]
 
-    def strip(self, graph_def):
+    def strip(self, graph_def, sources=None):
         """A copy of graph_def whose big Consts name arrays in this store; graph_def itself when
-        it has none (it is not modified either way)."""
-        if not any(self._storable(node) for node in graph_def.node):
+        it has none (it is not modified either way). sources: {Const name: (checkpoint prefix,
+        key)}: only those are stored, each with where its value can be read again."""
+        def storable(node):
+            return self._storable(node) and (sources is None or node.name in sources)
+        if not any(storable(node) for node in graph_def.node):
             return graph_def
         stripped = names.new_graph_def(graph_def)
         for node in graph_def.node:
-            tensor = node.attr["value"].tensor if self._storable(node) else None
+            tensor = node.attr["value"].tensor if storable(node) else None
             content = tensor.tensor_content if tensor is not None else b""  # protobuf's one copy
             if not content:  # small, or a splat held as one value
                 stripped.node.add().CopyFrom(node)
@@ -227,7 +233,10 @@ class WeightStore:
             new_tensor = new.attr["value"].tensor
             new_tensor.dtype = tensor.dtype
             new_tensor.tensor_shape.CopyFrom(tensor.tensor_shape)
-            new.attr[WEIGHT_KEY_ATTR].s = self.put(content_view(tensor, content)).encode()
+            key = self.put(content_view(tensor, content))
+            new.attr[WEIGHT_KEY_ATTR].s = key.encode()
+            if sources is not None:
+                self.sources[key] = sources[node.name]
         return stripped
 
     def retain(self, graph_def):

@@ -108,17 +108,29 @@ def _frozen(function, written, weights, shared, checkpoint):
     graph only reads (every consumer a ReadVariableOp, once calls are inlined) are left to
     `weights`; freezing would copy each into a Const through numpy and protobuf."""
     stored = _big_variables(function, written, weights.min_bytes)
-    if not stored:
-        return tf_internal.frozen_graph_def(function, written)
-    try:
-        graph_def, outputs = tf_internal.frozen_graph_def(function, written | set(stored))
-    except ValueError:  # this TensorFlow's converter cannot leave variables out: it freezes them all
-        return tf_internal.frozen_graph_def(function, written)
+    graph_def = None
+    if stored:
+        try:
+            graph_def, outputs = tf_internal.frozen_graph_def(function, written | set(stored))
+        except ValueError:  # this TensorFlow's converter cannot leave variables out: it freezes them all
+            pass
+    if graph_def is None:
+        graph_def, outputs = tf_internal.frozen_graph_def(function, written)
+        return _restored_consts_stored(graph_def, weights, checkpoint), outputs
     only_read = _only_read(graph_def, stored)
     if len(only_read) < len(stored):  # the others (read in a call or loop body, gathered) frozen by TF
         graph_def, outputs = tf_internal.frozen_graph_def(function, written | only_read)
-    return _reads_as_stored_consts(graph_def, {n: stored[n] for n in only_read}, weights, shared,
-                                   checkpoint), outputs
+    graph_def = _reads_as_stored_consts(graph_def, {n: stored[n] for n in only_read}, weights, shared, checkpoint)
+    return _restored_consts_stored(graph_def, weights, checkpoint), outputs
+
+
+def _restored_consts_stored(graph_def, weights, checkpoint):
+    """graph_def with the Consts TensorFlow's freezing made of a TF1 model's reference variables
+    held in `weights`, each with where the saver restored it from (a fold check reads a released
+    one back); graph_def itself where there are none."""
+    if checkpoint is None or not checkpoint.by_name:
+        return graph_def
+    return weights.strip(graph_def, sources=checkpoint.sources_by_name())
 
 
 def _big_variables(function, written, min_bytes):

@@ -73,11 +73,18 @@ class CheckpointKeys:
     released is read again from there by a fold check (graph/weights.py)."""
     prefix: str
     by_variable: dict  # id(tf.Variable) -> checkpoint key, for as long as the loaded object lives
+    # A TF1 model's: variable node name -> checkpoint key. TensorFlow's freezing turns a reference
+    # variable (VariableV2) into a Const of its name, which a fold check can read back too.
+    by_name: dict = dataclasses.field(default_factory=dict)
 
     def source(self, variable):
         """(checkpoint prefix, key) of a loaded variable, or None."""
         key = self.by_variable.get(id(variable))
         return None if key is None else (self.prefix, key)
+
+    def sources_by_name(self):
+        """{variable node name: (checkpoint prefix, key)} of a TF1 model's restored variables."""
+        return {name: (self.prefix, key) for name, key in self.by_name.items()}
 
 
 def load(model, tags):
@@ -104,7 +111,7 @@ def load_with_checkpoint_keys(model, tags):
         return loaded, None
     by_variable = {id(v): tf1_keys[v.name.rsplit(":", 1)[0]] for v in getattr(loaded, "variables", ())
                    if v.name.rsplit(":", 1)[0] in tf1_keys}
-    return loaded, CheckpointKeys(tf_internal.checkpoint_prefix(model.path), by_variable) if by_variable else None
+    return loaded, CheckpointKeys(tf_internal.checkpoint_prefix(model.path), by_variable, tf1_keys)
 
 
 def _tf1_checkpoint_keys(model, tags):
