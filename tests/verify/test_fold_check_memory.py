@@ -77,30 +77,28 @@ def _config(tmp_path, batch_bytes):
     return str(path)
 
 
-def test_the_weight_store_holds_one_copy_of_each_kernel_and_one_in_flight(stack, tmp_path):
+def _assert_one_copy_of_each_kernel_and_one_in_flight(source, tmp_path):
+    """Folds source with each fold checked alone: every fold checked, the store's peak one copy
+    of each kernel and one more at most, the output the same as the input in a fresh process."""
     out = str(tmp_path / "out")
-    report = fold_saved_model(stack, out, config=_config(tmp_path, 1))  # each fold checked alone
+    report = fold_saved_model(source, out, config=_config(tmp_path, 1))
     folds = report.verification.folds
     assert folds.ok and len(folds.checks) == LAYERS and folds.not_checked == {}
     peak = report.signatures["serving_default"].weights_peak_bytes
     # Holding the original kernels until the checks ran would be 2 * LAYERS kernels.
     assert LAYERS * KERNEL_BYTES <= peak <= (LAYERS + 1) * KERNEL_BYTES, peak / KERNEL_BYTES
     x = np.random.default_rng(2).standard_normal((1, 8, 8, C)).astype(np.float32)
-    compare_in_fresh_process(stack, out, {"serving_default": [{"x": x}]})
+    compare_in_fresh_process(source, out, {"serving_default": [{"x": x}]})
+
+
+def test_the_weight_store_holds_one_copy_of_each_kernel_and_one_in_flight(stack, tmp_path):
+    _assert_one_copy_of_each_kernel_and_one_in_flight(stack, tmp_path)
 
 
 @pytest.mark.parametrize("resource", [True, False], ids=["resource_variables", "reference_variables"])
 def test_a_tf1_model_holds_one_copy_of_each_kernel_and_one_in_flight(tmp_path, resource):
     """A TF1 model's released kernels are read back from where its saver restored them."""
-    source = _tf1_stack(str(tmp_path / "tf1"), resource=resource)
-    out = str(tmp_path / "out")
-    report = fold_saved_model(source, out, config=_config(tmp_path, 1))
-    folds = report.verification.folds
-    assert folds.ok and len(folds.checks) == LAYERS and folds.not_checked == {}
-    peak = report.signatures["serving_default"].weights_peak_bytes
-    assert LAYERS * KERNEL_BYTES <= peak <= (LAYERS + 1) * KERNEL_BYTES, peak / KERNEL_BYTES
-    x = np.random.default_rng(2).standard_normal((1, 8, 8, C)).astype(np.float32)
-    compare_in_fresh_process(source, out, {"serving_default": [{"x": x}]})
+    _assert_one_copy_of_each_kernel_and_one_in_flight(_tf1_stack(str(tmp_path / "tf1"), resource=resource), tmp_path)
 
 
 def test_a_tf1_model_whose_main_op_writes_a_restored_kernel_is_refused_up_front(tmp_path):
