@@ -198,9 +198,10 @@ def test_the_culprit_search_names_a_loop_body_fold(built, tmp_path, monkeypatch)
     """The folds' own checks loosened out of the way, the output check fails and the search,
     freezing the model again (its body gets another name), finds the body fold."""
     config = _config(fold_rounding_multiple=1e9)
-    with kernel_scaled(monkeypatch, "while/Conv2D_1", 1.05):
+    with kernel_scaled(monkeypatch, "while/Conv2D_1", 1.05) as hit:
         with pytest.raises(errors.VerificationError) as raised:
             fold_saved_model(built("loop_classifier"), str(tmp_path / "out"), config=config)
+    assert hit
     culprit = raised.value.run_report.verification.culprit
     [fold] = culprit.folds
     assert "while_body" in fold["node"] and fold["linear_node"].endswith("while/Conv2D_1")
