@@ -106,22 +106,26 @@ def _shape_list(shape):
 def _frozen(function, written, weights, shared, checkpoint):
     """(frozen GraphDef, output tensors): TensorFlow's freezing, except that big variables the
     graph only reads (every consumer a ReadVariableOp, once calls are inlined) are left to
-    `weights`; freezing would copy each into a Const through numpy and protobuf."""
+    `weights`; freezing would copy each into a Const through numpy and protobuf. A TF1 model's
+    reference variables, which TensorFlow freezes into Consts, go to `weights` too
+    (_restored_consts_stored)."""
+    graph_def, outputs = _frozen_reads_stored(function, written, weights, shared, checkpoint)
+    return _restored_consts_stored(graph_def, weights, checkpoint), outputs
+
+
+def _frozen_reads_stored(function, written, weights, shared, checkpoint):
     stored = _big_variables(function, written, weights.min_bytes)
-    graph_def = None
-    if stored:
-        try:
-            graph_def, outputs = tf_internal.frozen_graph_def(function, written | set(stored))
-        except ValueError:  # this TensorFlow's converter cannot leave variables out: it freezes them all
-            pass
-    if graph_def is None:
-        graph_def, outputs = tf_internal.frozen_graph_def(function, written)
-        return _restored_consts_stored(graph_def, weights, checkpoint), outputs
+    if not stored:
+        return tf_internal.frozen_graph_def(function, written)
+    try:
+        graph_def, outputs = tf_internal.frozen_graph_def(function, written | set(stored))
+    except ValueError:  # this TensorFlow's converter cannot leave variables out: it freezes them all
+        return tf_internal.frozen_graph_def(function, written)
     only_read = _only_read(graph_def, stored)
     if len(only_read) < len(stored):  # the others (read in a call or loop body, gathered) frozen by TF
         graph_def, outputs = tf_internal.frozen_graph_def(function, written | only_read)
-    graph_def = _reads_as_stored_consts(graph_def, {n: stored[n] for n in only_read}, weights, shared, checkpoint)
-    return _restored_consts_stored(graph_def, weights, checkpoint), outputs
+    return _reads_as_stored_consts(graph_def, {n: stored[n] for n in only_read}, weights, shared,
+                                   checkpoint), outputs
 
 
 def _restored_consts_stored(graph_def, weights, checkpoint):

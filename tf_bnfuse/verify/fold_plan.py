@@ -168,11 +168,10 @@ class _Planner:
         self.scopes, self.absorbed = {}, []
         self.compared_as = {}  # a tensor of the probe -> what is compared for it (a cast of it, or itself)
         self.shared = set()  # folds whose check spans another fold's nodes (started above, or compared below)
-        self.changed = {}  # called function (None: the signature's graph) -> nodes whose values folds changed
-        self.changed_by = {}  # called function -> {node: the fold_keys of the folds that changed it}
+        # called function (None: the signature's graph) -> {node whose values folds changed: their fold_keys}
+        self.changed_by = {}
         for fold in folds:
             if fold.check is not None:
-                self.changed.setdefault(fold.check.function, set()).update(fold.check.changed)
                 for node in fold.check.changed:
                     self.changed_by.setdefault(fold.check.function, {}).setdefault(node, set()).add(fold_key(fold))
 
@@ -182,7 +181,7 @@ class _Planner:
             scope = (_Scope(self.original, self.folded, {}, []) if function is None else
                      _inline_function(function, self.original, self.folded, self.chains, len(self.scopes)))
             if not isinstance(scope, str):
-                scope.kept -= self.changed[function]
+                scope.kept -= set(self.changed_by.get(function, {}))
             self.scopes[function] = scope
         return self.scopes[function]
 
@@ -207,7 +206,7 @@ class _Planner:
             "the pass that made it says nothing of where to check it"
         if isinstance(scope, str):
             return self._not_checked(fold, scope)
-        by_others = {node for node, keys in self.changed_by[point.function].items() if keys - {fold_key(fold)}}
+        by_others = {node for node, keys in self.changed_by.get(point.function, {}).items() if keys - {fold_key(fold)}}
         output = _compared_output(point, scope, by_others)
         if output is None:
             return self.absorbed.append(fold)
