@@ -1,5 +1,6 @@
 """Checks on SavedModels that the model tests share, independent of tf_bnfuse."""
 
+import json
 import os
 import pickle
 import re
@@ -126,15 +127,44 @@ _SHOWN = {}  # (folder, saved_model.pb's inode, size and mtime) -> what `saved_m
 _TAG_SET = r"^MetaGraphDef with tag-set: '([^']*)' contains the following SignatureDefs:$"
 
 
+# `saved_model_cli show --all` as the tool prints it, for one folder a line of JSON in and out.
+# Private (saved_model_cli._show_all): the tool's one API is its command line, whose process
+# imports TensorFlow (4-5 s a folder, twice a test); this process does that once a session.
+# Apart from the tests' process: the tool's module defines absl flags the tf_bnfuse CLI defines too.
+_SHOW_ALL_SERVER = """
+import contextlib, io, json, sys, traceback
+from tensorflow.python.tools import saved_model_cli
+for line in sys.stdin:
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            saved_model_cli._show_all(json.loads(line))
+        answer = {"printed": printed.getvalue()}
+    except Exception:
+        answer = {"error": traceback.format_exc()}
+    sys.stdout.write(json.dumps(answer) + "\\n")
+    sys.stdout.flush()
+"""
+_SHOW_ALL_PROCESS = []
+
+
 def _show_all(path):
-    """`saved_model_cli show --all` of a SavedModel, run once per folder as it is on disk (each run
-    imports TensorFlow: 4-5 s)."""
+    """What `saved_model_cli show --all` prints of a SavedModel, once per folder as it is on disk
+    (its set of ops in an order hashing decides)."""
     stat = os.stat(os.path.join(path, "saved_model.pb"))
     key = (os.path.realpath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
     if key not in _SHOWN:
-        cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
-        _SHOWN[key] = subprocess.run([cli, "show", "--dir", path, "--all"], capture_output=True, text=True,
-                                     timeout=300, check=True).stdout
+        if not _SHOW_ALL_PROCESS:
+            _SHOW_ALL_PROCESS.append(subprocess.Popen([sys.executable, "-c", _SHOW_ALL_SERVER], stdin=subprocess.PIPE,
+                                                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
+        process = _SHOW_ALL_PROCESS[0]
+        process.stdin.write(json.dumps(path) + "\n")
+        process.stdin.flush()
+        line = process.stdout.readline()
+        assert line, "saved_model_cli's process ended (exit code %s)" % process.poll()
+        answer = json.loads(line)
+        assert "error" not in answer, answer.get("error")
+        _SHOWN[key] = answer["printed"]
     return _SHOWN[key]
 
 
