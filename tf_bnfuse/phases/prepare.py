@@ -124,7 +124,7 @@ def run_original(loaded, graphs, signatures, roots, test_inputs, progress):
         deterministic = {k for k in loaded.functions if graph_lib.is_deterministic(graphs[signatures.first(k)].graph_def)}
         expected = verify_lib.expected_outputs(references, test_inputs.arrays, deterministic=deterministic)
         expected_roots = root_function_checks.expected_outputs(loaded.loaded, roots.aliases, test_inputs.arrays,
-                                                               expected.seen)
+                                                               expected.seen, deterministic)
     return parts.Reference(expected, expected_roots, {key: keep_original(frozen) for key, frozen in graphs.items()})
 
 

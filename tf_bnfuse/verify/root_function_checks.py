@@ -110,12 +110,17 @@ def references(original, aliases, input_specs):
     found = {}
     for name, group in sorted(aliases.items()):
         for alias in group:
-            if alias.by_value or alias.signature in found or alias.signature not in input_specs:
-                continue  # a by-value alias is checked against the original, not used as its stand-in
-            if sorted(set(alias.arg_keys)) != sorted(input_specs[alias.signature]):
-                continue
-            found[alias.signature] = _reference(getattr(original, name), alias)
+            if alias.signature not in found and alias.signature in input_specs and _stands_in(
+                    alias, input_specs[alias.signature]):
+                found[alias.signature] = _reference(getattr(original, name), alias)
     return found
+
+
+def _stands_in(alias, signature_inputs):
+    """Whether the original's root function of `alias` is called for its signature's reference
+    (references): it runs what the signature runs (not matched by value: a by-value alias is
+    checked against the original) and takes every one of its inputs."""
+    return not alias.by_value and sorted(set(alias.arg_keys)) == sorted(signature_inputs)
 
 
 def _reference(function, alias):
@@ -130,14 +135,23 @@ def _call_flat(function, alias, feeds):
     return [np.asarray(v) for v in root_functions.call_tensors(function, alias, feeds)]
 
 
-def expected_outputs(original, aliases, inputs, seen):
+def expected_outputs(original, aliases, inputs, seen, deterministic=()):
     """{(root function name, trace index): the original's flat outputs of each call} of every kept
     root function, called as check() compares them, before the passes run (which may release the
-    original's folded kernels). seen: compare.Expected.seen; a root function running a signature
-    whose outputs repeat is called once, the others twice."""
+    original's folded kernels). seen: compare.Expected.seen. A trace that stands in for its
+    signature's reference (references), where the signature has no state (deterministic, as for
+    compare.expected_outputs) is not called again: that reference was its call, on the same
+    inputs, and its outputs by port are the trace's (on a model whose signature wraps its
+    `serve`, a forward pass less). A trace running a signature whose outputs repeat is called
+    once, the others twice."""
     expected = {}
     for name, group in sorted(aliases.items()):
         for i, alias in enumerate(group):
+            if alias.signature in deterministic and alias.signature in seen and _stands_in(
+                    alias, inputs[alias.signature]):
+                by_port = {port: seen[alias.signature][k] for k, port in alias.output_ports.items()}
+                expected[(name, i)] = [[by_port[port] for port in range(len(by_port))]]
+                continue
             feeds = {k: tf.constant(v) for k, v in inputs[alias.signature].items()}
             calls = 1 if not alias.by_value and alias.signature in seen else 2
             expected[(name, i)] = [_call_flat(getattr(original, name), alias, feeds) for _ in range(calls)]
