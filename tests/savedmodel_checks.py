@@ -108,10 +108,9 @@ def compare_in_fresh_process(original, folded, inputs_by_signature, tags=None, r
     return out
 
 
-def signature_keys(path, tags=None):
-    """The sorted keys of the SignatureDefs a server sees in the MetaGraph with `tags` (None: the
-    only one, or "serve"), read from saved_model.pb: loading the model here only to list them
-    took seconds per check."""
+def _metagraph(path, tags=None):
+    """The MetaGraphDef with `tags` (None: the only one, or "serve"), read from saved_model.pb:
+    loading the model only to read its SignatureDefs takes seconds."""
     proto = saved_model_pb2.SavedModel()
     with open(os.path.join(path, "saved_model.pb"), "rb") as f:
         proto.ParseFromString(f.read())
@@ -119,8 +118,18 @@ def signature_keys(path, tags=None):
     if tags is not None or len(metagraphs) > 1:
         metagraphs = [m for m in metagraphs if sorted(m.meta_info_def.tags) == sorted(tags or ["serve"])]
     [metagraph] = metagraphs
+    return metagraph
+
+
+def signature_keys(path, tags=None):
+    """The sorted keys of the SignatureDefs a server sees in the MetaGraph with `tags`."""
     # __saved_model_init_op is how a TF2 SavedModel runs its initializers, not a signature to serve.
-    return sorted(k for k in metagraph.signature_def if not k.startswith("__"))
+    return sorted(k for k in _metagraph(path, tags).signature_def if not k.startswith("__"))
+
+
+def signature_input_names(path, key="serving_default", tags=None):
+    """The sorted input names of a SignatureDef, as a server is called with them."""
+    return sorted(_metagraph(path, tags).signature_def[key].inputs)
 
 
 _SHOWN = {}  # (folder, saved_model.pb's inode, size and mtime) -> what `saved_model_cli show --all` printed
