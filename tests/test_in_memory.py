@@ -363,6 +363,32 @@ def test_fold_and_export_print_nothing_unless_asked_and_leave_the_logger_as_foun
     assert "verify ..." in [r.getMessage() for r in caplog.records]
 
 
+@pytest.mark.quick
+def test_fold_leaves_the_root_logger_as_found_and_verbose_says_each_line_once(monkeypatch, capfd):
+    """TensorFlow's signature code logs through absl, which calls logging.basicConfig() where the
+    root logger has no handler: the caller's root logger must come back without one. Where the
+    caller's root logger has a handler (basicConfig(): WARNING), verbose progress lines go to
+    stderr once, not to that handler as well."""
+    import io
+    import logging
+    import keras
+    model, _ = model_zoo.build_model(keras, "conv_bn")
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])  # in a test, pytest's capture handlers are there
+    configured, basic_config = [], logging.basicConfig
+    monkeypatch.setattr(logging, "basicConfig", lambda *a, **k: configured.append(1) or basic_config(*a, **k))
+    tf_bnfuse.fold(model)
+    assert configured, "nothing in fold logged through absl: this test would test nothing"
+    assert root.handlers == []
+
+    callers = io.StringIO()
+    monkeypatch.setattr(root, "handlers", [logging.StreamHandler(callers)])
+    tf_bnfuse.fold(model, verbose=True)
+    err = capfd.readouterr().err
+    assert [line.split("] ", 1)[1] for line in err.splitlines() if line.endswith("] verify ...")] == ["verify ..."]
+    assert "verify ..." not in callers.getvalue()
+
+
 def test_fold_names_what_it_cannot_fold():
     with pytest.raises(errors.BadInputError, match="no tf.function with an input_signature"):
         tf_bnfuse.fold(tf.Module())
