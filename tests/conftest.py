@@ -19,14 +19,25 @@ _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(
     _cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(NUM_LOGICAL_CPUS)])
 
+import contextlib  # noqa: E402
 import hashlib  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "examples"))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))  # keras_flavour: one batch-norm randomizer for all
+
+
+@contextlib.contextmanager
+def environment_of_a_killed_process(extra=None):
+    """os.environ (and `extra`) for a process a test kills, with a TMPDIR of its own, removed
+    afterwards: TensorFlow's autograph writes the modules it generates there and removes them at
+    exit, which a killed process never reaches."""
+    with tempfile.TemporaryDirectory(prefix="tf_bnfuse_test_killed_") as tmp:
+        yield dict(os.environ, TMPDIR=tmp, **(extra or {}))
 
 
 def tree_digest(path):

@@ -210,16 +210,17 @@ def _scratch_folders(folder):
 def _signalled_run(model, out, sig, wait_for, env=None):
     """Starts the CLI, waits until a stderr line contains wait_for (an event, not a time), sends
     sig; returns (exit code, stdout, stderr)."""
-    process = subprocess.Popen([sys.executable, "-m", "tf_bnfuse", "--saved_model_dir", model, "--output_dir",
-                                str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=dict(os.environ, **(env or {})))
-    seen = []
-    for line in process.stderr:
-        seen.append(line)
-        if wait_for in line:
-            break
-    process.send_signal(sig)
-    stdout, rest = process.communicate(timeout=300)
+    with conftest.environment_of_a_killed_process(env) as environment:
+        process = subprocess.Popen([sys.executable, "-m", "tf_bnfuse", "--saved_model_dir", model, "--output_dir",
+                                    str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env=environment)
+        seen = []
+        for line in process.stderr:
+            seen.append(line)
+            if wait_for in line:
+                break
+        process.send_signal(sig)
+        stdout, rest = process.communicate(timeout=300)
     return process.returncode, stdout, "".join(seen) + rest
 
 

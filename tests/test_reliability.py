@@ -128,15 +128,15 @@ def test_a_kill_at_any_phase_leaves_no_output_or_a_complete_one(keras3_model, tm
     from tf_bnfuse import cli
     out = tmp_path / "out"
     for boundary in BOUNDARIES:
-        process = subprocess.Popen([sys.executable, "-m", "tf_bnfuse", "--saved_model_dir", keras3_model,
-                                    "--output_dir", str(out), "--verbosity=0", "--overwrite"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                   env=dict(os.environ, **{cli.PAUSE_ENV: boundary}))
-        for line in process.stderr:
-            if "paused at %s (" % boundary in line:
-                process.send_signal(signal.SIGKILL)
-                break
-        process.wait(timeout=600)
+        with conftest.environment_of_a_killed_process({cli.PAUSE_ENV: boundary}) as environment:
+            process = subprocess.Popen([sys.executable, "-m", "tf_bnfuse", "--saved_model_dir", keras3_model,
+                                        "--output_dir", str(out), "--verbosity=0", "--overwrite"],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=environment)
+            for line in process.stderr:
+                if "paused at %s (" % boundary in line:
+                    process.send_signal(signal.SIGKILL)
+                    break
+            process.wait(timeout=600)
         assert process.returncode == -signal.SIGKILL, "the run ended before %r" % boundary
         if boundary == "moved into place":
             assert out.exists()
