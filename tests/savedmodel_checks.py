@@ -1,5 +1,6 @@
 """Checks on SavedModels that the model tests share, independent of tf_bnfuse."""
 
+import atexit
 import json
 import os
 import pickle
@@ -166,6 +167,7 @@ def _show_all(path):
         if not _SHOW_ALL_PROCESS:
             _SHOW_ALL_PROCESS.append(subprocess.Popen([sys.executable, "-c", _SHOW_ALL_SERVER], stdin=subprocess.PIPE,
                                                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
+            atexit.register(_end_show_all_process)
         process = _SHOW_ALL_PROCESS[0]
         process.stdin.write(json.dumps(path) + "\n")
         process.stdin.flush()
@@ -175,6 +177,14 @@ def _show_all(path):
         assert "error" not in answer, answer.get("error")
         _SHOWN[key] = answer["printed"]
     return _SHOWN[key]
+
+
+def _end_show_all_process():
+    """Ends the tool's process as it ends by itself (its input closed), and waits for it."""
+    process = _SHOW_ALL_PROCESS.pop()
+    process.stdin.close()
+    process.wait(timeout=60)
+    process.stdout.close()
 
 
 def tag_sets(path):
