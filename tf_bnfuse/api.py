@@ -105,8 +105,9 @@ def fold_saved_model(saved_model_dir, output_dir, signature_keys=None, tags=DEFA
 
 def _called(name, verbose, run, report_of=lambda result: result):
     """run() as the API function `name` runs it: its errors in that function's terms, progress
-    lines on stderr and the summary printed at the end only with verbose."""
-    with report_lib.speaking(verbose), errors.speaking_to(name):
+    lines on stderr and the summary printed at the end only with verbose, the caller's root
+    logger as it was."""
+    with report_lib.root_handlers_as_found(), report_lib.speaking(verbose), errors.speaking_to(name):
         result = run()
     if verbose:
         print(report_of(result))

@@ -195,30 +195,28 @@ class ProgressFormatter(logging.Formatter):
 @contextlib.contextmanager
 def speaking(verbose):
     """Within, with verbose, tf_bnfuse's progress lines go to stderr (a Python call's verbose=True),
-    unless the caller's own logging configuration shows them already. The loggers are left as
-    they were (_root_handlers_as_found)."""
+    unless the caller's own logging configuration shows them already; the logger is left as it was."""
     logger = logging.getLogger(PACKAGE_LOGGER)
-    with _root_handlers_as_found():
-        if not verbose or logger.isEnabledFor(logging.INFO) and _has_real_handler(logger):
-            yield
-            return
-        saved = logger.level, logger.propagate
-        handlers = [logging.StreamHandler(sys.stderr)]
-        handlers[0].setFormatter(ProgressFormatter(time.monotonic()))
-        if logger.propagate and _has_real_handler(logger.parent):
-            # The caller's handlers above get what they got before, not the INFO lines as well.
-            handlers.append(_Propagating(logger.parent, logger.getEffectiveLevel()))
+    if not verbose or logger.isEnabledFor(logging.INFO) and _has_real_handler(logger):
+        yield
+        return
+    level, propagate = logger.level, logger.propagate
+    handlers = [logging.StreamHandler(sys.stderr)]
+    handlers[0].setFormatter(ProgressFormatter(time.monotonic()))
+    if propagate and _has_real_handler(logger.parent):
+        # The caller's handlers above get what they got before, not the INFO lines as well.
+        handlers.append(_Propagating(logger.parent, logger.getEffectiveLevel()))
+    for handler in handlers:
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield
+    finally:
         for handler in handlers:
-            logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
-        try:
-            yield
-        finally:
-            for handler in handlers:
-                logger.removeHandler(handler)
-            logger.setLevel(saved[0])  # (setLevel: the loggers cache what is enabled)
-            logger.propagate = saved[1]
+            logger.removeHandler(handler)
+        logger.setLevel(level)  # (setLevel: the loggers cache what is enabled)
+        logger.propagate = propagate
 
 
 class _Propagating(logging.Handler):
@@ -234,7 +232,7 @@ class _Propagating(logging.Handler):
 
 
 @contextlib.contextmanager
-def _root_handlers_as_found():
+def root_handlers_as_found():
     """TensorFlow's SavedModel and signature code logs through absl, whose first message calls
     logging.basicConfig() where the root logger has no handler: every warning of the caller's
     process would then print otherwise. A root logger without handlers is left without."""
