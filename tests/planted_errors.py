@@ -60,8 +60,8 @@ def planted(monkeypatch, kernel_layers=(), bias_layers=()):
         assert values, "no value of %s was kept" % output
         return float(np.max(np.abs(values[0])))
 
-    def fold_weights(chain):
-        folded = real_fold_weights(chain)
+    def fold_weights(chain, *new_array):
+        folded = real_fold_weights(chain, *new_array)
         if isinstance(folded, list):  # a fold across a ConcatV2: not planted in
             return folded
         name = chain.match.linear.name
@@ -90,8 +90,8 @@ def kernel_scaled(monkeypatch, linear_name_end, factor):
     "while/Conv2D") gets its new kernel scaled by `factor`. Yields the linear ops planted in."""
     real_fold_weights, hit = drivers.fold_weights, []
 
-    def fold_weights(chain):
-        folded = real_fold_weights(chain)
+    def fold_weights(chain, *new_array):
+        folded = real_fold_weights(chain, *new_array)
         if not isinstance(folded, list) and chain.match.linear.name.endswith(linear_name_end):
             hit.append(chain.match.linear.name)
             folded = dataclasses.replace(folded, kernel=(folded.kernel * factor).astype(folded.kernel.dtype))

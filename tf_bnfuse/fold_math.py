@@ -56,7 +56,7 @@ SLICE_ELEMENTS = 1 << 16
 PARALLEL_MIN_ELEMENTS = 1 << 22
 
 
-def scale_kernel_as(kernel, scale, out_channel_axes, dtype, workers=None):
+def scale_kernel_as(kernel, scale, out_channel_axes, dtype, workers=None, out=None):
     """The kernel entries of output channel c times scale[c], each product in float64 rounded
     to the numpy `dtype`, and (max, min) of the float64 products (NaN when one is NaN).
 
@@ -64,14 +64,14 @@ def scale_kernel_as(kernel, scale, out_channel_axes, dtype, workers=None):
     channels: (3,) for a Conv2D HWIO kernel, (2, 3) for a depthwise [H, W, in, multiplier]
     kernel whose output channel is in * multiplier + m. Computed in slices along the leading
     axes (no float64 copy of the kernel); a big kernel's slices by `workers` threads (default:
-    the CPUs).
+    the CPUs). out: the array of kernel's shape and `dtype` to write them into (None: a new one).
     """
     kernel = np.asarray(kernel)
     scale = _along_channels(kernel, scale, out_channel_axes)
     if kernel.ndim == 0:
         products = np.multiply(kernel, scale, dtype=np.float64)
         return products.astype(dtype), (float(products), float(products))
-    out = np.empty(kernel.shape, dtype)
+    out = np.empty(kernel.shape, dtype) if out is None else out
     workers = min(workers or os.cpu_count() or 1, kernel.shape[0])
     if kernel.size < PARALLEL_MIN_ELEMENTS or workers < 2:
         extremes = [_scale_into(kernel, scale, out)]

@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from savedmodel_checks import compare_in_fresh_process
 from tf_bnfuse import config as config_lib
+from tf_bnfuse import fold_math
 from tf_bnfuse import fold_saved_model
 from tf_bnfuse import graph as graph_lib
 from tf_bnfuse.passes import runner
@@ -220,3 +221,30 @@ def test_pinned_weights_outlive_the_passes_until_unpinned(tmp_path):
     frozen.weights.unpin(graph_def)
     assert loaded.alone.value().shape.as_list() == [0]  # released once unpinned
     assert all(frozen.weights.variable_of(n) is None for n in stored.values())
+
+
+def test_a_releasing_store_holds_a_kernel_written_into_new_array_without_a_copy():
+    """WeightStore.new_array: in a releasing store, an array big enough for a variable
+    (VARIABLE_MIN_BYTES) is that variable's own buffer, which put() keeps as it is; the values
+    written there are the variable's. An array put() did not get from new_array goes into a
+    variable as before, and a store that does not release gives numpy's own."""
+    shape = (3, 3, 128, 256)  # 1.2 MB of float32
+    assert np.prod(shape) * 4 >= graph_lib.weights.VARIABLE_MIN_BYTES
+    kernel = RNG.standard_normal(shape).astype(np.float32)
+    scale = RNG.uniform(0.5, 2.0, shape[-1])
+    store = graph_lib.WeightStore()
+    store.releases = True
+    out = store.new_array(shape, np.float32)
+    fold_math.scale_kernel_as(kernel, scale, (3,), np.float32, out=out)
+    key = store.put(out)
+    held = np.asarray(store.variables[key].read_value())
+    assert held.ctypes.data == out.ctypes.data, "the variable holds the array's buffer, not a copy"
+    np.testing.assert_array_equal(held, (kernel.astype(np.float64) * scale).astype(np.float32))
+    other = np.array(out)
+    np.testing.assert_array_equal(store.variables[store.put(other)].numpy(), other)
+    unused = store.new_array(shape, np.float32)
+    assert store.new_array((4, 4), np.float32).base is None  # small: numpy's
+    del unused  # a fold refused after its array was made: the store keeps nothing of it
+    assert not store._writable  # pylint: disable=protected-access
+    plain = graph_lib.WeightStore().new_array(shape, np.float32)
+    assert plain.base is None and plain.shape == shape

@@ -41,8 +41,8 @@ def test_the_error_and_the_report_name_the_broken_fold(conv_stack, broken, tmp_p
     folds_into = []
     original = drivers.fold_weights
 
-    def fold_weights_breaking_one(chain):
-        folded = original(chain)
+    def fold_weights_breaking_one(chain, *new_array):
+        folded = original(chain, *new_array)
         folds_into.append(chain.match.linear.name)
         if "/conv%d" % broken in chain.match.linear.name:
             folded.kernel = folded.kernel * 1.5  # a wrong kernel, as a fold-math bug would emit

@@ -7,8 +7,10 @@ it, where one exists. It sits in the graph layer, the lowest that imports Tensor
 that every layer above may use it.
 """
 
+import ctypes
 import os
 
+import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2 as _saved_model_pb2
 from tensorflow.core.framework.graph_debug_info_pb2 import GraphDebugInfo as _GraphDebugInfo
@@ -128,6 +130,27 @@ def variable_holding(array):
                                                              trainable=False)
     tf.raw_ops.AssignVariableOp(resource=variable.handle, value=array)
     return variable
+
+
+def writable_variable(shape, dtype):
+    """(a tf.Variable, not trainable, of uninitialized values, and a writable numpy array over its
+    own buffer), or None where TensorFlow reads the variable into a copy. Why: a folded kernel
+    written into TensorFlow's memory, not numpy's then copied, costs no copy, and takes the
+    memory TensorFlow's allocator keeps from the original kernels the passes released (it
+    keeps what it frees; numpy's is given back and comes back cold), which the fold checks'
+    read of an original kernel then finds there too. Public alternative: none; a tensor's numpy
+    view is read-only. The array keeps the variable alive; nothing else reads the buffer until
+    the array is written (a new variable's), and TensorFlow's copy-on-write does not see numpy's
+    writes: the caller fills it before anything reads the variable."""
+    dtype = tf.as_dtype(dtype)
+    variable = _resource_variable_ops.UninitializedVariable(shape=shape, dtype=dtype, trainable=False)
+    tf.raw_ops.AssignVariableOp(resource=variable.handle, value=tf.raw_ops.Empty(shape=list(shape), dtype=dtype))
+    first, second = (np.asarray(variable.read_value()) for _ in range(2))
+    if first.ctypes.data != second.ctypes.data or not first.flags.c_contiguous:  # reads copy: not its buffer
+        return None
+    buffer = (ctypes.c_byte * first.nbytes).from_address(first.ctypes.data)
+    buffer.variable = variable  # the buffer lives as long as the array does
+    return variable, np.ctypeslib.as_array(buffer).view(dtype.as_numpy_dtype).reshape(shape)
 
 
 def checkpoint_prefix(path):

@@ -26,6 +26,7 @@ it to one copy of each kernel and one in flight.
 import functools
 import hashlib
 import itertools
+import weakref
 
 import numpy as np
 import tensorflow as tf
@@ -63,6 +64,7 @@ class WeightStore:
         self._prefix = key_prefix
         self._keys = itertools.count(1)
         self._copies = itertools.count(1)
+        self._writable = {}  # id of an array new_array made over a variable -> (weakref to it, the variable)
 
     def copy(self):
         """A store holding the same entries (not copies of them), with keys of its own to come:
@@ -179,11 +181,31 @@ class WeightStore:
         """The variable a stored Const stands for, or None (its value is an array of this store)."""
         return self.variables.get(node.attr[WEIGHT_KEY_ATTR].s.decode())
 
+    def _in_variable(self, nbytes, dtype):
+        """Whether a new weight of this size and numpy dtype goes into a variable (put)."""
+        return self.releases and nbytes >= VARIABLE_MIN_BYTES and np.issubdtype(dtype, np.floating)
+
+    def new_array(self, shape, dtype):
+        """An array of uninitialized values for a new weight (a folded kernel) that put() then
+        holds. One that goes into a variable is that variable's own buffer
+        (tf_internal.writable_variable), which put() keeps as it is: no copy."""
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        made = tf_internal.writable_variable(shape, dtype) if self._in_variable(nbytes, dtype) else None
+        if made is None:
+            return np.empty(shape, dtype)
+        variable, array = made
+        self._writable[id(array)] = (weakref.ref(array), variable)
+        weakref.finalize(array, self._writable.pop, id(array), None)  # a fold refused after all
+        return array
+
     def put(self, array):
         key = "%s%d" % (self._prefix, next(self._keys))
-        if self.releases and array.nbytes >= VARIABLE_MIN_BYTES and np.issubdtype(array.dtype, np.floating):
+        if self._in_variable(array.nbytes, array.dtype):
             self.made.add(key)
-            self.variables[key] = tf_internal.variable_holding(array)  # in TensorFlow's memory (docstring)
+            reference, variable = self._writable.pop(id(array), (None, None))
+            self.variables[key] = (variable if reference is not None and reference() is array else
+                                   tf_internal.variable_holding(array))  # in TensorFlow's memory (docstring)
             self._held += array.nbytes
             self._note()
             return key

@@ -44,7 +44,7 @@ def fold_backward(context, graph_def, outputs, pass_name, root_ops, report_every
             report.skips.append(report_lib.Skip(found.root.name, found.root.op, LEFT_OUT))
             continue
         try:
-            folded = fold_weights(found)
+            folded = fold_weights(found, context.weights.new_array)
         except NoMatch as reason:
             failures.append((found.root, chain.detached(chain.reached(reason))))
             continue
@@ -139,7 +139,7 @@ def fold_forward(context, graph_def, outputs, pass_name):
             if context.leaves_out(found.nodes):
                 raise NoMatch(LEFT_OUT)
             _check_forward(found)
-            folded = fold_weights(found)
+            folded = fold_weights(found, context.weights.new_array)
         except NoMatch as reason:
             report.skips.append(report_lib.Skip(head.name, head.op, str(reason)))
             continue

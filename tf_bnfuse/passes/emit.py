@@ -43,12 +43,14 @@ def check_extremes(high, low, dtype, what):
         raise NoMatch("the folded %s would overflow %s" % (what, dtype.name))
 
 
-def fold_weights(chain):
+def fold_weights(chain, new_array=np.empty):
     """The FoldedWeights of a Chain (a list of them, one per branch, across a ConcatV2),
     computed once for check and emit; NoMatch when a number is not finite or would overflow
-    the dtype it is stored in (a float16 conv whose float32 batch norm scales past 65504)."""
+    the dtype it is stored in (a float16 conv whose float32 batch norm scales past 65504).
+    new_array(shape, dtype): where a scaled kernel is written (the store's WeightStore.new_array,
+    which the store then holds without a copy)."""
     if chain.concat is not None:
-        return [fold_weights(branch) for branch in chain.branches]
+        return [fold_weights(branch, new_array) for branch in chain.branches]
     match = chain.match
     if not (np.all(np.isfinite(chain.scale)) and np.all(np.isfinite(chain.shift))):
         raise NoMatch("NaN or Inf in its scale or shift")
@@ -65,8 +67,9 @@ def fold_weights(chain):
             check_representable(kernel, match.dtype, "kernel of " + match.linear.name)
     else:
         if not ones:  # rounded to the kernel's dtype as it is computed: kernels are big
-            kernel, (high, low) = fold_math.scale_kernel_as(match.kernel, chain.scale, match.out_channel_axes,
-                                                            match.dtype.as_numpy_dtype)
+            kernel, (high, low) = fold_math.scale_kernel_as(
+                match.kernel, chain.scale, match.out_channel_axes, match.dtype.as_numpy_dtype,
+                out=new_array(np.shape(match.kernel), match.dtype.as_numpy_dtype))
             check_extremes(high, low, match.dtype, "kernel of " + match.linear.name)
         bias, bias_dtype = chain.shift, chain.bias_layout.dtype
     check_representable(bias, bias_dtype, "bias of " + match.linear.name)
