@@ -400,10 +400,15 @@ def _fold_check_lines(folds):
     if folds is None or not folds.total:
         return []
     worst = folds.worst
-    lines = ["  %d of %d folds checked by themselves on %s, each beside its original chain on the same input, %s%s" % (
-        len(folds.checks), folds.total, folds.device, "ok" if folds.ok else "%d FAILED" % len(folds.failures()),
-        "" if worst is None else "; the worst %s at %.3g of its bound (max rel error %.3g, bound %.3g)" % (
-            worst.node, worst.excess, worst.max_rel_error, worst.bound))]
+    outcome = "ok" if folds.ok else "%d FAILED" % len(folds.failures())
+    if worst is not None:
+        outcome += "; the worst %s at %.3g of its bound (max rel error %.3g, bound %.3g)" % (
+            worst.node, worst.excess, worst.max_rel_error, worst.bound)
+    cropped = sum(c.compared_rows is not None for c in folds.checks)
+    if cropped:
+        outcome += "; %d of them on their input's first rows" % cropped
+    lines = ["  %d of %d folds checked by themselves on %s, each beside its original chain on the same input, %s" % (
+        len(folds.checks), folds.total, folds.device, outcome)]
     for where, why in sorted(folds.not_checked.items()):
         lines.append("  fold %s: not checked by itself: %s" % (where, why))
     return lines

@@ -13,12 +13,15 @@ import sys
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras
 import model_zoo
 from planted_errors import assert_caught_and_named
 from savedmodel_checks import run_in_fresh_process, signature_input_names
+from tf_bnfuse import errors
 from tf_bnfuse import fold_saved_model
+from tf_bnfuse.passes import drivers
 from tf_bnfuse.report import format_run
 
 # model -> (layers whose fold gets a kernel error, at several depths; layers whose fold gets a bias error)
@@ -96,3 +99,56 @@ def test_a_forward_fold_with_a_planted_error_is_caught_and_the_summary_shows_eve
     assert "bound %.3g: rtol 0.0001, atol 1e-06, set by float32 output" % report.verification.checks[0].bound in summary
     layer = fold.linear_node.split("/")[-2].rsplit("_", 1)[0]
     assert_caught_and_named(src, [layer], [], str(tmp_path / "out"), monkeypatch)
+
+
+class _ConvStack(tf.Module):
+    """A 3x3 conv and a 3x3 depthwise conv, stride 1, SAME, each followed by a batch norm: both
+    folds' chains are computed on their input's first rows (fold_plan._cropped)."""
+
+    def __init__(self, rows):
+        super().__init__()
+        rng = np.random.default_rng(11)
+        self.kernel = tf.Variable(rng.standard_normal((3, 3, 6, 8)).astype(np.float32))
+        self.depthwise = tf.Variable(rng.standard_normal((3, 3, 8, 1)).astype(np.float32))
+        self.stats = [[tf.constant(v.astype(np.float32)) for v in (
+            rng.uniform(0.5, 1.5, 8), rng.normal(0, 0.5, 8), rng.normal(0, 0.5, 8), rng.uniform(0.2, 2.0, 8))]
+            for _ in range(2)]
+        self.serve = tf.function(self._serve, input_signature=[tf.TensorSpec([None, rows, 7, 6], tf.float32)])
+
+    def _serve(self, x):
+        def batch_norm(y, stats):
+            gamma, beta, mean, variance = stats
+            return tf.raw_ops.FusedBatchNormV3(x=y, scale=gamma, offset=beta, mean=mean, variance=variance,
+                                               epsilon=1e-3, is_training=False)[0]
+        y = batch_norm(tf.nn.conv2d(x, self.kernel, 1, "SAME"), self.stats[0])
+        return {"y": batch_norm(tf.nn.depthwise_conv2d(y, self.depthwise, [1, 1, 1, 1], "SAME"), self.stats[1])}
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("rows", [9, 2])
+def test_a_cropped_check_catches_an_error_in_one_tap_of_one_channel(rows, tmp_path, monkeypatch):
+    """A chain computed on its input's first rows still sees every output channel and kernel
+    tap: the folded conv's kernel wrong at its last tap of one output channel (1%) fails its
+    own check, named; honest, both folds pass, each compared on 3 rows (an input of 2 rows is
+    read whole, the slices clamped)."""
+    module = _ConvStack(rows)
+    src = str(tmp_path / "src")
+    tf.saved_model.save(module, src, signatures={"serving_default": module.serve})
+    report = fold_saved_model(src, str(tmp_path / "honest"))
+    checks = report.verification.folds.checks
+    assert len(checks) == 2 and all(c.ok and c.compared_rows == 3 for c in checks)
+    assert "2 of them on their input's first rows" in format_run(report)
+    original = drivers.fold_weights
+
+    def one_tap_wrong(chain, *new_array):
+        folded = original(chain, *new_array)
+        if chain.match.linear.op == "Conv2D":
+            folded.kernel = np.array(folded.kernel)
+            folded.kernel[2, 2, :, 5] *= 1.01
+        return folded
+    monkeypatch.setattr(drivers, "fold_weights", one_tap_wrong)
+    with pytest.raises(errors.VerificationError, match="fails its own check") as raised:
+        fold_saved_model(src, str(tmp_path / "planted"))
+    conv_fold = next(c for c in checks if c.linear_node.endswith("Conv2D"))
+    assert "fold of %s into %s" % (conv_fold.node, conv_fold.linear_node) in str(raised.value)
+    assert not (tmp_path / "planted").exists()

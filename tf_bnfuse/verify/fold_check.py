@@ -55,6 +55,8 @@ class FoldCheck:
     # Its chain holds another fold's nodes (a later pass cut it there): a fold that fails its own
     # chain alone is named first
     shared: bool = False
+    # Its chain computed on the first rows of its input (fold_plan._cropped): the output rows compared
+    compared_rows: Optional[int] = None
 
     @property
     def excess(self):
@@ -233,7 +235,7 @@ def check(signature, plan_, values, verify_config):
         key = fold_plan.fold_key(fold)
         checks.append(FoldCheck(signature, fold.node, fold.linear_node, plan_.at.get(key, fold.check.output),
                                 relative, limit, bool(ok), max(scale, 0.0), slope, slope_limit, significance,
-                                significant, key in plan_.shared))
+                                significant, key in plan_.shared, plan_.cropped.get(key)))
     return checks, not_checked
 
 

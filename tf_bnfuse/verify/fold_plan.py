@@ -19,6 +19,9 @@ folded graph as they were, it finds where they are:
 - an output a later fold took away (its bias moved into the next linear op): where its bias
   was added, against the chain on the same input less the chain on zeros;
 - a dtype a later pass changed: read cast back to the original's.
+
+A chain that is one stride-1 convolution and per-channel steps is computed on the first rows
+of its input only (verify/cropped_chains.py).
 """
 
 import dataclasses
@@ -30,6 +33,7 @@ import tensorflow as tf
 from tf_bnfuse import graph as graph_lib
 from tf_bnfuse.graph import function_def as function_def_lib
 from tf_bnfuse.graph import tf_internal
+from tf_bnfuse.verify import cropped_chains
 
 CHAIN_PREFIX = "tf_bnfuse_original_chain_%d/"  # a checked fold's original chain, in the folded probe
 # A chain is a few nodes a branch; the limit bounds the walk where a chain would reach the model's input.
@@ -49,6 +53,7 @@ class Plan:
     candidates: Dict[tuple, str] = dataclasses.field(default_factory=dict)
     at: Dict[tuple, str] = dataclasses.field(default_factory=dict)
     shared: set = dataclasses.field(default_factory=set)  # folds whose chains hold other folds' nodes
+    cropped: Dict[tuple, int] = dataclasses.field(default_factory=dict)  # fold_key -> output rows compared (_cropped)
 
     def candidate(self, fold):
         return self.candidates.get(fold_key(fold), fold.check.output)
@@ -167,7 +172,9 @@ class _Planner:
         self.references, self.candidates, self.at, self.checked, self.not_checked = {}, {}, {}, [], {}
         self.scopes, self.absorbed = {}, []
         self.compared_as = {}  # a tensor of the probe -> what is compared for it (a cast of it, or itself)
+        self.rows_of = {}  # a tensor of the probe -> the output rows its cropped chain compares
         self.shared = set()  # folds whose check spans another fold's nodes (started above, or compared below)
+        self.cropped = {}  # Plan.cropped
         # called function (None: the signature's graph) -> {node whose values folds changed: their fold_keys}
         self.changed_by = {}
         for fold in folds:
@@ -220,9 +227,19 @@ class _Planner:
         if tensor not in self.compared_as:  # the branches of a concat share one
             number = len(self.references)
             reference = _add_chain(self.chains, found, scope, number)
-            self.compared_as[tensor] = self._compared(tensor, reference, scope.folded_dtypes([output])[output],
-                                                      scope.original_dtypes([found[0]])[found[0]], number)
+            wanted = scope.original_dtypes([found[0]])[found[0]]
+            present = scope.folded_dtypes([output])[output]
+            crop = (cropped_chains.crop(found[1], scope.nodes, wanted)
+                    if present == wanted and not found[2] and not scope.renamed else None)
+            candidate = tensor
+            if crop is not None:
+                candidate, reference = cropped_chains.cropped(self.chains, CHAIN_PREFIX % number, crop, tensor,
+                                                              reference, wanted)
+                self.rows_of[tensor] = crop[-1]
+            self.compared_as[tensor] = self._compared(candidate, reference, present, wanted, number)
         self._checked(fold, self.compared_as[tensor], output)
+        if tensor in self.rows_of:
+            self.cropped[fold_key(fold)] = self.rows_of[tensor]
 
     def add_less_at_zero(self, fold):
         """A fold compared where its bias was added: its original chain run on the same input and
@@ -247,7 +264,7 @@ class _Planner:
         if self.chains.library.function and not any(graph_lib.called_function_names(n) for n in self.chains.node):
             self.chains.library.Clear()
         return Plan(self.chains, self.references, self.checked, self.not_checked, self.candidates, self.at,
-                    self.shared)
+                    self.shared, self.cropped)
 
 
 def _compared_output(point, scope, changed_by_others):
