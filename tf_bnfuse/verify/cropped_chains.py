@@ -69,8 +69,9 @@ def crop(chain, original_nodes, dtype):
     compared) where a chain ({node: its data inputs}, fold_plan._chain's) may be computed on the
     first rows of its input (cropped), else None: one stride-1 NHWC Conv2D or depthwise
     convolution reading the chain's one input, the nodes below it _ROW_WISE, reading beside it
-    values the same along the rows, in float32 or float64. original_nodes: {name: NodeDef} of the graph the chain is read from; read, not
-    changed (a NodeDef's attr map adds what it is asked for)."""
+    values the same along the rows, in float32 or float64. original_nodes: {name: NodeDef} of
+    the graph the chain is read from; read, not changed (a NodeDef's attr map adds what it is
+    asked for)."""
     if tf.as_dtype(dtype) not in (tf.float32, tf.float64):
         return None
     nodes = {name: original_nodes[name] for name in chain}
@@ -110,7 +111,8 @@ def crop(chain, original_nodes, dtype):
     else:
         paddings = [0] * 8
     rows = max(height, 2)
-    return conv.name, paddings, rows + height - 1 - paddings[2], rows
+    read_rows = rows + height - 1 - paddings[2]
+    return (conv.name, paddings, read_rows, rows) if read_rows >= rows else None  # padding past the kernel
 
 
 def _consumers_in(chain_inputs):

@@ -55,7 +55,7 @@ class FoldCheck:
     # Its chain holds another fold's nodes (a later pass cut it there): a fold that fails its own
     # chain alone is named first
     shared: bool = False
-    # Its chain computed on the first rows of its input (fold_plan._cropped): the output rows compared
+    # Its chain computed on the first rows of its input (verify/cropped_chains.py): the output rows compared
     compared_rows: Optional[int] = None
 
     @property

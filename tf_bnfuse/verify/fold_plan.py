@@ -53,7 +53,7 @@ class Plan:
     candidates: Dict[tuple, str] = dataclasses.field(default_factory=dict)
     at: Dict[tuple, str] = dataclasses.field(default_factory=dict)
     shared: set = dataclasses.field(default_factory=set)  # folds whose chains hold other folds' nodes
-    cropped: Dict[tuple, int] = dataclasses.field(default_factory=dict)  # fold_key -> output rows compared (_cropped)
+    cropped: Dict[tuple, int] = dataclasses.field(default_factory=dict)  # fold_key -> rows compared (cropped_chains)
 
     def candidate(self, fold):
         return self.candidates.get(fold_key(fold), fold.check.output)
