@@ -41,27 +41,37 @@ def _constant_shape(name, chain, nodes, known):
     """The shape of a chain value computed from Consts alone (known: {name: shape}, filled in),
     followed through Reshape to a Const shape, Squeeze and _ROW_WISE ops; None for any other."""
     if name not in known:
-        node, read = nodes.get(name), chain.get(name, [])
-        shape = None
-        if node is None:
-            pass
-        elif node.op == "Const":
-            shape = [d.size for d in node.attr["value"].tensor.tensor_shape.dim]
-        elif node.op == "Reshape" and nodes[graph_lib.parse_input(read[1])[0]].op == "Const":
-            target = [int(v) for v in graph_lib.const_array(nodes[graph_lib.parse_input(read[1])[0]])]
-            shape = target if -1 not in target else None
-        elif node.op == "Squeeze":
-            inner = _constant_shape(graph_lib.parse_input(read[0])[0], chain, nodes, known)
-            axes = {a % len(inner) for a in node.attr["squeeze_dims"].list.i} if inner else set()
-            shape = None if inner is None else [d for i, d in enumerate(inner) if d != 1 or (axes and i not in axes)]
-        elif node.op in _ROW_WISE:
-            shapes = [_constant_shape(graph_lib.parse_input(i)[0], chain, nodes, known) for i in read]
-            try:
-                shape = None if None in shapes else list(np.broadcast_shapes(*map(tuple, shapes)))
-            except ValueError:
-                shape = None
-        known[name] = shape
+        known[name] = _shape_computed(nodes.get(name), chain.get(name, []), chain, nodes, known)
     return known[name]
+
+
+def _shape_computed(node, read, chain, nodes, known):
+    """_constant_shape of one node, which reads `read`."""
+    def shape_of(tensor):
+        return _constant_shape(graph_lib.parse_input(tensor)[0], chain, nodes, known)
+    if node is None:
+        return None
+    if node.op == "Const":
+        return [d.size for d in node.attr["value"].tensor.tensor_shape.dim]
+    if node.op == "Reshape" and len(read) == 2:
+        target = nodes.get(graph_lib.parse_input(read[1])[0])
+        if target is None or target.op != "Const":
+            return None
+        values = [int(v) for v in graph_lib.const_array(target)]
+        return None if -1 in values else values
+    if node.op == "Squeeze" and read:
+        inner = shape_of(read[0])
+        if not inner:
+            return inner
+        axes = {a % len(inner) for a in node.attr["squeeze_dims"].list.i}
+        return [d for i, d in enumerate(inner) if not (d == 1 and (not axes or i in axes))]
+    if node.op in _ROW_WISE:
+        shapes = [shape_of(t) for t in read]
+        try:
+            return None if None in shapes else list(np.broadcast_shapes(*map(tuple, shapes)))
+        except ValueError:
+            return None
+    return None
 
 
 def crop(chain, original_nodes, dtype):
