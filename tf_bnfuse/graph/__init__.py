@@ -16,7 +16,7 @@ from tf_bnfuse.graph.editor import GraphEditor
 from tf_bnfuse.graph.float64 import in_float64
 from tf_bnfuse.graph.index import GraphIndex
 from tf_bnfuse.graph.library import (CALL_ARGUMENTS, CALL_OPS, IF_OPS, WHILE_OPS, body_source, call_counts,
-                                     called_function_names, called_functions, function_closure,
+                                     called_function_names, called_functions, forwarded_call, function_closure,
                                      functions_by_name, is_deterministic, renamed_functions)
 from tf_bnfuse.graph.names import (IDENTITY_OPS, attr_string, canonical_tensor, cast_node_def, control_inputs,
                                    copy_graph_def, const_node_def, data_inputs, data_positions, is_control,
@@ -57,6 +57,7 @@ __all__ = [
     "data_positions",
     "drop_dangling_colocation",
     "forwarded_input",
+    "forwarded_call",
     "function_closure",
     "functions_by_name",
     "is_deterministic",

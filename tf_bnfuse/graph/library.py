@@ -2,6 +2,7 @@
 
 from tf_bnfuse.graph import tf_internal
 from tf_bnfuse.graph import walks
+from tf_bnfuse.graph.names import data_inputs
 
 # The ops that call one function by their `f` attr, with the node's inputs as its arguments.
 CALL_OPS = frozenset({"PartitionedCall", "StatefulPartitionedCall"})
@@ -127,3 +128,34 @@ def renamed_functions(graph_def, suffix):
         if gradient.gradient_func in names:
             gradient.gradient_func += suffix
     return result
+
+
+# Ops a function that only forwards its arguments to one call may hold besides that call.
+_FORWARDING_OPS = frozenset({"Identity", "NoOp"})
+
+
+def forwarded_call(function_def):
+    """(callee name, [for each callee argument: the index of the argument of function_def it is],
+    [for each output of function_def: the callee output it is]) when function_def only calls one
+    function with its own arguments and returns that call's outputs (a signature wrapper, a
+    restored function's body); None otherwise."""
+    by_name = {node.name: node for node in function_def.node_def}
+    calls = [node for node in function_def.node_def if node.op in CALL_OPS]
+    if len(calls) != 1 or any(n.op not in _FORWARDING_OPS | CALL_OPS for n in function_def.node_def):
+        return None
+    call = calls[0]
+    argument_index = {arg.name: i for i, arg in enumerate(function_def.signature.input_arg)}
+    arguments = []
+    for input_str in data_inputs(call):
+        name, output = body_source(by_name, input_str)
+        if output or name not in argument_index:
+            return None  # a value the body computes, not an argument passed on
+        arguments.append(argument_index[name])
+    ports = []
+    for output_arg in function_def.signature.output_arg:
+        name, output = body_source(by_name, function_def.ret[output_arg.name])
+        kind, _, port = output.partition(":")
+        if name != call.name or kind != "output" or not port.isdigit():
+            return None
+        ports.append(int(port))
+    return call.attr["f"].func.name, arguments, ports

@@ -153,6 +153,15 @@ def writable_variable(shape, dtype):
     return variable, np.ctypeslib.as_array(buffer).view(dtype.as_numpy_dtype).reshape(shape)
 
 
+def library_function_def(graph, name):
+    """The FunctionDef of library function `name` that a FuncGraph calls (directly or through
+    other calls), None where it has none by that name. Why: graph.as_graph_def() serializes the
+    whole library, a model's body with it, to show one small function; no public API names one.
+    """
+    function = graph._get_function(name)  # pylint: disable=protected-access
+    return None if function is None else function.cached_definition
+
+
 def checkpoint_prefix(path):
     """The prefix of a SavedModel folder's checkpoint files. Why: tf.saved_model names no API for
     it (saved_model/path_helpers.py: variables/variables)."""

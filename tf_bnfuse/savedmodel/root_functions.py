@@ -39,6 +39,8 @@ class RootAlias:
     # training=False beside its own serving_default graph)
     by_value: bool = False
     parameters: object = None  # inspect.Signature of the original function, when it has a plain one
+    # signature_relation of the original's trace and signature, where the signature only calls it
+    relation: object = None
 
 
 # tf-keras writes these for keras.models.load_model's revival of the layer; tf.saved_model.load
@@ -114,7 +116,8 @@ def _alias(name, concrete, key, signature):
     if len(flat_outputs) != len(concrete.outputs):
         return None
     return RootAlias(name, concrete.structured_input_signature, key, arg_keys,
-                     [ports[p] for p in range(len(concrete.outputs))], concrete.structured_outputs, output_ports)
+                     [ports[p] for p in range(len(concrete.outputs))], concrete.structured_outputs, output_ports,
+                     relation=signature_relation(concrete, signature))
 
 
 def find(loaded, signatures):
@@ -218,3 +221,104 @@ def call_tensors(function, alias, feeds):
     args, kwargs = tf.nest.map_structure(
         lambda x: next(tensors) if isinstance(x, tf.TensorSpec) else x, alias.input_signature)
     return tf.nest.flatten(function(*args, **kwargs), expand_composites=True)
+
+
+def runs_signature(function, alias, signature):
+    """Whether `function` (a root function of the written output, loaded), traced as `alias`,
+    runs what `signature` (its signature's ConcreteFunction) runs, as the original's root
+    function ran what the original's signature runs: both graphs call one function, the
+    arguments and outputs related as alias.relation has them (signature_relation of the
+    original's, read before anything was folded), and the captured variables the same. Calling
+    one then computes what calling the other does. False where that is not shown: it is called."""
+    args, kwargs = alias.input_signature
+    try:
+        concrete = function.get_concrete_function(*args, **kwargs)
+    except (ValueError, TypeError):
+        return False
+    return alias.relation is not None and signature_relation(concrete, signature) == alias.relation
+
+
+def signature_relation(concrete, signature):
+    """How a ConcreteFunction relates to a signature's (ConcreteFunction) when both graphs run one
+    function, the same (_common_callee): ({tensor argument index: the signature input it is},
+    [for each output: the signature outputs it is]), every argument of that function either
+    one argument of each or a captured tensor both pass on. None otherwise."""
+    found = _common_callee(concrete, signature)
+    if found is None:
+        return None
+    (served_arguments, served_ports), (signed_arguments, signed_ports) = found
+    input_keys, output_keys = sorted(signature.structured_input_signature[1]), sorted(signature.structured_outputs)
+    if _explicit(signature) != len(input_keys) or len(signed_ports) != len(output_keys):
+        return None
+    if len(served_arguments) != len(signed_arguments):
+        return None
+    arguments = {}
+    for served_input, signed_input in zip(served_arguments, signed_arguments):
+        served_kind, served_value = _input_of(concrete, served_input)
+        signed_kind, signed_value = _input_of(signature, signed_input)
+        if served_kind != signed_kind or (served_kind == "captured" and served_value is not signed_value):
+            return None
+        if served_kind == "input":
+            if arguments.setdefault(served_value, input_keys[signed_value]) != input_keys[signed_value]:
+                return None
+    if sorted(arguments) != list(range(_explicit(concrete))):
+        return None  # an argument the call does not read
+    outputs = [sorted(k for k, port in zip(output_keys, signed_ports) if port == served_port)
+               for served_port in served_ports]
+    return (arguments, outputs) if all(outputs) else None
+
+
+def _common_callee(first, second):
+    """((arguments, ports) of first, the same of second) for the first function both
+    ConcreteFunctions run, each seen through functions that only forward their arguments to a
+    call (graph.forwarded_call): arguments maps that function's arguments to the concrete
+    function's inputs, ports the concrete function's outputs to its outputs. Each side is
+    followed a call at a time, in turn, so that the common function's own body (a model's) is
+    never read. None where they run none in common."""
+    sides = [_callees(first), _callees(second)]
+    seen = [{}, {}]
+    while sides[0] or sides[1]:
+        for i in (0, 1):
+            step = next(sides[i], None) if sides[i] else None
+            if step is None:
+                sides[i] = None
+                continue
+            name, mapping = step
+            seen[i].setdefault(name, mapping)
+            if name in seen[1 - i]:
+                return (seen[0][name], seen[1][name])
+    return None
+
+
+def _callees(concrete):
+    """(function name, (arguments, ports)) of the concrete function itself, then of the function
+    each function on the way only forwards to."""
+    function_def = concrete.function_def
+    if (len(function_def.signature.input_arg) != len(concrete.inputs)
+            or len(function_def.signature.output_arg) != len(concrete.outputs)):
+        return
+    arguments, ports = list(range(len(concrete.inputs))), list(range(len(concrete.outputs)))
+    seen = set()
+    while function_def is not None and function_def.signature.name not in seen:
+        seen.add(function_def.signature.name)
+        yield function_def.signature.name, (arguments, ports)
+        found = graph_lib.forwarded_call(function_def)
+        if found is None:
+            return
+        callee, inner_arguments, inner_ports = found
+        arguments, ports = [arguments[i] for i in inner_arguments], [inner_ports[p] for p in ports]
+        function_def = tf_internal.library_function_def(concrete.graph, callee)
+        if function_def is None:
+            yield callee, (arguments, ports)
+            return
+
+
+def _explicit(concrete):
+    return len(concrete.inputs) - len(concrete.captured_inputs)
+
+
+def _input_of(concrete, index):
+    """("input", its index among the tensor arguments) or ("captured", the captured tensor) of
+    input `index` of a ConcreteFunction."""
+    explicit = _explicit(concrete)
+    return ("input", index) if index < explicit else ("captured", concrete.captured_inputs[index - explicit])

@@ -5,6 +5,8 @@ signature's outputs (match_by_value); every kept function of the written output 
 and compared with the original's before anything is moved into place (check).
 """
 
+import logging
+
 import numpy as np
 import tensorflow as tf
 
@@ -12,6 +14,8 @@ from tf_bnfuse import errors
 from tf_bnfuse.savedmodel import root_functions
 from tf_bnfuse.verify import execution
 from tf_bnfuse.verify import tolerance as tolerance_lib
+
+_log = logging.getLogger(__name__)
 
 
 def match_by_value(loaded, signatures, pending, aliases, dropped, inputs, verify_config):
@@ -160,7 +164,10 @@ def expected_outputs(original, aliases, inputs, seen, deterministic=()):
 
 def check(expected, reloaded, aliases, inputs, verify_config=None, precisions=None, original_again=None,
           accepted=None):
-    """Calls each kept root function of the reloaded output on its signature's test inputs.
+    """Calls each kept root function of the reloaded output on its signature's test inputs, but
+    one that, by its graph, runs what its signature runs (root_functions.runs_signature): the
+    signature was called and compared already, and the original's function is its signature's
+    (not by value), so a call would only run the same function again.
 
     With verify_config (verification on), compares each output with the
     original's (expected_outputs), at the tolerance its signature output has. An
@@ -174,6 +181,12 @@ def check(expected, reloaded, aliases, inputs, verify_config=None, precisions=No
     """
     for name, group in sorted(aliases.items()):
         for i, alias in enumerate(group):
+            if not alias.by_value and root_functions.runs_signature(getattr(reloaded, name), alias,
+                                                                    reloaded.signatures[alias.signature]):
+                # Its signature ran (and was compared) already: a call would run the same function again.
+                _log.info("%s%s runs signature %s's function, by its graph: not called again", name,
+                          root_functions.describe(alias.input_signature), alias.signature)
+                continue
             feeds = {k: tf.constant(v) for k, v in inputs[alias.signature].items()}
             described = name + root_functions.describe(alias.input_signature)
 

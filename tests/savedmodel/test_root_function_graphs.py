@@ -1,0 +1,93 @@
+"""A kept root function is shown by its graph to run what its signature runs, or it is called.
+
+The verification calls every signature of the output; a root function that, by its graph and
+its signature's, runs the same function with the same arguments, variables and outputs as
+in the input is not called again (savedmodel/root_functions.signature_relation). These tests
+read the relation off models saved and loaded as users do, and judge it by how the models
+were written, not by the code under test.
+"""
+
+import logging
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import io_models
+from tf_bnfuse import fold_saved_model
+from tf_bnfuse.savedmodel import root_functions
+
+SPECS = [tf.TensorSpec([None, 8, 8, 2], tf.float32, name="z"), tf.TensorSpec([None, 8, 8, 4], tf.float32, name="a")]
+
+
+class _Wrappers(tf.Module):
+    """serve(z, a) and functions that call it: one only passes it on, the others change what goes in or out."""
+
+    def __init__(self):
+        self.kernel = tf.Variable(np.full((3, 3, 2, 4), 0.5, np.float32))
+
+    @tf.function(input_signature=SPECS)
+    def serve(self, z, a):
+        y = tf.nn.conv2d(z, self.kernel, 1, "SAME")
+        return {"y": y + a, "y_only": y}
+
+    @tf.function(input_signature=SPECS)
+    def passed_on(self, z, a):
+        return self.serve(z, a)
+
+    @tf.function(input_signature=SPECS)
+    def outputs_swapped(self, z, a):
+        result = self.serve(z, a)
+        return {"y": result["y_only"], "y_only": result["y"]}
+
+    @tf.function(input_signature=SPECS)
+    def plus_one(self, z, a):
+        return {k: v + 1.0 for k, v in self.serve(z, a).items()}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 2], tf.float32, name="z")] * 2)
+    def input_twice(self, z, other):
+        return self.serve(z, tf.zeros_like(tf.concat([other, other], axis=-1)))
+
+
+@pytest.fixture(scope="module")
+def wrappers(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("wrappers") / "model")
+    module = _Wrappers()
+    tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
+    loaded = tf.saved_model.load(path)
+    return loaded, loaded.signatures["serving_default"]
+
+
+def _relation(loaded, signature, name):
+    return root_functions.signature_relation(getattr(loaded, name).get_concrete_function(*SPECS), signature)
+
+
+@pytest.mark.quick
+def test_the_relation_of_a_function_to_its_signature_is_read_off_both_graphs(wrappers):
+    loaded, signature = wrappers
+    # serve(z, a) -> {"y", "y_only"}: argument 0 is the signature's z, 1 its a; flat outputs y, y_only.
+    expected = ({0: "z", 1: "a"}, [["y"], ["y_only"]])
+    assert _relation(loaded, signature, "serve") == expected
+    assert _relation(loaded, signature, "passed_on") == expected  # seen through the call it only passes on
+    assert _relation(loaded, signature, "outputs_swapped") == ({0: "z", 1: "a"}, [["y_only"], ["y"]])
+    assert _relation(loaded, signature, "plus_one") is None  # computes more than the call
+    twice = root_functions.signature_relation(
+        loaded.input_twice.get_concrete_function(SPECS[0], SPECS[0]), signature)
+    assert twice is None  # computes the call's argument a
+
+
+@pytest.mark.quick
+def test_a_kept_root_function_is_called_unless_its_graph_shows_it_runs_its_signature(tmp_path, caplog):
+    """The output of io_models.two_input_functions keeps `serve(z, a)`: its graph shows it runs the
+    signature's function, so the verification does not call it; its values still match the input's."""
+    src, out = str(tmp_path / "src"), str(tmp_path / "out")
+    inputs = io_models.two_input_functions(src)["serving_default"][0]
+    with caplog.at_level(logging.INFO, logger="tf_bnfuse.verify.root_function_checks"):
+        report = fold_saved_model(src, out)
+    assert report.kept_functions == ["serve"]
+    assert any("serve(tensor, tensor) runs signature serving_default's function, by its graph" in r.getMessage()
+               for r in caplog.records)
+    original, folded = tf.saved_model.load(src), tf.saved_model.load(out)
+    expected, actual = original.serve(inputs["z"], inputs["a"]), folded.serve(inputs["z"], inputs["a"])
+    for key in ("y", "y_only"):
+        np.testing.assert_allclose(actual[key], expected[key], rtol=1e-4, atol=1e-4)
