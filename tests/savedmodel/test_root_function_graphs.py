@@ -15,6 +15,7 @@ import tensorflow as tf
 
 import io_models
 from tf_bnfuse import fold_saved_model
+from tf_bnfuse.graph import tf_internal
 from tf_bnfuse.savedmodel import root_functions
 
 SPECS = [tf.TensorSpec([None, 8, 8, 2], tf.float32, name="z"), tf.TensorSpec([None, 8, 8, 4], tf.float32, name="a")]
@@ -63,13 +64,18 @@ def _relation(loaded, signature, name):
 
 
 @pytest.mark.quick
-def test_the_relation_of_a_function_to_its_signature_is_read_off_both_graphs(wrappers):
+def test_the_relation_of_a_function_to_its_signature_is_read_off_both_graphs(wrappers, monkeypatch):
     loaded, signature = wrappers
+    read = []  # the library functions whose bodies were read: not serve's (Conv2D) where both reach it
+    real = tf_internal.library_function_def
+    monkeypatch.setattr(tf_internal, "library_function_def",
+                        lambda graph, name: read.append(real(graph, name)) or read[-1])
     # serve(z, a) -> {"y", "y_only"}: argument 0 is the signature's z, 1 its a; flat outputs y, y_only.
     expected = ({0: "z", 1: "a"}, [["y"], ["y_only"]])
     assert _relation(loaded, signature, "serve") == expected
     assert _relation(loaded, signature, "passed_on") == expected  # seen through the call it only passes on
     assert _relation(loaded, signature, "outputs_swapped") == ({0: "z", 1: "a"}, [["y_only"], ["y"]])
+    assert read and not [f.signature.name for f in read if "Conv2D" in {n.op for n in f.node_def}]
     assert _relation(loaded, signature, "plus_one") is None  # computes more than the call
     twice = root_functions.signature_relation(
         loaded.input_twice.get_concrete_function(SPECS[0], SPECS[0]), signature)

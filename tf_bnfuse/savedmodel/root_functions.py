@@ -274,7 +274,7 @@ def _common_callee(first, second):
     call (graph.forwarded_call): arguments maps that function's arguments to the concrete
     function's inputs, ports the concrete function's outputs to its outputs. Each side is
     followed a call at a time, in turn, so that the common function's own body (a model's) is
-    never read. None where they run none in common."""
+    not read; where there is none in common, each side is followed to its end. None then."""
     sides = [_callees(first), _callees(second)]
     seen = [{}, {}]
     while sides[0] or sides[1]:
@@ -291,26 +291,30 @@ def _common_callee(first, second):
 
 
 def _callees(concrete):
-    """(function name, (arguments, ports)) of the concrete function itself, then of the function
-    each function on the way only forwards to."""
-    function_def = concrete.function_def
-    if (len(function_def.signature.input_arg) != len(concrete.inputs)
-            or len(function_def.signature.output_arg) != len(concrete.outputs)):
-        return
+    """(function name, (arguments, ports)) of the concrete function itself, then, one at a time as
+    they are asked for, of the function each function on the way only forwards to. A function's
+    body is read only to go past it (a model's, which computes, is not read: the concrete
+    function's own graph is looked at op by op first, unserialized)."""
+    name = _function_name(concrete)
     arguments, ports = list(range(len(concrete.inputs))), list(range(len(concrete.outputs)))
+    passing = graph_lib.CALL_OPS | {"Placeholder", "Identity", "NoOp"}
+    function_def = concrete.function_def if all(op.type in passing for op in concrete.graph.get_operations()) \
+        else None
+    if function_def is not None and (len(function_def.signature.input_arg) != len(concrete.inputs)
+                                     or len(function_def.signature.output_arg) != len(concrete.outputs)):
+        return
     seen = set()
-    while function_def is not None and function_def.signature.name not in seen:
-        seen.add(function_def.signature.name)
-        yield function_def.signature.name, (arguments, ports)
-        found = graph_lib.forwarded_call(function_def)
+    while name not in seen:
+        seen.add(name)
+        yield name, (arguments, ports)
+        if function_def is None:
+            function_def = tf_internal.library_function_def(concrete.graph, name) if len(seen) > 1 else None
+        found = graph_lib.forwarded_call(function_def) if function_def is not None else None
         if found is None:
             return
-        callee, inner_arguments, inner_ports = found
+        name, inner_arguments, inner_ports = found
         arguments, ports = [arguments[i] for i in inner_arguments], [inner_ports[p] for p in ports]
-        function_def = tf_internal.library_function_def(concrete.graph, callee)
-        if function_def is None:
-            yield callee, (arguments, ports)
-            return
+        function_def = None
 
 
 def _explicit(concrete):
