@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 
 import io_models
+from savedmodel_checks import compare_in_fresh_process
 from tf_bnfuse import fold_saved_model
 from tf_bnfuse.graph import tf_internal
 from tf_bnfuse.savedmodel import root_functions
@@ -25,11 +26,16 @@ class _Wrappers(tf.Module):
     """serve(z, a) and functions that call it: one only passes it on, the others change what goes in or out."""
 
     def __init__(self):
-        self.kernel = tf.Variable(np.full((3, 3, 2, 4), 0.5, np.float32))
+        rng = np.random.default_rng(5)
+        self.kernel = tf.Variable(rng.standard_normal((3, 3, 2, 4)).astype(np.float32))
+        self.stats = [tf.Variable(v.astype(np.float32)) for v in (
+            rng.uniform(0.5, 1.5, 4), rng.normal(0, 0.5, 4), rng.normal(0, 0.5, 4), rng.uniform(0.2, 2.0, 4))]
 
     @tf.function(input_signature=SPECS)
     def serve(self, z, a):
-        y = tf.nn.conv2d(z, self.kernel, 1, "SAME")
+        gamma, beta, mean, variance = self.stats
+        y = tf.raw_ops.FusedBatchNormV3(x=tf.nn.conv2d(z, self.kernel, 1, "SAME"), scale=gamma, offset=beta,
+                                        mean=mean, variance=variance, epsilon=1e-3, is_training=False)[0]
         return {"y": y + a, "y_only": y}
 
     @tf.function(input_signature=SPECS)
@@ -51,11 +57,16 @@ class _Wrappers(tf.Module):
 
 
 @pytest.fixture(scope="module")
-def wrappers(tmp_path_factory):
+def wrappers_path(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("wrappers") / "model")
     module = _Wrappers()
     tf.saved_model.save(module, path, signatures={"serving_default": module.serve})
-    loaded = tf.saved_model.load(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def wrappers(wrappers_path):
+    loaded = tf.saved_model.load(wrappers_path)
     return loaded, loaded.signatures["serving_default"]
 
 
@@ -97,3 +108,26 @@ def test_a_kept_root_function_is_called_unless_its_graph_shows_it_runs_its_signa
     expected, actual = original.serve(inputs["z"], inputs["a"]), folded.serve(inputs["z"], inputs["a"])
     for key in ("y", "y_only"):
         np.testing.assert_allclose(actual[key], expected[key], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.quick
+def test_functions_that_only_pass_serve_on_are_kept_by_their_graphs(wrappers_path, tmp_path, caplog):
+    """passed_on and outputs_swapped run serve's function with their own arguments: kept as
+    serve is, by their graphs (not by their values), and not called again by the verification;
+    each computes in the output what it computes in the input. plus_one computes more: matched
+    by value, and not kept."""
+    out = str(tmp_path / "out")
+    with caplog.at_level(logging.INFO, logger="tf_bnfuse.verify.root_function_checks"):
+        report = fold_saved_model(wrappers_path, out)
+    assert len(report.signatures["serving_default"].folds) == 1
+    assert report.kept_functions == ["outputs_swapped", "passed_on", "serve"]
+    assert "plus_one(tensor, tensor): no folded signature computes it" in report.dropped_functions["plus_one"]
+    not_called = [r.getMessage().split("(")[0] for r in caplog.records if "by its graph: not called" in r.getMessage()]
+    assert sorted(not_called) == ["outputs_swapped", "passed_on", "serve"]
+    rng = np.random.default_rng(6)
+    z, a = rng.standard_normal((2, 8, 8, 2)).astype(np.float32), rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+    positional = {"0": z, "1": a}
+    outputs = compare_in_fresh_process(wrappers_path, out, {
+        "serving_default": [{"z": z, "a": a}], "root.passed_on": [positional], "root.outputs_swapped": [positional]})
+    swapped, passed = outputs["root.outputs_swapped"][0], outputs["root.passed_on"][0]
+    np.testing.assert_array_equal(swapped["0"], passed["1"])  # flat outputs y, y_only: swapped

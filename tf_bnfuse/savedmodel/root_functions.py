@@ -2,9 +2,12 @@
 
 A signature is usually a thin wrapper: its graph calls one root function's
 concrete function (a trace) with the signature's inputs and returns that
-call's outputs under its own keys. Such a trace computes exactly what its
-signature computes, so the output keeps it by calling the folded signature
-function, with the root function's own positional structure and defaults. A
+call's outputs under its own keys (or the trace and the signature both only
+pass their arguments on to one function: signature_relation). Such a trace
+computes exactly what its signature computes, so the output keeps it by calling
+the folded signature function, with the root function's own positional
+structure and defaults; the verification shows the output's does the same by
+the same relation (runs_signature) instead of calling it again. A
 trace no signature calls is kept the same way when, on the signature's test
 inputs, it computes the signature's outputs (tf-keras' `__call__` beside its
 own serving graph). Traces that write variables, or that no signature
@@ -74,50 +77,23 @@ def _function_name(concrete):
     return name.decode() if isinstance(name, bytes) else name
 
 
-def _forwarded_call_output(tensor):
-    """(call op, port) when `tensor` is a call's output through Identities, else (None, None)."""
-    while tensor.op.type == "Identity":
-        tensor = tensor.op.inputs[0]
-    if tensor.op.type in graph_lib.CALL_OPS:
-        return tensor.op, tensor.value_index
-    return None, None
-
-
 def _alias(name, concrete, key, signature):
-    """A RootAlias when signature `key` only calls `concrete` and returns its outputs, else None."""
-    input_keys = sorted(signature.structured_input_signature[1])
-    output_keys = sorted(signature.structured_outputs)
-    key_of_input = {id(t): k for k, t in zip(input_keys, signature.inputs)}
-    calls, ports = {}, {}  # call op name -> op; call output port -> the first output key returning it
-    output_ports = {}
-    for output_key, tensor in zip(output_keys, signature.outputs):
-        op, port = _forwarded_call_output(tensor)
-        if op is None or op.get_attr("f").name != _function_name(concrete):
-            return None
-        calls[op.name] = op
-        ports.setdefault(port, output_key)
-        output_ports[output_key] = port
-    if len(calls) != 1 or sorted(ports) != list(range(len(concrete.outputs))):
-        return None  # the signature computes more than the call, or returns only some of it
-    call = next(iter(calls.values()))
-    explicit = len(concrete.inputs) - len(concrete.captured_inputs)
+    """A RootAlias when signature `key` only runs what `concrete` runs, with the trace's tensor
+    arguments and returning its outputs (signature_relation: the signature's graph calls the
+    trace's function, or both call one function), else None."""
+    relation = signature_relation(concrete, signature)
+    if relation is None:
+        return None
+    arguments, outputs = relation
     flat_specs = [s for s in tf.nest.flatten(concrete.structured_input_signature) if isinstance(s, tf.TensorSpec)]
-    if len(flat_specs) != explicit or len(call.inputs) != len(concrete.inputs):
-        return None
-    arg_keys = [key_of_input.get(id(t)) for t in call.inputs[:explicit]]
-    if None in arg_keys:
-        return None  # an argument the signature computes instead of passing through
-    # The captured arguments must be the same objects (variables, tables) the root function captures.
-    outer_of = {id(inner): outer for outer, inner in signature.graph.captures}
-    for inner, outer in zip(call.inputs[explicit:], concrete.captured_inputs):
-        if outer_of.get(id(inner)) is not outer:
-            return None
     flat_outputs = tf.nest.flatten(concrete.structured_outputs, expand_composites=True)
-    if len(flat_outputs) != len(concrete.outputs):
+    if len(flat_specs) != len(arguments) or len(flat_outputs) != len(concrete.outputs):
         return None
-    return RootAlias(name, concrete.structured_input_signature, key, arg_keys,
-                     [ports[p] for p in range(len(concrete.outputs))], concrete.structured_outputs, output_ports,
-                     relation=signature_relation(concrete, signature))
+    output_ports = {k: port for port, keys in enumerate(outputs) for k in keys}
+    if sorted(output_ports) != sorted(signature.structured_outputs):
+        return None  # the signature returns something the trace does not
+    return RootAlias(name, concrete.structured_input_signature, key, [arguments[i] for i in range(len(arguments))],
+                     [keys[0] for keys in outputs], concrete.structured_outputs, output_ports, relation=relation)
 
 
 def find(loaded, signatures):
