@@ -131,3 +131,17 @@ def test_functions_that_only_pass_serve_on_are_kept_by_their_graphs(wrappers_pat
         "serving_default": [{"z": z, "a": a}], "root.passed_on": [positional], "root.outputs_swapped": [positional]})
     swapped, passed = outputs["root.outputs_swapped"][0], outputs["root.passed_on"][0]
     np.testing.assert_array_equal(swapped["0"], passed["1"])  # flat outputs y, y_only: swapped
+
+
+@pytest.mark.quick
+def test_a_kept_root_function_is_called_where_its_graph_cannot_be_read(tmp_path, caplog, monkeypatch):
+    """Where TensorFlow does not show a library function's body (tf_internal.library_function_def
+    gives None, as on a TensorFlow without the private lookup), the written `serve`, which reaches
+    the signature's function through one, is called and compared: the run still passes."""
+    monkeypatch.setattr(tf_internal, "library_function_def", lambda graph, name: None)
+    src, out = str(tmp_path / "src"), str(tmp_path / "out")
+    io_models.two_input_functions(src)
+    with caplog.at_level(logging.INFO, logger="tf_bnfuse.verify.root_function_checks"):
+        report = fold_saved_model(src, out)
+    assert report.kept_functions == ["serve"] and report.verification.ok
+    assert not [r for r in caplog.records if "by its graph: not called" in r.getMessage()]

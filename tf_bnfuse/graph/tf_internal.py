@@ -155,11 +155,13 @@ def writable_variable(shape, dtype):
 
 def library_function_def(graph, name):
     """The FunctionDef of library function `name` that a FuncGraph calls (directly or through
-    other calls), None where it has none by that name. Why: graph.as_graph_def() serializes the
-    whole library, a model's body with it, to show one small function; no public API names one.
-    """
-    function = graph._get_function(name)  # pylint: disable=protected-access
-    return None if function is None else function.cached_definition
+    other calls), None where it has none by that name, or this TensorFlow names it otherwise
+    (its callers then do without: a root function is called instead of shown by its graph).
+    Why: graph.as_graph_def() serializes the whole library, a model's body with it, to show
+    one small function; no public API names one."""
+    lookup = getattr(graph, "_get_function", None)
+    function = lookup(name) if lookup is not None else None
+    return getattr(function, "cached_definition", None)
 
 
 def checkpoint_prefix(path):
