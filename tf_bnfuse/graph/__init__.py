@@ -15,9 +15,9 @@ The names below are the layer's interface; `from tf_bnfuse import graph as graph
 from tf_bnfuse.graph.editor import GraphEditor
 from tf_bnfuse.graph.float64 import in_float64
 from tf_bnfuse.graph.index import GraphIndex
-from tf_bnfuse.graph.library import (CALL_ARGUMENTS, CALL_OPS, IF_OPS, WHILE_OPS, body_source, call_counts,
-                                     called_function_names, called_functions, forwarded_call, function_closure,
-                                     functions_by_name, is_deterministic, renamed_functions)
+from tf_bnfuse.graph.library import (CALL_ARGUMENTS, CALL_OPS, FORWARDING_OPS, IF_OPS, WHILE_OPS, body_source,
+                                     call_counts, called_function_names, called_functions, forwarded_call,
+                                     function_closure, functions_by_name, is_deterministic, renamed_functions)
 from tf_bnfuse.graph.names import (IDENTITY_OPS, attr_string, canonical_tensor, cast_node_def, control_inputs,
                                    copy_graph_def, const_node_def, data_inputs, data_positions, is_control,
                                    new_graph_def, node_def, node_dtype, parse_input, renamed_input, renamed_nodes,
@@ -29,6 +29,7 @@ from tf_bnfuse.graph.weights import WEIGHT_KEY_ATTR, WeightStore, const_array, c
 __all__ = [
     "CALL_ARGUMENTS",
     "CALL_OPS",
+    "FORWARDING_OPS",
     "GraphEditor",
     "GraphIndex",
     "IDENTITY_OPS",

@@ -130,8 +130,9 @@ def renamed_functions(graph_def, suffix):
     return result
 
 
-# Ops a function that only forwards its arguments to one call may hold besides that call.
-_FORWARDING_OPS = frozenset({"Identity", "NoOp"})
+# Ops a function that only forwards its arguments to one call may hold besides that call (in a
+# function's graph, not its FunctionDef, its arguments are Placeholders too).
+FORWARDING_OPS = frozenset({"Identity", "NoOp"})
 
 
 def forwarded_call(function_def):
@@ -141,7 +142,7 @@ def forwarded_call(function_def):
     restored function's body); None otherwise."""
     by_name = {node.name: node for node in function_def.node_def}
     calls = [node for node in function_def.node_def if node.op in CALL_OPS]
-    if len(calls) != 1 or any(n.op not in _FORWARDING_OPS | CALL_OPS for n in function_def.node_def):
+    if len(calls) != 1 or any(n.op not in FORWARDING_OPS | CALL_OPS for n in function_def.node_def):
         return None
     call = calls[0]
     argument_index = {arg.name: i for i, arg in enumerate(function_def.signature.input_arg)}

@@ -273,7 +273,7 @@ def _callees(concrete):
     function's own graph is looked at op by op first, unserialized)."""
     name = _function_name(concrete)
     arguments, ports = list(range(len(concrete.inputs))), list(range(len(concrete.outputs)))
-    passing = graph_lib.CALL_OPS | {"Placeholder", "Identity", "NoOp"}
+    passing = graph_lib.CALL_OPS | graph_lib.FORWARDING_OPS | {"Placeholder"}
     function_def = concrete.function_def if all(op.type in passing for op in concrete.graph.get_operations()) \
         else None
     if function_def is not None and (len(function_def.signature.input_arg) != len(concrete.inputs)
