@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Times the test tiers, idle and with both cores kept busy by two other processes: the figures
-# README.md and docs/testing.md give. Usage: scripts/test_times.sh [quick|full ...] (default: quick full).
+# docs/testing.md gives. Usage: scripts/test_times.sh [quick|full ...] (default: quick full).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup_venv.sh
