@@ -123,6 +123,20 @@ def test_mul_after_an_activation_is_left_alone_with_the_reason():
     assert skip.node == "bn/mul" and "relu (Relu), not from a supported linear op" in skip.reason
 
 
+def test_a_batch_norm_under_a_bias_after_an_activation_is_still_reported():
+    """The bias above the batch norm fails the same way and is not reported itself (a bias
+    alone is no batch norm): the batch norm's Mul must be, not hidden behind it."""
+    def build():
+        y = tf.nn.relu(conv(placeholder(X)), name="relu")
+        y = tf.raw_ops.BiasAdd(value=y, bias=graphs.const(graphs.random((4,)), "b"), name="bias")
+        tf.identity(keras3_batch_norm(y, 4, "bn"), name="out")
+
+    graph_def, _ = graphs.build(build)
+    _, report = fold_and_compare(graph_def, feed(), ["out"])
+    [skip] = affine_report(report).skips
+    assert skip.node == "bn/mul" and "relu (Relu), not from a supported linear op" in skip.reason
+
+
 def test_conv_feeding_batch_norm_and_relu_keeps_the_relu_branch():
     def build():
         y = conv(placeholder(X))

@@ -55,14 +55,10 @@ def fold_backward(context, graph_def, outputs, pass_name, root_ops, report_every
                                             absorbed=found.absorbed, check=check))
     if report_every_root:
         report.skips.extend(unreached_in_functions(index))
-    failed = {node.name: str(reason) for node, reason in failures}
-    for node, reason in failures:
-        if node.name in covered and not any(found.root is node for found in longest.values()):
-            continue  # part of a longer chain that folded
-        if failed.get(_step_above(index, node)) == str(reason):
-            continue  # the step above failed the same way (a Keras batch norm's Add after its Mul)
-        if report_every_root or reason.reached_linear or grammar.STEPS[node.op].scales:
-            report.skips.append(report_lib.Skip(node.name, node.op, str(reason)))
+    roots = {found.root.name for found in longest.values()}
+    reported = _reported_failures(index, failures, covered - roots, report_every_root)
+    report.skips.extend(report_lib.Skip(node.name, node.op, str(reason)) for node, reason in failures
+                        if node.name in reported)
     report.nodes_after = len(editor.graph_def.node)
     return editor.graph_def, report
 
@@ -103,6 +99,33 @@ def unreached_in_functions(index):
                 "While/If whose kernel is a constant or loop-invariant argument is folded (fold_in_functions)" % (
                     ", ".join(sorted(seen)), linear, affine))))
     return skips
+
+
+def _reported_failures(index, failures, folded_within, report_every_root):
+    """Names of the failed roots to report: one that scales (Mul, RealDiv: a batch norm's scale
+    left in place), whose walk reached a linear op, or any where report_every_root; not one
+    inside a chain that folded (folded_within), nor one whose step above failed the same way
+    and is reported (a Keras batch norm's Add after its Mul). A step above that failed the same
+    way but is not reported itself (a bias after an activation) does not hide the one below."""
+    failed = {node.name: (node, str(reason), reason.reached_linear) for node, reason in failures}
+    decided = {}
+    for name in failed:
+        if name in decided:
+            continue
+        pending = [name]  # up through the steps above that failed the same way, then decided down
+        while True:
+            above = _step_above(index, failed[pending[-1]][0])
+            if above in decided or above not in failed or failed[above][1] != failed[pending[-1]][1] \
+                    or above in pending:
+                break
+            pending.append(above)
+        for current in reversed(pending):
+            node, reason, reached_linear = failed[current]
+            above = _step_above(index, node)
+            hidden = above in failed and failed[above][1] == reason and decided.get(above, False)
+            decided[current] = (current not in folded_within and not hidden
+                                and (report_every_root or reached_linear or grammar.STEPS[node.op].scales))
+    return {name for name, shown in decided.items() if shown}
 
 
 def _step_above(index, node):
