@@ -43,11 +43,14 @@ def tables():
         out_axes = str(list(spec.out_channel_axes))
         in_axis = str(spec.in_channel_axis)
         if spec.out_channel_axes_transposed:
-            out_axes += " (`transpose_b`: %s)" % list(spec.out_channel_axes_transposed)
-            in_axis += " (`transpose_b`: %s)" % spec.in_channel_axis_transposed
+            out_axes += " (`%s`: %s)" % (spec.transpose_attr, list(spec.out_channel_axes_transposed))
+            in_axis += " (`%s`: %s)" % (spec.transpose_attr, spec.in_channel_axis_transposed)
         shift = {"_conv_shift_blocked": "without zero padding (VALID, zero-width EXPLICIT, one-cell kernel)",
                  "_never_blocked": "always",
-                 "_transposed_shift_blocked": "no (a scale only)"}[spec.shift_blocked.__name__]
+                 "_transposed_shift_blocked": "no (a scale only)",
+                 }[spec.shift_blocked.__name__]
+        if spec.input_transpose_attr:
+            shift += "; with `%s`, no forward fold" % spec.input_transpose_attr
         lines.append("| `%s` | %s | %s | %s |" % (op, out_axes, in_axis, shift))
     lines += ["", END]
     return "\n".join(lines)

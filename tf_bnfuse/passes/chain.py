@@ -117,7 +117,14 @@ class Chain:
 def _terms(match):
     if match.kernel_shape is None or match.out_channels is None:
         return None
+    if match.spec.batched_kernel:
+        return int(match.kernel_shape[match.in_channel_axis])
     return int(np.prod(match.kernel_shape)) // max(match.out_channels, 1)
+
+
+def _channel(match):
+    """The channel axis of a linear op's data for its Layout (-1: the last, of any rank)."""
+    return -1 if match.spec.rank is None else match.channel_axis % match.spec.rank
 
 
 def is_kept(node):
@@ -253,8 +260,7 @@ def _evaluate_path(index, linear, linear_port, nodes):
     channels = match.out_channels or _channels_from_steps(index, nodes)
     if channels is None:
         raise NoMatch("kernel %s of %s is not constant" % (match.kernel_input, linear.name))
-    rank = match.spec.rank
-    start = grammar.Layout(rank=rank, channel=match.channel_axis % rank, channels=channels, dtype=match.dtype)
+    start = grammar.Layout(rank=match.spec.rank, channel=_channel(match), channels=channels, dtype=match.dtype)
     path = _Path(match, nodes, start, [], [], [], (np.ones(channels), np.zeros(channels)))
     _evaluate_nodes(index, path, start)
     return path
@@ -376,11 +382,9 @@ def walk_forward(index, linear):
     spec = grammar.LINEAR_OPS[linear.op]
     match = linear_ops.linear_match(index, linear)
     if (match.kernel_const is None or not match.dtype or not match.dtype.is_floating
-            or (linear.op == "MatMul" and linear.attr["transpose_a"].b)):
+            or (spec.input_transpose_attr is not None and linear.attr[spec.input_transpose_attr].b)):
         return None, None
-    rank = spec.rank
-    layout = grammar.Layout(rank=rank, channel=match.channel_axis % rank, channels=match.in_channels,
-                            dtype=match.dtype)
+    layout = grammar.Layout(rank=spec.rank, channel=_channel(match), channels=match.in_channels, dtype=match.dtype)
     out_layout = layout.replace(channels=match.out_channels)
     nodes, steps_up, stop = [], [], None  # walked upward
     input_str = grammar.data_inputs(linear)[spec.data_input]

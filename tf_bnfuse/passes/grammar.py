@@ -81,9 +81,7 @@ def _check_channel_axis(node, layout):
             graph_lib.attr_string(node, "data_format", "NHWC"), where))
 
 
-# ---------------------------------------------------------------------------------------------
-# Steps
-# ---------------------------------------------------------------------------------------------
+# Steps ---------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class Step:
@@ -226,9 +224,7 @@ BATCH_NORM_OPS = frozenset(op for op, step in STEPS.items() if step.affine is no
 ARITHMETIC_OPS = frozenset(STEPS) - BATCH_NORM_OPS
 
 
-# ---------------------------------------------------------------------------------------------
-# Pass-throughs
-# ---------------------------------------------------------------------------------------------
+# Pass-throughs -------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class PassThrough:
@@ -441,9 +437,7 @@ PASS_THROUGHS = {
 }
 
 
-# ---------------------------------------------------------------------------------------------
-# Linear ops
-# ---------------------------------------------------------------------------------------------
+# Linear ops ----------------------------------------------------------------------------------
 
 def _conv_shift_blocked(node, kernel_shape):
     """conv(x + t) = conv(x) + conv(t) with conv(t) constant per channel only where the conv
@@ -467,17 +461,20 @@ def _transposed_shift_blocked(node, kernel_shape):
 @dataclasses.dataclass(frozen=True)
 class LinearOpSpec:
     kernel_input: int
-    rank: int  # rank of the op's input and output
-    # Kernel axes whose row-major flattening numbers the output channels.
+    rank: Optional[int]  # rank of the op's input and output; None: any, the channels last
+    # Kernel axes whose row-major flattening numbers the output channels (negative: from the last).
     out_channel_axes: tuple
     in_channel_axis: int  # the kernel axis of the input channels
     # (node, kernel shape) -> None when a constant shift of the input adds a per-channel
     # constant to the output (the forward fold of a shift), else the reason it does not.
     shift_blocked: Callable
     data_input: int = 0
-    # MatMul with transpose_b
+    # Bool attrs transposing the kernel (then the *_transposed axes) and the data (no forward fold)
+    transpose_attr: Optional[str] = None
     out_channel_axes_transposed: Optional[tuple] = None
     in_channel_axis_transposed: Optional[int] = None
+    input_transpose_attr: Optional[str] = None
+    batched_kernel: bool = False  # kernel axes before the last two: one kernel per batch, not summed
 
 
 LINEAR_OPS = {
@@ -485,9 +482,8 @@ LINEAR_OPS = {
     # Output channel c * multiplier + m comes from kernel[:, :, c, m].
     "DepthwiseConv2dNative": LinearOpSpec(1, 4, (2, 3), 2, _conv_shift_blocked),
     "Conv3D": LinearOpSpec(1, 5, (4,), 3, _conv_shift_blocked),
-    # Transposed convolutions: inputs (input_sizes, filter, out_backprop); the kernel is
-    # [.., out_channels, in_channels].
+    # Transposed convolutions: inputs (input_sizes, filter, out_backprop); kernel [.., out, in].
     "Conv2DBackpropInput": LinearOpSpec(1, 4, (2,), 3, _transposed_shift_blocked, data_input=2),
     "Conv3DBackpropInputV2": LinearOpSpec(1, 5, (3,), 4, _transposed_shift_blocked, data_input=2),
-    "MatMul": LinearOpSpec(1, 2, (1,), 0, _never_blocked, out_channel_axes_transposed=(0,), in_channel_axis_transposed=1),
+    "MatMul": LinearOpSpec(1, 2, (1,), 0, _never_blocked, 0, "transpose_b", (0,), 1, "transpose_a"),
 }

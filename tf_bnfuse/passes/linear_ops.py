@@ -59,7 +59,7 @@ def linear_op_of(index, node):
 def channel_axis(node, rank):
     """Channel axis of a linear op's input and output from its data_format: -1 or 1."""
     data_format = graph_lib.attr_string(node, "data_format", "NHWC")
-    return 1 if data_format.startswith("NC") and rank > 2 else -1
+    return 1 if data_format.startswith("NC") and rank is not None and rank > 2 else -1
 
 
 @dataclasses.dataclass
@@ -111,15 +111,19 @@ class LinearMatch:
 def linear_match(index, node):
     """The LinearMatch of a linear op or call (linear_op_of must have found it)."""
     spec, attrs = linear_op_of(index, node)
-    transposed = attrs.op == "MatMul" and attrs.attr["transpose_b"].b
+    transposed = spec.transpose_attr is not None and attrs.attr[spec.transpose_attr].b
     kernel_input = graph_lib.data_inputs(node)[spec.kernel_input]
     kernel_const = index.const_node(kernel_input)
+    kernel_shape = index.const_shape(kernel_input)
+    out_channel_axes = spec.out_channel_axes_transposed if transposed else spec.out_channel_axes
+    in_channel_axis = spec.in_channel_axis_transposed if transposed else spec.in_channel_axis
+    if kernel_shape is not None:  # axes counted from the kernel's last (any rank) as its own
+        out_channel_axes = tuple(a % len(kernel_shape) for a in out_channel_axes)
+        in_channel_axis %= len(kernel_shape)
     return LinearMatch(
         index=index, linear=node, spec=spec, attrs=attrs, kernel_input=kernel_input,
-        kernel_const=None if kernel_const is None else kernel_const.name,
-        kernel_shape=index.const_shape(kernel_input),
-        out_channel_axes=spec.out_channel_axes_transposed if transposed else spec.out_channel_axes,
-        in_channel_axis=spec.in_channel_axis_transposed if transposed else spec.in_channel_axis,
+        kernel_const=None if kernel_const is None else kernel_const.name, kernel_shape=kernel_shape,
+        out_channel_axes=out_channel_axes, in_channel_axis=in_channel_axis,
         channel_axis=channel_axis(attrs, spec.rank))
 
 
