@@ -48,6 +48,7 @@ def tables():
         shift = {"_conv_shift_blocked": "without zero padding (VALID, zero-width EXPLICIT, one-cell kernel)",
                  "_never_blocked": "always",
                  "_transposed_shift_blocked": "no (a scale only)",
+                 "_batched_kernel_shift_blocked": "with a kernel of rank 2 (a batched one: a scale only)",
                  }[spec.shift_blocked.__name__]
         if spec.input_transpose_attr:
             shift += "; with `%s`, no forward fold" % spec.input_transpose_attr

@@ -68,6 +68,13 @@ def dense_rank3_bn(keras):
     return _sequential(keras, (5, 7), L.Dense(6), L.BatchNormalization())
 
 
+def einsum_dense_bn(keras):
+    """EinsumDense "abc,cd->abd": Keras 3 computes it as a BatchMatMulV2 and its bias, tf-keras as
+    an Einsum (not a linear op tf_bnfuse folds into: left alone, reported)."""
+    L = keras.layers
+    return _sequential(keras, (5, 7), L.EinsumDense("abc,cd->abd", (5, 6), bias_axes="d"), L.BatchNormalization())
+
+
 def pool_bn_conv(keras):
     """A batch norm after a pool, before a conv with VALID padding: only a forward fold reaches it."""
     L = keras.layers
@@ -390,7 +397,8 @@ HALF_PRECISION = [_under_policy(policy, build) for policy in ("mixed_float16", "
                   for build in (conv_bn_blocks, resnet50_small, mobilenet_v2_small)]
 
 MODELS = {f.__name__: f for f in HALF_PRECISION + [conv_bn_blocks, two_inputs_same_shape, three_inputs, pool_bn_conv_bn, mixed_float16_project_expand, 
-    conv_bn, conv_no_bias_bn, conv_bn_swish, dilated_conv_bn, dilated_depthwise_bn, dense_rank3_bn, pool_bn_conv,
+    conv_bn, conv_no_bias_bn, conv_bn_swish, dilated_conv_bn, dilated_depthwise_bn, dense_rank3_bn, einsum_dense_bn,
+    pool_bn_conv,
     mixed_float16_conv_bn, depthwise_bn, separable_bn, conv_transpose_bn, conv1d_bn, dense_bn, conv3d_bn,
     conv3d_no_bias_bn, channels_first_bn, branch_bn, preactivation_concat_bn, residual_leaky_relu, leaky_residual_then_bn, lstm_dense_bn,
     gru_dense_bn, grouped_conv_bn, mixed_float16_float32_output, dropout_training, bn_training, stateful_counter, softmax_100, embedding4_conv_bn,

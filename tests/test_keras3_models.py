@@ -30,7 +30,7 @@ def exported(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("name", [pytest.param("conv_bn", marks=pytest.mark.quick), "dense_rank3_bn", "dilated_conv_bn", "dilated_depthwise_bn", "depthwise_bn", "separable_bn", "conv_transpose_bn", "conv1d_bn",
+@pytest.mark.parametrize("name", [pytest.param("conv_bn", marks=pytest.mark.quick), "dense_rank3_bn", "einsum_dense_bn", "dilated_conv_bn", "dilated_depthwise_bn", "depthwise_bn", "separable_bn", "conv_transpose_bn", "conv1d_bn",
                                   "dense_bn", "conv3d_no_bias_bn", "mobilenet_v2_small", "resnet50_small"])
 def test_keras3_model_folds_every_batch_norm(exported, name, tmp_path):
     src, batch_norms = exported(name)

@@ -137,6 +137,38 @@ def test_a_batch_norm_under_a_bias_after_an_activation_is_still_reported():
     assert skip.node == "bn/mul" and "relu (Relu), not from a supported linear op" in skip.reason
 
 
+@pytest.mark.parametrize("x_shape, kernel_shape, adj_y", [
+    ([None, 5, 6], (6, 4), False), ([None, 5, 6], (4, 6), True), ([3, 5, 6], (3, 6, 4), False)])
+def test_keras3_batch_norm_after_a_batch_matmul_with_a_constant_kernel_folds(x_shape, kernel_shape, adj_y):
+    """Keras 3's EinsumDense "abc,cd->abd" is BatchMatMulV2(x, W) -> BiasAdd: the batch norm on the
+    last axis folds into W's output columns (adj_y: its rows), for a batched W too."""
+    def build():
+        w = graphs.const(graphs.random(kernel_shape), "w")
+        y = tf.raw_ops.BatchMatMulV2(x=placeholder(x_shape), y=w, adj_y=adj_y, name="bmm")
+        y = tf.nn.bias_add(y, graphs.const(graphs.random((4,)), "b"), name="bias")
+        tf.identity(keras3_batch_norm(y, 4, "bn"), name="out")
+
+    graph_def, _ = graphs.build(build)
+    folded, report = fold_and_compare(graph_def, feed(x_shape), ["out"])
+    [fold] = affine_report(report).folds
+    assert fold.linear_node == "bmm" and fold.check.terms == 6 and affine_report(report).skips == []
+    ops = graphs.op_counts(folded)
+    assert "Mul" not in ops and "AddV2" not in ops and ops["BiasAdd"] == 1
+
+
+def test_a_batch_norm_after_a_batch_matmul_of_two_tensors_is_left_alone():
+    """Attention's scores: x @ y with no constant kernel to fold into."""
+    def build():
+        y = tf.raw_ops.BatchMatMulV2(x=placeholder([None, 5, 6]), y=placeholder([None, 6, 4], "k"), name="bmm")
+        tf.identity(keras3_batch_norm(y, 4, "bn"), name="out")
+
+    graph_def, _ = graphs.build(build)
+    feeds = {"x": graphs.random((2, 5, 6)), "k": graphs.random((2, 6, 4))}
+    _, report = fold_and_compare(graph_def, feeds, ["out"])
+    [skip] = affine_report(report).skips
+    assert skip.node == "bn/mul" and "is not constant" in skip.reason
+
+
 def test_conv_feeding_batch_norm_and_relu_keeps_the_relu_branch():
     def build():
         y = conv(placeholder(X))

@@ -76,6 +76,40 @@ def test_mul_add_before_a_matmul_folds_forward_into_its_bias(transpose_b):
     assert "Mul" not in ops and "AddV2" not in ops and ops["BiasAdd"] == 1  # merged into the existing bias
 
 
+def _batch_matmul_after_affine(kernel_shape, adj_x=False, shift=True):
+    """relu(x) * s (+ t) -> BatchMatMulV2(., W) -> out, x of shape [3, 5, 6]."""
+    def build():
+        x = tf.compat.v1.placeholder(tf.float32, [3, 5, 6], name="x")
+        y = tf.nn.relu(x)
+        if adj_x:
+            y = tf.transpose(y, [0, 2, 1])  # [3, 6, 5]: adj_x reads it back as [3, 5, 6]
+            channels = 5
+        else:
+            channels = 6
+        y = y * graphs.const(graphs.random((channels,)), "s")
+        if shift:
+            y = y + graphs.const(graphs.random((channels,)), "t")
+        w = graphs.const(graphs.random(kernel_shape), "w")
+        return [tf.raw_ops.BatchMatMulV2(x=y, y=w, adj_x=adj_x, name="bmm").op.name]
+    graph_def, outputs = graphs.build(build)
+    return fold_and_compare(graph_def, {"x": graphs.random((3, 5, 6))}, outputs)
+
+
+def test_an_affine_map_before_a_batch_matmul_folds_forward_where_it_is_exact():
+    folded, report = _batch_matmul_after_affine((6, 4))
+    [fold] = forward(report).folds
+    assert fold.linear_node == "bmm" and report.skips == []
+    assert "Mul" not in graphs.op_counts(folded)
+    # A batched kernel: the scale folds into each batch's kernel, a shift would add each its own bias.
+    folded, report = _batch_matmul_after_affine((3, 6, 4), shift=False)
+    assert len(forward(report).folds) == 1 and "Mul" not in graphs.op_counts(folded)
+    folded, report = _batch_matmul_after_affine((3, 6, 4))
+    assert forward(report).folds == [] and "its own kernel" in forward(report).skips[0].reason
+    # adj_x: the channels the affine map scales are not the ones the kernel sums over.
+    folded, report = _batch_matmul_after_affine((6, 4), adj_x=True)
+    assert forward(report).folds == [] and "Mul" in graphs.op_counts(folded)
+
+
 def test_a_shift_before_a_padded_conv_is_left_alone_but_a_pure_scale_folds():
     """SAME padding of a 3x3 kernel pads zeros: x * s commutes with that, x * s + t does not."""
     def build():

@@ -458,6 +458,10 @@ def _transposed_shift_blocked(node, kernel_shape):
     return "adds a different number of kernel cells to each output cell: a shift before it is not a bias after it"
 
 
+def _batched_kernel_shift_blocked(node, kernel_shape):
+    return None if len(kernel_shape) <= 2 else "multiplies each batch by its own kernel: a shift is not one bias"
+
+
 @dataclasses.dataclass(frozen=True)
 class LinearOpSpec:
     kernel_input: int
@@ -477,6 +481,10 @@ class LinearOpSpec:
     batched_kernel: bool = False  # kernel axes before the last two: one kernel per batch, not summed
 
 
+# x @ W, W constant (Keras 3's EinsumDense, tf.matmul of a rank-3 x): channels on the last axis.
+_BATCH_MATMUL = LinearOpSpec(1, None, (-1,), -2, _batched_kernel_shift_blocked, 0, "adj_y", (-2,), -1, "adj_x",
+                             batched_kernel=True)
+
 LINEAR_OPS = {
     "Conv2D": LinearOpSpec(1, 4, (3,), 2, _conv_shift_blocked),
     # Output channel c * multiplier + m comes from kernel[:, :, c, m].
@@ -486,4 +494,6 @@ LINEAR_OPS = {
     "Conv2DBackpropInput": LinearOpSpec(1, 4, (2,), 3, _transposed_shift_blocked, data_input=2),
     "Conv3DBackpropInputV2": LinearOpSpec(1, 5, (3,), 4, _transposed_shift_blocked, data_input=2),
     "MatMul": LinearOpSpec(1, 2, (1,), 0, _never_blocked, 0, "transpose_b", (0,), 1, "transpose_a"),
+    "BatchMatMul": _BATCH_MATMUL,
+    "BatchMatMulV2": _BATCH_MATMUL,
 }
