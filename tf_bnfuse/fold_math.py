@@ -140,8 +140,10 @@ def as_channel_vector(value, rank, channel_axis, channels):
     return np.broadcast_to(value.reshape(-1), (channels,)).copy()
 
 
-def fold_affine_into_next_linear(kernel, scale, shift, in_channel_axis, out_channel_axes):
-    """Returns (new_kernel, added_bias) of `linear(x * scale + shift, kernel)`.
+def fold_affine_into_next_linear(kernel, scale, shift, in_channel_axis, out_channel_axes, dtype=np.float64,
+                                 out=None):
+    """Returns (new_kernel, added_bias, (max, min) of new_kernel's float64 products) of
+    `linear(x * scale + shift, kernel)`.
 
     The affine map is on the linear op's input channels (kernel axis
     in_channel_axis); by linearity
@@ -152,11 +154,27 @@ def fold_affine_into_next_linear(kernel, scale, shift, in_channel_axis, out_chan
     the sum of the kernel entries that produce it times the shift of their
     input channel. That holds only where the op reads no zero padding (a
     padded zero would become shift, not zero), which the caller checks.
+    new_kernel is rounded to `dtype` as scale_kernel_as computes it (into `out`), and the bias
+    summed over slices (shift_through): no float64 copy of the kernel.
     """
-    kernel = np.asarray(kernel, dtype=np.float64)
-    broadcast_shape = [1] * kernel.ndim
-    broadcast_shape[in_channel_axis] = kernel.shape[in_channel_axis]
-    new_kernel = kernel * np.asarray(scale, dtype=np.float64).reshape(broadcast_shape)
-    shifted = kernel * np.asarray(shift, dtype=np.float64).reshape(broadcast_shape)
-    summed_axes = tuple(a for a in range(kernel.ndim) if a not in out_channel_axes)
-    return new_kernel, shifted.sum(axis=summed_axes).reshape(-1)
+    kernel = np.asarray(kernel)
+    new_kernel, extremes = scale_kernel_as(kernel, scale, (in_channel_axis,), dtype, out=out)
+    return new_kernel, shift_through(kernel, shift, in_channel_axis, out_channel_axes), extremes
+
+
+def shift_through(kernel, shift, in_channel_axis, out_channel_axes):
+    """For every output channel (the row-major flattening of out_channel_axes), the float64 sum
+    of its kernel entries times their input channel's shift: over slices of the leading axes
+    of at most SLICE_ELEMENTS entries, each added where its output channels are."""
+    kernel = np.asarray(kernel)
+    shift = _along_channels(kernel, shift, (in_channel_axis,))
+    depth = next(d for d in range(kernel.ndim)
+                 if d == kernel.ndim - 1 or np.prod(kernel.shape[d:], dtype=np.int64) <= SLICE_ELEMENTS)
+    summed_within = tuple(a - depth for a in range(depth, kernel.ndim) if a not in out_channel_axes)
+    out_outside = [a for a in out_channel_axes if a < depth]
+    total = np.zeros([kernel.shape[a] for a in out_channel_axes])
+    for index in np.ndindex(*kernel.shape[:depth]):
+        products = np.multiply(kernel[index], shift[tuple(i if shift.shape[a] > 1 else 0 for a, i in enumerate(index))],
+                               dtype=np.float64)
+        total[tuple(index[a] for a in out_outside)] += products.sum(axis=summed_within)
+    return total.reshape(-1)

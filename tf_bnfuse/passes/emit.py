@@ -57,14 +57,16 @@ def fold_weights(chain, new_array=np.empty):
     ones = bool(np.all(chain.scale == 1.0))
     kernel = None
     if chain.forward:
-        new_kernel, bias = fold_math.fold_affine_into_next_linear(
-            match.kernel, chain.scale, chain.shift, match.in_channel_axis, match.out_channel_axes)
+        if ones:  # a shift alone: the kernel stays
+            bias = fold_math.shift_through(match.kernel, chain.shift, match.in_channel_axis, match.out_channel_axes)
+        else:  # rounded to the kernel's dtype as it is computed, as backward
+            kernel, bias, (high, low) = fold_math.fold_affine_into_next_linear(
+                match.kernel, chain.scale, chain.shift, match.in_channel_axis, match.out_channel_axes,
+                match.dtype.as_numpy_dtype, out=new_array(np.shape(match.kernel), match.dtype.as_numpy_dtype))
+            check_extremes(high, low, match.dtype, "kernel of " + match.linear.name)
         if chain.merge_value is not None:
             bias = bias + chain.merge_value
         bias_dtype = match.dtype
-        if not ones:
-            kernel = new_kernel
-            check_representable(kernel, match.dtype, "kernel of " + match.linear.name)
     else:
         if not ones:  # rounded to the kernel's dtype as it is computed: kernels are big
             kernel, (high, low) = fold_math.scale_kernel_as(
