@@ -123,18 +123,23 @@ def test_mul_after_an_activation_is_left_alone_with_the_reason():
     assert skip.node == "bn/mul" and "relu (Relu), not from a supported linear op" in skip.reason
 
 
-def test_a_batch_norm_under_a_bias_after_an_activation_is_still_reported():
+@pytest.mark.parametrize("scaled_first", [False, True])
+def test_a_batch_norm_under_a_bias_after_an_activation_is_still_reported(scaled_first):
     """The bias above the batch norm fails the same way and is not reported itself (a bias
-    alone is no batch norm): the batch norm's Mul must be, not hidden behind it."""
+    alone is no batch norm): the batch norm's Mul must be, not hidden behind it. A scale above
+    that bias is the run's first reportable step: reported once, there."""
     def build():
         y = tf.nn.relu(conv(placeholder(X)), name="relu")
+        if scaled_first:
+            y = tf.raw_ops.Mul(x=y, y=graphs.const(graphs.random((4,)), "s"), name="scaled")
         y = tf.raw_ops.BiasAdd(value=y, bias=graphs.const(graphs.random((4,)), "b"), name="bias")
         tf.identity(keras3_batch_norm(y, 4, "bn"), name="out")
 
     graph_def, _ = graphs.build(build)
     _, report = fold_and_compare(graph_def, feed(), ["out"])
     [skip] = affine_report(report).skips
-    assert skip.node == "bn/mul" and "relu (Relu), not from a supported linear op" in skip.reason
+    assert skip.node == ("scaled" if scaled_first else "bn/mul")
+    assert "relu (Relu), not from a supported linear op" in skip.reason
 
 
 @pytest.mark.parametrize("x_shape, kernel_shape, adj_y", [

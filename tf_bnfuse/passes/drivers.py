@@ -102,30 +102,28 @@ def unreached_in_functions(index):
 
 
 def _reported_failures(index, failures, folded_within, report_every_root):
-    """Names of the failed roots to report: one that scales (Mul, RealDiv: a batch norm's scale
-    left in place), whose walk reached a linear op, or any where report_every_root; not one
-    inside a chain that folded (folded_within), nor one whose step above failed the same way
-    and is reported (a Keras batch norm's Add after its Mul). A step above that failed the same
-    way but is not reported itself (a bias after an activation) does not hide the one below."""
-    failed = {node.name: (node, str(reason), reason.reached_linear) for node, reason in failures}
-    decided = {}
-    for name in failed:
-        if name in decided:
-            continue
-        pending = [name]  # up through the steps above that failed the same way, then decided down
-        while True:
-            above = _step_above(index, failed[pending[-1]][0])
-            if above in decided or above not in failed or failed[above][1] != failed[pending[-1]][1] \
-                    or above in pending:
-                break
-            pending.append(above)
-        for current in reversed(pending):
-            node, reason, reached_linear = failed[current]
-            above = _step_above(index, node)
-            hidden = above in failed and failed[above][1] == reason and decided.get(above, False)
-            decided[current] = (current not in folded_within and not hidden
-                                and (report_every_root or reached_linear or grammar.STEPS[node.op].scales))
-    return {name for name, shown in decided.items() if shown}
+    """Names of the failed roots to report. One is reportable where it scales (Mul, RealDiv: a
+    batch norm's scale left in place), where its walk reached a linear op, or anywhere with
+    report_every_root; not inside a chain that folded (folded_within). A run of steps, each
+    failing as the one above it did (a Keras batch norm's Mul and Add), is reported once: at
+    its first reportable step, which a step above that is not reportable (a bias after an
+    activation) does not hide."""
+    failed = {node.name: (node, str(reason)) for node, reason in failures}
+    reportable = {node.name for node, reason in failures if node.name not in folded_within and (
+        report_every_root or reason.reached_linear or grammar.STEPS[node.op].scales)}
+
+    def first_of_its_run(name):
+        node, reason = failed[name]
+        seen = {name}
+        above = _step_above(index, node)
+        while above in failed and failed[above][1] == reason and above not in seen:
+            if above in reportable:
+                return False
+            seen.add(above)
+            above = _step_above(index, failed[above][0])
+        return True
+
+    return {name for name in reportable if first_of_its_run(name)}
 
 
 def _step_above(index, node):
